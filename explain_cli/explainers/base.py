@@ -1,0 +1,86 @@
+"""The one small interface every explainer implements: a batch of images in, attributions + top-k out.
+
+An explainer module defines a pydantic ``Settings`` class (its ``explainer.*`` config keys, with
+``name`` as a Literal) and an ``Explainer`` subclass, and registers both in ``explainers/__init__``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class ExplainerSettings(BaseModel):
+    """Base for each explainer's ``explainer.*`` keys; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+@dataclass
+class ExplainContext:
+    """What an explainer needs from the run, built once per run by the pipeline.
+
+    ``background`` is preprocessed (normalised, NCHW) and already on ``device``.
+    ``mean``/``std`` let explainers that mask in pixel space (partition, kernel) undo the
+    normalisation. ``batch_size`` is the number of model evaluations per forward pass.
+    """
+
+    model: "torch.nn.Module"  # noqa: F821
+    layer: "torch.nn.Module | None"  # noqa: F821  (None: explain the input pixels)
+    layer_name: str
+    background: "torch.Tensor"  # noqa: F821
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: "torch.device"  # noqa: F821
+    batch_size: int
+    settings: ExplainerSettings
+
+
+@dataclass
+class Attribution:
+    """Result for a batch of N images and their top-k classes (rank order).
+
+    values: (N, k, C, H, W) float32 attribution map in the explained space (the input, or the
+        layer's input for a layer target); per-segment explainers paint each segment's value.
+    shap_sum: (N, k) sum of the attributions of each class (not always values.sum()).
+    outputs: (N, k) the explained model output (e.g. logit) of each class.
+    base_values: (N, k) expected output over the background / fully masked image.
+    probabilities: (N, k) softmax of the model output for each class.
+    extra: optional per-image columns for topk.csv, each an (N, k) array.
+    """
+
+    values: np.ndarray
+    classes: np.ndarray
+    probabilities: np.ndarray
+    outputs: np.ndarray
+    base_values: np.ndarray
+    shap_sum: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def additivity_error(self) -> np.ndarray:
+        return np.abs(self.shap_sum - (self.outputs - self.base_values))
+
+
+class Explainer(ABC):
+    """Base class: subclasses implement :meth:`explain` for a batch of images."""
+
+    name: ClassVar[str]
+
+    def __init__(self, context: ExplainContext) -> None:
+        self.context = context
+        self.settings = context.settings
+
+    @abstractmethod
+    def explain(self, images: "torch.Tensor", top_k: int, seeds: Sequence[int]) -> Attribution:  # noqa: F821
+        """Explain the top-k classes of each image.
+
+        images: (N, C, H, W) preprocessed batch on ``context.device``.
+        seeds: one integer per image; an image's numbers depend only on its seed, never on
+            which other images share its batch (so batch size and sharding don't change results).
+        """
