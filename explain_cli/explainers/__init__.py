@@ -10,6 +10,9 @@ from explain_cli.errors import ConfigError
 # name -> module; each module defines ``Settings`` and ``Explainer``.
 _MODULES = {
     "gradient": "explain_cli.explainers.gradient",
+    "deep": "explain_cli.explainers.deep",
+    "partition": "explain_cli.explainers.partition",
+    "kernel": "explain_cli.explainers.kernel",
 }
 
 

@@ -7,7 +7,7 @@ An explainer module defines a pydantic ``Settings`` class (its ``explainer.*`` c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -51,7 +51,7 @@ class Attribution:
     outputs: (N, k) the explained model output (e.g. logit) of each class.
     base_values: (N, k) expected output over the background / fully masked image.
     probabilities: (N, k) softmax of the model output for each class.
-    extra: optional per-image columns for topk.csv, each an (N, k) array.
+    segments: optional (N, H, W) integer label maps, for explainers whose features are segments.
     """
 
     values: np.ndarray
@@ -60,7 +60,7 @@ class Attribution:
     outputs: np.ndarray
     base_values: np.ndarray
     shap_sum: np.ndarray
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    segments: np.ndarray | None = None
 
     @property
     def additivity_error(self) -> np.ndarray:

@@ -1,0 +1,209 @@
+"""The command line: parses arguments and calls the pipeline; nothing else lives here.
+
+torch and the pipeline are imported inside the commands, so ``--help`` and ``--version``
+answer without loading torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from explain_cli import __version__
+from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
+    "3 the run finished but at least one image failed (see errors.csv); 1 anything unexpected; "
+    "130 / 143 stopped by SIGINT / SIGTERM (rerun the same command to resume)."
+)
+
+app = typer.Typer(
+    name="explain-cli",
+    help="Batch SHAP explanations for PyTorch image classifiers.\n\n" + EXIT_CODES_HELP,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("explain_cli")
+
+
+def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    root = logging.getLogger("explain_cli")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setLevel(logging.DEBUG if verbose else logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+        root.addHandler(fh)
+    root.propagate = False
+
+
+def _fail(exc: BaseException, code: int) -> "typer.Exit":
+    print(f"error: {exc}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"explain-cli {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Batch SHAP explanations for PyTorch image classifiers."""
+
+
+def _load(config: Path, overrides: List[str], extra: dict | None = None):
+    from explain_cli.config import load_config
+
+    return load_config(config, overrides, extra)
+
+
+@app.command(epilog="Examples:\n\n  explain-cli run configs/demo.yaml\n\n"
+             "  explain-cli run cfg.yaml --input crops/ --output out/ --set explainer.nsamples=50 "
+             "--set output.format=png\n\n  explain-cli run cfg.yaml --shard 0/4 --device cuda\n\n"
+             + EXIT_CODES_HELP)
+def run(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
+    output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo images whose outputs already exist."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: explain every N-th image starting at I (0-based). Default: from SLURM_ARRAY_TASK_* when set."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json."""
+    _setup_logging(verbose, quiet, log_file)
+    try:
+        from explain_cli.pipeline import RunOptions, Shard, run as run_pipeline
+
+        cfg = _load(config, set_, {
+            "input.dir": str(input_dir.resolve()) if input_dir else None,
+            "output.dir": str(output_dir.resolve()) if output_dir else None,
+            "device": device,
+        })
+        chosen = Shard.parse(shard) if shard else Shard.from_slurm()
+        summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
+                                               overwrite=overwrite, shard=chosen))
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: no raw traceback unless -v
+        log.debug("unexpected error", exc_info=True)
+        hint = "" if verbose else " (run with -v for the traceback)"
+        raise _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", EXIT_UNEXPECTED)
+    done = summary.skipped + summary.explained
+    line = (f"explained {summary.explained}, already done {summary.skipped}, failed {summary.failed} "
+            f"of {summary.selected} images in {summary.seconds:.1f} s; outputs in {summary.output_dir}")
+    if summary.interrupted:
+        line = (f"stopped by {summary.interrupted} after {done} of {summary.selected} images; "
+                f"rerun the same command to resume. {line}")
+    if summary.failed:
+        line += " (see errors.csv)"
+    if not quiet or summary.failed or summary.interrupted:
+        print(line, file=sys.stderr)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command(epilog="Example:\n\n  explain-cli validate configs/demo.yaml --set model.layer=blocks.3\n\n" + EXIT_CODES_HELP)
+def validate(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """Check config, model, checkpoint, layer, labels and input folder; print the resolved config
+    and how many images a run would process. Explains nothing."""
+    _setup_logging(0, False, None)
+    try:
+        import yaml
+
+        from explain_cli.config import resolved_dict
+        from explain_cli.pipeline import RunOptions, prepare
+
+        cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
+                                   "device": device})
+        prep = prepare(cfg, RunOptions())
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+    print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
+    print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+
+
+@app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)
+def layers(
+    config: Optional[Path] = typer.Argument(None, help="YAML config file (its model section is used)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision:NAME | timm:NAME | python:pkg.module:factory, instead of a config."),
+    size: Optional[int] = typer.Option(None, "--size", help="Input size of the dummy forward (default: preprocess.size or 224)."),
+) -> None:
+    """Print every module as a dotted name with its output shape, to choose model.layer."""
+    _setup_logging(0, False, None)
+    try:
+        from explain_cli.config import ModelConfig
+        from explain_cli.errors import ConfigError
+        from explain_cli.models import build_model, list_layers
+
+        if (config is None) == (arch is None):
+            raise UserError("give a CONFIG or --arch NAME (one of them)")
+        if config is not None:
+            cfg = _load(config, [])
+            model = build_model(cfg.model, lambda p: cfg.resolve(p))
+            side = size or cfg.preprocess.size
+        else:
+            try:
+                model_cfg = ModelConfig(arch=arch)
+            except Exception as exc:  # noqa: BLE001 - pydantic's message names the problem
+                raise ConfigError("--arch", str(exc).splitlines()[-1]) from None
+            model = build_model(model_cfg, lambda p: Path(p))
+            side = size or 224
+        rows = list_layers(model, side)
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+    width = max((len(name) for name, _, _ in rows), default=5)
+    print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
+    for name, kind, shape in rows:
+        if name:
+            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
