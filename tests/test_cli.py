@@ -1,0 +1,158 @@
+"""End-to-end CLI runs: outputs, exit codes, errors.csv, resume, validate, layers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from explain_cli import __version__
+from explain_cli.cli import app
+
+runner = CliRunner()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_version_and_help():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+    for cmd in (["--help"], ["run", "--help"], ["validate", "--help"], ["layers", "--help"]):
+        result = invoke(*cmd)
+        assert result.exit_code == 0, result.output
+        assert "Exit codes" in result.output
+
+
+def test_run_writes_overlays_csvs_and_run_json(tiny_project):
+    cfg = tiny_project / "config.yaml"
+    result = invoke("run", cfg, "--no-progress", "--set", "output.save_values=true")
+    assert result.exit_code == 0, result.output
+    out = tiny_project / "out"
+    rows = read_csv(out / "topk.csv")
+    assert list(rows[0])[:5] == ["image", "rank", "class_index", "class_name", "probability"]
+    images = sorted({r["image"] for r in rows})
+    assert images == ["a/one.png", "a/two.jpg", "b/one.png", "three.bmp"]  # skip-02 excluded
+    assert len(rows) == 8 and {r["rank"] for r in rows} == {"1", "2"}
+    for r in rows:
+        assert r["class_name"] in {"cat & dog", "<bird>", "fish $x$"}
+        assert 0.0 <= float(r["probability"]) <= 1.0
+    # probabilities are ranked descending per image
+    for img in images:
+        p = [float(r["probability"]) for r in rows if r["image"] == img]
+        assert p[0] >= p[1]
+    for stem in ["a/one", "a/two", "b/one", "three"]:
+        svg = out / "overlays" / f"{stem}.svg"
+        ET.parse(svg)  # well-formed XML even with '&' and '<' in class names
+        data = np.load(out / "values" / f"{stem}.npz")
+        assert data["values"].shape == (2, 3, 16, 16) and data["values"].dtype == np.float32
+        assert data["classes"].shape == (2,)
+    assert read_csv(out / "errors.csv") == []
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "complete"
+    assert info["counts"]["explained"] == 4 and info["counts"]["failed"] == 0
+    assert info["config"]["explainer"]["nsamples"] == 16
+    assert "torch" in info["versions"]
+
+
+def test_broken_image_exits_3_and_others_are_explained(tiny_project):
+    (tiny_project / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tiny_project / "images" / "empty.jpg").write_bytes(b"")
+    result = invoke("run", tiny_project / "config.yaml", "--no-progress")
+    assert result.exit_code == 3, result.output
+    out = tiny_project / "out"
+    errors = read_csv(out / "errors.csv")
+    assert sorted(e["image"] for e in errors) == ["broken.png", "empty.jpg"]
+    assert all(e["error"] for e in errors)
+    assert len({r["image"] for r in read_csv(out / "topk.csv")}) == 4
+
+
+def test_bad_config_exits_2_naming_the_key(tiny_project):
+    result = invoke("run", tiny_project / "config.yaml", "--set", "explainer.nsamples=0")
+    assert result.exit_code == 2
+    assert "explainer.nsamples" in result.output and ">= 1" in result.output
+    assert "Traceback" not in result.output
+    result = invoke("run", tiny_project / "config.yaml", "--set", "model.layer=conv9")
+    assert result.exit_code == 2 and "model.layer" in result.output
+
+
+def test_rerun_skips_done_images_and_overwrite_redoes(tiny_project):
+    cfg = tiny_project / "config.yaml"
+    assert invoke("run", cfg, "--no-progress").exit_code == 0
+    first = read_csv(tiny_project / "out" / "topk.csv")
+    result = invoke("run", cfg, "--no-progress")
+    assert result.exit_code == 0 and "already done 4" in result.output
+    assert read_csv(tiny_project / "out" / "topk.csv") == first
+    (tiny_project / "out" / "overlays" / "a" / "one.svg").unlink()
+    result = invoke("run", cfg, "--no-progress")
+    assert "explained 1, already done 3" in result.output
+    rows = read_csv(tiny_project / "out" / "topk.csv")
+    assert sorted(map(str, rows), key=str) == sorted(map(str, first), key=str)
+    result = invoke("run", cfg, "--no-progress", "--overwrite")
+    assert "explained 4, already done 0" in result.output
+
+
+def test_same_config_same_numbers_and_png(tiny_project):
+    cfg = tiny_project / "config.yaml"
+    a, b = tiny_project / "o1", tiny_project / "o2"
+    assert invoke("run", cfg, "--no-progress", "--output", a, "--set", "batch_size=7").exit_code == 0
+    assert invoke("run", cfg, "--no-progress", "--output", b, "--set", "output.format=png").exit_code == 0
+    ra, rb = read_csv(a / "topk.csv"), read_csv(b / "topk.csv")
+    assert [r["shap_sum"] for r in ra] == [r["shap_sum"] for r in rb]
+    assert (b / "overlays" / "three.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_limit_and_input_override(tiny_project):
+    result = invoke("run", tiny_project / "config.yaml", "--no-progress", "--limit", "2")
+    assert result.exit_code == 0
+    assert len({r["image"] for r in read_csv(tiny_project / "out" / "topk.csv")}) == 2
+
+
+def test_validate_prints_resolved_config_and_count(tiny_project):
+    result = invoke("validate", tiny_project / "config.yaml")
+    assert result.exit_code == 0, result.output
+    assert "images to process: 4" in result.output
+    assert "nsamples: 16" in result.output
+
+
+def test_validate_reports_missing_input_dir(tiny_project):
+    result = invoke("validate", tiny_project / "config.yaml", "--set", "input.dir=nowhere")
+    assert result.exit_code == 2 and "input.dir" in result.output
+
+
+def test_layers_lists_dotted_names_with_shapes(tiny_project):
+    result = invoke("layers", tiny_project / "config.yaml")
+    assert result.exit_code == 0, result.output
+    assert "(1, 6, 16, 16)" in result.output  # output of module '0' (first conv)
+    result = invoke("layers", "--arch", "torchvision:resnet18")
+    assert result.exit_code == 0 and "layer4.1.conv2" in result.output
+
+
+def test_label_count_mismatch_is_a_config_error(tiny_project):
+    (tiny_project / "labels.txt").write_text("only\ntwo\n")
+    result = invoke("run", tiny_project / "config.yaml")
+    assert result.exit_code == 2 and "labels" in result.output
+
+
+def test_python_dash_m_entry_point(tiny_project):
+    proc = subprocess.run([sys.executable, "-m", "explain_cli", "run", str(tiny_project / "config.yaml"),
+                           "--limit", "1"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tiny_project)})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    # not a terminal: no tqdm bar, plain progress line
+    assert "progress: 1/1 images" in proc.stderr
