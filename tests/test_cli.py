@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from explain_cli import __version__
 from explain_cli.cli import app
 
+REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -167,3 +168,22 @@ def test_python_dash_m_entry_point(tiny_project):
     assert "Traceback" not in proc.stderr
     # not a terminal: no tqdm bar, plain progress line
     assert "progress: 1/1 images" in proc.stderr
+
+
+def test_demo_config_on_sample_images(tmp_path):
+    """The README demo, end to end on the real pretrained model (fewer samples to keep CI quick)."""
+    out = tmp_path / "demo"
+    result = invoke("run", REPO / "configs" / "demo.yaml", "--output", out, "--no-progress", "--device", "cpu",
+                    "--set", "explainer.nsamples=4")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "topk.csv")
+    top1 = {r["image"]: (int(r["class_index"]), r["class_name"]) for r in rows if r["rank"] == "1"}
+    assert set(top1) == {"chelsea.jpg", "coffee.jpg", "more/rocket.jpg"}  # astronaut-02.jpg is excluded
+    assert 281 <= top1["chelsea.jpg"][0] <= 285, top1  # tabby / tiger / Persian / Siamese / Egyptian cat
+    assert top1["coffee.jpg"] == (967, "espresso")
+    assert top1["more/rocket.jpg"][0] in (657, 744, 812), top1  # missile / projectile / space shuttle
+    for image in top1:
+        svg = out / "overlays" / (image.rsplit(".", 1)[0] + ".svg")
+        ET.parse(svg)
+        assert top1[image][1] in svg.read_text()
+    assert not (out / "errors.csv").exists() or read_csv(out / "errors.csv") == []
