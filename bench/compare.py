@@ -24,6 +24,7 @@ arm's starting point (CPU: process RSS sampled every 5 ms; CUDA: torch's peak al
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -327,7 +328,10 @@ def main() -> None:
     ours = Arm("explain-cli", lambda: run_ours(explainer, images, args.top_k))
     arms = []
     if not args.skip_shap:
-        arms.append(Arm("shap", shap_arm(args, model, layer, pixels, images, background, device)))
+        # shap gets its own copy: its DeepExplainer leaves hooks on the model when it fails
+        shap_model = copy.deepcopy(model)
+        shap_layer = resolve_layer(shap_model, layer_name)
+        arms.append(Arm("shap", shap_arm(args, shap_model, shap_layer, pixels, images, background, device)))
     arms.append(ours)
     rows_holder: dict = {}
 

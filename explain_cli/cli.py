@@ -196,6 +196,33 @@ def layers(
             print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
 
 
+@app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"
+             "  sbatch --dependency=afterok:$JOBID --wrap 'explain-cli merge out/'\n\n" + EXIT_CODES_HELP)
+def merge(
+    output_dir: Path = typer.Argument(..., help="The output folder the shards wrote to."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+) -> None:
+    """Combine the shard files of a sharded run (topk/errors/run.shard-I-of-N.*) into topk.csv,
+    errors.csv and run.json. Refuses (exit 2) when a shard is missing, unfinished or ran with
+    another config. Safe to run again."""
+    _setup_logging(0, quiet, None)
+    try:
+        from explain_cli.merge import merge as merge_shards
+
+        summary = merge_shards(output_dir)
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+    if not quiet:
+        what = ", ".join(summary.written) if summary.written else "nothing (already up to date)"
+        line = (f"merged {summary.shards} shard(s): {summary.images} images, {summary.explained} explained, "
+                f"{summary.failed} failed; wrote {what} in {summary.output_dir}")
+        if summary.failed:
+            line += " (see errors.csv)"
+        print(line, file=sys.stderr)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

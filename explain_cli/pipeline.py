@@ -71,7 +71,14 @@ class Shard:
         if task is None or count is None:
             return None
         low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return Shard(int(task) - low, int(count))
+        high = env.get("SLURM_ARRAY_TASK_MAX")
+        index, n = int(task) - low, int(count)
+        if not 0 <= index < n or (high is not None and int(high) - low + 1 != n):
+            # e.g. --array=0,2,5 or 0-7:2: task ids are not 0..N-1 (+MIN), shards would overlap
+            raise UserError(f"Slurm array task {task} of {count} (ids {low}-{high}): explain-cli needs "
+                            f"a contiguous array (--array=0-{n - 1} or 1-{n}, no gaps or steps); "
+                            f"or give --shard I/N")
+        return Shard(index, n)
 
     def select(self, items: list[str]) -> list[str]:
         return items[self.index::self.count]
@@ -410,6 +417,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
+            "images_found": len(prep.all_images), "limit": options.limit,
             "versions": _versions(), **_device_info(prep.device),
             "command": sys.argv, "host": platform.node(),
         }
@@ -528,8 +536,8 @@ def _write_image(rel, j, pixels, attribution, prep: Prepared, topk_log, errors_l
                        [format_title(n, float(p)) for n, p in zip(names, probs)],
                        overlay_path(rel), fmt=cfg.output.format, dpi=cfg.output.dpi,
                        segments=None if segments is None else segments[j])
-    except OSError as exc:
-        errors_log.append([[rel, f"cannot write outputs: {exc}"]])
+    except Exception as exc:  # noqa: BLE001 - a file system or rendering failure loses this image only
+        errors_log.append([[rel, f"cannot write outputs: {type(exc).__name__}: {exc}"]])
         summary.failed += 1
         return
     rows = []

@@ -1,0 +1,918 @@
+"""DeepSHAP: the DeepLIFT rescale rule averaged over a background set, batched over images x references.
+
+This computes the quantity of ``shap.DeepExplainer(model, background)`` (input target) or
+``shap.DeepExplainer((model, layer), background)`` (layer target): for an image ``x``, an explained
+class ``c`` and each background reference ``r_j`` (``j = 1..B``), DeepLIFT gives multipliers ``m_j``
+with ``sum(m_j * (x - r_j)) = f_c(x) - f_c(r_j)``; the attribution is their mean::
+
+    phi = mean_j  m_j * (x - r_j)        so  sum(phi) = f_c(x) - mean_j f_c(r_j)
+
+At a layer, ``x - r_j`` is replaced by the difference of the layer's *input* (first positional
+argument of its ``forward``) at the image and at the reference; the base value stays the mean model
+output over the background.
+
+How the multipliers are obtained ("modified gradients"). The model runs unchanged; while it runs, a
+``TorchFunctionMode`` intercepts every torch call, so module calls (``nn.ReLU``), functional calls
+(``F.relu``, ``torch.sigmoid``, ``x.sigmoid()``) and in-place variants (``relu_``,
+``nn.ReLU(inplace=True)``, ``x *= s``) are all seen, however often a module is reused. Every
+nonlinear call gets a custom backward whose local multiplier reproduces the *difference* of its
+output between image and reference exactly:
+
+* elementwise functions ``y = g(u)`` (relu, relu6/hardtanh, leaky_relu, elu, gelu, silu, sigmoid,
+  tanh, hardswish, hardsigmoid, mish, softplus, exp, log, sqrt, rsqrt, reciprocal, pow with a
+  constant exponent, clamp, abs, ...): rescale rule ``m = (g(u_x) - g(u_r)) / (u_x - u_r)``; where
+  ``|u_x - u_r| <= sqrt(eps_dtype) * (|u_x| + |u_r|)`` (the quotient would be rounding noise), the
+  slope of ``g`` over a window of that width around the midpoint;
+* products of two input-dependent tensors (squeeze-excitation ``x * sigmoid(s)``, ``x * x``):
+  ``d(ab) = mean(a) * db + mean(b) * da`` with ``mean(a) = (a_x + a_r) / 2`` (exact, and the Shapley
+  value of the two factors); the same rule for ``matmul``/``bmm``/``mm`` (any bilinear map);
+* division by an input-dependent tensor: ``a / b = a * (1 / b)``, the reciprocal by the rescale rule;
+* max pooling (``max_pool1d/2d/3d``, ``adaptive_max_pool1d/2d/3d``): shap's rule, per window: the
+  output difference ``dy`` goes to the image's winner ``i`` when ``dy >= 0`` (multiplier
+  ``dy / du[i]``, in [0, 1] since ``du[i] >= dy``) and to the reference's winner ``k`` when ``dy < 0``
+  (``dy / du[k]``, ``du[k] <= dy``); summed over windows, so overlapping windows (the ResNet stem)
+  stay exact where shap's unpooling drops all but one window;
+* softmax / log_softmax / layer_norm are decomposed into the rules above (exact as well);
+* everything else that is linear (conv, linear, eval-mode batch norm, add, cat, views, average and
+  adaptive-average pooling, eval-mode dropout, interpolate, ...) keeps its plain gradient, which is
+  exact.
+
+Each rule is exact, so the attributions are additive up to floating-point rounding. An operation that
+is neither linear nor covered (``torch.maximum``, ``torch.where``, ``amax``, ``group_norm``,
+train-mode batch norm, ...) keeps its plain gradient and the explainer logs a warning naming it once:
+the ``additivity_error`` column then shows the cost.
+
+The reference side is computed once per run: the background goes through the model once (in chunks
+of ``batch_size``), recording the input of every nonlinear call, the layer input (layer target) and
+the model outputs (base values). An explained chunk then holds ``batch_size`` (image, reference) rows;
+each intercepted call looks up its recorded reference values by call order. This needs the model to
+make the same sequence of nonlinear calls for every batch (true of feed-forward classifiers;
+otherwise the explainer raises). Memory: the recorded inputs of the nonlinear calls of all
+references stay on the device for the run (about the forward activations of ``B`` images; cap ``B``
+with ``max_background``).
+
+Attributions at a layer add up to ``f(x) - E f(r)`` when every path from the input to the output
+runs through that layer's input (e.g. a stage of a sequential model); a layer inside a residual
+block is bypassed by the skip connection, so the sum then misses the skip path's share.
+
+The model must be an eager ``nn.Module``: TorchScript runs outside Python, where no call can be
+intercepted (a TorchScript model is refused; scripted submodules are reported). While the explainer
+runs, TF32 is switched off (cuDNN uses it for float32 convolutions by default on recent GPUs; it
+would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences).
+
+DeepSHAP is deterministic: the per-image ``seeds`` are not used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch.overrides import TorchFunctionMode
+
+from explain_cli.errors import ConfigError
+from explain_cli.explainers import _utils
+from explain_cli.explainers import base
+from explain_cli.explainers.base import Attribution, ExplainerSettings
+
+log = logging.getLogger("explain_cli")
+
+
+class Settings(ExplainerSettings):
+    """``explainer.*`` keys of the deep (DeepSHAP / DeepLIFT rescale) explainer."""
+
+    name: Literal["deep"] = "deep"
+    max_background: int | None = Field(
+        None, ge=1, description="Use at most this many background images as references (default: all).")
+
+
+# ----------------------------------------------------------------------------------------------
+# The local rules, as autograd Functions (forward: the plain value; backward: the DeepLIFT multiplier)
+# ----------------------------------------------------------------------------------------------
+
+
+def _secant(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, u_r: torch.Tensor,
+            y: torch.Tensor | None = None, y_r: torch.Tensor | None = None) -> torch.Tensor:
+    """Rescale multiplier ``(g(u) - g(u_r)) / (u - u_r)``.
+
+    Where ``|u - u_r| <= sqrt(eps) * (|u| + |u_r|)`` the quotient is all rounding noise; there the
+    slope of ``g`` over ``mid +- h`` (``h`` that same tolerance) stands in for it. That changes the
+    node's share by at most ``2 * Lipschitz(g) * |u - u_r|``, i.e. rounding level, and needs neither a
+    device sync nor autograd.
+    """
+    y = g(u) if y is None else y
+    y_r = g(u_r) if y_r is None else y_r
+    du = u - u_r
+    root_eps = torch.finfo(du.dtype).eps ** 0.5
+    tol = root_eps * (u.abs() + u_r.abs())
+    small = du.abs() <= tol
+    h = tol.clamp_min(root_eps * 1e-3)
+    mid = (u + u_r) * 0.5
+    slope = (g(mid + h) - g(mid - h)) / (2 * h)
+    return torch.where(small, slope, (y - y_r) / torch.where(small, torch.ones_like(du), du))
+
+
+class _Rescale(torch.autograd.Function):
+    """y = g(u) elementwise; backward multiplies by the rescale multiplier against ``u_r``."""
+
+    @staticmethod
+    def forward(ctx, u, u_r, g):  # noqa: D102
+        y = g(u)
+        ctx.save_for_backward(_secant(g, u, u_r, y=y))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (m,) = ctx.saved_tensors
+        return grad * m, None, None
+
+
+class _Product(torch.autograd.Function):
+    """y = a * b (broadcasting); backward: da gets mean(b), db gets mean(a) (means over image/ref)."""
+
+    @staticmethod
+    def forward(ctx, a, b, a_bar, b_bar):  # noqa: D102
+        ctx.save_for_backward(a_bar, b_bar)
+        ctx.shapes = (a.shape, b.shape)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        a_bar, b_bar = ctx.saved_tensors
+        a_shape, b_shape = ctx.shapes
+        ga = (grad * b_bar).sum_to_size(a_shape) if ctx.needs_input_grad[0] else None
+        gb = (grad * a_bar).sum_to_size(b_shape) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    """Max pooling, shap's rule per window: the output difference ``dy`` goes to the image's winner when
+    ``dy >= 0`` and to the reference's winner when ``dy < 0`` (accumulated over overlapping windows)."""
+
+    @staticmethod
+    def forward(ctx, u, u_r, pool):  # noqa: D102
+        out, idx = pool(u)
+        out_r, idx_r = pool(u_r)
+        i_x, i_r = idx.flatten(2), idx_r.flatten(2)
+        o_x, o_r = out.flatten(2), out_r.flatten(2)
+        dy = o_x - o_r
+        du_x = o_x - u_r.flatten(2).gather(2, i_x)  # du at the image's winner: du_x >= dy
+        du_r = u.flatten(2).gather(2, i_r) - o_r  # du at the reference's winner: du_r <= dy
+        zero = torch.zeros_like(dy)
+        # multipliers in [0, 1]: dy / du at the winner that takes the difference, 0 at the other
+        w_x = torch.where((dy >= 0) & (du_x != 0), dy / torch.where(du_x != 0, du_x, 1.0), zero)
+        w_r = torch.where((dy < 0) & (du_r != 0), dy / torch.where(du_r != 0, du_r, 1.0), zero)
+        ctx.save_for_backward(i_x, i_r, w_x, w_r)
+        ctx.in_shape = u.shape
+        ctx.mark_non_differentiable(idx)
+        return out, idx
+
+    @staticmethod
+    def backward(ctx, grad, _grad_idx):  # noqa: D102
+        i_x, i_r, w_x, w_r = ctx.saved_tensors
+        g = grad.flatten(2)
+        shape = ctx.in_shape
+        gin = torch.zeros((shape[0], shape[1], math.prod(shape[2:])), dtype=g.dtype, device=g.device)
+        gin.scatter_add_(2, i_x, g * w_x)
+        gin.scatter_add_(2, i_r, g * w_r)
+        return gin.view(shape), None, None
+
+
+def _bilinear(h: Callable, a: torch.Tensor, b: torch.Tensor, a_bar: torch.Tensor,
+              b_bar: torch.Tensor) -> torch.Tensor:
+    """Value h(a, b); gradient h(., mean b) to ``a`` and h(mean a, .) to ``b`` (h bilinear)."""
+    value = h(a.detach(), b.detach())
+    if a.requires_grad:
+        t = h(a, b_bar)
+        value = value + (t - t.detach())
+    if b.requires_grad:
+        t = h(a_bar, b)
+        value = value + (t - t.detach())
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The tape: records the reference side once, then serves it to the explained chunks by call order
+# ----------------------------------------------------------------------------------------------
+
+
+class _ModelMismatch(RuntimeError):
+    pass
+
+
+class _Tape:
+    """Per-call reference values: ``record`` stores them (background), ``explain`` looks them up."""
+
+    def __init__(self) -> None:
+        self.phase = "off"
+        self.position = 0
+        self.chunks: list[tuple[str, list[list[torch.Tensor | None]]]] = []  # while recording
+        self.sites: list[tuple[str, tuple[torch.Tensor | None, ...]]] = []  # recorded, concatenated
+        self.ref_index: torch.Tensor | None = None
+        self.unsupported: dict[str, int] = {}
+        self.first = True
+
+    # phases -------------------------------------------------------------------------------
+    def start_record(self, first: bool) -> None:
+        self.phase, self.position, self.first = "record", 0, first
+
+    def start_explain(self, ref_index: torch.Tensor) -> None:
+        self.phase, self.position, self.ref_index = "explain", 0, ref_index
+
+    def stop(self) -> None:
+        expected = len(self.chunks) if self.phase == "record" else len(self.sites)
+        self.phase = "off"
+        if self.position != expected:
+            raise _ModelMismatch(f"the model made {self.position} nonlinear calls on this batch but "
+                                 f"{expected} on the background")
+
+    def finish_record(self) -> None:
+        self.sites = [(kind, tuple(None if parts[0] is None else torch.cat(parts) for parts in lists))
+                      for kind, lists in self.chunks]
+        self.chunks = []
+
+    # one site -----------------------------------------------------------------------------
+    def site(self, kind: str, tensors: tuple[torch.Tensor | None, ...]) -> tuple | None:
+        """Record the reference-side tensors (record phase) or return them for this chunk (explain)."""
+        t = self.position
+        self.position += 1
+        if self.phase == "record":
+            if t >= len(self.chunks) and not self.first:
+                raise _ModelMismatch("the model made more nonlinear calls on this background chunk than "
+                                     "on the first one")
+            if t == len(self.chunks):
+                self.chunks.append((kind, [[] for _ in tensors]))
+            rec_kind, lists = self.chunks[t]
+            if rec_kind != kind or len(lists) != len(tensors):
+                raise _ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} before")
+            for store, x in zip(lists, tensors):
+                store.append(None if x is None else x.detach().clone())
+            return None
+        if t >= len(self.sites):
+            raise _ModelMismatch(f"the model made more nonlinear calls on the images than on the background "
+                                 f"({len(self.sites)})")
+        rec_kind, refs = self.sites[t]
+        if rec_kind != kind:
+            raise _ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} on the background")
+        out = []
+        for x, r in zip(tensors, refs):
+            if x is None or r is None:
+                out.append(None)
+                continue
+            if x.shape[0] != self.ref_index.shape[0] or x.shape[1:] != r.shape[1:]:
+                raise _ModelMismatch(f"nonlinear call {t} ({kind}) has shape {tuple(x.shape)} here and "
+                                     f"{tuple(r.shape)} on the background; the batch must be the first dim")
+            out.append(r.index_select(0, self.ref_index).to(x.dtype))
+        return tuple(out)
+
+    def note_unsupported(self, name: str) -> None:
+        self.unsupported[name] = self.unsupported.get(name, 0) + 1
+
+
+_PLAIN = object()  # a rule's answer: "run the call unchanged"
+
+
+def _unsupported(tape: "_Tape", func: Any) -> object:
+    """A nonlinear call on input-dependent tensors that no rule covers: plain gradient, reported."""
+    if tape.phase == "explain":
+        tape.note_unsupported(_call_name(func))
+    return _PLAIN
+
+
+def _needs_grad(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if isinstance(obj, (list, tuple)):
+        return any(_needs_grad(o) for o in obj)
+    return False
+
+
+def _float_tensor(obj: Any) -> bool:
+    return isinstance(obj, torch.Tensor) and obj.is_floating_point()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules: rule(tape, func, args, kwargs) -> result or _PLAIN
+# ----------------------------------------------------------------------------------------------
+
+
+def _apply_unary(tape: _Tape, u: torch.Tensor, g: Callable, inplace: bool):
+    refs = tape.site("unary", (u,))
+    if tape.phase == "record":
+        return g(u) if (inplace and u.is_leaf) else _PLAIN
+    y = _Rescale.apply(u, refs[0], g)
+    if inplace and not u.is_leaf:
+        u.copy_(y)
+        return u
+    return y
+
+
+def _unary_rule(oop: Callable, inplace: bool | None) -> Callable:
+    """Elementwise ``oop(u, *rest)``. ``inplace=None``: Python function with an ``inplace`` parameter."""
+    signature = inspect.signature(oop) if inplace is None else None
+
+    def rule(tape: _Tape, func, args, kwargs):
+        if signature is not None:
+            bound = signature.bind(*args, **kwargs)
+            params = dict(bound.arguments)
+            first = next(iter(signature.parameters))
+            u = params.pop(first)
+            is_inplace = bool(params.pop("inplace", False))
+            if any(_needs_grad(v) for v in params.values()):
+                return _unsupported(tape, func)
+            g = lambda t: oop(t, **params)  # noqa: E731
+        else:
+            u, rest = args[0], args[1:]
+            is_inplace = bool(inplace)
+            if _needs_grad(rest) or any(_needs_grad(v) for v in kwargs.values()):
+                return _unsupported(tape, func)
+            g = lambda t: oop(t, *rest, **kwargs)  # noqa: E731
+        if not _float_tensor(u) or not u.requires_grad:
+            return _PLAIN
+        return _apply_unary(tape, u, g, is_inplace)
+
+    return rule
+
+
+def _pow_rule(oop: Callable, inplace: bool, reflected: bool = False) -> Callable:
+    def rule(tape: _Tape, func, args, kwargs):
+        if kwargs or len(args) != 2:
+            return _PLAIN
+        base_, exp_ = (args[1], args[0]) if reflected else args
+        if _needs_grad(base_) and not _needs_grad(exp_) and _float_tensor(base_):
+            return _apply_unary(tape, base_, lambda t: oop(t, exp_) if not reflected else oop(exp_, t), inplace)
+        if _needs_grad(exp_) and not _needs_grad(base_) and _float_tensor(exp_):
+            g = (lambda t: torch.pow(base_, t))
+            return _apply_unary(tape, exp_, g, False)
+        return _unsupported(tape, func) if _needs_grad(args) else _PLAIN
+
+    return rule
+
+
+def _mul_rule(inplace: bool) -> Callable:
+    def rule(tape: _Tape, func, args, kwargs):
+        if len(args) != 2 or kwargs:
+            return _PLAIN
+        a, b = args
+        if not (_float_tensor(a) and _float_tensor(b) and a.requires_grad and b.requires_grad):
+            return _PLAIN
+        refs = tape.site("product", (a, b))
+        if tape.phase == "record":
+            return (a * b) if (inplace and a.is_leaf) else _PLAIN
+        a_r, b_r = refs
+        y = _Product.apply(a, b, (a.detach() + a_r) * 0.5, (b.detach() + b_r) * 0.5)
+        if inplace and not a.is_leaf:
+            a.copy_(y)
+            return a
+        return y
+
+    return rule
+
+
+def _div_rule(inplace: bool, reflected: bool = False) -> Callable:
+    def rule(tape: _Tape, func, args, kwargs):
+        if len(args) != 2 or (kwargs and kwargs.get("rounding_mode") is not None):
+            return _unsupported(tape, func) if _needs_grad(args) else _PLAIN
+        a, b = (args[1], args[0]) if reflected else args
+        if not (_float_tensor(b) and b.requires_grad):
+            return _PLAIN  # dividing by a constant is linear (a scalar / tensor is a unary rule)
+        if _needs_grad(a) and not _float_tensor(a):
+            return _PLAIN
+        a_dep = isinstance(a, torch.Tensor) and a.requires_grad
+        refs = tape.site("divide", (a if a_dep else None, b))
+        if tape.phase == "record":
+            return (a / b) if (inplace and a.is_leaf) else _PLAIN
+        a_r, b_r = refs
+        inv_r = torch.reciprocal(b_r)
+        inv = _Rescale.apply(b, b_r, torch.reciprocal)
+        if a_dep:
+            y = _Product.apply(a, inv, (a.detach() + a_r) * 0.5, (inv.detach() + inv_r) * 0.5)
+        else:
+            y = a * inv
+        if inplace and a_dep and not a.is_leaf:
+            a.copy_(y)
+            return a
+        return y
+
+    return rule
+
+
+def _bilinear_rule(h_of: Callable[[tuple, dict], tuple[Callable, torch.Tensor, torch.Tensor] | None]) -> Callable:
+    def rule(tape: _Tape, func, args, kwargs):
+        parts = h_of(args, kwargs)
+        if parts is None:
+            return _PLAIN
+        h, a, b = parts
+        if not (_float_tensor(a) and _float_tensor(b) and a.requires_grad and b.requires_grad):
+            return _PLAIN
+        refs = tape.site("bilinear", (a, b))
+        if tape.phase == "record":
+            return _PLAIN
+        a_r, b_r = refs
+        return _bilinear(h, a, b, (a.detach() + a_r) * 0.5, (b.detach() + b_r) * 0.5)
+
+    return rule
+
+
+def _matmul_parts(fn: Callable):
+    def parts(args, kwargs):
+        if len(args) != 2 or kwargs:
+            return None
+        return fn, args[0], args[1]
+    return parts
+
+
+def _einsum_parts(args, kwargs):
+    if kwargs or len(args) < 2 or not isinstance(args[0], str):
+        return None
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) != 2:
+        return None
+    equation = args[0]
+    return (lambda p, q: torch.einsum(equation, p, q)), operands[0], operands[1]
+
+
+def _maxpool_rule(with_indices: Callable, n_args: int, ndim: int) -> Callable:
+    """``with_indices`` is the ``*_with_indices`` twin (same leading positional parameters); ``ndim``
+    the batched input's number of dimensions."""
+
+    def rule(tape: _Tape, func, args, kwargs):
+        u = args[0] if args else kwargs.get("input")
+        if not (_float_tensor(u) and u.requires_grad):
+            return _PLAIN
+        kw = dict(kwargs)
+        kw.pop("input", None)
+        rest = list(args[1:])
+        want_indices = bool(kw.pop("return_indices", False))
+        if len(rest) >= n_args:  # return_indices given positionally
+            want_indices = bool(rest[n_args - 1])
+            rest = rest[:n_args - 1]
+        if u.dim() != ndim:
+            return _unsupported(tape, func)
+        pool = lambda t: with_indices(t, *rest, **kw)  # noqa: E731
+        refs = tape.site("maxpool", (u,))
+        if tape.phase == "record":
+            return _PLAIN
+        out, idx = _MaxPool.apply(u, refs[0], pool)
+        return (out, idx) if want_indices else out
+
+    return rule
+
+
+def _softmax_rule(log_space: bool, python_f: bool) -> Callable:
+    """softmax / log_softmax; ``python_f``: F.softmax(input, dim, _stacklevel, dtype), else
+    torch.softmax(input, dim, dtype)."""
+
+    def rule(tape: _Tape, func, args, kwargs):
+        u = args[0] if args else kwargs.get("input")
+        if not (_float_tensor(u) and u.requires_grad):
+            return _PLAIN
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        dtype_pos = 3 if python_f else 2
+        dtype = args[dtype_pos] if len(args) > dtype_pos else kwargs.get("dtype")
+        if dim is None:
+            return _unsupported(tape, func)
+        refs = tape.site("softmax", (u,))
+        if tape.phase == "record":
+            return _PLAIN
+        u_r = refs[0]
+        if dtype is not None:
+            u, u_r = u.to(dtype), u_r.to(dtype)
+        # a shift shared by the image row and its reference row keeps the decomposition exact
+        shift = torch.maximum(u.detach().amax(dim, keepdim=True), u_r.amax(dim, keepdim=True))
+        v, v_r = u - shift, u_r - shift
+        e_r = torch.exp(v_r)
+        s_r = e_r.sum(dim, keepdim=True)
+        if log_space:
+            s = _Rescale.apply(v, v_r, torch.exp).sum(dim, keepdim=True)
+            return v - _Rescale.apply(s, s_r, torch.log)
+        e = _Rescale.apply(v, v_r, torch.exp)
+        inv = _Rescale.apply(e.sum(dim, keepdim=True), s_r, torch.reciprocal)
+        inv_r = torch.reciprocal(s_r)
+        return _Product.apply(e, inv, (e.detach() + e_r) * 0.5, (inv.detach() + inv_r) * 0.5)
+
+    return rule
+
+
+def _layer_norm_rule(tape: _Tape, func, args, kwargs):
+    bound = inspect.signature(F.layer_norm).bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    u = params["input"]
+    if not (_float_tensor(u) and u.requires_grad):
+        return _PLAIN
+    if any(_needs_grad(params.get(k)) for k in ("weight", "bias")):
+        return _unsupported(tape, func)
+    refs = tape.site("layer_norm", (u,))
+    if tape.phase == "record":
+        return _PLAIN
+    u_r = refs[0]
+    shape = params["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dims = tuple(range(-len(shape), 0))
+    eps = params.get("eps", 1e-5)
+    d = u - u.mean(dims, keepdim=True)
+    d_r = u_r - u_r.mean(dims, keepdim=True)
+    d_bar = (d.detach() + d_r) * 0.5
+    var = _Product.apply(d, d, d_bar, d_bar).mean(dims, keepdim=True) + eps
+    var_r = (d_r * d_r).mean(dims, keepdim=True) + eps
+    inv = _Rescale.apply(var, var_r, torch.rsqrt)
+    inv_r = torch.rsqrt(var_r)
+    out = _Product.apply(d, inv, d_bar, (inv.detach() + inv_r) * 0.5)
+    if params.get("weight") is not None:
+        out = out * params["weight"]
+    if params.get("bias") is not None:
+        out = out + params["bias"]
+    return out
+
+
+def _build_rules() -> dict[Any, Callable]:
+    T = torch.Tensor
+    rules: dict[Any, Callable] = {}
+
+    def put(func, rule):
+        if func is not None:
+            rules[func] = rule
+
+    # Python functionals with an ``inplace`` parameter (what nn.ReLU, nn.ReLU6, nn.Hardswish, ... call)
+    for name in ("relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "silu", "mish", "elu", "selu",
+                 "celu", "leaky_relu", "threshold"):
+        fn = getattr(F, name, None)
+        if fn is not None and "inplace" in inspect.signature(fn).parameters:
+            put(fn, _unary_rule(fn, None))
+    # out-of-place builtins / tensor methods: name -> (out-of-place function)
+    unary_names = ("relu", "sigmoid", "tanh", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p",
+                   "sqrt", "rsqrt", "reciprocal", "abs", "square", "erf", "erfc", "sin", "cos", "atan",
+                   "asinh", "sinh", "cosh", "clamp", "clip", "clamp_min", "clamp_max", "sign", "logit",
+                   "nan_to_num", "hardshrink", "softplus", "selu", "celu")
+    for name in unary_names:
+        for holder in (torch, T):
+            fn = getattr(holder, name, None)
+            if fn is not None:
+                put(fn, _unary_rule(fn, False))
+            fn_ = getattr(holder, name + "_", None)
+            if fn is not None and fn_ is not None:
+                put(fn_, _unary_rule(fn, True))
+    nn_c = torch._C._nn
+    for name in ("gelu", "softplus", "softshrink", "hardshrink", "log_sigmoid", "hardtanh", "leaky_relu",
+                 "elu", "silu", "hardswish", "hardsigmoid", "mish", "relu6"):
+        fn = getattr(nn_c, name, None)
+        if fn is not None:
+            put(fn, _unary_rule(fn, False))
+            fn_ = getattr(nn_c, name + "_", None)
+            if fn_ is not None:
+                put(fn_, _unary_rule(fn, True))
+    for name in ("logsigmoid", "softsign", "tanhshrink", "gelu", "softplus", "softshrink", "sigmoid", "tanh"):
+        fn = getattr(F, name, None)
+        if fn is not None and fn not in rules:
+            put(fn, _unary_rule(fn, False))
+    for name, oop in (("hardtanh_", F.hardtanh), ("elu_", F.elu), ("leaky_relu_", F.leaky_relu),
+                      ("celu_", F.celu), ("selu_", F.selu), ("threshold_", F.threshold)):
+        fn = getattr(F, name, None)
+        if fn is not None and fn not in rules:
+            put(fn, _inplace_twin(oop))
+    # powers, scalar / tensor
+    put(torch.pow, _pow_rule(torch.pow, False))
+    put(T.pow, _pow_rule(torch.pow, False))
+    put(T.pow_, _pow_rule(torch.pow, True))
+    put(T.__pow__, _pow_rule(torch.pow, False))
+    put(getattr(T, "__ipow__", None), _pow_rule(torch.pow, True))
+    put(T.__rpow__, _pow_rule(torch.pow, False, reflected=True))
+    put(getattr(T, "__rdiv__", None), _div_rule(False, reflected=True))
+    put(getattr(T, "__rtruediv__", None), _div_rule(False, reflected=True))
+    # products and quotients of two input-dependent tensors
+    for fn in (torch.mul, T.mul, T.__mul__, T.__rmul__, torch.multiply, T.multiply):
+        put(fn, _mul_rule(False))
+    for fn in (T.mul_, T.__imul__, T.multiply_):
+        put(fn, _mul_rule(True))
+    for fn in (torch.div, T.div, T.__truediv__, torch.true_divide, T.true_divide, torch.divide, T.divide):
+        put(fn, _div_rule(False))
+    for fn in (T.div_, T.__itruediv__, T.true_divide_, T.divide_):
+        put(fn, _div_rule(True))
+    for fn in (torch.matmul, T.matmul, T.__matmul__, torch.mm, T.mm, torch.bmm, T.bmm):
+        put(fn, _bilinear_rule(_matmul_parts(torch.matmul if fn in (T.__matmul__,) else fn)))
+    put(torch.einsum, _bilinear_rule(_einsum_parts))
+    # max pooling
+    put(F.max_pool1d, _maxpool_rule(F.max_pool1d_with_indices, 6, 3))
+    put(F.max_pool2d, _maxpool_rule(F.max_pool2d_with_indices, 6, 4))
+    put(F.max_pool3d, _maxpool_rule(F.max_pool3d_with_indices, 6, 5))
+    put(torch.max_pool1d, _maxpool_rule(F.max_pool1d_with_indices, 6, 3))
+    put(torch.max_pool2d, _maxpool_rule(F.max_pool2d_with_indices, 6, 4))
+    put(torch.max_pool3d, _maxpool_rule(F.max_pool3d_with_indices, 6, 5))
+    put(F.max_pool1d_with_indices, _maxpool_rule_indices(F.max_pool1d_with_indices, 3))
+    put(F.max_pool2d_with_indices, _maxpool_rule_indices(F.max_pool2d_with_indices, 4))
+    put(F.max_pool3d_with_indices, _maxpool_rule_indices(F.max_pool3d_with_indices, 5))
+    put(F.adaptive_max_pool1d, _maxpool_rule(F.adaptive_max_pool1d_with_indices, 2, 3))
+    put(F.adaptive_max_pool2d, _maxpool_rule(F.adaptive_max_pool2d_with_indices, 2, 4))
+    put(F.adaptive_max_pool3d, _maxpool_rule(F.adaptive_max_pool3d_with_indices, 2, 5))
+    # decomposed into exact rules
+    put(F.softmax, _softmax_rule(False, True))
+    put(F.log_softmax, _softmax_rule(True, True))
+    for fn in (torch.softmax, T.softmax):
+        put(fn, _softmax_rule(False, False))
+    for fn in (torch.log_softmax, T.log_softmax):
+        put(fn, _softmax_rule(True, False))
+    put(F.layer_norm, _layer_norm_rule)
+    return rules
+
+
+def _inplace_twin(oop: Callable) -> Callable:
+    """Rule for ``F.<name>_`` (in place): the out-of-place Python functional with ``inplace=True``."""
+    signature = inspect.signature(oop)
+
+    def rule(tape: _Tape, func, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        params = dict(bound.arguments)
+        params["inplace"] = True
+        return _unary_rule(oop, None)(tape, oop, (), params)
+
+    return rule
+
+
+def _maxpool_rule_indices(with_indices: Callable, ndim: int) -> Callable:
+    inner = _maxpool_rule(with_indices, 10**6, ndim)
+
+    def rule(tape, func, args, kwargs):
+        kw = dict(kwargs)
+        kw.pop("return_indices", None)
+        result = inner(tape, func, tuple(args[:6]) if len(args) > 6 else args, {**kw, "return_indices": True})
+        return result
+
+    return rule
+
+
+# Operations that are linear in their input-dependent tensor arguments (plain gradients are exact)
+# or produce no float output; anything else without a rule is reported once as unsupported.
+_LINEAR_NAMES = frozenset("""
+add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub subtract subtract_ neg neg_
+__neg__ negative __pos__ positive sum mean nansum cat concat concatenate stack hstack vstack dstack
+flatten unflatten view view_as reshape reshape_as permute transpose transpose_ t contiguous clone
+squeeze squeeze_ unsqueeze unsqueeze_ expand expand_as repeat tile narrow select index_select gather
+__getitem__ __setitem__ split split_with_sizes chunk unbind tensor_split pad conv1d conv2d conv3d
+conv_transpose1d conv_transpose2d conv_transpose3d linear avg_pool1d avg_pool2d avg_pool3d
+adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d interpolate upsample upsample_nearest
+upsample_bilinear pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle roll flip fliplr
+flipud rot90 to type float double half bfloat16 cpu cuda copy_ zero_ fill_ masked_fill masked_fill_
+cumsum diff trace diagonal movedim moveaxis swapaxes swapdims unfold fold as_strided detach
+requires_grad_ type_as new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like
+mul mul_ __mul__ __rmul__ __imul__ multiply div div_ __truediv__ __itruediv__ true_divide divide
+matmul __matmul__ mm bmm einsum dropout dropout1d dropout2d dropout3d alpha_dropout
+feature_alpha_dropout identity real imag view_as_real flatten_ batch_norm baddbmm addmm addcmul
+index_add index_copy scatter scatter_add expand_copy narrow_copy split_copy slice_copy permute_copy
+view_copy transpose_copy select_copy unsqueeze_copy squeeze_copy __len__ dim size numel
+""".split())
+
+
+def _call_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or repr(func)
+
+
+def _train_mode_call(name: str, args: tuple, kwargs: dict) -> bool:
+    if name == "batch_norm":
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        return bool(training)
+    if name.startswith("dropout") or name.endswith("dropout"):
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        return bool(training) and p > 0
+    return False
+
+
+class _DeepMode(TorchFunctionMode):
+    """Routes nonlinear torch calls to the DeepLIFT rules while the model runs."""
+
+    def __init__(self, tape: _Tape, rules: dict[Any, Callable]) -> None:
+        super().__init__()
+        self.tape = tape
+        self.rules = rules
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            rule = self.rules.get(func)
+        except TypeError:  # unhashable callable
+            rule = None
+        if rule is not None:
+            result = rule(self.tape, func, args, kwargs)
+            if result is not _PLAIN:
+                return result
+        out = func(*args, **kwargs)
+        if rule is None and self.tape.phase == "explain" and isinstance(out, torch.Tensor) \
+                and out.requires_grad and out.is_floating_point():
+            name = _call_name(func)
+            if (name not in _LINEAR_NAMES or _train_mode_call(name, args, kwargs)) \
+                    and _needs_grad((args, tuple(kwargs.values()))):
+                self.tape.note_unsupported(name)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The explainer
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _full_float32() -> Iterator[None]:
+    """TF32 off for the duration (cuDNN allows it for float32 convolutions by default on Ampere and
+    later): with its 10-bit mantissa the float32 additivity error grows from ~1e-6 to ~1e-3."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def _as_2d(out: torch.Tensor) -> torch.Tensor:
+    """Model output as (rows, outputs): a 1-D output is one output per row."""
+    if out.dim() == 1:
+        return out[:, None]
+    return out.reshape(out.shape[0], -1)
+
+
+class Explainer(base.Explainer):
+    """DeepSHAP (DeepLIFT rescale, averaged over the background) at the input or at a layer's input."""
+
+    name = "deep"
+
+    def __init__(self, context: base.ExplainContext) -> None:
+        super().__init__(context)
+        self._rules = _build_rules()
+        self._tape: _Tape | None = None
+        self._background_mean: torch.Tensor | None = None  # (outputs,) float64
+        self._layer_reference: torch.Tensor | None = None  # (B, ...) layer input of the background
+        self._warned: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def references(self) -> torch.Tensor:
+        settings: Settings = self.settings  # type: ignore[assignment]
+        background = self.context.background
+        if background.shape[0] < 1:
+            raise ValueError("the background is empty")
+        if settings.max_background is not None:
+            background = background[: settings.max_background]
+        return background
+
+    def _layer_value(self, captured: _utils.LayerInput) -> torch.Tensor:
+        ctx = self.context
+        target = captured.value
+        if target is None:
+            raise ConfigError("model.layer", f"layer '{ctx.layer_name}' was not called in the model's "
+                                             "forward pass")
+        if target.dim() != 4:
+            raise ConfigError(
+                "model.layer",
+                f"the input of layer '{ctx.layer_name}' has shape {tuple(target.shape)} (with the batch "
+                "first); the deep explainer needs a 4-D (N, C, H, W) feature map: choose a "
+                "convolutional layer, or 'input'")
+        return target
+
+    def _record(self) -> None:
+        """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
+        ctx = self.context
+        model, layer = ctx.model, ctx.layer
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ConfigError("explainer.name", "the deep explainer needs an eager PyTorch model: a "
+                                                "TorchScript model runs outside Python, so its nonlinear "
+                                                "operations cannot be given DeepLIFT rules; use the "
+                                                "gradient explainer, or load the model from its code")
+        scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            log.warning("deep: %s %s TorchScript: the DeepLIFT rules do not reach inside; the plain "
+                        "gradient is used there (see the additivity_error column)",
+                        ", ".join(scripted[:5]), "is" if len(scripted) == 1 else "are")
+        refs = self.references()
+        tape = _Tape()
+        outputs, layer_parts = [], []
+        size = max(1, int(ctx.batch_size))
+        for i, (a, b) in enumerate(_utils.chunk_ranges(refs.shape[0], size)):
+            chunk = refs[a:b]
+            tape.start_record(first=(i == 0))
+            with torch.enable_grad(), _DeepMode(tape, self._rules):
+                if layer is None:
+                    out = model(chunk.detach().clone().requires_grad_(True))
+                else:
+                    with _utils.capture_layer_input(layer, make_leaf=True) as captured:
+                        out = model(chunk)
+                    layer_parts.append(self._layer_value(captured).detach().clone())
+            self._check_stop(tape)
+            outputs.append(_as_2d(out).detach().to(torch.float64))
+            del out
+        tape.finish_record()
+        self._background_mean = torch.cat(outputs).mean(0)
+        self._layer_reference = torch.cat(layer_parts) if layer is not None else None
+        self._tape = tape
+
+    def _check_stop(self, tape: _Tape) -> None:
+        try:
+            tape.stop()
+        except _ModelMismatch as exc:
+            raise RuntimeError(f"deep: {exc}; DeepSHAP needs the same sequence of nonlinear calls for "
+                               "every batch (a feed-forward model without data-dependent control flow)") from None
+
+    def _ensure_record(self) -> None:
+        if self._tape is None:
+            self._record()
+
+    def background_mean(self) -> torch.Tensor:
+        """Mean model output over the references (float64), computed once per explainer."""
+        with _utils.frozen_parameters(self.context.model), _full_float32():
+            self._ensure_record()
+        assert self._background_mean is not None
+        return self._background_mean
+
+    def _forward_no_grad(self, inputs: torch.Tensor) -> torch.Tensor:
+        size = max(1, int(self.context.batch_size))
+        with torch.no_grad():
+            parts = [_as_2d(self.context.model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
+        return torch.cat(parts)
+
+    def _warn_unsupported(self, tape: _Tape) -> None:
+        new = sorted(set(tape.unsupported) - self._warned)
+        if new:
+            self._warned.update(new)
+            log.warning("deep: no DeepLIFT rule for %s; the plain gradient is used there, so the "
+                        "attributions may not add up (see the additivity_error column)", ", ".join(new))
+
+    # -- main ------------------------------------------------------------------------------
+
+    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+        ctx = self.context
+        model, layer = ctx.model, ctx.layer
+        device = images.device
+        n_images = images.shape[0]
+        if len(seeds) != n_images:
+            raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
+
+        with _utils.frozen_parameters(model), _full_float32():
+            self._ensure_record()
+            tape = self._tape
+            assert tape is not None and self._background_mean is not None
+            refs = self.references()
+            n_refs = refs.shape[0]
+
+            raw = self._forward_no_grad(images)
+            classes, probabilities = _utils.rank_outputs(raw, top_k)
+            k = classes.shape[1]
+            outputs = raw.gather(1, classes).to(torch.float64)
+            base_values = self._background_mean.to(device)[classes]
+            classes_dev = classes.to(device)
+
+            acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+            phi: torch.Tensor | None = None  # (k, N, *explained shape)
+            size = max(1, int(ctx.batch_size))
+            for start, stop in _utils.chunk_ranges(n_images * n_refs, size):
+                rows = torch.arange(start, stop, device=device)
+                img = torch.div(rows, n_refs, rounding_mode="floor")
+                ref = rows - img * n_refs
+                x = images[img]
+                tape.start_explain(ref)
+                with torch.enable_grad(), _DeepMode(tape, self._rules):
+                    if layer is None:
+                        target = x.detach().clone().requires_grad_(True)
+                        out = _as_2d(model(target))
+                        delta = (x - refs[ref]).detach()
+                    else:
+                        with _utils.capture_layer_input(layer, make_leaf=True) as captured:
+                            out = _as_2d(model(x))
+                        target = self._layer_value(captured)
+                        assert self._layer_reference is not None
+                        delta = (target.detach() - self._layer_reference[ref].to(target.dtype))
+                self._check_stop(tape)
+                row_classes = classes_dev[img]
+                rank_rows = torch.arange(stop - start, device=device)
+                for r in range(k):
+                    selected = out[rank_rows, row_classes[:, r]].sum()
+                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
+                    if grad is None:
+                        grad = torch.zeros_like(target)
+                    contribution = (grad * delta).to(acc_dtype)
+                    if phi is None:
+                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
+                                          device=device)
+                    phi[r].index_add_(0, img, contribution)
+                del out, target, delta
+            self._warn_unsupported(tape)
+
+        assert phi is not None
+        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, C, H, W)
+        shap_sum = values.flatten(2).to(torch.float64).sum(2)
+        return Attribution(
+            values=values.cpu().numpy().astype(np.float32, copy=False),
+            classes=classes.cpu().numpy().astype(np.int64),
+            probabilities=probabilities.float().cpu().numpy(),
+            outputs=outputs.cpu().numpy(),
+            base_values=base_values.cpu().numpy(),
+            shap_sum=shap_sum.cpu().numpy(),
+        )

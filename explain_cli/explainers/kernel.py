@@ -1,0 +1,447 @@
+"""Kernel SHAP over SLIC superpixels (shap's ``KernelExplainer`` as used in seed 004), batched.
+
+Seed 004 segments the image with ``skimage.segmentation.slic`` and explains a function of a 0/1
+coalition vector (1 = superpixel shown, 0 = superpixel hidden) with
+``shap.KernelExplainer(f, np.zeros((1, M))).shap_values(np.ones((1, M)), nsamples=...)``. This
+module computes the same quantity, with shap's definitions (``shap/explainers/_kernel.py``,
+``KernelExplainer.explain`` and ``solve``), but builds and evaluates the masked images itself, for
+all images of a step at once.
+
+For each image ``x``:
+
+* **Superpixels.** SLIC runs on the CPU on the image in pixel space (the normalisation undone with
+  ``context.mean``/``context.std`` and the result rounded to 8-bit, i.e. the image as decoded),
+  with ``n_segments``, ``compactness``, ``sigma`` and ``start_label=0``. SLIC returns roughly,
+  not exactly, ``n_segments`` superpixels; ``M`` is the number it returns (labels ``0..M-1``).
+* **Hidden superpixels** are replaced by the ``fill`` image: ``mean`` (the image's own mean colour,
+  the default of seed 004's ``mask_image``), a colour (``[r, g, b]`` or one grey level, 0-255; seed
+  004 actually called ``mask_image(..., 255)``, i.e. ``fill: 255``), or ``blur(KX,KY)`` (the image
+  blurred with ``cv2.blur`` and a KX-wide, KY-high box kernel, borders reflected). The fill is
+  built in pixel space and normalised like the image, so shown pixels are the input unchanged.
+* **Coalitions** are chosen exactly as shap's ``KernelExplainer.explain`` does: the number of
+  samples is capped at ``2**M - 2``; subset sizes (paired with their complements) are enumerated
+  completely, smallest first, while the budget allows, with the Shapley kernel weights; the rest of
+  the budget is drawn at random by the remaining kernel weights (a drawn subset and its complement;
+  repeats add weight instead of a row), and the random rows' weights are scaled to the kernel mass
+  left. With ``nsamples >= 2**M - 2`` every coalition is enumerated and the result is the exact
+  Shapley values of the masking game.
+* **Model output** ``v(z)``: the raw model output (e.g. logit) of each of the top-k classes (ranked
+  on the raw output of the unmasked image, as shap's ``ranked_outputs``) for the masked image.
+  ``f(x) = v(all shown)`` is the output of the unmasked image, ``f(all hidden)`` the output of the
+  fill image.
+* **Regression.** shap's ``solve`` with ``l1_reg=False``: the efficiency constraint
+  ``sum(phi) = f(x) - f(all hidden)`` is enforced by eliminating the last superpixel, and the
+  kernel-weighted least squares is solved for all k outputs at once (one ``lstsq`` with k
+  right-hand sides, in float64). No l1 feature selection: shap's default ``num_features(10)`` would
+  zero all but 10 superpixels.
+
+Result (``Attribution``): ``segments`` is the (N, H, W) label map and ``values[n, r, c, h, w] =
+phi[segment(h, w)] / C``: every pixel of a superpixel carries that superpixel's SHAP value, split
+evenly over the channels, so the channel sum at any pixel (what the renderer shows, one colour per
+segment) is the superpixel's value, as in seed 004's ``fill_segmentation``; the values of an
+image can be read back from the saved map alone. Hence ``values.sum()`` is *not* ``sum(phi)`` (each
+value is counted once per pixel): ``shap_sum`` is ``sum(phi)``. ``outputs`` is ``f(x)``,
+``base_values`` is ``f(all hidden)``, so the additivity error is zero up to float rounding.
+
+Batching: the rows of all images of a call (one all-hidden row plus the coalitions of each image)
+are built on the model's device from the coalition masks and the label maps, and evaluated in
+model calls of ``context.batch_size`` rows; a call can span several images. The CPU work of an
+image (SLIC, sampling, fill) is done while the model calls of the previous image run on the device
+(nothing waits for the device until all rows are issued), so on a GPU it is mostly hidden.
+
+Random numbers: image ``i``'s coalitions come only from a numpy ``Generator`` seeded with
+``seeds[i]``, so results do not depend on which images share the batch, nor on ``batch_size``.
+They are not shap's random stream (shap uses numpy's global generator).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from explain_cli.errors import ConfigError
+from explain_cli.explainers import _utils
+from explain_cli.explainers import base
+from explain_cli.explainers.base import Attribution, ExplainerSettings
+
+_BLUR = re.compile(r"^\s*blur\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
+_FILL_HELP = "must be 'mean', a colour ([r, g, b] or one grey level, 0-255) or 'blur(KX,KY)'"
+
+
+class SegmentSettings(BaseModel):
+    """``explainer.segments.*``: the arguments of ``skimage.segmentation.slic``."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_segments: int = Field(50, ge=1, description="approximate number of superpixels (SLIC's n_segments)")
+    compactness: float = Field(30.0, gt=0, description="SLIC's compactness (higher: squarer superpixels)")
+    sigma: float = Field(3.0, ge=0, description="width of SLIC's Gaussian pre-smoothing (0: none)")
+
+
+class Settings(ExplainerSettings):
+    """``explainer.*`` keys of the kernel (Kernel SHAP over superpixels) explainer."""
+
+    name: Literal["kernel"] = "kernel"
+    segments: SegmentSettings = Field(default_factory=SegmentSettings)
+    nsamples: int = Field(1000, ge=1, description="model evaluations (coalitions) per image (shap's nsamples), "
+                                                  "at most 2**M - 2 are used")
+    fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
+                                          "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
+
+    @field_validator("fill")
+    @classmethod
+    def _fill(cls, v: Any) -> Any:
+        """Canonical form: 'mean', [r, g, b] floats, or 'blur(KX,KY)'."""
+        if isinstance(v, str):
+            text = v.strip()
+            if text == "mean":
+                return "mean"
+            match = _BLUR.match(text)
+            if match:
+                kx, ky = int(match.group(1)), int(match.group(2))
+                if kx < 1 or ky < 1:
+                    raise ValueError(f"blur kernel sizes must be >= 1 (got {v!r})")
+                return f"blur({kx},{ky})"
+            raise ValueError(f"{_FILL_HELP} (got {v!r})")
+        if isinstance(v, bool) or v is None:
+            raise ValueError(f"{_FILL_HELP} (got {v!r})")
+        if isinstance(v, (int, float)):
+            v = [v] * 3
+        if isinstance(v, (list, tuple)):
+            if len(v) == 1:
+                v = list(v) * 3
+            if len(v) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v):
+                raise ValueError(f"{_FILL_HELP}; a colour has 3 numbers (got {v!r})")
+            if not all(0 <= c <= 255 for c in v):
+                raise ValueError(f"colour values must be within 0-255 (got {v!r})")
+            return [float(c) for c in v]
+        raise ValueError(f"{_FILL_HELP} (got {v!r})")
+
+
+# -- the pieces, usable on their own (the tests use them to build shap's reference function) -------
+
+def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(N, C, H, W) normalised -> (N, H, W, C) float32 pixel values in [0, 1] (not clipped)."""
+    x = images.detach().float().cpu().numpy()
+    x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1))
+
+
+def segment(pixels: np.ndarray, segments: SegmentSettings) -> np.ndarray:
+    """SLIC label map (H, W) int64 with labels 0..M-1 for one (H, W, C) image in [0, 1]."""
+    from skimage.segmentation import slic
+
+    as_uint8 = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    labels = slic(as_uint8, n_segments=int(segments.n_segments), compactness=float(segments.compactness),
+                  sigma=float(segments.sigma), start_label=0,
+                  channel_axis=-1 if as_uint8.shape[-1] > 1 else None)
+    # SLIC's labels are normally 0..M-1 already; make sure they are contiguous.
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape).astype(np.int64)
+
+
+def fill_pixels(pixels: np.ndarray, fill: Any) -> np.ndarray:
+    """The (H, W, C) pixel-space image that replaces hidden superpixels (see the module docstring)."""
+    if fill == "mean":
+        return np.broadcast_to(pixels.mean(axis=(0, 1), dtype=np.float64).astype(np.float32),
+                               pixels.shape).copy()
+    if isinstance(fill, str):
+        match = _BLUR.match(fill)
+        if not match:
+            raise ValueError(f"fill {_FILL_HELP} (got {fill!r})")
+        import cv2
+
+        kx, ky = int(match.group(1)), int(match.group(2))
+        blurred = cv2.blur(np.ascontiguousarray(pixels, dtype=np.float32), (kx, ky))
+        return blurred.reshape(pixels.shape)
+    colour = np.asarray(fill, np.float32) / 255.0
+    if colour.shape[0] != pixels.shape[-1]:
+        raise ValueError(f"fill colour has {colour.shape[0]} values for {pixels.shape[-1]} channels")
+    return np.broadcast_to(colour, pixels.shape).copy()
+
+
+def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, C) pixel values -> (C, H, W) float32 model input."""
+    x = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x.astype(np.float32), -1, 0)))
+
+
+def sample_coalitions(m: int, nsamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """shap's KernelExplainer coalitions for ``m`` features: (rows, m) bool masks and kernel weights.
+
+    A line-by-line port of the sampling in ``KernelExplainer.explain`` (shap 0.51), with ``rng`` in
+    place of numpy's global generator. ``m >= 2``.
+    """
+    if m <= 30:
+        nsamples = min(nsamples, 2**m - 2)
+    num_subset_sizes = int(np.ceil((m - 1) / 2.0))
+    num_paired_subset_sizes = int(np.floor((m - 1) / 2.0))
+    weight_vector = np.array([(m - 1.0) / (i * (m - i)) for i in range(1, num_subset_sizes + 1)])
+    weight_vector[:num_paired_subset_sizes] *= 2
+    weight_vector /= np.sum(weight_vector)
+
+    masks: list[np.ndarray] = []
+    weights: list[float] = []
+
+    # Enumerate whole subset sizes (with their complements) while the budget allows.
+    num_full_subsets = 0
+    num_samples_left = nsamples
+    remaining_weight_vector = weight_vector.copy()
+    for subset_size in range(1, num_subset_sizes + 1):
+        nsubsets = math.comb(m, subset_size)
+        if subset_size <= num_paired_subset_sizes:
+            nsubsets *= 2
+        if num_samples_left * remaining_weight_vector[subset_size - 1] / nsubsets >= 1.0 - 1e-8:
+            num_full_subsets += 1
+            num_samples_left -= nsubsets
+            if remaining_weight_vector[subset_size - 1] < 1.0:
+                remaining_weight_vector /= 1 - remaining_weight_vector[subset_size - 1]
+            w = weight_vector[subset_size - 1] / math.comb(m, subset_size)
+            if subset_size <= num_paired_subset_sizes:
+                w /= 2.0
+            for inds in itertools.combinations(range(m), subset_size):
+                mask = np.zeros(m, dtype=bool)
+                mask[list(inds)] = True
+                masks.append(mask)
+                weights.append(w)
+                if subset_size <= num_paired_subset_sizes:
+                    masks.append(~mask)
+                    weights.append(w)
+        else:
+            break
+
+    # Draw the rest of the budget from the remaining subset sizes.
+    nfixed = len(masks)
+    samples_left = nsamples - nfixed
+    if num_full_subsets != num_subset_sizes and samples_left > 0:
+        remaining = weight_vector.copy()
+        remaining[:num_paired_subset_sizes] /= 2  # two samples (subset and complement) per draw
+        remaining = remaining[num_full_subsets:]
+        remaining /= np.sum(remaining)
+        ind_set = rng.choice(len(remaining), 4 * samples_left, p=remaining)
+        used: dict[bytes, tuple[int, int | None]] = {}
+        for ind in ind_set:
+            if samples_left <= 0:
+                break
+            subset_size = int(ind) + num_full_subsets + 1
+            mask = np.zeros(m, dtype=bool)
+            mask[rng.permutation(m)[:subset_size]] = True
+            key = mask.tobytes()
+            paired = subset_size <= num_paired_subset_sizes
+            if key not in used:
+                masks.append(mask)
+                weights.append(1.0)
+                samples_left -= 1
+                complement = None
+                if samples_left > 0 and paired:
+                    complement = len(masks)
+                    masks.append(~mask)
+                    weights.append(1.0)
+                    samples_left -= 1
+                used[key] = (len(masks) - (2 if complement is not None else 1), complement)
+            else:
+                first, complement = used[key]
+                weights[first] += 1.0
+                if paired and samples_left > 0 and complement is not None:
+                    weights[complement] += 1.0
+        weight_left = np.sum(weight_vector[num_full_subsets:])
+        random_weights = np.asarray(weights[nfixed:])
+        weights[nfixed:] = list(random_weights * (weight_left / random_weights.sum()))
+
+    return np.stack(masks), np.asarray(weights, dtype=np.float64)
+
+
+def solve(masks: np.ndarray, weights: np.ndarray, y: np.ndarray, fx: np.ndarray,
+          fnull: np.ndarray) -> np.ndarray:
+    """shap's ``KernelExplainer.solve`` (identity link, no l1) for k outputs at once.
+
+    masks (S, M) 0/1, weights (S,), y (S, k) outputs of the coalitions, fx/fnull (k,) outputs with
+    everything shown / hidden. Returns phi (M, k) with ``phi.sum(0) == fx - fnull`` exactly.
+    """
+    z = masks.astype(np.float64)
+    total = np.asarray(fx, np.float64) - np.asarray(fnull, np.float64)
+    m = z.shape[1]
+    if m == 1:
+        return total[None, :].copy()
+    # eliminate the last feature with the constraint sum(phi) = fx - fnull
+    target = (np.asarray(y, np.float64) - fnull) - z[:, -1:] * total
+    design = z[:, :-1] - z[:, -1:]
+    root = np.sqrt(weights)[:, None]
+    coef = np.linalg.lstsq(root * design, root * target, rcond=None)[0]  # (M - 1, k)
+    return np.concatenate([coef, (total - coef.sum(0))[None, :]], axis=0)
+
+
+def paint(phi: np.ndarray, labels: np.ndarray, channels: int) -> np.ndarray:
+    """(M, k) superpixel values -> (k, C, H, W) map: each pixel carries its superpixel's value / C."""
+    painted = (phi / channels)[labels].astype(np.float32)  # (H, W, k)
+    return np.ascontiguousarray(np.broadcast_to(np.moveaxis(painted, -1, 0)[:, None],
+                                                (phi.shape[1], channels) + labels.shape))
+
+
+def _as_2d(out: torch.Tensor) -> torch.Tensor:
+    """Model output as (rows, outputs): a 1-D output is one output per row."""
+    if out.dim() == 1:
+        return out[:, None]
+    return out.reshape(out.shape[0], -1)
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(int(seed) % 2**64))
+
+
+class _Image:
+    """One image's CPU-side preparation and its tensors on the device."""
+
+    def __init__(self, labels: np.ndarray, masks: np.ndarray, weights: np.ndarray,
+                 labels_dev: torch.Tensor, rows_dev: torch.Tensor, fill_dev: torch.Tensor) -> None:
+        self.labels = labels  # (H, W) int64, 0..M-1
+        self.masks = masks  # (S, M) bool coalitions (S = 0 for a single superpixel)
+        self.weights = weights  # (S,) kernel weights
+        self.labels_dev = labels_dev  # (H*W,) long
+        self.rows_dev = rows_dev  # (1 + S, M) bool: the all-hidden row, then the coalitions
+        self.fill_dev = fill_dev  # (C, H, W) normalised fill image
+        self.outputs: list[torch.Tensor] = []  # (rows, k) pieces of the model outputs, in row order
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host -> device without stalling the queue of model calls already issued (pinned, async)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class Explainer(base.Explainer):
+    """Kernel SHAP over SLIC superpixels (shap's KernelExplainer with l1_reg=False)."""
+
+    name = "kernel"
+
+    def __init__(self, context: base.ExplainContext) -> None:
+        super().__init__(context)
+        self._check_layer()  # fail before the first step, not after the model has run
+
+    def _check_layer(self) -> None:
+        if self.context.layer is not None:
+            raise ConfigError("model.layer", "the kernel explainer masks superpixels of the input image and "
+                                             f"cannot explain layer '{self.context.layer_name}'; "
+                                             "set model.layer: input")
+
+    @property
+    def images_per_step(self) -> int:
+        """Images per explain() call. On a GPU 8, so the CPU work of one image (SLIC, sampling)
+        overlaps the model calls of the previous one; on the CPU just enough images to fill a few
+        model batches (each image brings nsamples + 1 rows), so a killed run loses little work."""
+        if self.context.device.type != "cpu":
+            return 8
+        rows = int(self.settings.nsamples) + 1
+        return max(1, min(8, math.ceil(4 * max(1, int(self.context.batch_size)) / rows)))
+
+    def _prepare(self, pixels: np.ndarray, seed: int, device: torch.device, dtype: torch.dtype) -> _Image:
+        ctx = self.context
+        settings: Settings = self.settings  # type: ignore[assignment]
+        labels = segment(pixels, settings.segments)
+        m = int(labels.max()) + 1
+        if m >= 2:
+            masks, weights = sample_coalitions(m, int(settings.nsamples), _rng(seed))
+        else:  # a single superpixel has the whole effect: only f(all hidden) is needed
+            masks, weights = np.zeros((0, 1), dtype=bool), np.zeros(0)
+        rows = np.concatenate([np.zeros((1, masks.shape[1]), dtype=bool), masks])
+        fill = normalise(fill_pixels(pixels, settings.fill), ctx.mean, ctx.std)
+        return _Image(labels, masks, weights, _to_device(labels.reshape(-1), device), _to_device(rows, device),
+                      _to_device(fill.numpy(), device).to(dtype))
+
+    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+        ctx = self.context
+        model = ctx.model
+        device = images.device
+        if images.dim() != 4 or images.shape[1] != len(ctx.mean) or images.shape[1] != len(ctx.std):
+            raise ValueError(f"the kernel explainer needs (N, C, H, W) images with C = {len(ctx.mean)} "
+                             f"channels; got {tuple(images.shape)}")
+        n_images, channels, height, width = images.shape
+        if len(seeds) != n_images:
+            raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
+        self._check_layer()
+        size = max(1, int(ctx.batch_size))
+        pixels = to_pixels(images, ctx.mean, ctx.std)  # the one device -> host copy before the model calls
+
+        with torch.no_grad():
+            raw = torch.cat([_as_2d(model(images[a:b])) for a, b in _utils.chunk_ranges(n_images, size)])
+            classes, probabilities = _utils.rank_outputs(raw, top_k)
+            fx_dev = raw.gather(1, classes)
+
+            # Rows of all images, in order: each image's all-hidden row, then its coalitions. They are
+            # evaluated in model calls of `size` rows (a call can span images). Image i+1 is prepared
+            # on the CPU (SLIC, sampling) while the model calls of image i run on the device; nothing
+            # waits for the device until the end.
+            prepared: list[_Image] = []
+            pending: list[tuple[int, int, int]] = []  # (image, first row, stop row) not yet evaluated
+            pending_rows = 0
+
+            def evaluate(count: int) -> None:
+                nonlocal pending_rows
+                pieces, taken = [], 0
+                while taken < count:
+                    i, r0, r1 = pending[0]
+                    r_end = min(r1, r0 + count - taken)
+                    pieces.append((i, r0, r_end))
+                    taken += r_end - r0
+                    if r_end == r1:
+                        pending.pop(0)
+                    else:
+                        pending[0] = (i, r_end, r1)
+                pending_rows -= count
+                parts = []
+                for i, r0, r1 in pieces:
+                    item = prepared[i]
+                    shown = item.rows_dev[r0:r1][:, item.labels_dev].view(r1 - r0, 1, height, width)
+                    parts.append(torch.where(shown, images[i], item.fill_dev))
+                batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+                out = _as_2d(model(batch))
+                offset = 0
+                for i, r0, r1 in pieces:
+                    prepared[i].outputs.append(out[offset:offset + r1 - r0].index_select(1, classes[i]).double())
+                    offset += r1 - r0
+
+            for i in range(n_images):
+                item = self._prepare(pixels[i], seeds[i], device, images.dtype)
+                prepared.append(item)
+                pending.append((i, 0, item.rows_dev.shape[0]))
+                pending_rows += item.rows_dev.shape[0]
+                while pending_rows >= size:
+                    evaluate(size)
+            if pending_rows:
+                evaluate(pending_rows)
+
+            y_dev = [torch.cat(item.outputs) for item in prepared]
+
+        # One transfer back, then the regressions on the CPU (float64).
+        fx = fx_dev.double().cpu().numpy()
+        y_all = [y.cpu().numpy() for y in y_dev]
+        k = classes.shape[1]
+        values = np.empty((n_images, k, channels, height, width), dtype=np.float32)
+        shap_sum = np.empty((n_images, k), dtype=np.float64)
+        base_values = np.empty((n_images, k), dtype=np.float64)
+        for i, item in enumerate(prepared):
+            fnull, y = y_all[i][0], y_all[i][1:]
+            if item.masks.shape[0] == 0:
+                phi = (fx[i] - fnull)[None, :]
+            else:
+                phi = solve(item.masks, item.weights, y, fx[i], fnull)
+            values[i] = paint(phi, item.labels, channels)
+            shap_sum[i] = phi.sum(0)
+            base_values[i] = fnull
+
+        return Attribution(
+            values=values,
+            classes=classes.cpu().numpy().astype(np.int64),
+            probabilities=probabilities.float().cpu().numpy(),
+            outputs=fx.astype(np.float32),
+            base_values=base_values.astype(np.float32),
+            shap_sum=shap_sum.astype(np.float32),
+            segments=np.stack([item.labels for item in prepared]),
+        )
