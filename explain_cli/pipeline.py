@@ -173,6 +173,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     import torch
 
     from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
+    from explain_cli import explainers
     from explain_cli.labels import load_labels
     from explain_cli.models import build_model, count_outputs, resolve_layer
 
@@ -193,6 +194,13 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     torch.manual_seed(config.seed)
     model = build_model(config.model, lambda p: config.resolve(p))
     layer = resolve_layer(model, config.model.layer)
+    explainer_class = explainers.get(config.explainer_settings.name).Explainer
+    if layer is not None and explainer_class.input_only:
+        from explain_cli.errors import ConfigError
+
+        raise ConfigError("model.layer", f"the {explainer_class.name} explainer masks input pixels and cannot "
+                                         f"explain layer '{config.model.layer}'; set model.layer: input",
+                          config._source)
     num_outputs = count_outputs(model, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
@@ -238,6 +246,14 @@ def load_background(prep: Prepared):
     elif np.allclose(bg, bg[:1]):
         log.warning("background images are all identical: the explanation is relative to that one image")
     return torch.from_numpy(bg).to(prep.device)
+
+
+def empty_background(prep: Prepared):
+    """A zero-image background for explainers that define "absent" themselves (masking)."""
+    import torch
+
+    size = prep.config.preprocess.size
+    return torch.zeros((0, 3, size, size), device=prep.device)
 
 
 def make_explainer(prep: Prepared, background):
@@ -380,6 +396,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     """Explain every selected image and write the outputs; see the module docstring."""
     import torch
 
+    from explain_cli import explainers
     from explain_cli.render import format_title, render_overlay
 
     started = time.monotonic()
@@ -429,7 +446,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         try:
             with stop.installed():
                 if todo:
-                    background = load_background(prep)
+                    background = (load_background(prep) if explainers.get(cfg.explainer_settings.name)
+                                  .Explainer.uses_background else empty_background(prep))
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     top_k = min(cfg.output.top_k, prep.num_outputs)

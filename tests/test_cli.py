@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from explain_cli import __version__
@@ -187,3 +188,42 @@ def test_demo_config_on_sample_images(tmp_path):
         ET.parse(svg)
         assert top1[image][1] in svg.read_text()
     assert not (out / "errors.csv").exists() or read_csv(out / "errors.csv") == []
+
+
+@pytest.mark.parametrize("settings", [
+    {"name": "gradient", "nsamples": 8},
+    {"name": "deep"},
+    {"name": "partition", "mask": "blur(4,4)", "max_evals": 40, "batch_size": 10},
+    {"name": "kernel", "nsamples": 40, "segments": {"n_segments": 8, "compactness": 10, "sigma": 1}},
+])
+def test_every_explainer_writes_the_same_outputs(tiny_project, settings):
+    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
+    config["explainer"] = settings
+    path = tiny_project / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = invoke("run", path, "--no-progress", "--set", "output.save_values=true")
+    assert result.exit_code == 0, result.output
+    assert "background" not in result.output.lower() or settings["name"] in ("gradient", "deep")
+    rows = read_csv(tiny_project / "out" / "topk.csv")
+    assert len(rows) == 4 * 2
+    for row in rows:
+        assert float(row["additivity_error"]) == pytest.approx(
+            abs(float(row["shap_sum"]) - (float(row["output"]) - float(row["base_value"]))), abs=1e-5)
+        if settings["name"] != "gradient":  # exact methods: the values add up to output - base_value
+            assert float(row["additivity_error"]) <= 1e-3 * max(1.0, abs(float(row["output"])))
+    for image in ("a/one", "a/two", "b/one", "three"):
+        ET.parse(tiny_project / "out" / "overlays" / f"{image}.svg")
+        with np.load(tiny_project / "out" / "values" / f"{image}.npz") as npz:
+            assert npz["values"].shape == (2, 3, 16, 16) and npz["values"].dtype == np.float32
+            assert list(npz["classes"]) == [int(r["class_index"]) for r in rows if r["image"].startswith(image)]
+
+
+@pytest.mark.parametrize("name", ["partition", "kernel"])
+def test_masking_explainers_refuse_a_layer_in_validate(tiny_project, name):
+    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
+    config["explainer"] = {"name": name}
+    config["model"]["layer"] = "0"
+    (tiny_project / "config.yaml").write_text(yaml.safe_dump(config))
+    result = invoke("validate", tiny_project / "config.yaml")
+    assert result.exit_code == 2, result.output
+    assert "model.layer" in result.output and "input" in result.output and "Traceback" not in result.output

@@ -71,6 +71,10 @@ class Explainer(ABC):
     """Base class: subclasses implement :meth:`explain` for a batch of images."""
 
     name: ClassVar[str]
+    # Masking explainers (partition, kernel) work on input pixels and define "absent" themselves:
+    # the pipeline refuses a layer target up front (so `validate` catches it) and loads no background.
+    input_only: ClassVar[bool] = False
+    uses_background: ClassVar[bool] = True
 
     def __init__(self, context: ExplainContext) -> None:
         self.context = context

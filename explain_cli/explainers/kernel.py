@@ -320,6 +320,8 @@ class Explainer(base.Explainer):
     """Kernel SHAP over SLIC superpixels (shap's KernelExplainer with l1_reg=False)."""
 
     name = "kernel"
+    input_only = True
+    uses_background = False
 
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)

@@ -436,6 +436,8 @@ class Explainer(base.Explainer):
     """Owen values with shap's Image masker (shap's PartitionExplainer), batched over images."""
 
     name = "partition"
+    input_only = True
+    uses_background = False
 
     @property
     def images_per_step(self) -> int:
