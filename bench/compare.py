@@ -313,6 +313,10 @@ def main() -> None:
     device = torch.device(args.device)
     model, default_layer = build_model(args.model)
     model = model.to(device).eval()
+    shap_model = copy.deepcopy(model)  # shap gets the model as a notebook has it (contiguous NCHW)
+    from explain_cli.models import to_channels_last
+
+    model = to_channels_last(model)  # as `explain-cli run` prepares it; the bare model runs this too
     layer_name = args.layer or (default_layer if args.explainer in ("gradient", "deep") else "input")
     if args.explainer in ("partition", "kernel"):
         layer_name = "input"
@@ -328,8 +332,7 @@ def main() -> None:
     ours = Arm("explain-cli", lambda: run_ours(explainer, images, args.top_k))
     arms = []
     if not args.skip_shap:
-        # shap gets its own copy: its DeepExplainer leaves hooks on the model when it fails
-        shap_model = copy.deepcopy(model)
+        # shap has its own copy (see above): its DeepExplainer leaves hooks on a model when it fails
         shap_layer = resolve_layer(shap_model, layer_name)
         arms.append(Arm("shap", shap_arm(args, shap_model, shap_layer, pixels, images, background, device)))
     arms.append(ours)

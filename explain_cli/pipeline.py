@@ -175,7 +175,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
     from explain_cli import explainers
     from explain_cli.labels import load_labels
-    from explain_cli.models import build_model, count_outputs, resolve_layer
+    from explain_cli.models import build_model, count_outputs, resolve_layer, to_channels_last
 
     input_dir = config.resolve(config.input.dir)
     if not input_dir.is_dir():
@@ -204,7 +204,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     num_outputs = count_outputs(model, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
-    model.to(dev)
+    model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
                     num_outputs, shard)
 

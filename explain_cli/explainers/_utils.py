@@ -14,6 +14,13 @@ def chunk_ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + size, total)
 
 
+def as_2d(out: torch.Tensor) -> torch.Tensor:
+    """Model output as (rows, outputs): a 1-D output is one output per row."""
+    if out.dim() == 1:
+        return out[:, None]
+    return out.reshape(out.shape[0], -1)
+
+
 def rank_outputs(outputs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k classes on the raw model output (as shap's ranked_outputs) and their softmax probabilities."""
     k = min(top_k, outputs.shape[1])

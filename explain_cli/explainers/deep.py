@@ -733,13 +733,6 @@ def _full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-def _as_2d(out: torch.Tensor) -> torch.Tensor:
-    """Model output as (rows, outputs): a 1-D output is one output per row."""
-    if out.dim() == 1:
-        return out[:, None]
-    return out.reshape(out.shape[0], -1)
-
-
 class Explainer(base.Explainer):
     """DeepSHAP (DeepLIFT rescale, averaged over the background) at the input or at a layer's input."""
 
@@ -807,7 +800,7 @@ class Explainer(base.Explainer):
                         out = model(chunk)
                     layer_parts.append(self._layer_value(captured).detach().clone())
             self._check_stop(tape)
-            outputs.append(_as_2d(out).detach().to(torch.float64))
+            outputs.append(_utils.as_2d(out).detach().to(torch.float64))
             del out
         tape.finish_record()
         self._background_mean = torch.cat(outputs).mean(0)
@@ -835,7 +828,7 @@ class Explainer(base.Explainer):
     def _forward_no_grad(self, inputs: torch.Tensor) -> torch.Tensor:
         size = max(1, int(self.context.batch_size))
         with torch.no_grad():
-            parts = [_as_2d(self.context.model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
+            parts = [_utils.as_2d(self.context.model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
         return torch.cat(parts)
 
     def _warn_unsupported(self, tape: _Tape) -> None:
@@ -881,11 +874,11 @@ class Explainer(base.Explainer):
                 with torch.enable_grad(), _DeepMode(tape, self._rules):
                     if layer is None:
                         target = x.detach().clone().requires_grad_(True)
-                        out = _as_2d(model(target))
+                        out = _utils.as_2d(model(target))
                         delta = (x - refs[ref]).detach()
                     else:
                         with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                            out = _as_2d(model(x))
+                            out = _utils.as_2d(model(x))
                         target = self._layer_value(captured)
                         assert self._layer_reference is not None
                         delta = (target.detach() - self._layer_reference[ref].to(target.dtype))

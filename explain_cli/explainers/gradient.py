@@ -110,13 +110,6 @@ class _NoiseStream:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _as_2d(out: torch.Tensor) -> torch.Tensor:
-    """Model output as (rows, outputs): a 1-D output is one output per row."""
-    if out.dim() == 1:
-        return out[:, None]
-    return out.reshape(out.shape[0], -1)
-
-
 class Explainer(base.Explainer):
     """Expected gradients (shap's GradientExplainer) at the input or at a layer's input."""
 
@@ -133,7 +126,7 @@ class Explainer(base.Explainer):
         model = self.context.model
         size = max(1, int(self.context.batch_size))
         with torch.no_grad():
-            parts = [_as_2d(model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
+            parts = [_utils.as_2d(model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
         return torch.cat(parts)
 
     def background_mean(self) -> torch.Tensor:
@@ -203,11 +196,11 @@ class Explainer(base.Explainer):
 
                 if layer is None:
                     z.requires_grad_(True)
-                    out = _as_2d(model(z))
+                    out = _utils.as_2d(model(z))
                     target, multiplier = z, delta
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                        out = _as_2d(model(z))
+                        out = _utils.as_2d(model(z))
                     target = captured.value
                     if target is None:
                         raise ConfigError("model.layer", f"layer '{ctx.layer_name}' was not called in the "

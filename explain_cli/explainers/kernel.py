@@ -283,13 +283,6 @@ def paint(phi: np.ndarray, labels: np.ndarray, channels: int) -> np.ndarray:
                                                 (phi.shape[1], channels) + labels.shape))
 
 
-def _as_2d(out: torch.Tensor) -> torch.Tensor:
-    """Model output as (rows, outputs): a 1-D output is one output per row."""
-    if out.dim() == 1:
-        return out[:, None]
-    return out.reshape(out.shape[0], -1)
-
-
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed) % 2**64))
 
@@ -372,7 +365,7 @@ class Explainer(base.Explainer):
         pixels = to_pixels(images, ctx.mean, ctx.std)  # the one device -> host copy before the model calls
 
         with torch.no_grad():
-            raw = torch.cat([_as_2d(model(images[a:b])) for a, b in _utils.chunk_ranges(n_images, size)])
+            raw = torch.cat([_utils.as_2d(model(images[a:b])) for a, b in _utils.chunk_ranges(n_images, size)])
             classes, probabilities = _utils.rank_outputs(raw, top_k)
             fx_dev = raw.gather(1, classes)
 
@@ -403,7 +396,7 @@ class Explainer(base.Explainer):
                     shown = item.rows_dev[r0:r1][:, item.labels_dev].view(r1 - r0, 1, height, width)
                     parts.append(torch.where(shown, images[i], item.fill_dev))
                 batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-                out = _as_2d(model(batch))
+                out = _utils.as_2d(model(batch))
                 offset = 0
                 for i, r0, r1 in pieces:
                     prepared[i].outputs.append(out[offset:offset + r1 - r0].index_select(1, classes[i]).double())

@@ -418,13 +418,6 @@ class _InpaintMasker:
         return self.normalise(torch.from_numpy(hwc).permute(0, 3, 1, 2))
 
 
-def _as_2d(out: torch.Tensor) -> torch.Tensor:
-    """Model output as (rows, outputs): a 1-D output is one output per row."""
-    if out.dim() == 1:
-        return out[:, None]
-    return out.reshape(out.shape[0], -1)
-
-
 def _workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -467,7 +460,7 @@ class Explainer(base.Explainer):
         size = max(1, int(self.context.batch_size))
         parts = []
         for a, b in _utils.chunk_ranges(len(rows), size):
-            out = _as_2d(model(masker.batch(rows[a:b], items[a:b])))
+            out = _utils.as_2d(model(masker.batch(rows[a:b], items[a:b])))
             if row_classes is not None:
                 out = out.gather(1, row_classes[a:b])
             parts.append(out)
