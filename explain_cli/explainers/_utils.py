@@ -21,6 +21,13 @@ def as_2d(out: torch.Tensor) -> torch.Tensor:
     return out.reshape(out.shape[0], -1)
 
 
+def forward_in_chunks(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Model outputs (rows, outputs) for ``inputs``, ``batch_size`` rows per call, without autograd."""
+    size = max(1, int(batch_size))
+    with torch.no_grad():
+        return torch.cat([as_2d(model(inputs[a:b])) for a, b in chunk_ranges(inputs.shape[0], size)])
+
+
 def rank_outputs(outputs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k classes on the raw model output (as shap's ranked_outputs) and their softmax probabilities."""
     k = min(top_k, outputs.shape[1])

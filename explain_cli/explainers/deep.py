@@ -825,12 +825,6 @@ class Explainer(base.Explainer):
         assert self._background_mean is not None
         return self._background_mean
 
-    def _forward_no_grad(self, inputs: torch.Tensor) -> torch.Tensor:
-        size = max(1, int(self.context.batch_size))
-        with torch.no_grad():
-            parts = [_utils.as_2d(self.context.model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
-        return torch.cat(parts)
-
     def _warn_unsupported(self, tape: _Tape) -> None:
         new = sorted(set(tape.unsupported) - self._warned)
         if new:
@@ -855,7 +849,7 @@ class Explainer(base.Explainer):
             refs = self.references()
             n_refs = refs.shape[0]
 
-            raw = self._forward_no_grad(images)
+            raw = _utils.forward_in_chunks(self.context.model, images, self.context.batch_size)
             classes, probabilities = _utils.rank_outputs(raw, top_k)
             k = classes.shape[1]
             outputs = raw.gather(1, classes).to(torch.float64)

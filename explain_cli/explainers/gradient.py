@@ -121,19 +121,11 @@ class Explainer(base.Explainer):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _forward_no_grad(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Model outputs (rows, outputs) for ``inputs`` in chunks of batch_size, without autograd."""
-        model = self.context.model
-        size = max(1, int(self.context.batch_size))
-        with torch.no_grad():
-            parts = [_utils.as_2d(model(inputs[a:b])) for a, b in _utils.chunk_ranges(inputs.shape[0], size)]
-        return torch.cat(parts)
-
     def background_mean(self) -> torch.Tensor:
         """Mean model output over the background, computed once per explainer (lazily)."""
         if self._background_mean is None:
             with _utils.frozen_parameters(self.context.model):
-                outputs = self._forward_no_grad(self.context.background)
+                outputs = _utils.forward_in_chunks(self.context.model, self.context.background, self.context.batch_size)
             self._background_mean = outputs.float().mean(0)
         return self._background_mean
 
@@ -156,7 +148,7 @@ class Explainer(base.Explainer):
 
         with _utils.frozen_parameters(model):
             # Rank on the raw output of the un-noised images.
-            raw = self._forward_no_grad(images)
+            raw = _utils.forward_in_chunks(model, images, ctx.batch_size)
             classes, probabilities = _utils.rank_outputs(raw, top_k)
             k = classes.shape[1]
             outputs = raw.gather(1, classes).float()

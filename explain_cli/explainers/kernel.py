@@ -365,7 +365,7 @@ class Explainer(base.Explainer):
         pixels = to_pixels(images, ctx.mean, ctx.std)  # the one device -> host copy before the model calls
 
         with torch.no_grad():
-            raw = torch.cat([_utils.as_2d(model(images[a:b])) for a, b in _utils.chunk_ranges(n_images, size)])
+            raw = _utils.forward_in_chunks(model, images, size)
             classes, probabilities = _utils.rank_outputs(raw, top_k)
             fx_dev = raw.gather(1, classes)
 
