@@ -43,6 +43,22 @@ class LayerInput:
         self.value: torch.Tensor | None = None
 
 
+def captured_feature_map(captured: LayerInput, layer_name: str, explainer: str) -> torch.Tensor:
+    """The captured layer input, which must exist and be a 4-D (N, C, H, W) map; ConfigError otherwise."""
+    from explain_cli.errors import ConfigError
+
+    target = captured.value
+    if target is None:
+        raise ConfigError("model.layer", f"layer '{layer_name}' was not called in the model's forward pass")
+    if target.dim() != 4:
+        raise ConfigError(
+            "model.layer",
+            f"the input of layer '{layer_name}' has shape {tuple(target.shape)} (with the batch first); "
+            f"the {explainer} explainer needs a 4-D (N, C, H, W) feature map: choose a convolutional "
+            "layer, or 'input'")
+    return target
+
+
 @contextmanager
 def capture_layer_input(layer: torch.nn.Module, make_leaf: bool = False) -> Iterator[LayerInput]:
     """Record the first positional input of ``layer`` on every forward.

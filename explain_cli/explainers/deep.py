@@ -758,18 +758,7 @@ class Explainer(base.Explainer):
         return background
 
     def _layer_value(self, captured: _utils.LayerInput) -> torch.Tensor:
-        ctx = self.context
-        target = captured.value
-        if target is None:
-            raise ConfigError("model.layer", f"layer '{ctx.layer_name}' was not called in the model's "
-                                             "forward pass")
-        if target.dim() != 4:
-            raise ConfigError(
-                "model.layer",
-                f"the input of layer '{ctx.layer_name}' has shape {tuple(target.shape)} (with the batch "
-                "first); the deep explainer needs a 4-D (N, C, H, W) feature map: choose a "
-                "convolutional layer, or 'input'")
-        return target
+        return _utils.captured_feature_map(captured, self.context.layer_name, "deep")
 
     def _record(self) -> None:
         """One pass over the references: nonlinear-call inputs, layer input and model outputs."""

@@ -53,7 +53,6 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
@@ -193,16 +192,7 @@ class Explainer(base.Explainer):
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
                         out = _utils.as_2d(model(z))
-                    target = captured.value
-                    if target is None:
-                        raise ConfigError("model.layer", f"layer '{ctx.layer_name}' was not called in the "
-                                                         "model's forward pass")
-                    if target.dim() != 4:
-                        raise ConfigError(
-                            "model.layer",
-                            f"the input of layer '{ctx.layer_name}' has shape {tuple(target.shape)} "
-                            "(with the batch first); the gradient explainer needs a 4-D (N, C, H, W) "
-                            "feature map: choose a convolutional layer, or 'input'")
+                    target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                     multiplier = target.detach()
 
                 for r in range(k):
