@@ -123,7 +123,7 @@ class Config(_Section):
         if path is None:
             return None
         p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else (self._base_dir / p)
+        return p if p.is_absolute() else Path(os.path.normpath(self._base_dir / p))
 
 
 def validate_device(v: str) -> str:
