@@ -109,6 +109,7 @@ class Prepared:
     labels: list[str]
     num_outputs: int
     shard: Shard | None
+    explainer_class: Any  # the registered Explainer subclass of explainer.name
 
 
 @dataclass
@@ -206,7 +207,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     labels = load_labels(labels_path, num_outputs)
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard)
+                    num_outputs, shard, explainer_class)
 
 
 def load_background(prep: Prepared):
@@ -257,17 +258,14 @@ def empty_background(prep: Prepared):
 
 
 def make_explainer(prep: Prepared, background):
-    from explain_cli import explainers
     from explain_cli.explainers.base import ExplainContext
 
     cfg = prep.config
-    settings = cfg.explainer_settings
-    module = explainers.get(settings.name)
     context = ExplainContext(model=prep.model, layer=prep.layer, layer_name=cfg.model.layer,
                              background=background, mean=tuple(cfg.preprocess.mean),
                              std=tuple(cfg.preprocess.std), device=prep.device,
-                             batch_size=cfg.batch_size, settings=settings)
-    return module.Explainer(context)
+                             batch_size=cfg.batch_size, settings=cfg.explainer_settings)
+    return prep.explainer_class(context)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -396,7 +394,6 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     """Explain every selected image and write the outputs; see the module docstring."""
     import torch
 
-    from explain_cli import explainers
     from explain_cli.render import format_title, render_overlay
 
     started = time.monotonic()
@@ -446,8 +443,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         try:
             with stop.installed():
                 if todo:
-                    background = (load_background(prep) if explainers.get(cfg.explainer_settings.name)
-                                  .Explainer.uses_background else empty_background(prep))
+                    background = (load_background(prep) if prep.explainer_class.uses_background
+                                  else empty_background(prep))
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     top_k = min(cfg.output.top_k, prep.num_outputs)
