@@ -71,6 +71,14 @@ def _root(
     """Batch SHAP explanations for PyTorch image classifiers."""
 
 
+def _int_or_text(value: Optional[str]):
+    """A command-line number as an int (so the config check sees `-1`, not `'-1'`)."""
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return value
+
+
 def _load(config: Path, overrides: List[str], extra: dict | None = None):
     from explain_cli.config import load_config
 
@@ -90,6 +98,7 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images whose outputs already exist."),
+    workers: Optional[str] = typer.Option(None, "--workers", help="auto | N: processes that write overlays while the next images are explained (overrides the config's workers; 0: in the main process)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: explain every N-th image starting at I (0-based). Default: from SLURM_ARRAY_TASK_* when set."),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output."),
@@ -104,6 +113,7 @@ def run(
             "input.dir": str(input_dir.resolve()) if input_dir else None,
             "output.dir": str(output_dir.resolve()) if output_dir else None,
             "device": device,
+            "workers": _int_or_text(workers),
         })
         chosen = Shard.parse(shard) if shard else Shard.from_slurm()
         summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,

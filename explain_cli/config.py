@@ -102,11 +102,19 @@ class Config(_Section):
     batch_size: int = Field(default=64, ge=1, description="model evaluations per forward pass")
     device: str = "auto"
     seed: int = 0
+    workers: int | Literal["auto"] = Field(default="auto", description="overlay writer processes; auto = usable cores - 1, 0 = in the main process")
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
         return validate_device(v)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"must be auto or a whole number >= 0 (0 writes overlays in the main process), got {v!r}")
 
     # Filled by load_config: the folder relative paths resolve against, and the source file.
     _base_dir: Path = Path(".")

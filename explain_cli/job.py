@@ -137,6 +137,102 @@ def output_lock(output_dir: Path, suffix: str) -> Iterator[None]:
         fh.close()
 
 
+# --- CPUs: what the job may use, and how it is shared ----------------------------------------
+
+#: ``workers: auto`` starts no worker processes for a run of at most this many images: starting
+#: one (a fresh interpreter importing numpy, Pillow and matplotlib) costs about as much CPU as
+#: writing this many overlays, and a tiny run is over before it pays off.
+AUTO_WORKERS_MIN_IMAGES = 16
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _self_and_ancestors(base: Path, rel: str) -> list[Path]:
+    """``base/rel`` and each folder above it up to ``base``, where they exist. In a container
+    without a cgroup namespace /proc/self/cgroup names the host's path while ``base`` already is
+    the container's cgroup: then only ``base`` exists, and it is the one that counts."""
+    parts = [p for p in rel.split("/") if p and p != ".."]
+    return [d for d in (base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)) if d.is_dir()]
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
+                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs allowed by a CPU quota on this process's cgroup or any cgroup above it (v2
+    ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``); None when there is none."""
+    paths: dict[str, str] = {}
+    for line in (_read(proc_cgroup) or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) == 3:
+            for controller in fields[1].split(","):
+                paths[controller] = fields[2]
+    limits = []
+    if (root / "cgroup.controllers").exists():  # v2: one unified hierarchy
+        for folder in _self_and_ancestors(root, paths.get("", "/")):
+            quota, _, period = (_read(folder / "cpu.max") or "max").partition(" ")
+            if quota.isdigit() and period.isdigit() and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    else:  # v1: the cpu controller's own hierarchy
+        for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+            if (root / mount).is_dir():
+                for folder in _self_and_ancestors(root / mount, paths.get("cpu", "/")):
+                    try:
+                        quota = int(_read(folder / "cpu.cfs_quota_us") or "-1")
+                        period = int(_read(folder / "cpu.cfs_period_us") or "0")
+                    except ValueError:
+                        continue
+                    if quota > 0 and period > 0:
+                        limits.append(quota / period)
+                break
+    return min(limits) if limits else None
+
+
+def usable_cores(affinity: set[int] | None = None, env: Mapping[str, str] | None = None,
+                 cgroup_root: Path = Path("/sys/fs/cgroup"),
+                 proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this job may use, not the node's: the smallest of the process's CPU affinity,
+    SLURM_CPUS_PER_TASK and the cgroup CPU quota (rounded up: 1.5 CPUs of quota -> 2). At least 1."""
+    env = os.environ if env is None else env
+    if affinity is None:
+        try:
+            affinity = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            affinity = set(range(os.cpu_count() or 1))
+    counts = [len(affinity)]
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        counts.append(int(slurm))
+    quota = cgroup_cpu_limit(cgroup_root, proc_cgroup)
+    if quota is not None:
+        counts.append(math.ceil(quota - 1e-9))
+    return max(1, min(counts))
+
+
+def resolve_workers(setting: int | str, usable: int, images: int) -> int:
+    """Writer processes for a run: ``auto`` = usable cores minus one (the main process decodes
+    and explains), none for runs of at most AUTO_WORKERS_MIN_IMAGES images; never more than
+    there are images to write."""
+    if setting == "auto":
+        wanted = usable - 1 if images > AUTO_WORKERS_MIN_IMAGES else 0
+    else:
+        wanted = int(setting)
+    return max(0, min(wanted, images))
+
+
+def torch_threads(usable: int, workers: int, env: Mapping[str, str] | None = None) -> int | None:
+    """torch's intra-op threads: the usable cores the workers leave (at least 1), so that
+    workers and torch do not fight over the same cores. None (leave torch alone) when
+    OMP_NUM_THREADS is set: the user's explicit choice wins."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, usable - workers)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -28,7 +28,7 @@ from explain_cli.discover import discover_images
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
-                             versions)
+                             resolve_workers, torch_threads, usable_cores, versions)
 from explain_cli.progress import Progress
 from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, write_json
@@ -328,15 +328,27 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         write_json(run_json, run_info)
 
         progress = Progress(len(todo), enabled=options.progress)
-        writer = Writer(topk_log, errors_log, summary, progress)
         stop = StopFlag()
+        writer = None
+        threads_before = torch.get_num_threads()
         try:
             with stop.installed():
                 if todo:
+                    cores = usable_cores()
+                    workers = resolve_workers(cfg.workers, cores, len(todo))
+                    threads = torch_threads(cores, workers)
+                    if threads is not None:
+                        torch.set_num_threads(threads)
+                    run_info.update(usable_cores=cores, workers=workers, torch_threads=torch.get_num_threads())
+                    write_json(run_json, run_info)
+                    log.info("%d usable CPU core(s): %d writer process(es), %d torch thread(s)",
+                             cores, workers, torch.get_num_threads())
                     background = (load_background(prep) if prep.explainer_class.uses_background
                                   else empty_background(prep))
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
+                    writer = Writer(topk_log, errors_log, summary, progress, workers=workers,
+                                    max_pending=2 * step + workers)
                     top_k = min(cfg.output.top_k, prep.num_outputs)
                     with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
                         for decoded in steps:  # decode: a thread, one step ahead
@@ -350,15 +362,19 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                                     else:
                                         writer.submit(*write_job(prep, rel, j, pixels, result,
                                                                  overlay_path(rel), values_path(rel)))
+                            writer.end_step()
                             if stop.signal_name:
                                 summary.interrupted = stop.signal_name
                                 break
                     writer.drain()
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"
-            writer.close(force=True)
+            if writer is not None:
+                writer.close(force=True)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
+            torch.set_num_threads(threads_before)
             progress.close()
             topk_log.close()
             errors_log.close()

@@ -10,8 +10,16 @@ Nothing here imports torch: the write stage runs in worker processes too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -93,35 +101,162 @@ def write_files(job: WriteJob) -> None:
                    dpi=job.dpi, segments=job.segments)
 
 
+def _worker_init(parent_pid: int) -> None:
+    """In each writer process: leave SIGINT/SIGTERM to the main process (a terminal's Ctrl-C and
+    Slurm's SIGTERM reach every process of the job; the main process finishes the writes in
+    flight, then shuts the pool down), and exit if the main process disappears (SIGKILL, OOM
+    kill), so no worker is ever orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent while it spawned us
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    import explain_cli.render  # noqa: F401  (pay the matplotlib import now, not on the first image)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+@dataclass
+class _Pending:
+    """An image in the write stage, in submission order: its job and rows, and either the
+    worker's future or (in-process) the outcome: None for success or the exception."""
+
+    job: WriteJob | None
+    rows: list[list[Any]]
+    future: Future | None = None
+    error: BaseException | str | None = None
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+
 class Writer:
     """The write stage: writes each image's files, then appends its rows to topk.csv; a failure
-    becomes a row of errors.csv. Counts every image in ``summary`` and ``progress``."""
+    becomes a row of errors.csv. Counts every image in ``summary`` and ``progress``.
 
-    def __init__(self, topk_log, errors_log, summary, progress) -> None:
+    With ``workers`` > 0 the files are written by that many worker processes ('spawn': a fork
+    after torch has started its threads can deadlock) while the main process explains the next
+    step. Results are collected in submission order, so topk.csv and errors.csv list images in
+    the same order as with ``workers: 0``, and the rows of the images collected together are
+    appended in one write + fsync. At most ``max_pending`` images are in flight (their pixels
+    and values held in memory): past that, ``submit`` waits for the oldest.
+    """
+
+    def __init__(self, topk_log, errors_log, summary, progress, workers: int = 0,
+                 max_pending: int = 16) -> None:
         self.topk_log = topk_log
         self.errors_log = errors_log
         self.summary = summary
         self.progress = progress
+        self.workers = workers
+        self.max_pending = max(1, max_pending)
+        self._pending: deque[_Pending] = deque()
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(os.getpid(),))
+            # Start every worker now, so their start-up overlaps loading the background and
+            # the first explain step (the pool would otherwise start one per submit).
+            with _stop_signals_blocked():
+                for _ in range(workers):
+                    self._pool.submit(_ready)
 
     def failed(self, rel: str, message: str) -> None:
         """An image that never reached its files (decode or explain failed)."""
-        self.errors_log.append([[rel, message]])
-        self.summary.failed += 1
-        self.progress.update(1)
-        log.warning("%s: %s", rel, message)
+        self._pending.append(_Pending(None, [[rel, message]], error=message))
 
     def submit(self, job: WriteJob, rows: list[list[Any]]) -> None:
-        try:
-            write_files(job)
-        except Exception as exc:  # noqa: BLE001 - a file system or rendering failure loses this image only
-            self.failed(job.rel, f"cannot write outputs: {type(exc).__name__}: {exc}")
-            return
-        self.topk_log.append(rows)
-        self.summary.explained += 1
-        self.progress.update(1)
+        """Write ``job``'s files (here or in a worker); its ``rows`` follow once they exist."""
+        if self._pool is None:
+            entry = _Pending(job, rows)
+            try:
+                write_files(job)
+            except Exception as exc:  # noqa: BLE001 - a file system or rendering failure loses this image only
+                entry.error = exc
+        else:
+            with _stop_signals_blocked():
+                entry = _Pending(job, rows, future=self._pool.submit(write_files, job))
+        self._pending.append(entry)
+        while len(self._pending) > self.max_pending:
+            self._collect(wait_for=len(self._pending) - self.max_pending)
+
+    def end_step(self) -> None:
+        """Record every image whose files are done (in order), without waiting."""
+        self._collect(wait_for=0)
 
     def drain(self) -> None:
         """Finish every image in flight."""
+        self._collect(wait_for=len(self._pending))
 
     def close(self, force: bool = False) -> None:
-        """Release the stage; ``force``: stop at once, dropping images in flight."""
+        """Stop the workers; ``force`` (a second signal): at once, dropping images in flight."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if force:
+            self._pending.clear()
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.kill()  # workers ignore SIGTERM; their files are written atomically
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def _collect(self, wait_for: int) -> None:
+        """Record finished images from the front of the queue, waiting for the first ``wait_for``."""
+        topk_rows: list[list[Any]] = []
+        error_rows: list[list[Any]] = []
+        explained = failed = 0
+        while self._pending and (wait_for > 0 or self._pending[0].done()):
+            entry = self._pending.popleft()
+            wait_for -= 1
+            error = entry.error
+            if entry.future is not None:
+                error = entry.future.exception()
+                if isinstance(error, BrokenProcessPool):
+                    error = self._write_here(entry.job)
+            if error is None:
+                topk_rows.extend(entry.rows)
+                explained += 1
+                continue
+            message = error if isinstance(error, str) else f"cannot write outputs: {type(error).__name__}: {error}"
+            rel = entry.rows[0][0]
+            log.warning("%s: %s", rel, message)
+            error_rows.append([rel, message])
+            failed += 1
+        self.topk_log.append(topk_rows)
+        self.errors_log.append(error_rows)
+        self.summary.explained += explained
+        self.summary.failed += failed
+        if explained + failed:
+            self.progress.update(explained + failed)
+
+    def _write_here(self, job: WriteJob) -> BaseException | None:
+        """A worker died (killed, out of memory): write in this process from now on."""
+        if self._pool is not None:
+            log.warning("a writer process died; writing the remaining overlays in the main process")
+            self.close()
+        try:
+            write_files(job)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        return None
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a worker may be spawned: the child inherits the blocked mask,
+    so a signal arriving before its initializer has set them to 'ignore' cannot kill it (that
+    would break the pool). The main process gets the held signals right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
