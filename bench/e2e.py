@@ -44,6 +44,9 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from explain_cli.job import usable_cores  # noqa: E402
 DEFAULT_BASELINE = "0ac58e0"  # the commit before the overlapped stages (issue 8)
 
 CONV_MODEL = textwrap.dedent('''
@@ -89,8 +92,9 @@ def _set(data: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def write_config(root: Path, model: str, job: str, fmt: str) -> Path:
-    """A config for one job in ``root`` (input and output are given on the command line)."""
+def write_config(root: Path, model: str, job: str, fmt: str, sets: list[str]) -> Path:
+    """A config for one job in ``root`` (input and output are given on the command line);
+    ``sets`` (KEY=VALUE, YAML values) are written into it, so every arm sees them."""
     if model == "conv":
         (root / "e2enet.py").write_text(CONV_MODEL)
         (root / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)))
@@ -112,6 +116,9 @@ def write_config(root: Path, model: str, job: str, fmt: str) -> Path:
         config["background"] = {"from_input": 8}
         for key, value in LITE0_JOBS[job].items():
             _set(config, key, value)
+    for item in sets:
+        key, _, value = item.partition("=")
+        _set(config, key, yaml.safe_load(value))
     path = root / f"{model}-{job}-{fmt}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -122,6 +129,15 @@ def baseline_worktree(ref: str, where: Path) -> Path:
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), ref],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return where
+
+
+def check_import(code_root: Path) -> None:
+    """Each arm must run its own code, not an installed copy."""
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    where = subprocess.run([sys.executable, "-c", "import explain_cli; print(explain_cli.__file__)"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(where).resolve().is_relative_to(code_root.resolve()):
+        sys.exit(f"PYTHONPATH={code_root} imports explain_cli from {where}")
 
 
 def timed_run(code_root: Path, config: Path, folder: Path, out: Path, device: str,
@@ -140,9 +156,8 @@ def timed_run(code_root: Path, config: Path, folder: Path, out: Path, device: st
     return seconds
 
 
-def engine_rate(config: Path, folder: Path, device: str, count: int) -> float:
+def engine_rate(config: Path, folder: Path, device: str, count: int, sets: list[str]) -> float:
     """images/s of the explainer alone on pre-decoded tensors, as `explain-cli run` calls it."""
-    sys.path.insert(0, str(REPO))
     import torch
 
     from explain_cli.config import load_config
@@ -150,7 +165,7 @@ def engine_rate(config: Path, folder: Path, device: str, count: int) -> float:
                                       load_background, make_explainer, prepare)
     from explain_cli.stages import decode_step
 
-    cfg = load_config(config, [], {"input.dir": str(folder), "device": device})
+    cfg = load_config(config, sets, {"input.dir": str(folder), "device": device})
     prep = prepare(cfg, RunOptions())
     background = load_background(prep) if prep.explainer_class.uses_background else empty_background(prep)
     explainer = make_explainer(prep, background)
@@ -188,9 +203,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", dest="sets", action="append", default=[],
-                        help="KEY=VALUE config override for every arm (repeatable)")
+                        help="KEY=VALUE written into the config of every arm (repeatable), "
+                             "e.g. explainer.nsamples=4 for a quick check")
     parser.add_argument("--now-set", dest="now_sets", action="append", default=[],
-                        help="KEY=VALUE config override for the 'now' arm only, e.g. workers=2")
+                        help="KEY=VALUE for the 'now' and 'engine' arms only (keys 'today' does not "
+                             "know), e.g. workers=2 or batch_size=auto")
     args = parser.parse_args()
     jobs = ["gradient-nsamples2"] if args.model == "conv" else (args.jobs or list(LITE0_JOBS))
     formats = args.formats or (["svg", "png"] if args.model == "conv" else ["svg"])
@@ -206,6 +223,8 @@ def main() -> None:
         roots = {"now": REPO}
         if "today" in arms:
             roots["today"] = baseline_worktree(args.baseline_ref, tmp / "today")
+        for root in roots.values():
+            check_import(root)
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         process_arms = [a for a in arms if a != "engine"]
@@ -214,20 +233,18 @@ def main() -> None:
         try:
             for job in jobs:
                 for fmt in formats:
-                    config = write_config(tmp, args.model, job, fmt)
+                    config = write_config(tmp, args.model, job, fmt, args.sets)
                     for rep in range(args.repeats):
                         for n in (args.small, args.large):
                             for arm in process_arms:
-                                extra = [a for s in args.sets for a in ("--set", s)]
-                                if arm == "now":
-                                    extra += [a for s in args.now_sets for a in ("--set", s)]
+                                extra = [a for s in args.now_sets for a in ("--set", s)] if arm == "now" else []
                                 out = tmp / f"out-{arm}-{job}-{fmt}-{n}-{rep}"
                                 t = timed_run(roots[arm], config, folders[n], out, args.device, extra)
                                 times.setdefault((job, fmt, arm, n), []).append(t)
                                 subprocess.run(["rm", "-rf", str(out)], check=True)
                     if "engine" in arms and job not in engine:
                         engine[job] = statistics.median(
-                            engine_rate(config, folders[args.large], args.device, args.large)
+                            engine_rate(config, folders[args.large], args.device, args.large, args.now_sets)
                             for _ in range(args.repeats))
         finally:
             if "today" in roots:
@@ -235,7 +252,7 @@ def main() -> None:
                                check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     print(f"# bench/e2e.py, {time.strftime('%Y-%m-%d %H:%M')}, now = {commit}, today = {args.baseline_ref}, "
-          f"device {args.device}, {os.cpu_count()} CPUs visible, {args.small} vs {args.large} images, "
+          f"device {args.device}, {usable_cores()} usable CPU cores, {args.small} vs {args.large} images, "
           f"median of {args.repeats}")
     print("# " + " ".join(sys.argv))
     print()
@@ -248,7 +265,10 @@ def main() -> None:
             for arm in process_arms:
                 t_small = statistics.median(times[(job, fmt, arm, args.small)])
                 t_large = statistics.median(times[(job, fmt, arm, args.large)])
-                rate = (args.large - args.small) / (t_large - t_small) if t_large > t_small else float("inf")
+                if t_large <= t_small:
+                    sys.exit(f"{job} {fmt} {arm}: the large folder was not slower than the small one "
+                             f"({t_large:.2f} s vs {t_small:.2f} s): too few images or a noisy machine")
+                rate = (args.large - args.small) / (t_large - t_small)
                 rates[arm] = (rate, t_small - args.small / rate, t_small, t_large)
             for arm in process_arms:
                 rate, startup, t_small, t_large = rates[arm]

@@ -343,12 +343,13 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     write_json(run_json, run_info)
                     log.info("%d usable CPU core(s): %d writer process(es), %d torch thread(s)",
                              cores, workers, torch.get_num_threads())
+                    # the workers start while the background loads
+                    writer = Writer(topk_log, errors_log, summary, progress, workers=workers)
                     background = (load_background(prep) if prep.explainer_class.uses_background
                                   else empty_background(prep))
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
-                    writer = Writer(topk_log, errors_log, summary, progress, workers=workers,
-                                    max_pending=2 * step + workers)
+                    writer.max_pending = 2 * step + workers  # two steps in flight, one image per worker
                     top_k = min(cfg.output.top_k, prep.num_outputs)
                     with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
                         for decoded in steps:  # decode: a thread, one step ahead
