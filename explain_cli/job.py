@@ -140,8 +140,8 @@ def output_lock(output_dir: Path, suffix: str) -> Iterator[None]:
 # --- CPUs: what the job may use, and how it is shared ----------------------------------------
 
 #: ``workers: auto`` starts no worker processes for a run of at most this many images: starting
-#: one (a fresh interpreter importing numpy, Pillow and matplotlib) costs about as much CPU as
-#: writing this many overlays, and a tiny run is over before it pays off.
+#: one (a fresh interpreter importing numpy and Pillow: ~0.4 s of CPU measured, the price of
+#: 10-40 overlays) does not pay off in a run that is over after two steps.
 AUTO_WORKERS_MIN_IMAGES = 16
 
 
