@@ -233,6 +233,21 @@ def torch_threads(usable: int, workers: int, env: Mapping[str, str] | None = Non
     return max(1, usable - workers)
 
 
+def share_cpus(setting: int | str, images: int) -> dict[str, int]:
+    """Decide the writer processes for a run of ``images`` images and set torch's thread count
+    to match; returns what run.json records (usable_cores, workers, torch_threads)."""
+    import torch
+
+    cores = usable_cores()
+    workers = resolve_workers(setting, cores, images)
+    threads = torch_threads(cores, workers)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("%d usable CPU core(s): %d writer process(es), %d torch thread(s)",
+             cores, workers, torch.get_num_threads())
+    return {"usable_cores": cores, "workers": workers, "torch_threads": torch.get_num_threads()}
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -28,7 +28,7 @@ from explain_cli.discover import discover_images
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
-                             resolve_workers, torch_threads, usable_cores, versions)
+                             share_cpus, versions)
 from explain_cli.progress import Progress
 from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, write_json
@@ -282,6 +282,29 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
     return job, rows
 
 
+def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer, stop: StopFlag,
+           overlay_path, values_path) -> str | None:
+    """decode -> explain -> write, a step at a time, until done or a signal (returns its name)."""
+    cfg = prep.config
+    top_k = min(cfg.output.top_k, prep.num_outputs)
+    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
+        for decoded in steps:  # decode: a thread, one step ahead
+            for rel, exc in decoded.failed:
+                writer.failed(rel, str(exc))
+            # explain: on the device, in this thread
+            for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
+                for j, (rel, pixels, _) in enumerate(items):  # write: here or in the workers
+                    if isinstance(result, Exception):
+                        writer.failed(rel, f"{type(result).__name__}: {result}")
+                    else:
+                        writer.submit(*write_job(prep, rel, j, pixels, result, overlay_path(rel),
+                                                 values_path(rel)))
+            writer.end_step()
+            if stop.signal_name:
+                return stop.signal_name
+    return None
+
+
 def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> RunSummary:
     """Explain every selected image and write the outputs; see the module docstring."""
     import torch
@@ -334,39 +357,18 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         try:
             with stop.installed():
                 if todo:
-                    cores = usable_cores()
-                    workers = resolve_workers(cfg.workers, cores, len(todo))
-                    threads = torch_threads(cores, workers)
-                    if threads is not None:
-                        torch.set_num_threads(threads)
-                    run_info.update(usable_cores=cores, workers=workers, torch_threads=torch.get_num_threads())
+                    cpus = share_cpus(cfg.workers, len(todo))
+                    run_info.update(cpus)
                     write_json(run_json, run_info)
-                    log.info("%d usable CPU core(s): %d writer process(es), %d torch thread(s)",
-                             cores, workers, torch.get_num_threads())
                     # the workers start while the background loads
-                    writer = Writer(topk_log, errors_log, summary, progress, workers=workers)
+                    writer = Writer(topk_log, errors_log, summary, progress, workers=cpus["workers"])
                     background = (load_background(prep) if prep.explainer_class.uses_background
                                   else empty_background(prep))
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
-                    writer.max_pending = 2 * step + workers  # two steps in flight, one image per worker
-                    top_k = min(cfg.output.top_k, prep.num_outputs)
-                    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
-                        for decoded in steps:  # decode: a thread, one step ahead
-                            for rel, exc in decoded.failed:
-                                writer.failed(rel, str(exc))
-                            # explain: on the device, in this thread
-                            for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
-                                for j, (rel, pixels, _) in enumerate(items):  # write: files, then rows
-                                    if isinstance(result, Exception):
-                                        writer.failed(rel, f"{type(result).__name__}: {result}")
-                                    else:
-                                        writer.submit(*write_job(prep, rel, j, pixels, result,
-                                                                 overlay_path(rel), values_path(rel)))
-                            writer.end_step()
-                            if stop.signal_name:
-                                summary.interrupted = stop.signal_name
-                                break
+                    writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
+                    summary.interrupted = stream(prep, explainer, todo, step, writer, stop,
+                                                 overlay_path, values_path)
                     writer.drain()
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"
