@@ -76,7 +76,6 @@ MIN_LIMIT = 1e-8
 
 TITLE_PT, MIN_TITLE_PT, TICK_PT, LABEL_PT = 9.0, 6.0, 7.0, 8.0
 _FONT_FAMILY = "DejaVu Sans, Bitstream Vera Sans, Arial, Helvetica, sans-serif"
-_PNG_LEVEL = 1  # zlib level for PNGs: 1 is ~2-3x faster than 6 for a few % more bytes
 
 # XML 1.0 cannot hold C0 controls (except tab/newline/return), lone surrogates or U+FFFE/FFFF,
 # and a line break would split a one-line title; C1 controls have no glyph. Lone surrogates come
@@ -424,10 +423,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _png(rgb: np.ndarray, dpi: int | None = None) -> bytes:
-    """An 8-bit RGB PNG. Written here rather than by Pillow: every row gets the "up" filter
-    (one numpy subtraction) instead of Pillow's per-row adaptive choice, which with zlib level
-    1 halves the encoding time, the largest cost of an overlay, for files a few % larger.
-    Nothing but the pixels and the dpi goes in, so identical pixels give identical bytes."""
+    """An 8-bit RGB PNG, written here because encoding is the largest cost of an overlay.
+
+    Every row gets the "up" filter (one numpy subtraction, where Pillow tries five filters per
+    row) and zlib's run-length strategy: 224 px, k=2 figures encode 1.5-2x faster than with
+    zlib level 1's default strategy (and ~4x faster than Pillow's level 6) for files 2-8 %
+    larger. Nothing but the pixels and the dpi goes in: identical pixels, identical bytes."""
     h, w = rgb.shape[:2]
     rows = np.ascontiguousarray(rgb).reshape(h, w * 3)
     filtered = np.empty((h, w * 3 + 1), dtype=np.uint8)
@@ -438,7 +439,9 @@ def _png(rgb: np.ndarray, dpi: int | None = None) -> bytes:
     if dpi:
         ppm = int(round(dpi / 0.0254))
         out.append(_chunk(b"pHYs", struct.pack(">IIB", ppm, ppm, 1)))
-    out += [_chunk(b"IDAT", zlib.compress(filtered, _PNG_LEVEL)), _chunk(b"IEND", b"")]
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    data = deflate.compress(filtered) + deflate.flush()
+    out += [_chunk(b"IDAT", data), _chunk(b"IEND", b"")]
     return b"".join(out)
 
 
