@@ -16,7 +16,8 @@ a handful of rectangles, images and one-line labels at fixed places, so it is co
   before, with shap's colour map rebuilt as the same 256-entry lookup table;
 * PNG: one RGB canvas in numpy, panels pasted with Pillow (nearest, like matplotlib's
   ``interpolation="none"``), text drawn by Pillow/FreeType with matplotlib's own DejaVu Sans
-  (found on disk; matplotlib is not imported) and encoded at zlib level 1;
+  (found on disk; matplotlib is not imported), encoded by a small PNG writer (one filter for
+  all rows, zlib's run-length strategy: encoding is the largest cost left);
 * SVG: a hand-written document: each panel one base64 PNG ``<image>`` at the image's own
   resolution, the colour bar a vector gradient, titles and labels real ``<text>`` (searchable,
   XML-escaped; no mathtext, so ``$`` is just a character).
@@ -35,6 +36,7 @@ import importlib.util
 import math
 import re
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +47,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from explain_cli.write import atomic_write_bytes
 
-__all__ = ["Layout", "channel_map", "colorbar_ticks", "colormap", "compose_panels", "fit_title",
-           "format_title", "layout", "render_overlay", "segment_fill", "symmetric_limit",
-           "RED_TRANSPARENT_BLUE_LUT"]
+__all__ = ["Layout", "channel_map", "clean_text", "colorbar_ticks", "colormap", "compose_panels",
+           "fit_title", "format_title", "layout", "overlay_bytes", "render_overlay", "segment_fill",
+           "symmetric_limit", "RED_TRANSPARENT_BLUE_LUT"]
 
 
 def _red_transparent_blue_lut(n: int = 256) -> np.ndarray:
@@ -117,15 +119,21 @@ def _font_path() -> str | None:
 _FONT_PATH = _font_path()
 
 
-@functools.lru_cache(maxsize=64)
 def _font(px: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """The font at ``px`` pixels per em; cached (fonts are read-only, safe to share)."""
+    """The font at ``px`` pixels per em, loaded once per size and thread (a FreeType face is
+    not meant to be used from two threads at once; worker processes have one thread)."""
+    return _thread_font(px, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=64)
+def _thread_font(px: float, thread: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     if _FONT_PATH is not None:
         return ImageFont.truetype(_FONT_PATH, px)
     return ImageFont.load_default(px)  # Pillow's own scalable font: same layout, other glyphs
 
 
 _MEASURE_PX = 100.0  # titles are fitted with metrics at this size, scaled: the same cut at any dpi
+_MAX_CHARS = 400
 
 
 def text_width_pt(text: str, size_pt: float) -> float:
@@ -138,14 +146,16 @@ def fit_title(title: str, width_pt: float) -> tuple[str, float]:
     still does not fit with an ellipsis, keeping the " (0.91)" probability, so neighbouring
     titles never overlap. Returns (text, size in points)."""
     title = clean_text(title)
-    width = text_width_pt(title, TITLE_PT)
+    width_pt *= 0.97  # room for hinting: glyphs drawn at a small pixel size can come out wider
+    # (no panel holds _MAX_CHARS characters at 6 pt: longer titles are not measured whole)
+    width = text_width_pt(title, TITLE_PT) if len(title) <= _MAX_CHARS else math.inf
     if width <= width_pt:
         return title, TITLE_PT
     if width * MIN_TITLE_PT / TITLE_PT <= width_pt:
         return title, TITLE_PT * width_pt / width
     match = _PROB_SUFFIX.search(title)
     head, tail = (title[: match.start()], match.group()) if match and match.start() > 0 else (title, "")
-    tail = "\u2026" + tail
+    head, tail = head[:_MAX_CHARS], "\u2026" + tail[:_MAX_CHARS]
 
     def fits(n: int) -> bool:
         return text_width_pt(head[:n].rstrip() + tail, MIN_TITLE_PT) <= width_pt
@@ -511,7 +521,9 @@ def _svg_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], full_
                    f'xlink:href="data:image/png;base64,{data}"/>\n')
     out.append(f'<g font-family="{_FONT_FAMILY}" fill="#000000">\n')
     for i, ((text, size), full, x) in enumerate(zip(titles, full_titles, lay.title_x), start=1):
-        # a cut title keeps its full text as the group's tooltip (and in the file)
+        # a cut title keeps its text as the group's tooltip (and in the file), up to a point
+        if len(full) > 10 * _MAX_CHARS:
+            full = full[: 10 * _MAX_CHARS] + "\u2026"
         tooltip = f"<g><title>{_xml(full)}</title>" if full != text else "<g>"
         out.append(f'{tooltip}<text id="title-{i}" x="{_num(x)}" y="{_num(lay.title_y - descent * size)}" '
                    f'font-size="{_num(size)}" text-anchor="middle">{_xml(text)}</text></g>\n')

@@ -466,7 +466,8 @@ def test_long_titles_are_cut_to_their_panel(tmp_path):
 
     root = ET.fromstring(overlay_bytes(_image(), _values(2), titles, fmt="svg"))
     assert [t for t in _texts(root) if "(0.50)" in t] == [fit_title(titles[0], lay.title_width)[0]]
-    assert long_name.strip() in ET.tostring(root, encoding="unicode")  # the full name as a tooltip
+    (tooltip,) = [e.text for e in root.iter(f"{SVG}title")]  # the long name as a tooltip, bounded
+    assert tooltip.startswith(long_name[:3000]) and len(tooltip) <= 4001
 
     # PNG: the title's ink stays over its own panel (it would cover the whole figure uncut)
     render_overlay(_image(), _values(2), titles, tmp_path / "long.png", fmt="png", dpi=100)
@@ -529,3 +530,20 @@ def test_quiet_without_matplotlib_when_home_is_not_writable(tmp_path):
     control = subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], capture_output=True,
                              text=True, env=env)
     assert "MPLCONFIGDIR" in control.stderr or "mkdir" in control.stderr
+
+
+def test_without_matplotlibs_font_pillows_own_is_used(tmp_path, monkeypatch):
+    from explain_cli import render
+
+    with_dejavu = overlay_bytes(_image(), _values(2), ["a title (0.50)", "b"], fmt="png")
+    monkeypatch.setattr(render, "_FONT_PATH", None)
+    render._thread_font.cache_clear()
+    try:
+        fallback = overlay_bytes(_image(), _values(2), ["a title (0.50)", "b"], fmt="png")
+    finally:
+        render._thread_font.cache_clear()
+    assert fallback != with_dejavu  # other glyphs, same figure
+    with Image.open(io.BytesIO(fallback)) as a, Image.open(io.BytesIO(with_dejavu)) as b:
+        assert a.size == b.size
+        ink = (np.asarray(a)[:20] < 128).any(axis=2)
+        assert ink.any()  # the titles are drawn
