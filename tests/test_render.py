@@ -547,3 +547,19 @@ def test_without_matplotlibs_font_pillows_own_is_used(tmp_path, monkeypatch):
         assert a.size == b.size
         ink = (np.asarray(a)[:20] < 128).any(axis=2)
         assert ink.any()  # the titles are drawn
+
+
+def test_run_is_silent_without_a_writable_home(tiny_project):
+    """The cron case of issue 10: `explain-cli run -q --no-progress` with HOME and MPLCONFIGDIR
+    unusable prints nothing at all (both formats are rendered under the same conditions in
+    test_quiet_without_matplotlib_when_home_is_not_writable)."""
+    blocker = tiny_project / "not-a-dir"
+    blocker.write_text("")
+    env = {**os.environ, "HOME": str(blocker), "MPLCONFIGDIR": str(blocker / "mpl"),
+           "XDG_CACHE_HOME": str(blocker / "cache"), "XDG_CONFIG_HOME": str(blocker / "config")}
+    proc = subprocess.run([sys.executable, "-m", "explain_cli", "run", str(tiny_project / "config.yaml"),
+                           "-q", "--no-progress", "--limit", "1", "--set", "output.format=png"],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == "", (proc.stdout, proc.stderr)
+    assert len(list((tiny_project / "out" / "overlays").rglob("*.png"))) == 1
