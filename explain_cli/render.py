@@ -151,8 +151,8 @@ def fit_title(title: str, width_pt: float) -> tuple[str, float]:
     width = text_width_pt(title, TITLE_PT) if len(title) <= _MAX_CHARS else math.inf
     if width <= width_pt:
         return title, TITLE_PT
-    if width * MIN_TITLE_PT / TITLE_PT <= width_pt:
-        return title, TITLE_PT * width_pt / width
+    if width * MIN_TITLE_PT / TITLE_PT <= width_pt:  # in quarter points: few font sizes to load
+        return title, max(MIN_TITLE_PT, math.floor(4 * TITLE_PT * width_pt / width) / 4)
     match = _PROB_SUFFIX.search(title)
     head, tail = (title[: match.start()], match.group()) if match and match.start() > 0 else (title, "")
     head, tail = head[:_MAX_CHARS], "\u2026" + tail[:_MAX_CHARS]
