@@ -58,8 +58,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2, help="classes per overlay")
     args = parser.parse_args()
 
+    import warnings
+
     import matplotlib
 
+    warnings.filterwarnings("ignore", category=PendingDeprecationWarning)  # shap's, on import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import shap
