@@ -563,3 +563,22 @@ def test_run_is_silent_without_a_writable_home(tiny_project):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == "", (proc.stdout, proc.stderr)
     assert len(list((tiny_project / "out" / "overlays").rglob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("shape", [(16, 48), (40, 12), (1, 30)])
+def test_non_square_images_keep_their_aspect(tmp_path, shape):
+    h, w = shape
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    values = np.random.default_rng(1).normal(size=(2, 3, h, w)).astype(np.float32)
+    lay = layout(2, shape)
+    for x, y, bw, bh in lay.panels:
+        assert bw / bh == pytest.approx(w / h)
+        assert bw <= lay.title_width + 1e-9 and y + bh <= lay.bar[1]
+    render_overlay(pixels, values, ["a", "b"], tmp_path / "x.png", fmt="png")
+    render_overlay(pixels, values, ["a", "b"], tmp_path / "x.svg")
+    img = _png(tmp_path / "x.png")
+    x0, y0, x1, y1 = _box(lay, 0, 100)
+    assert img.shape[0] == round(lay.height * 100 / 72)
+    if y1 - y0 >= h:  # the image panel holds the image (scaled nearest)
+        assert (img[y0:y1, x0:x1] != 255).any()
+    _svg_root(tmp_path / "x.svg")
