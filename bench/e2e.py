@@ -131,11 +131,11 @@ def baseline_worktree(ref: str, where: Path) -> Path:
     return where
 
 
-def check_import(code_root: Path) -> None:
-    """Each arm must run its own code, not an installed copy."""
+def check_import(code_root: Path, cwd: Path) -> None:
+    """Each arm must run its own code, not an installed copy or the current folder's."""
     env = {**os.environ, "PYTHONPATH": str(code_root)}
     where = subprocess.run([sys.executable, "-c", "import explain_cli; print(explain_cli.__file__)"],
-                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+                           env=env, cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     if not Path(where).resolve().is_relative_to(code_root.resolve()):
         sys.exit(f"PYTHONPATH={code_root} imports explain_cli from {where}")
 
@@ -149,7 +149,8 @@ def timed_run(code_root: Path, config: Path, folder: Path, out: Path, device: st
     cmd = [sys.executable, "-m", "explain_cli", "run", str(config), "--input", str(folder),
            "--output", str(out), "--no-progress", "-q", "--device", device, *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: a folder without explain_cli in it (`python -m` puts the cwd before PYTHONPATH)
+    proc = subprocess.run(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -223,14 +224,14 @@ def main() -> None:
         roots = {"now": REPO}
         if "today" in arms:
             roots["today"] = baseline_worktree(args.baseline_ref, tmp / "today")
-        for root in roots.values():
-            check_import(root)
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         process_arms = [a for a in arms if a != "engine"]
         times: dict[tuple, list[float]] = {}
         engine: dict[str, float] = {}
         try:
+            for root in roots.values():
+                check_import(root, tmp)
             for job in jobs:
                 for fmt in formats:
                     config = write_config(tmp, args.model, job, fmt, args.sets)
