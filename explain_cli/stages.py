@@ -116,7 +116,7 @@ def _worker_init(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    import explain_cli.render  # noqa: F401  (pay the matplotlib import now, not on the first image)
+    import explain_cli.render  # noqa: F401  (pay the renderer's imports now, not on the first image)
 
 
 def _ready() -> int:
