@@ -9,8 +9,10 @@ Each timing is a separate `python -m explain_cli run` process on a folder of 300
 images/s is the marginal rate between a small and a large folder,
 (large - small) / (t_large - t_small), so start-up (imports, model, background, worker
 processes) cancels out; start-up is reported separately as the time the run would take for
-0 images. Arms are interleaved (today, now, today, now, ...) and each timing is the median of
---repeats, since a shared machine is noisy.
+0 images. Arms are interleaved (today, now, today, now, ...; every arm, format and folder once
+per repeat) and each timing is the median of --repeats, since a shared machine is noisy. "CPU ms/image" is the marginal CPU time (user +
+system, the main process and its workers) per image: unlike images/s it does not depend on
+what else runs on the machine.
 
 Arms:
 
@@ -141,20 +143,26 @@ def check_import(code_root: Path, cwd: Path) -> None:
 
 
 def timed_run(code_root: Path, config: Path, folder: Path, out: Path, device: str,
-              extra: list[str]) -> float:
-    """Seconds of one whole `explain-cli run` process (exit 0 required)."""
+              extra: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and its workers) of one whole `explain-cli run`
+    process (exit 0 required). CPU time does not depend on what else the machine is doing."""
     env = {**os.environ, "PYTHONPATH": str(code_root), "MPLBACKEND": "Agg"}
     for name in [k for k in env if k.startswith("SLURM_")]:
         env.pop(name)
     cmd = [sys.executable, "-m", "explain_cli", "run", str(config), "--input", str(folder),
            "--output", str(out), "--no-progress", "-q", "--device", device, *extra]
+    log = out.parent / f"{out.name}.stderr"
     start = time.perf_counter()
-    # cwd: a folder without explain_cli in it (`python -m` puts the cwd before PYTHONPATH)
-    proc = subprocess.run(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as err:
+        # cwd: a folder without explain_cli in it (`python -m` puts the cwd before PYTHONPATH)
+        proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return seconds
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"{' '.join(cmd)} exited {code}:\n{log.read_text()[-3000:]}")
+    log.unlink()
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 def engine_rate(config: Path, folder: Path, device: str, count: int, sets: list[str]) -> float:
@@ -228,25 +236,29 @@ def main() -> None:
                                 capture_output=True, text=True).stdout.strip()
         process_arms = [a for a in arms if a != "engine"]
         times: dict[tuple, list[float]] = {}
+        cpu_times: dict[tuple, list[float]] = {}
         engine: dict[str, float] = {}
         try:
             for root in roots.values():
                 check_import(root, tmp)
-            for job in jobs:
-                for fmt in formats:
-                    config = write_config(tmp, args.model, job, fmt, args.sets)
-                    for rep in range(args.repeats):
-                        for n in (args.small, args.large):
-                            for arm in process_arms:
-                                extra = [a for s in args.now_sets for a in ("--set", s)] if arm == "now" else []
-                                out = tmp / f"out-{arm}-{job}-{fmt}-{n}-{rep}"
-                                t = timed_run(roots[arm], config, folders[n], out, args.device, extra)
-                                times.setdefault((job, fmt, arm, n), []).append(t)
-                                subprocess.run(["rm", "-rf", str(out)], check=True)
-                    if "engine" in arms and job not in engine:
-                        engine[job] = statistics.median(
-                            engine_rate(config, folders[args.large], args.device, args.large, args.now_sets)
-                            for _ in range(args.repeats))
+            configs = {(job, fmt): write_config(tmp, args.model, job, fmt, args.sets)
+                       for job in jobs for fmt in formats}
+            for rep in range(args.repeats):  # repeats outermost: a busy spell hits every arm alike
+                for (job, fmt), config in configs.items():
+                    for n in (args.small, args.large):
+                        for arm in process_arms:
+                            extra = [a for s in args.now_sets for a in ("--set", s)] if arm == "now" else []
+                            out = tmp / f"out-{arm}-{job}-{fmt}-{n}-{rep}"
+                            t, cpu = timed_run(roots[arm], config, folders[n], out, args.device, extra)
+                            times.setdefault((job, fmt, arm, n), []).append(t)
+                            cpu_times.setdefault((job, fmt, arm, n), []).append(cpu)
+                            subprocess.run(["rm", "-rf", str(out)], check=True)
+            if "engine" in arms:
+                for job in jobs:
+                    engine[job] = statistics.median(
+                        engine_rate(configs[(job, formats[0])], folders[args.large], args.device,
+                                    args.large, args.now_sets)
+                        for _ in range(args.repeats))
         finally:
             if "today" in roots:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(roots["today"])],
@@ -258,8 +270,8 @@ def main() -> None:
     print("# " + " ".join(sys.argv))
     print()
     print("| job | format | arm | images/s | start-up (s) | "
-          f"{args.small} images (s) | {args.large} images (s) | vs today | vs engine |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{args.small} images (s) | {args.large} images (s) | CPU ms/image | vs today | vs engine |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for job in jobs:
         for fmt in formats:
             rates = {}
@@ -270,15 +282,17 @@ def main() -> None:
                     sys.exit(f"{job} {fmt} {arm}: the large folder was not slower than the small one "
                              f"({t_large:.2f} s vs {t_small:.2f} s): too few images or a noisy machine")
                 rate = (args.large - args.small) / (t_large - t_small)
-                rates[arm] = (rate, t_small - args.small / rate, t_small, t_large)
+                cpu = [statistics.median(cpu_times[(job, fmt, arm, n)]) for n in (args.small, args.large)]
+                cpu_ms = 1000 * (cpu[1] - cpu[0]) / (args.large - args.small)
+                rates[arm] = (rate, t_small - args.small / rate, t_small, t_large, cpu_ms)
             for arm in process_arms:
-                rate, startup, t_small, t_large = rates[arm]
+                rate, startup, t_small, t_large, cpu_ms = rates[arm]
                 vs_today = f"{rate / rates['today'][0]:.2f}x" if "today" in rates and arm != "today" else "-"
                 vs_engine = f"{rate / engine[job]:.2f}x" if job in engine else "-"
                 print(f"| {job} | {fmt} | {arm} | {rate:.1f} | {startup:.2f} | {t_small:.2f} | {t_large:.2f} | "
-                      f"{vs_today} | {vs_engine} |")
+                      f"{cpu_ms:.1f} | {vs_today} | {vs_engine} |")
             if job in engine and fmt == formats[0]:
-                print(f"| {job} | - | engine | {engine[job]:.1f} | - | - | - | - | 1.00x |")
+                print(f"| {job} | - | engine | {engine[job]:.1f} | - | - | - | - | - | 1.00x |")
 
 
 if __name__ == "__main__":
