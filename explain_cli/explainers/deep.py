@@ -882,8 +882,9 @@ class Explainer(base.Explainer):
             self._warn_unsupported(tape)
 
         assert phi is not None
-        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, C, H, W)
-        shap_sum = values.flatten(2).to(torch.float64).sum(2)
+        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),

@@ -206,8 +206,9 @@ class Explainer(base.Explainer):
                 del out, target, multiplier, z, delta
 
         assert phi is not None
-        values = (phi / nsamples).transpose(0, 1).contiguous()  # (N, k, C, H, W)
-        shap_sum = values.flatten(2).sum(2)
+        values = (phi / nsamples).transpose(0, 1).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
