@@ -452,11 +452,14 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
         raise ConfigError("model.layer", f"layer '{layer_name}' was not called in the model's forward pass "
                                          f"(one dummy ({size} x {size}) image); {_LAYERS_HINT}")
     if not isinstance(value, torch.Tensor):
+        # the shallowest submodules that take one map, blocks before single ops (HRNet: the branches)
+        modules = dict(layer.named_modules())
         inner = sorted((name for name, v in inputs.items()
                         if name and isinstance(v, torch.Tensor) and v.dim() in (3, 4)),
-                       key=lambda n: n.count("."))
-        depth = inner[0].count(".") if inner else 0
-        shallow = [f"{layer_name}.{n}" for n in inner if n.count(".") == depth]
+                       key=lambda n: (not any(True for _ in modules[n].children()), n.count(".")))
+        first = inner[0] if inner else ""
+        shallow = [f"{layer_name}.{n}" for n in inner if n.count(".") == first.count(".")
+                   and bool(list(modules[n].children())) == bool(list(modules[first].children()))]
         suggestions = shallow[:4] + ([f"... ({len(shallow) - 4} more)"] if len(shallow) > 4 else [])
         raise ConfigError("model.layer", _utils.not_a_tensor_message(layer_name, value, suggestions))
     if value.dim() == 4:
@@ -466,9 +469,10 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
                                                                      "gradient or deep"))
     grid = _utils.token_grid(model, layer_name, value.shape[1])
     h, w = grid.grid
-    message = (f"layer '{layer_name}' takes {value.shape[1]} tokens of {value.shape[2]} channels: the first "
-               f"{grid.prefix} (class/distillation/register) are dropped from the map, the rest lie on a "
-               f"{h}x{w} patch grid ({grid.found})")
+    dropped = (f"its first {grid.prefix} (class/distillation/register) are left out of the map"
+               if grid.prefix else "no prefix tokens")
+    message = (f"layer '{layer_name}' takes {value.shape[1]} tokens of {value.shape[2]} channels: {dropped}, "
+               f"the patch tokens lie on a {h}x{w} patch grid ({grid.found})")
     if grid.assumed:
         log.warning("%s; this is assumed from the token count, check it", message)
     else:

@@ -70,7 +70,10 @@ def wrong_rank_message(layer_name: str, shape: tuple, explainer: str) -> str:
 
 
 def not_a_tensor_message(layer_name: str, value: object, suggestions: list[str]) -> str:
-    what = f"a {type(value).__name__} of {len(value)}" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+    what = f"a {type(value).__name__}"
+    if isinstance(value, (list, tuple)):
+        items = "tensors" if all(isinstance(v, torch.Tensor) for v in value) else "items"
+        what = f"a {type(value).__name__} of {len(value)} {items}"
     hint = f"choose one of its submodules that takes a single tensor ({', '.join(suggestions)}), " if suggestions \
         else "choose one of its submodules, "
     return (f"layer '{layer_name}' takes {what} as its input, not a single tensor: gradient and deep explain "
