@@ -27,6 +27,10 @@ i.e. shap multiplies by the layer input at the interpolated point itself, **not*
 a background activation, so at a layer the attributions do not sum to ``f_c(x) - E[f_c]``. That is
 shap's definition and we keep it; ``shap_sum`` reports the sum as it is.
 
+A token layer (input ``(N, tokens, C)``, a ViT block) is attributed per token and channel; the values
+are then put on the patch grid as ``(C, h, w)`` (``_utils.layer_map``: class/distillation/register
+tokens dropped from the map, their share kept in ``shap_sum``).
+
 The top-k classes are ranked on the raw model output of the un-noised images (descending, as shap's
 ``ranked_outputs`` with ``output_rank_order="max"``).
 
