@@ -39,10 +39,11 @@ def rank_outputs(outputs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch
 
 
 class LayerInput:
-    """Holds the input tensor of a target layer captured during a forward pass."""
+    """Holds the input of a target layer captured during a forward pass (a tensor, or whatever the
+    layer was given, e.g. a list, for ``captured_feature_map`` to refuse)."""
 
     def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
+        self.value: torch.Tensor | list | tuple | None = None
 
 
 def captured_feature_map(captured: LayerInput, layer_name: str, explainer: str) -> torch.Tensor:
@@ -176,7 +177,8 @@ def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGri
 
 def layer_map(values: torch.Tensor, model: torch.nn.Module, layer_name: str) -> torch.Tensor:
     """Per-image attributions (N, k, *layer input shape) as (N, k, C, h, w): a token layer's
-    (N, k, tokens, C) goes onto the patch grid, its prefix tokens dropped; a 4-D map is unchanged."""
+    (N, k, tokens, C) goes onto the patch grid, its prefix tokens dropped; a feature map's or the
+    input's (N, k, C, H, W) is returned as it is."""
     if values.dim() != 4:
         return values
     return token_grid(model, layer_name, values.shape[2]).to_map(values).contiguous()
