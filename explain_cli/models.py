@@ -366,6 +366,9 @@ def resolve_layer(model: nn.Module, dotted: str) -> nn.Module | None:
     """The module ``model.layer`` names (None for 'input', i.e. explain in pixel space)."""
     if dotted == "input":
         return None
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError("model.layer", f"'{dotted}': a TorchScript model runs outside Python, so a layer's input "
+                                         "cannot be captured; use 'input', or load the model from its code")
     names = [n for n, _ in model.named_modules() if n]
     try:
         if not dotted:
@@ -448,6 +451,10 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
         for handle in handles:
             handle.remove()
     value = inputs.get("")
+    if value is None and isinstance(layer, torch.jit.ScriptModule):
+        raise ConfigError("model.layer", f"layer '{layer_name}' is TorchScript, which runs outside Python, so its "
+                                         "input cannot be captured: choose a layer outside the scripted part, "
+                                         "or 'input'")
     if value is None:
         raise ConfigError("model.layer", f"layer '{layer_name}' was not called in the model's forward pass "
                                          f"(one dummy ({size} x {size}) image); {_LAYERS_HINT}")

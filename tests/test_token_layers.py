@@ -405,3 +405,20 @@ def csv_rows(path):
 
     with open(path, newline="", encoding="utf-8") as fh:
         yield from csv.DictReader(fh)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_layer_of_a_torchscript_model_is_refused():
+    """Hooks do not fire inside TorchScript: refused at validate with that reason (it was an
+    'unexpected RuntimeError' from get_submodule for a scripted model)."""
+    from explain_cli.models import resolve_layer
+
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    scripted = torch.jit.script(nn.Sequential(body, nn.Flatten(), nn.Linear(4 * 6 * 6, 2)))
+    with pytest.raises(ConfigError, match="TorchScript"):
+        resolve_layer(scripted, "0.1")
+    assert resolve_layer(scripted, "input") is None
+    mixed = nn.Sequential(torch.jit.script(body), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    layer = resolve_layer(mixed, "0.1")
+    with pytest.raises(ConfigError, match="TorchScript"):
+        check_layer_input(mixed, layer, "0.1", 8)
