@@ -31,6 +31,7 @@ from explain_cli.discover import discover_images
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.progress import Progress
+from explain_cli.report import write_report_or_warn
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, save_values,
                                write_json)
 
@@ -481,6 +482,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)
+            write_report_or_warn(out_dir)
     return summary
 
 

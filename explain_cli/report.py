@@ -429,10 +429,15 @@ def build_report(output_dir: Path) -> str:
 
 
 def write_report(output_dir: Path) -> Path:
-    """Write ``output_dir/report.html`` atomically; returns its path."""
+    """Write ``output_dir/report.html`` atomically (left alone when unchanged); returns its path."""
     page = build_report(output_dir)
     path = Path(output_dir) / REPORT_NAME
-    atomic_write_text(path, page)
+    try:
+        same = path.read_text(encoding="utf-8") == page
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        atomic_write_text(path, page)
     return path
 
 
