@@ -32,10 +32,11 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -160,7 +161,7 @@ def _overlay_url(rel: str, fmt: str, overlays: set[str]) -> str | None:
 
     The pipeline names it after the path without extension, or with it where two inputs of a
     folder would collide (x.png.svg, x.jpg.svg); both are tried, in either format."""
-    stem = str(PurePosixPath(rel).with_suffix(""))
+    stem = posixpath.splitext(rel)[0]
     for ext in dict.fromkeys([fmt, "svg", "png"]):
         for name in (f"{rel}.{ext}", f"{stem}.{ext}"):
             if name in overlays:
@@ -262,10 +263,12 @@ def _kv_table(rows: list[tuple[str, Any]], cls: str = "kv") -> str:
 
 
 def _card(label: str, value: str, note: str = "", tone: str = "") -> str:
+    shown = _e(value)
     if not re.fullmatch(r"[\d.,:% hminus-]*", value):
         tone = f"{tone} text".strip()
+        shown = re.sub(r"([:/])", r"\1<wbr>", shown)  # long model names break after : and /
     note_html = f'<div class="note">{_e(note)}</div>' if note else ""
-    return f'<div class="card {tone}"><div class="label">{_e(label)}</div><div class="value">{_e(value)}</div>{note_html}</div>'
+    return f'<div class="card {tone}"><div class="label">{_e(label)}</div><div class="value">{shown}</div>{note_html}</div>'
 
 
 def _random_reference(outputs: RunOutputs) -> dict[str, float]:
@@ -321,7 +324,13 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
     total_s = sum(seconds) if seconds else _number(run.get("shard_seconds_total"))
     explained_now = sum(int(_number((i.get("counts") or {}).get("explained")) or 0) for i in infos
                         if isinstance(i.get("counts"), dict))
-    rate = f"{explained_now / total_s:.2f} images/s" if total_s and explained_now else ""
+    rate = ""
+    if total_s and explained_now:
+        per_s = explained_now / total_s
+        rate = f"{per_s:.2f} images/s" if per_s >= 1 else f"{total_s / explained_now:.1f} s per image"
+    started = [str(i["started"]) for i in infos if i.get("started")]
+    if started:
+        rate += ("; " if rate else "") + "started " + min(started).replace("T", " ").replace("+00:00", " UTC")
     devices = sorted({str(i.get("device_name") or i.get("device")) for i in infos
                       if i.get("device_name") or i.get("device")})
     device_note = ", ".join(sorted({str(i.get("device")) for i in infos if i.get("device")}))
@@ -464,12 +473,12 @@ header .ver{margin-left:auto;color:var(--muted);font-size:12px}
 main{padding:18px 24px 40px;max-width:1600px;margin:0 auto}
 h2{font-size:16px;margin:26px 0 10px;font-weight:600}
 h3{font-size:13px;margin:14px 0 6px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:10px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:10px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 14px;min-width:0}
 .card .label{font-size:12px;color:var(--muted)}
 .card .value{font-size:20px;font-weight:600;overflow-wrap:anywhere}
 .card .note{font-size:12px;color:var(--muted);overflow-wrap:anywhere}
-.card.text .value{font-size:15px;line-height:1.9}
+.card.text .value{font-size:14.5px;line-height:1.9}
 .card.bad .value{color:var(--bad)}.card.warn .value{color:var(--warn)}
 details.more{margin-top:10px;background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 14px}
 details summary{cursor:pointer;color:var(--accent)}
@@ -499,7 +508,7 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 #images tr:hover td{background:#fafbfc}
 #images td.thumb{padding:4px 8px;width:1%}
 #images td.thumb a{display:block;line-height:0}
-#images td.thumb img{height:84px;width:auto;min-width:60px;border-radius:4px;background:#f0f2f5}
+#images td.thumb img{height:104px;width:auto;min-width:60px;border-radius:4px;background:#f0f2f5}
 #images td.num{font-variant-numeric:tabular-nums;text-align:right;white-space:nowrap}
 #images td.num div:first-child,#images td.cls div:first-child{font-weight:600}
 #images td.cls div{white-space:nowrap}
