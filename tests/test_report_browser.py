@@ -309,3 +309,28 @@ def test_five_thousand_images_stay_responsive(tmp_path, browser, serve):
     print(f"5000 images: build {build_s:.2f} s, {size_mb:.2f} MB, load {load_s:.2f} s, "
           f"sort {timing['sort']:.0f}/{timing['sort2']:.0f} ms, filter {timing['filter']:.0f} ms, "
           f"{fetched} thumbnails fetched")
+
+
+def test_demo_report_in_chromium(tmp_path, browser, serve):
+    """The README demo (fewer samples) writes report.html; its classes filter and sort in Chromium."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out = tmp_path / "demo"
+    repo = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(app, ["run", str(repo / "configs" / "demo.yaml"), "--output", str(out),
+                                      "--no-progress", "--device", "cpu", "--set", "explainer.nsamples=2"])
+    assert result.exit_code == 0, result.output
+    server = serve(out)
+    _open(browser, server.url + REPORT_NAME)
+    assert _shown_files(browser) == ["chelsea.jpg", "coffee.jpg", "more/rocket.jpg"]
+    _wait(browser, lambda: _thumbs_loaded(browser), what="the demo's thumbnails to load")
+    widths = browser.execute_script("return Array.from(document.querySelectorAll('#rows img'), i => i.naturalWidth)")
+    assert min(widths) > 300  # the whole overlay figure (image + 2 panels), not a placeholder
+    Select(browser.find_element(By.ID, "cls")).select_by_value("espresso")
+    assert _shown_files(browser) == ["coffee.jpg"]
+    Select(browser.find_element(By.ID, "cls")).select_by_value("")
+    _header(browser, "Probability").click()
+    assert _shown_files(browser)[0] == "coffee.jpg"  # espresso is the surest top-1 (0.9 vs <= 0.4)
+    browser.save_screenshot(str(tmp_path / "demo-report.png"))
+    assert (tmp_path / "demo-report.png").stat().st_size > 10_000
