@@ -499,10 +499,12 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 .tablewrap{overflow-x:auto;border:1px solid var(--line);border-radius:8px;background:#fff}
 #images{border-collapse:collapse;width:100%}
 #images th{position:sticky;top:0;background:#f9fafb;border-bottom:1px solid var(--line);padding:0;text-align:left;font-weight:600;font-size:12.5px;white-space:nowrap;z-index:1}
-#images th button{all:unset;cursor:pointer;display:block;padding:8px 10px}
+#images th button{all:unset;cursor:pointer;display:block;box-sizing:border-box;width:100%;padding:8px 10px}
 #images th button:hover{color:var(--accent)}
 #images th button:focus-visible{outline:2px solid var(--accent)}
 #images th.sorted button{color:var(--accent)}
+#images th.num button{text-align:right}
+#images td.num div.low{color:var(--warn)}
 #images th .ref{display:block;font-weight:400;color:var(--muted);font-size:11px}
 #images td{border-bottom:1px solid var(--line);padding:6px 10px;vertical-align:top}
 #images tr:hover td{background:#fafbfc}
@@ -544,8 +546,8 @@ _SCRIPT = """
   }
   // header
   var head = el("head-row");
-  function th(key, label, title, extra) {
-    var cell = make("th");
+  function th(key, label, title, extra, cls) {
+    var cell = make("th", cls);
     cell.dataset.key = key;
     var b = make("button", "", label);
     if (title) b.title = title;
@@ -564,7 +566,7 @@ _SCRIPT = """
   th("class", "Top-k classes", "classes in rank order; sorts by the top-1 class");
   cols.forEach(function (c, i) {
     var extra = ref[c.key] !== undefined ? "random " + fmt(ref[c.key], c.fmt) : "";
-    th(String(i), c.label, c.title + (c.better ? " (" + c.better + "er is better)" : "") + "; sorts by the top-1 class", extra);
+    th(String(i), c.label, c.title + (c.better ? " (" + c.better + "er is better)" : "") + "; sorts by the top-1 class", extra, "num");
   });
   // class filter: predicted (top-1) classes with their counts
   var counts = {};
@@ -614,7 +616,9 @@ _SCRIPT = """
     tr.appendChild(c);
     cols.forEach(function (col, i) {
       var td = make("td", "num");
-      (im.v[i] || []).forEach(function (v) { td.appendChild(make("div", "", fmt(v, col.fmt))); });
+      (im.v[i] || []).forEach(function (v) {
+        td.appendChild(make("div", col.key === "stability" && v !== null && v < 0.5 ? "low" : "", fmt(v, col.fmt)));
+      });
       tr.appendChild(td);
     });
     return tr;
