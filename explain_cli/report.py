@@ -636,6 +636,7 @@ _SCRIPT = """
     body.textContent = "";
     body.appendChild(frag);
     el("empty").hidden = shown.length > 0;
+    el("empty").textContent = images.length ? "No image matches the filter." : "No image has been explained yet (topk.csv is empty).";
     Array.prototype.forEach.call(head.children, function (cell) {
       var on = cell.dataset.key === state.sort;
       cell.classList.toggle("sorted", on);

@@ -207,3 +207,13 @@ def test_a_report_failure_never_changes_the_run(tiny_project, monkeypatch):
     assert "could not write report.html" in result.output and "disk on fire" in result.output
     assert (tiny_project / "out" / "topk.csv").exists() and not (tiny_project / "out" / REPORT_NAME).exists()
     logging.getLogger("explain_cli").handlers.clear()
+
+
+def test_a_run_without_explained_images_still_gets_a_page(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"status": "interrupted", "interrupted_by": "SIGTERM", "shard": None}))
+    (out / "errors.csv").write_text("image,error\nx.png,cannot decode image\n")
+    page = build_report(out)
+    assert embedded(page)["images"] == [] and "interrupted by SIGTERM" in page
+    assert "x.png" in page and "cannot decode image" in page
