@@ -496,7 +496,7 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 .controls input,.controls select,.controls button{font:inherit;padding:5px 9px;border:1px solid #cbd2d9;border-radius:6px;background:#fff}
 .controls input{min-width:260px}
 .controls .info{color:var(--muted);margin-left:auto}
-.tablewrap{overflow-x:auto;border:1px solid var(--line);border-radius:8px;background:#fff}
+.tablewrap{border:1px solid var(--line);border-radius:8px;background:#fff}
 #images{border-collapse:collapse;width:100%}
 #images th{position:sticky;top:0;background:#f9fafb;border-bottom:1px solid var(--line);padding:0;text-align:left;font-weight:600;font-size:12.5px;white-space:nowrap;z-index:1}
 #images th button{all:unset;cursor:pointer;display:block;box-sizing:border-box;width:100%;padding:8px 10px}
@@ -520,6 +520,7 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 .pager button{font:inherit;padding:4px 12px;border:1px solid #cbd2d9;border-radius:6px;background:#fff;cursor:pointer}
 .pager button:disabled{opacity:.4;cursor:default}
 .empty{padding:30px;text-align:center;color:var(--muted)}
+@media (max-width:1000px){.tablewrap{overflow-x:auto}}
 @media (max-width:700px){main{padding:12px}.controls input{min-width:0;flex:1}#images td.thumb img{height:56px}}
 """
 

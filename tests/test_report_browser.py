@@ -260,7 +260,8 @@ def test_five_thousand_images_stay_responsive(tmp_path, browser, serve):
     svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="300" height="100"><rect width="300" height="100" '
            'fill="#{:06x}"/></svg>')
     rng = np.random.default_rng(1)
-    rows = ["image,rank,class_index,class_name,probability,output,base_value,shap_sum,additivity_error,stability"]
+    rows = ["image,rank,class_index,class_name,probability,output,base_value,shap_sum,additivity_error,stability,"
+            "deletion_auc,insertion_auc"]
     for i in range(n):
         name = f"crops/slide{i // 100:02d}_crop{i:05d}.png"
         (out / "overlays" / name.replace(".png", ".svg")).write_text(svg.format(i * 2654435761 % 0xFFFFFF))
@@ -268,10 +269,11 @@ def test_five_thousand_images_stay_responsive(tmp_path, browser, serve):
         order = np.argsort(-p)[:2]
         for rank, c in enumerate(order, 1):
             rows.append(f"{name},{rank},{c},tissue type {c},{p[c]:.4f},1,0,1,{rng.random() * 1e-3:.2e},"
-                        f"{rng.random():.3f}")
+                        f"{rng.random():.3f},{rng.random():.3f},{rng.random():.3f}")
     (out / "topk.csv").write_text("\n".join(rows) + "\n")
-    (out / "run.json").write_text(json.dumps({"status": "complete", "config": {"output": {"format": "svg"}},
-                                              "counts": {"explained": n}, "seconds": 600}))
+    (out / "run.json").write_text(json.dumps({
+        "status": "complete", "config": {"output": {"format": "svg"}}, "counts": {"explained": n}, "seconds": 600,
+        "metrics": {"random_reference": {"deletion_auc": 0.31, "insertion_auc": 0.29}}}))
     t0 = time.perf_counter()
     write_report(out)
     build_s = time.perf_counter() - t0
@@ -282,6 +284,8 @@ def test_five_thousand_images_stay_responsive(tmp_path, browser, serve):
     _open(browser, server.url + REPORT_NAME)
     load_s = time.perf_counter() - t0
     assert len(browser.execute_script("return document.querySelectorAll('#rows tr')")) == 100
+    assert "random 0.310" in _header(browser, "Deletion AUC").text
+    assert "random 0.290" in _header(browser, "Insertion AUC").text
     _wait(browser, lambda: browser.execute_script(
         "const i = document.querySelector('#rows td.thumb img'); return i.complete && i.naturalWidth > 0"),
         what="the first thumbnail")
