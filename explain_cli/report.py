@@ -511,6 +511,7 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 #images td.thumb{padding:4px 8px;width:1%}
 #images td.thumb a{display:block;line-height:0}
 #images td.thumb img{height:104px;width:auto;min-width:60px;border-radius:4px;background:#f0f2f5}
+#images td.thumb .muted{display:inline-block;line-height:1.35;width:150px;font-size:12px;padding:6px 0}
 #images td.num{font-variant-numeric:tabular-nums;text-align:right;white-space:nowrap}
 #images td.num div:first-child,#images td.cls div:first-child{font-weight:600}
 #images td.cls div{white-space:nowrap}
@@ -602,7 +603,9 @@ _SCRIPT = """
     if (im.u) {
       var a = make("a"); a.href = im.u; a.target = "_blank"; a.rel = "noopener";
       a.title = "open the full overlay";
-      var img = make("img"); img.loading = "lazy"; img.decoding = "async"; img.alt = "overlay of " + im.f; img.src = im.u;
+      var img = make("img"); img.loading = "lazy"; img.decoding = "async"; img.alt = "overlay of " + im.f;
+      img.addEventListener("error", function () { a.replaceChildren(make("span", "muted", "cannot show the overlay: open it")); });
+      img.src = im.u;
       a.appendChild(img); t.appendChild(a);
     } else {
       t.appendChild(make("span", "muted", "no overlay"));
