@@ -435,7 +435,8 @@ def _check_csv_whole(path: Path) -> list[list[str]]:
 def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tiny_project):
     names = add_images(tiny_project, 24)
     out, ref = tiny_project / "out", tiny_project / "ref"
-    proc = _start(tiny_project, out)
+    # in-process writing: rows appear step by step (tests/test_workers.py signals a run with workers)
+    proc = _start(tiny_project, out, "--workers", "0")
     _wait_for_rows(proc, out / "topk.csv")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -467,7 +468,7 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tiny_project):
 def test_sigint_stops_with_130(tiny_project):
     add_images(tiny_project, 24)
     out = tiny_project / "out"
-    proc = _start(tiny_project, out, "--shard", "0/1")
+    proc = _start(tiny_project, out, "--shard", "0/1", "--workers", "0")
     _wait_for_rows(proc, out / "topk.shard-0-of-1.csv")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
