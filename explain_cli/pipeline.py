@@ -26,13 +26,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from explain_cli import __version__
-from explain_cli.config import Config, resolved_dict
-from explain_cli.discover import discover_images
+from explain_cli import names as _names
+from explain_cli import resume
+from explain_cli.config import Config, check_output_dir, resolved_dict
+from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.progress import Progress
-from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, save_values,
-                               write_json)
+from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, is_fatal_os_error, read_csv_images,
+                               save_values, write_json)
 
 log = logging.getLogger("explain_cli")
 
@@ -152,21 +154,13 @@ def resolve_device(name: str):
 def image_seed(seed: int, rel_path: str) -> int:
     """A per-image seed from the run seed and the image's relative path: results do not depend
     on batch composition, --limit or sharding."""
-    digest = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def output_names(images: list[str]) -> dict[str, str]:
-    """Image -> output stem (relative path without extension). Where two inputs would collide
-    (x.png and x.jpg in one folder) both keep their extension: x.png.svg, x.jpg.svg."""
-    stems: dict[str, list[str]] = {}
-    for rel in images:
-        stems.setdefault(str(PurePosixPath(rel).with_suffix("")).lower(), []).append(rel)
-    names = {}
-    for group in stems.values():
-        for rel in group:
-            names[rel] = rel if len(group) > 1 else str(PurePosixPath(rel).with_suffix(""))
-    return names
+def output_names(images: list[str], case_insensitive: bool = False) -> dict[str, str]:
+    """Image -> output stem: the whole relative path (x.png -> overlays/x.png.svg); see names.output_stem."""
+    return _names.output_names(images, case_insensitive)
 
 
 def prepare(config: Config, options: RunOptions, device: str | None = None) -> Prepared:
@@ -184,6 +178,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
 
         raise ConfigError("input.dir", f"not a folder: {input_dir}", config._source)
     output_dir = config.resolve(config.output.dir)
+    check_output_dir(output_dir, input_dir, config._source)
     all_images = discover_images(input_dir, config.input.include, config.input.exclude,
                                  skip_dirs=[output_dir])
     shard = options.shard
@@ -223,10 +218,10 @@ def load_background(prep: Prepared):
             from explain_cli.errors import ConfigError
 
             raise ConfigError("background.dir", f"not a folder: {root}", cfg._source)
-        pool = [root / p for p in discover_images(root, cfg.input.include, [])]
+        pool = [source_path(root, p) for p in discover_images(root, cfg.input.include, [])]
         want = bg_cfg.count
     else:
-        pool = [prep.input_dir / p for p in prep.all_images]
+        pool = [source_path(prep.input_dir, p) for p in prep.all_images]
         want = bg_cfg.from_input or 50
     rng = random.Random(cfg.seed)
     order = rng.sample(pool, len(pool))
@@ -379,7 +374,7 @@ def _load_step(input_dir: Path, rels: list[str], cfg) -> list[tuple[str, Any]]:
     out = []
     for rel in rels:
         try:
-            out.append((rel, load_preprocessed(input_dir / rel, cfg.preprocess)))
+            out.append((rel, load_preprocessed(source_path(input_dir, rel), cfg.preprocess)))
         except ImageError as exc:
             out.append((rel, exc))
     return out
@@ -403,7 +398,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     suffix = prep.shard.suffix if prep.shard else ""
     summary = RunSummary(selected=len(prep.images), output_dir=out_dir)
     fmt = cfg.output.format
-    names = output_names(prep.all_images)
+    names: dict[str, str] = {}
 
     def overlay_path(rel: str) -> Path:
         return out_dir / "overlays" / f"{names[rel]}.{fmt}"
@@ -412,12 +407,22 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         return out_dir / "values" / f"{names[rel]}.npz"
 
     with output_lock(out_dir, suffix):
+        names.update(output_names(prep.all_images, _names.is_case_insensitive(out_dir)))
         topk_path = out_dir / f"topk{suffix}.csv"
         errors_path = out_dir / f"errors{suffix}.csv"
+        run_json = out_dir / f"run{suffix}.json"
         if options.overwrite:
             for p in (topk_path, errors_path):
                 p.unlink(missing_ok=True)
         listed = read_csv_images(topk_path)
+        from explain_cli.models import checkpoint_path
+
+        ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
+        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json))
+        if listed or read_csv_images(errors_path):
+            resume.check_resume(run_json, fingerprint, out_dir)
+            _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
+                                          [("overlays", fmt), ("values", "npz")])
         done = {rel for rel in prep.images if rel in listed and overlay_path(rel).exists()
                 and (not cfg.output.save_values or values_path(rel).exists())}
         todo = [rel for rel in prep.images if rel not in done]
@@ -433,10 +438,10 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             {"index": prep.shard.index, "count": prep.shard.count},
             "images_found": len(prep.all_images), "limit": options.limit,
             "versions": _versions(), **_device_info(prep.device),
-            "command": sys.argv, "host": platform.node(),
+            "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
-        run_json = out_dir / f"run{suffix}.json"
         write_json(run_json, run_info)
+        failure: str | None = None
 
         progress = Progress(len(todo), enabled=options.progress)
         stop = _StopFlag()
@@ -465,19 +470,24 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                                 break
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"
+        except BaseException as exc:
+            failure = str(exc) or type(exc).__name__
+            raise
         finally:
             progress.close()
             topk_log.close()
             errors_log.close()
             summary.seconds = time.monotonic() - started
             run_info.update({
-                "status": "interrupted" if summary.interrupted else "complete",
+                "status": "failed" if failure else "interrupted" if summary.interrupted else "complete",
                 "finished": _now(), "seconds": round(summary.seconds, 3),
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
                            "explained": summary.explained, "failed": summary.failed},
             })
             if summary.interrupted:
                 run_info["interrupted_by"] = summary.interrupted
+            if failure:
+                run_info["error"] = failure
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)
@@ -552,6 +562,8 @@ def _write_image(rel, j, pixels, attribution, prep: Prepared, topk_log, errors_l
                        overlay_path(rel), fmt=cfg.output.format, dpi=cfg.output.dpi,
                        segments=None if segments is None else segments[j])
     except Exception as exc:  # noqa: BLE001 - a file system or rendering failure loses this image only
+        if is_fatal_os_error(exc):
+            raise
         errors_log.append([[rel, f"cannot write outputs: {type(exc).__name__}: {exc}"]])
         summary.failed += 1
         return

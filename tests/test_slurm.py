@@ -136,4 +136,4 @@ def test_array_job_and_merge_equal_an_unsharded_run(tiny_project, slurm_cluster)
         assert [float(x) for x in g[4:]] == pytest.approx([float(x) for x in w[4:]], rel=1e-4, abs=1e-6)
     assert _read(out / "errors.csv") == []
     for rel in {r[0] for r in got}:
-        assert (out / "overlays" / Path(rel).with_suffix(".svg")).exists()
+        assert (out / "overlays" / f"{rel}.svg").exists()
