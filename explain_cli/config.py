@@ -232,6 +232,19 @@ class _StrictLoader(yaml.SafeLoader):
     literals too long to parse cheaply. Checked on the composed node graph, before any Python
     object is built from it."""
 
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        # Stop at the first level too deep: the parser is lazy, so the rest is never read.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YamlRefusal(f"nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
     def construct_document(self, node):
         _check_graph(node)
         return super().construct_document(node)

@@ -120,7 +120,6 @@ def output_stem(rel: str, case_insensitive: bool = False, reserve: int = 8) -> s
     if case_insensitive and rel != rel.casefold():
         last = f"{last}~{_digest(rel)}"
     parts[-1] = _fit(last, rel, reserve)
-    parts[:-1] = [_fit(p, rel, 0) for p in parts[:-1]]
     return "/".join(parts)
 
 

@@ -33,8 +33,8 @@ from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.progress import Progress
-from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, is_fatal_os_error, read_csv_images,
-                               save_values, write_json)
+from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, is_fatal_os_error, nonfinite_result,
+                               read_csv_images, save_values, write_json)
 
 log = logging.getLogger("explain_cli")
 
@@ -550,6 +550,12 @@ def _write_image(rel, j, pixels, attribution, prep: Prepared, topk_log, errors_l
                  overlay_path, values_path, render_overlay, format_title) -> None:
     """Overlay (and values) first, then the CSV rows: a row means the image is complete."""
     cfg = prep.config
+    problem = nonfinite_result(attribution, j)
+    if problem:
+        errors_log.append([[rel, problem]])
+        summary.failed += 1
+        log.warning("%s: %s", rel, problem)
+        return
     classes = attribution.classes[j]
     names = [prep.labels[int(c)] for c in classes]
     probs = attribution.probabilities[j]

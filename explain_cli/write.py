@@ -225,3 +225,14 @@ def read_csv_images(path: Path) -> set[str]:
         return set()
     rows = parse_csv(read_csv_text(path))
     return {unescape(r[0]) for r in rows[1:] if r}
+
+
+def nonfinite_result(attribution: Any, j: int) -> str | None:
+    """Why image ``j`` of an Attribution cannot be written (NaN/inf in its outputs, e.g. from a
+    checkpoint holding NaN weights), or None. Such an image becomes an errors.csv row."""
+    for name in ("outputs", "probabilities", "base_values", "shap_sum", "values"):
+        part = np.asarray(getattr(attribution, name)[j])
+        if not np.all(np.isfinite(part)):
+            return (f"the model gave non-finite numbers ({name} holds NaN or inf): check the "
+                    f"checkpoint and preprocess.mean/std")
+    return None

@@ -90,7 +90,7 @@ class Settings(ExplainerSettings):
 
     name: Literal["deep"] = "deep"
     max_background: int | None = Field(
-        None, ge=1, description="Use at most this many background images as references (default: all).")
+        None, ge=1, le=10_000, description="Use at most this many background images as references (default: all).")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,9 +66,9 @@ class Settings(ExplainerSettings):
     """``explainer.*`` keys of the gradient (expected gradients) explainer."""
 
     name: Literal["gradient"] = "gradient"
-    nsamples: int = Field(200, ge=1, description="Monte-Carlo samples per image (shap's nsamples).")
+    nsamples: int = Field(200, ge=1, le=100_000, description="Monte-Carlo samples per image (shap's nsamples).")
     local_smoothing: float = Field(
-        0.0, ge=0, description="Std of the Gaussian noise added to the explained image (shap's local_smoothing).")
+        0.0, ge=0, le=100, description="Std of the Gaussian noise added to the explained image (shap's local_smoothing).")
 
 
 def _derive_seeds(seed: int) -> tuple[int, int]:

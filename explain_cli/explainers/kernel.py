@@ -78,9 +78,9 @@ class SegmentSettings(BaseModel):
     """``explainer.segments.*``: the arguments of ``skimage.segmentation.slic``."""
 
     model_config = ConfigDict(extra="forbid")
-    n_segments: int = Field(50, ge=1, description="approximate number of superpixels (SLIC's n_segments)")
-    compactness: float = Field(30.0, gt=0, description="SLIC's compactness (higher: squarer superpixels)")
-    sigma: float = Field(3.0, ge=0, description="width of SLIC's Gaussian pre-smoothing (0: none)")
+    n_segments: int = Field(50, ge=1, le=2000, description="approximate number of superpixels (SLIC's n_segments)")
+    compactness: float = Field(30.0, gt=0, le=10_000, description="SLIC's compactness (higher: squarer superpixels)")
+    sigma: float = Field(3.0, ge=0, le=100, description="width of SLIC's Gaussian pre-smoothing (0: none)")
 
 
 class Settings(ExplainerSettings):
@@ -88,7 +88,7 @@ class Settings(ExplainerSettings):
 
     name: Literal["kernel"] = "kernel"
     segments: SegmentSettings = Field(default_factory=SegmentSettings)
-    nsamples: int = Field(1000, ge=1, description="model evaluations (coalitions) per image (shap's nsamples), "
+    nsamples: int = Field(1000, ge=1, le=100_000, description="model evaluations (coalitions) per image (shap's nsamples), "
                                                   "at most 2**M - 2 are used")
     fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
                                           "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
