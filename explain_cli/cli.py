@@ -20,7 +20,7 @@ from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
-    "3 the run finished but at least one image failed (see errors.csv); 1 anything unexpected; "
+    "3 the run finished but at least one image failed (see errors.csv); 1 a full disk or anything unexpected; "
     "130 / 143 stopped by SIGINT / SIGTERM (rerun the same command to resume)."
 )
 
