@@ -453,7 +453,13 @@ def check_output_dir(output_dir: Path, input_dir: Path | None = None, source: st
     file, the input folder itself (or a symlink to it), or a folder this process cannot write
     (read-only file system, permissions), checked by creating and removing a temp file in it or
     in its nearest existing parent. Creates nothing that stays."""
-    output_dir = Path(output_dir)
+    try:
+        _check_output_dir(Path(output_dir), input_dir, source, key)
+    except OSError as exc:  # e.g. a parent folder we may not even stat
+        raise ConfigError(key, f"cannot use {output_dir}: {exc.strerror or exc}", source) from None
+
+
+def _check_output_dir(output_dir: Path, input_dir: Path | None, source: str | None, key: str) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(key, f"{output_dir} is a file, not a folder", source)
     existing = output_dir

@@ -83,25 +83,20 @@ def unescape(text: str) -> str:
     return _ESCAPE_LIKE.sub(one, text)
 
 
-def display(name: str) -> str:
-    """A name for messages and logs (escaped like the CSVs)."""
-    return escape(name)
-
-
 def _digest(rel: str) -> str:
     return hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:_HASH_CHARS]
 
 
 def _fit(file_name: str, rel: str, reserve: int) -> str:
-    """``file_name`` cut (on a UTF-8 boundary) and tagged with a hash of ``rel`` when it plus
-    ``reserve`` bytes of suffix would exceed NAME_MAX."""
+    """``file_name`` cut (at a UTF-8 character boundary) and tagged with a hash of ``rel`` when
+    it plus ``reserve`` bytes of suffix would exceed NAME_MAX."""
     raw = file_name.encode("utf-8", "surrogateescape")
     if len(raw) + reserve <= NAME_MAX:
         return file_name
     keep = NAME_MAX - reserve - _HASH_CHARS - 1
-    cut = raw[:keep].decode("utf-8", "ignore") if not _SURROGATE.search(file_name) else \
-        raw[:keep].decode("utf-8", "surrogateescape")
-    return f"{cut}~{_digest(rel)}"
+    while keep > 0 and raw[keep] & 0xC0 == 0x80:
+        keep -= 1
+    return f"{raw[:keep].decode('utf-8', 'surrogateescape')}~{_digest(rel)}"
 
 
 def output_stem(rel: str, case_insensitive: bool = False, reserve: int = 8) -> str:

@@ -11,7 +11,8 @@ Keys that never change an image's numbers or files do not block a resume: where 
 executes (``device``; like ``merge``, we accept its float-rounding differences), how it batches
 (``batch_size``), which images it selects (``input.include/exclude``: the selection may grow),
 where the outputs go (``output.dir``) and which files are written besides the CSV rows
-(``output.format``, ``output.save_values``: missing files are simply redone). Command-line
+(``output.format``, ``output.save_values``: missing files are simply redone), and
+``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
 ``model.checkpoint`` and ``labels`` are compared by content, not by path.
 
@@ -31,7 +32,8 @@ from explain_cli.errors import UserError
 
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "input.include", "input.exclude", "output.dir",
-                "output.format", "output.save_values", "model.checkpoint", "labels"}
+                "output.format", "output.save_values", "model.checkpoint", "model.trust_checkpoint",
+                "labels"}
 #: Config paths compared as absolute paths.
 PATH_KEYS = {"input.dir", "background.dir"}
 
