@@ -84,6 +84,7 @@ def weird_project(tiny_project):
     cfg["labels"] = "labels.json"
     cfg["input"] = {"dir": "weird"}
     cfg["explainer"]["nsamples"] = 4
+    cfg["output"]["top_k"] = 3  # every class name, the lone surrogate included, reaches topk.csv
     (tiny_project / "weird.yaml").write_text(yaml.safe_dump(cfg))
     return tiny_project, rels, labels
 
@@ -96,8 +97,8 @@ def test_every_file_name_round_trips_through_csvs_resume_and_merge(weird_project
     out = root / "out"
     topk = out / "topk.csv"
     got = images_of(topk)
-    assert sorted(set(got)) == sorted(rels) and len(got) == 2 * len(rels)  # every name, one row per rank
-    assert {names.unescape(r["class_name"]) for r in rows_of(topk)} <= set(labels)
+    assert sorted(set(got)) == sorted(rels) and len(got) == 3 * len(rels)  # every name, one row per rank
+    assert {names.unescape(r["class_name"]) for r in rows_of(topk)} == set(labels)
     for rel in rels:
         assert overlay(out, rel).is_file(), rel
     assert len(list((out / "overlays").rglob("*.svg"))) == len(rels)  # x.png, x.jpg, x.png.jpg, X.PNG apart
@@ -142,8 +143,9 @@ def test_resume_is_stable_across_locales(tiny_project):
         encodings[label] = probe.stdout.strip()
     assert encodings["C, no UTF-8 mode (ASCII file names)"] == "ascii"  # the locale really differs
     assert encodings["C.UTF-8"] == "utf-8"
+    assert encodings["C (Python's UTF-8 mode)"] == "utf-8"  # PEP 538/540: plain C is UTF-8 in 3.11
     out = tiny_project / "out"
-    for n, (label, extra) in enumerate(LOCALES.items()):
+    for n, (label, extra) in enumerate(list(LOCALES.items())[:2]):
         proc = subprocess.run([sys.executable, "-m", "explain_cli", "run", str(tiny_project / "config.yaml"),
                                "--input", str(root), "--output", str(out), "--no-progress"],
                               env=_clean_env(**extra), capture_output=True, text=True, timeout=300)
@@ -555,7 +557,8 @@ def test_closed_stdout_or_stderr_does_not_change_the_exit_code(tiny_project):
     proc.stderr.close()
     assert proc.wait(timeout=120) == 3
     assert [r["image"] for r in rows_of(tiny_project / "out" / "errors.csv")] == ["bad.png"]
-    # started with stdout closed (>&-)
-    proc = subprocess.run(" ".join(cmd + ["validate", cfg]) + " >&-", shell=True, capture_output=False,
-                          stderr=subprocess.PIPE, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    # started with stdout closed (>&-): merge (no torch, fast) still exits with its own code
+    proc = subprocess.run(" ".join(cmd + ["merge", str(tiny_project / "out")]) + " >&-", shell=True,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2 and "no shard files" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
