@@ -344,7 +344,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     top_k = min(cfg.output.top_k, prep.num_outputs)
-                    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
+                    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess,
+                                                          stop=lambda: stop.signal_name is not None)) as steps:
                         for decoded in steps:  # decode: a thread, one step ahead
                             for rel, exc in decoded.failed:
                                 writer.failed(rel, str(exc))
@@ -359,8 +360,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                                         writer.submit(*write_job(prep, rel, j, pixels, result,
                                                                  overlay_path(rel), values_path(rel)))
                             if stop.signal_name:
-                                summary.interrupted = stop.signal_name
                                 break
+                    summary.interrupted = stop.signal_name  # also when the decoder was waited on
                     writer.drain()
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"

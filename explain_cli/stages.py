@@ -11,10 +11,11 @@ Nothing here imports torch: the write stage runs in worker processes too.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -47,21 +48,52 @@ def decode_step(input_dir: Path, rels: Sequence[str], preprocess) -> DecodedStep
     return step
 
 
-def decoded_steps(input_dir: Path, todo: list[str], step: int, preprocess) -> Iterator[DecodedStep]:
+def decoded_steps(input_dir: Path, todo: list[str], step: int, preprocess,
+                  stop: Callable[[], bool] = lambda: False, poll: float = 0.25) -> Iterator[DecodedStep]:
     """Decode ``todo`` in steps of ``step`` images, one step ahead of the consumer (a thread:
-    Pillow's decoding and numpy release the GIL)."""
+    Pillow's decoding and numpy release the GIL).
+
+    The consumer never waits on the decoder blindly: while a step is not ready it checks
+    ``stop()`` every ``poll`` seconds and ends the iteration when it says so, so a stop request
+    ends the run within seconds even if a read hangs (a stalled network file system). The
+    decoder is a daemon thread for the same reason: a hung read cannot keep the process alive.
+    """
     chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(decode_step, input_dir, chunks[0], preprocess) if chunks else None
-        for i in range(len(chunks)):
-            current = pending.result()
-            pending = pool.submit(decode_step, input_dir, chunks[i + 1], preprocess) if i + 1 < len(chunks) else None
+    if not chunks:
+        return
+    requests: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    def decoder() -> None:
+        while True:
+            index = requests.get()
+            if index is None or closed.is_set():
+                return
             try:
-                yield current
-            except GeneratorExit:
-                if pending is not None:
-                    pending.cancel()
-                raise
+                results.put((index, decode_step(input_dir, chunks[index], preprocess), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                results.put((index, None, exc))
+
+    thread = threading.Thread(target=decoder, name="decode", daemon=True)
+    thread.start()
+    requests.put(0)
+    try:
+        for i in range(len(chunks)):
+            while True:
+                try:
+                    index, current, error = results.get(timeout=poll)
+                    break
+                except queue.Empty:
+                    if stop():
+                        return
+            if error is not None:
+                raise error
+            requests.put(i + 1 if i + 1 < len(chunks) else None)
+            yield current
+    finally:
+        closed.set()
+        requests.put(None)
 
 
 # --- write ------------------------------------------------------------------------------------

@@ -562,3 +562,50 @@ def test_closed_stdout_or_stderr_does_not_change_the_exit_code(tiny_project):
                           stderr=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 2 and "no shard files" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+HANG_SCRIPT = textwrap.dedent('''
+    import sys, threading
+    from explain_cli import stages
+    from explain_cli.cli import main
+
+    real = stages.decode_step
+    def decode_step(input_dir, rels, preprocess):
+        if any(r.startswith("zz") for r in rels):
+            threading.Event().wait()   # a read that never returns (a stalled network file system)
+        return real(input_dir, rels, preprocess)
+    stages.decode_step = decode_step
+    sys.argv = ["explain-cli"] + sys.argv[1:]
+    main()
+''')
+
+
+def test_sigterm_ends_a_run_whose_decoder_hangs_within_seconds(tiny_project):
+    import signal
+
+    from conftest import write_images
+
+    write_images(tiny_project / "images", [f"c{i}.png" for i in range(4)] + ["zz-hang.png"], seed=5)
+    script = tiny_project / "hang_run.py"
+    script.write_text(HANG_SCRIPT)
+    out = tiny_project / "out"
+    proc = subprocess.Popen([sys.executable, str(script), "run", str(tiny_project / "config.yaml"), "--no-progress",
+                             "--set", "background.from_input=2"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the first step (8 images) is written, the second hangs
+            if (out / "topk.csv").exists() and len(set(images_of(out / "topk.csv"))) == 8:
+                break
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        assert time.monotonic() - t < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 143, proc.stderr.read()
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["counts"]["explained"] == 8
