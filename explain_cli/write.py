@@ -126,7 +126,7 @@ def save_values(path: Path, values: np.ndarray, classes: np.ndarray) -> None:
 
 
 def quote_cell(cell: str) -> str:
-    if any(c in cell for c in ',"\r\n') or cell == "":
+    if any(c in cell for c in ',"\r\n'):
         return '"' + cell.replace('"', '""') + '"'
     return cell
 
@@ -135,8 +135,6 @@ def format_row(row: Sequence[Any]) -> str:
     """One CSV line. Like csv.writer's minimal quoting, but also quotes a bare CR (csv.writer with
     ``lineterminator='\\n'`` leaves it unquoted, which splits the row when read back)."""
     return ",".join(quote_cell(escape(c) if isinstance(c, str) else str(c)) for c in row) + "\n"
-
-
 
 def _format_cell(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
@@ -148,13 +146,15 @@ def _format_cell(value: Any) -> Any:
 
 def complete_prefix(text: str) -> str:
     """``text`` up to the end of its last complete CSV record (a newline outside quotes)."""
-    end = 0
-    in_quotes = False
-    for i, ch in enumerate(text):
-        if ch == '"':
-            in_quotes = not in_quotes
-        elif ch == "\n" and not in_quotes:
-            end = i + 1
+    if '"' not in text:
+        return text[: text.rfind("\n") + 1]
+    end = pos = 0
+    odd = False
+    for line in text.split("\n")[:-1]:
+        pos += len(line) + 1
+        odd ^= line.count('"') % 2 == 1
+        if not odd:
+            end = pos
     return text[:end]
 
 
