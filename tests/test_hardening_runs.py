@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -102,6 +103,10 @@ def test_every_file_name_round_trips_through_csvs_resume_and_merge(weird_project
     for rel in rels:
         assert overlay(out, rel).is_file(), rel
     assert len(list((out / "overlays").rglob("*.svg"))) == len(rels)  # x.png, x.jpg, x.png.jpg, X.PNG apart
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for rel in rels:  # the report links every overlay by its file's bytes, percent-encoded
+        url = "overlays/" + quote(os.fsencode(names.fs_name(names.output_stem(rel))) + b".svg", safe="/")
+        assert url in page, rel
     before = topk.read_bytes()
     result = invoke("run", cfg, "--no-progress")
     assert result.exit_code == 0 and f"already done {len(rels)}" in result.output, result.output
