@@ -147,10 +147,11 @@ class Writer:
         try:
             write_files(job)
         except Exception as exc:  # noqa: BLE001 - a file system or rendering failure loses this image only
-            from explain_cli.write import is_fatal_os_error
+            from explain_cli.write import OutputError, is_fatal_os_error
 
-            if is_fatal_os_error(exc):
-                raise  # a full disk fails every later image too: stop the run
+            if is_fatal_os_error(exc):  # a full disk fails every later image too: stop the run
+                raise OutputError(f"cannot write the outputs of {job.rel!r}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from exc
             self.failed(job.rel, f"cannot write outputs: {type(exc).__name__}: {exc}")
             return
         self.topk_log.append(rows)

@@ -89,7 +89,7 @@ def test_names_are_escaped_and_urls_percent_encoded(tiny_project):
         url = im["u"]
         assert not set(url) & set(" \"'<>#?&\u2028") and url.isascii(), url
         assert (out / unquote(url)).is_file()
-    assert by_file["sub dir/x#y.png"]["u"] == "overlays/sub%20dir/x%23y.svg"
+    assert by_file["sub dir/x#y.png"]["u"] == "overlays/sub%20dir/x%23y.png.svg"
 
 
 def test_script_json_cannot_close_the_script():
