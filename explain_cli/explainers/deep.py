@@ -9,7 +9,8 @@ with ``sum(m_j * (x - r_j)) = f_c(x) - f_c(r_j)``; the attribution is their mean
 
 At a layer, ``x - r_j`` is replaced by the difference of the layer's *input* (first positional
 argument of its ``forward``) at the image and at the reference; the base value stays the mean model
-output over the background.
+output over the background. A token input ``(N, tokens, C)`` is attributed per token and channel and
+put on the patch grid at the end (``_utils.layer_map``; the prefix tokens' share stays in ``shap_sum``).
 
 How the multipliers are obtained ("modified gradients"). The model runs unchanged; while it runs, a
 ``TorchFunctionMode`` intercepts every torch call, so module calls (``nn.ReLU``), functional calls
@@ -882,8 +883,9 @@ class Explainer(base.Explainer):
             self._warn_unsupported(tape)
 
         assert phi is not None
-        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, C, H, W)
-        shap_sum = values.flatten(2).to(torch.float64).sum(2)
+        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
