@@ -392,7 +392,7 @@ def test_validate_and_run_at_a_token_layer(tiny_project):
     out = tiny_project / "out"
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["layer_tokens"]["prefix_tokens_dropped"] == 1 and run_info["layer_tokens"]["grid"] == [4, 4]
-    with np.load(out / "values" / "three.npz") as npz:
+    with np.load(out / "values" / "three.bmp.npz") as npz:
         assert npz["values"].shape == (2, 16, 4, 4)
     rows = list(csv_rows(out / "topk.csv"))
     assert len(rows) == 8
