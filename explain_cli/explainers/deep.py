@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.overrides import TorchFunctionMode
 
+from explain_cli import metrics
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
@@ -868,6 +869,7 @@ class Explainer(base.Explainer):
                 self._check_stop(tape)
                 row_classes = classes_dev[img]
                 rank_rows = torch.arange(stop - start, device=device)
+                half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
                     (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
@@ -875,14 +877,16 @@ class Explainer(base.Explainer):
                         grad = torch.zeros_like(target)
                     contribution = (grad * delta).to(acc_dtype)
                     if phi is None:
-                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)
-                    phi[r].index_add_(0, img, contribution)
+                    phi[r].index_add_(0, half, contribution)
                 del out, target, delta
             self._warn_unsupported(tape)
 
         assert phi is not None
-        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, C, H, W)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, C, H, W)
+        values = (halves.sum(2) / n_refs).contiguous()  # (N, k, C, H, W)
+        stability = metrics.split_half_stability(halves[:, :, 0], halves[:, :, 1]) if n_refs >= 2 else None
         shap_sum = values.flatten(2).to(torch.float64).sum(2)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
@@ -891,4 +895,5 @@ class Explainer(base.Explainer):
             outputs=outputs.cpu().numpy(),
             base_values=base_values.cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
         )

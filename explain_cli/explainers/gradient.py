@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from explain_cli import metrics
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
@@ -195,19 +196,23 @@ class Explainer(base.Explainer):
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                     multiplier = target.detach()
 
+                # each image's first and second half of samples are summed apart (for stability)
+                half = img * 2 + (rows - img * nsamples >= nsamples // 2)
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
                     (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k)
                     contribution = (grad * multiplier).float()
                     if phi is None:
-                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]),
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
-                    phi[r].index_add_(0, img, contribution)
+                    phi[r].index_add_(0, half, contribution)
                 del out, target, multiplier, z, delta
 
         assert phi is not None
-        values = (phi / nsamples).transpose(0, 1).contiguous()  # (N, k, C, H, W)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, C, H, W)
+        values = (halves.sum(2) / nsamples).contiguous()  # (N, k, C, H, W)
         shap_sum = values.flatten(2).sum(2)
+        stability = metrics.split_half_stability(halves[:, :, 0], halves[:, :, 1]) if nsamples >= 2 else None
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
@@ -215,4 +220,5 @@ class Explainer(base.Explainer):
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
         )
