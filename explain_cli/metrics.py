@@ -245,3 +245,89 @@ def split_half_stability(half_a: "torch.Tensor", half_b: "torch.Tensor") -> np.n
     r = ((a * b).sum(-1) / denom).cpu().numpy()
     r = np.where(denom.cpu().numpy() > 0, np.clip(r, -1.0, 1.0), np.nan)
     return spearman_brown(r)
+
+
+# -- per run ---------------------------------------------------------------------------------------
+
+UNSTABLE = 0.5  # the run warns when its median stability is below this
+
+
+class RunMetrics:
+    """Scores each explained batch and keeps the run's totals for run.json's ``metrics`` entry."""
+
+    def __init__(self, names: Sequence[str], steps: int, baseline: Union[str, list[float]]) -> None:
+        self.names = [m for m in METRICS if m in names]
+        self.steps = int(steps)
+        self.baseline = baseline
+        self.evaluations = 0
+        self.rows = 0
+        self.sums = {key: 0.0 for key in ("deletion", "insertion", "random_deletion", "random_insertion")}
+        self.stabilities: list[float] = []
+
+    def score(self, model: "torch.nn.Module", images: "torch.Tensor", attribution: Any,  # noqa: F821
+              seeds: Sequence[int], mean: Sequence[float], std: Sequence[float], batch_size: int) -> None:
+        """Fill ``attribution.deletion_auc``/``insertion_auc`` (when asked) and add to the totals."""
+        if attribution.stability is not None:
+            self.stabilities.extend(float(s) for s in np.asarray(attribution.stability).reshape(-1)
+                                    if np.isfinite(s))
+        if not self.names:
+            return
+        result = faithfulness(model, images, attribution.values, attribution.classes, seeds, self.names,
+                              self.steps, self.baseline, mean, std, batch_size, attribution.segments)
+        attribution.deletion_auc = result.deletion
+        attribution.insertion_auc = result.insertion
+        self.evaluations += result.evaluations
+        self.rows += int(np.asarray(attribution.classes).size)
+        for key in self.sums:
+            value = getattr(result, key)
+            if value is not None:
+                self.sums[key] += float(np.sum(value))
+
+    def median_stability(self) -> float | None:
+        return float(np.median(self.stabilities)) if self.stabilities else None
+
+    def summary(self) -> dict[str, Any]:
+        """run.json's ``metrics``: means over the (image, class) rows scored by this run."""
+        def mean(key: str) -> float | None:
+            name = key.replace("random_", "")
+            if name not in self.names or not self.rows:
+                return None
+            return round(self.sums[key] / self.rows, 6)
+
+        median = self.median_stability()
+        return {
+            "computed": list(self.names), "steps": self.steps,
+            "baseline": self.baseline if self.names else None,
+            "model_evaluations": self.evaluations, "rows": self.rows,
+            "mean": {"deletion_auc": mean("deletion"), "insertion_auc": mean("insertion")},
+            "random_reference": {"deletion_auc": mean("random_deletion"),
+                                 "insertion_auc": mean("random_insertion")},
+            "stability_median": None if median is None else round(median, 6),
+            "stability_rows": len(self.stabilities),
+        }
+
+
+def merge_summaries(parts: Sequence[dict[str, Any] | None], stabilities: Sequence[float]) -> dict[str, Any] | None:
+    """Combine the shards' ``metrics`` entries (means weighted by their rows); the stability median
+    comes from the merged CSV's ``stability`` column."""
+    parts = [p for p in parts if isinstance(p, dict)]
+    if not parts:
+        return None
+    rows = sum(int(p.get("rows") or 0) for p in parts)
+
+    def weighted(section: str, key: str) -> float | None:
+        pairs = [((p.get(section) or {}).get(key), int(p.get("rows") or 0)) for p in parts]
+        pairs = [(v, n) for v, n in pairs if isinstance(v, (int, float)) and n]
+        total = sum(n for _, n in pairs)
+        return round(sum(v * n for v, n in pairs) / total, 6) if total else None
+
+    values = [s for s in stabilities if np.isfinite(s)]
+    return {
+        "computed": parts[0].get("computed", []), "steps": parts[0].get("steps"),
+        "baseline": parts[0].get("baseline"),
+        "model_evaluations": sum(int(p.get("model_evaluations") or 0) for p in parts), "rows": rows,
+        "mean": {k: weighted("mean", k) for k in ("deletion_auc", "insertion_auc")},
+        "random_reference": {k: weighted("random_reference", k) for k in ("deletion_auc", "insertion_auc")},
+        "stability_median": round(float(np.median(values)), 6) if values else None,
+        "stability_rows": len(values),
+    }

@@ -30,6 +30,7 @@ from explain_cli.config import Config, resolved_dict
 from explain_cli.discover import discover_images
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
+from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, save_values,
                                write_json)
@@ -439,6 +440,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         write_json(run_json, run_info)
 
         progress = Progress(len(todo), enabled=options.progress)
+        summary.extra["metrics"] = run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
         stop = _StopFlag()
         try:
             with stop.installed():
@@ -476,6 +478,12 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
                            "explained": summary.explained, "failed": summary.failed},
             })
+            run_info["metrics"] = run_metrics.summary()
+            median = run_metrics.median_stability()
+            if median is not None and median < UNSTABLE:
+                log.warning("median stability of the maps is %.2f (< %.1f): they would change a lot in a rerun "
+                            "at another seed; raise explainer.nsamples (gradient, kernel) or the background "
+                            "size (deep)", median, UNSTABLE)
             if summary.interrupted:
                 run_info["interrupted_by"] = summary.interrupted
             if prep.device.type == "cuda":
@@ -530,10 +538,36 @@ def _explain_step(loaded, explainer, prep: Prepared, top_k, topk_log, errors_log
                 progress.update(1)
                 log.warning("%s: %s", rel, message)
             continue
+        _score(items, attribution, batch if len(items) == len(good) else None, explainer, prep, summary)
         for j, (rel, (pixels, _)) in enumerate(items):
             _write_image(rel, j, pixels, attribution, prep, topk_log, errors_log, summary,
                          overlay_path, values_path, render_overlay, format_title)
             progress.update(1)
+
+
+def _score(items, attribution, batch, explainer, prep: Prepared, summary) -> None:
+    """Faithfulness of a batch's maps (batched, on the model's device) and the run's metric totals;
+    a failure here leaves the metric cells blank, never loses the maps."""
+    import torch
+
+    cfg = prep.config
+    if batch is None:
+        batch = torch.from_numpy(np.stack([t for _, (_, t) in items])).to(prep.device)
+    seeds = [image_seed(cfg.seed, rel) for rel, _ in items]
+    try:
+        summary.extra["metrics"].score(prep.model, batch, attribution, seeds, cfg.preprocess.mean,
+                                       cfg.preprocess.std, explainer.context.batch_size)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("metrics failed for %d image(s) (%s: %s); their metric cells stay blank",
+                    len(items), type(exc).__name__, exc)
+
+
+def _cell(values, j: int, r: int) -> float | None:
+    """One (image, rank) value of an optional (N, k) array; None (a blank cell) when absent or NaN."""
+    if values is None:
+        return None
+    value = float(values[j, r])
+    return value if np.isfinite(value) else None
 
 
 def _write_image(rel, j, pixels, attribution, prep: Prepared, topk_log, errors_log, summary,
@@ -560,6 +594,7 @@ def _write_image(rel, j, pixels, attribution, prep: Prepared, topk_log, errors_l
     for r, c in enumerate(classes):
         rows.append([rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
                      float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]),
-                     float(err[r])])
+                     float(err[r]), _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
+                     _cell(attribution.insertion_auc, j, r)])
     topk_log.append(rows)
     summary.explained += 1

@@ -207,3 +207,58 @@ def test_parse_baseline(value, expected):
 def test_parse_baseline_refuses(value):
     with pytest.raises(ValueError):
         metrics.parse_baseline(value)
+
+
+@pytest.mark.parametrize("settings", [
+    {"name": "gradient", "nsamples": 8},
+    {"name": "partition", "mask": "blur(4,4)", "max_evals": 40, "batch_size": 10},
+    {"name": "kernel", "nsamples": 40, "segments": {"n_segments": 8, "compactness": 10, "sigma": 1}},
+])
+def test_run_writes_metric_columns_and_run_json(tiny_project, settings):
+    import csv
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from explain_cli.cli import app
+
+    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
+    config.update(explainer=settings, metrics=["insertion", "deletion"], metrics_steps=4)
+    path = tiny_project / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with open(tiny_project / "out" / "topk.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[-3:] == ["stability", "deletion_auc", "insertion_auc"] and len(rows) == 8
+    for row in rows:
+        assert 0 <= float(row["deletion_auc"]) <= 1 and 0 <= float(row["insertion_auc"]) <= 1
+        if settings["name"] == "partition":
+            assert row["stability"] == ""  # deterministic: no split half
+        else:
+            assert -1 <= float(row["stability"]) <= 1
+    info = json.loads((tiny_project / "out" / "run.json").read_text())["metrics"]
+    assert info["computed"] == ["deletion", "insertion"] and info["steps"] == 4
+    assert info["model_evaluations"] == 4 * (2 + 2 * 3 * 3) and info["rows"] == 8
+    mean_deletion = np.mean([float(r["deletion_auc"]) for r in rows])
+    assert info["mean"]["deletion_auc"] == pytest.approx(mean_deletion, abs=1e-5)
+    assert 0 <= info["random_reference"]["deletion_auc"] <= 1 and 0 <= info["random_reference"]["insertion_auc"] <= 1
+    if settings["name"] == "partition":
+        assert info["stability_median"] is None
+    else:
+        stabilities = [float(r["stability"]) for r in rows]
+        assert info["stability_median"] == pytest.approx(np.median(stabilities), abs=1e-5)
+
+
+def test_metrics_config_keys(tiny_project):
+    from explain_cli.config import load_config
+    from explain_cli.errors import ConfigError
+
+    cfg = load_config(tiny_project / "config.yaml")
+    assert cfg.metrics == [] and cfg.metrics_steps == 20 and cfg.metrics_baseline == "blur(32,32)"
+    for key, value, message in (("metrics", "[deletoin]", "deletion"), ("metrics_steps", "1", ">= 2"),
+                                ("metrics_baseline", "inpaint_ns", "inpainting")):
+        with pytest.raises(ConfigError) as info:
+            load_config(tiny_project / "config.yaml", [f"{key}={value}"])
+        assert info.value.key.startswith(key) and message in str(info.value)
