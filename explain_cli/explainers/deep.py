@@ -886,7 +886,8 @@ class Explainer(base.Explainer):
         assert phi is not None
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, C, H, W)
         values = (halves.sum(2) / n_refs).contiguous()  # (N, k, C, H, W)
-        stability = metrics.split_half_stability(halves[:, :, 0], halves[:, :, 1]) if n_refs >= 2 else None
+        stability = metrics.split_half_stability(
+            halves[:, :, 0], halves[:, :, 1], (n_refs // 2, n_refs - n_refs // 2)) if n_refs >= 2 else None
         shap_sum = values.flatten(2).to(torch.float64).sum(2)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),

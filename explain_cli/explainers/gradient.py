@@ -212,7 +212,8 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, C, H, W)
         values = (halves.sum(2) / nsamples).contiguous()  # (N, k, C, H, W)
         shap_sum = values.flatten(2).sum(2)
-        stability = metrics.split_half_stability(halves[:, :, 0], halves[:, :, 1]) if nsamples >= 2 else None
+        stability = metrics.split_half_stability(
+            halves[:, :, 0], halves[:, :, 1], (nsamples // 2, nsamples - nsamples // 2)) if nsamples >= 2 else None
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),

@@ -498,4 +498,5 @@ class Explainer(base.Explainer):
             return np.full(k, np.nan)
         maps = [torch.from_numpy(paint(solve(item.masks, w, y, fx, fnull), item.labels, channels))[None]
                 for w in halves]
-        return metrics.split_half_stability(maps[0], maps[1])[0]
+        sizes = tuple(int((w[item.nfixed:] > 0).sum()) for w in halves)
+        return metrics.split_half_stability(maps[0], maps[1], sizes)[0]
