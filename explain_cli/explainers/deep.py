@@ -60,7 +60,9 @@ intercepted (a TorchScript model is refused; scripted submodules are reported). 
 runs, TF32 is switched off (cuDNN uses it for float32 convolutions by default on recent GPUs; it
 would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences).
 
-DeepSHAP is deterministic: the per-image ``seeds`` are not used.
+DeepSHAP is deterministic: the per-image ``seeds`` are not used. The sums over the first and the
+second half of the background are kept apart, for ``stability`` (``metrics.split_half_stability``):
+how much the map would change with another background of the same size.
 """
 
 from __future__ import annotations

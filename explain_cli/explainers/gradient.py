@@ -37,7 +37,8 @@ How it is computed (this is what makes it fast):
 * one forward per chunk feeds all k ranked outputs (k ``autograd.grad`` calls on the same graph);
 * no parameter gradients; for a layer target the layer's input is captured as a fresh leaf, so the
   part of the network in front of the layer builds no autograd graph;
-* the per-(image, class) sums are accumulated on the device.
+* the per-(image, class) sums are accumulated on the device, the first and the second half of each
+  image's samples apart, so ``stability`` (``metrics.split_half_stability``) costs no evaluation.
 
 Random numbers: image ``i``'s draws come only from ``seeds[i]`` (its own generators, drawn in sample
 order; the smoothing noise in fixed blocks of samples), so the numbers do not depend on which images

@@ -42,6 +42,8 @@ segment) is the superpixel's value, as in seed 004's ``fill_segmentation``; the 
 image can be read back from the saved map alone. Hence ``values.sum()`` is *not* ``sum(phi)`` (each
 value is counted once per pixel): ``shap_sum`` is ``sum(phi)``. ``outputs`` is ``f(x)``,
 ``base_values`` is ``f(all hidden)``, so the additivity error is zero up to float rounding.
+``stability`` comes from two more regressions per image on two halves of the drawn coalitions (the
+enumerated ones in both; see ``split_half``): no extra model evaluation.
 
 Batching: the rows of all images of a call (one all-hidden row plus the coalitions of each image)
 are built on the model's device from the coalition masks and the label maps, and evaluated in
