@@ -31,6 +31,7 @@ from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, res
                              versions)
 from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
+from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, write_json
 
@@ -410,4 +411,5 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)
+            write_report_or_warn(out_dir)
     return summary
