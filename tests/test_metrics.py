@@ -262,3 +262,33 @@ def test_metrics_config_keys(tiny_project):
         with pytest.raises(ConfigError) as info:
             load_config(tiny_project / "config.yaml", [f"{key}={value}"])
         assert info.value.key.startswith(key) and message in str(info.value)
+
+
+def test_merge_summaries_weights_shards_by_rows():
+    a = {"computed": ["deletion"], "steps": 20, "baseline": "blur(32,32)", "model_evaluations": 10, "rows": 2,
+         "mean": {"deletion_auc": 0.2, "insertion_auc": None},
+         "random_reference": {"deletion_auc": 0.4, "insertion_auc": None}}
+    b = dict(a, model_evaluations=30, rows=6, mean={"deletion_auc": 0.1, "insertion_auc": None},
+             random_reference={"deletion_auc": 0.5, "insertion_auc": None})
+    merged = metrics.merge_summaries([a, None, b], [0.2, float("nan"), 0.9, 0.4])
+    assert merged["model_evaluations"] == 40 and merged["rows"] == 8
+    assert merged["mean"]["deletion_auc"] == pytest.approx((0.2 * 2 + 0.1 * 6) / 8)
+    assert merged["random_reference"]["deletion_auc"] == pytest.approx((0.4 * 2 + 0.5 * 6) / 8)
+    assert merged["random_reference"]["insertion_auc"] is None
+    assert merged["stability_median"] == pytest.approx(0.4) and merged["stability_rows"] == 3
+    assert metrics.merge_summaries([None, None], []) is None
+
+
+@pytest.mark.parametrize("threshold, warns", [(1.01, True), (-2.0, False)])
+def test_run_warns_when_median_stability_is_low(tiny_project, caplog, monkeypatch, threshold, warns):
+    import logging
+
+    from explain_cli import pipeline
+    from explain_cli.config import load_config
+
+    monkeypatch.setattr(pipeline, "UNSTABLE", threshold)  # every stability is <= 1 and >= -1
+    cfg = load_config(tiny_project / "config.yaml", ["explainer.nsamples=4"])
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        summary = pipeline.run(cfg, pipeline.RunOptions(progress=False))
+    assert summary.explained == 4
+    assert any("median stability" in r.getMessage() for r in caplog.records) == warns
