@@ -67,6 +67,7 @@ class Prepared:
     num_outputs: int
     shard: Shard | None
     explainer_class: Any  # the registered Explainer subclass of explainer.name
+    layer_tokens: dict | None = None  # a token layer's mapping onto the patch grid (run.json)
 
 
 @dataclass
@@ -116,7 +117,8 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
     from explain_cli import explainers
     from explain_cli.labels import load_labels
-    from explain_cli.models import build_model, count_outputs, resolve_layer, to_channels_last
+    from explain_cli.models import (build_model, check_layer_input, count_outputs, resolve_layer,
+                                    to_channels_last)
 
     input_dir = config.resolve(config.input.dir)
     if not input_dir.is_dir():
@@ -143,11 +145,12 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
                                          f"explain layer '{config.model.layer}'; set model.layer: input",
                           config._source)
     num_outputs = count_outputs(model, config.preprocess.size)
+    layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class)
+                    num_outputs, shard, explainer_class, layer_tokens)
 
 
 def load_background(prep: Prepared):
@@ -348,7 +351,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
-            "images_found": len(prep.all_images), "limit": options.limit,
+            "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(),
         }

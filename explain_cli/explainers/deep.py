@@ -9,7 +9,8 @@ with ``sum(m_j * (x - r_j)) = f_c(x) - f_c(r_j)``; the attribution is their mean
 
 At a layer, ``x - r_j`` is replaced by the difference of the layer's *input* (first positional
 argument of its ``forward``) at the image and at the reference; the base value stays the mean model
-output over the background.
+output over the background. A token input ``(N, tokens, C)`` is attributed per token and channel and
+put on the patch grid at the end (``_utils.layer_map``; the prefix tokens' share stays in ``shap_sum``).
 
 How the multipliers are obtained ("modified gradients"). The model runs unchanged; while it runs, a
 ``TorchFunctionMode`` intercepts every torch call, so module calls (``nn.ReLU``), functional calls
@@ -886,11 +887,14 @@ class Explainer(base.Explainer):
             self._warn_unsupported(tape)
 
         assert phi is not None
-        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, C, H, W)
-        values = (halves.sum(2) / n_refs).contiguous()  # (N, k, C, H, W)
-        stability = metrics.split_half_stability(
-            halves[:, :, 0], halves[:, :, 1], (n_refs // 2, n_refs - n_refs // 2)) if n_refs >= 2 else None
-        shap_sum = values.flatten(2).to(torch.float64).sum(2)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if n_refs >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),

@@ -27,6 +27,10 @@ i.e. shap multiplies by the layer input at the interpolated point itself, **not*
 a background activation, so at a layer the attributions do not sum to ``f_c(x) - E[f_c]``. That is
 shap's definition and we keep it; ``shap_sum`` reports the sum as it is.
 
+A token layer (input ``(N, tokens, C)``, a ViT block) is attributed per token and channel; the values
+are then put on the patch grid as ``(C, h, w)`` (``_utils.layer_map``: class/distillation/register
+tokens dropped from the map, their share kept in ``shap_sum``).
+
 The top-k classes are ranked on the raw model output of the un-noised images (descending, as shap's
 ``ranked_outputs`` with ``output_rank_order="max"``).
 
@@ -210,11 +214,14 @@ class Explainer(base.Explainer):
                 del out, target, multiplier, z, delta
 
         assert phi is not None
-        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, C, H, W)
-        values = (halves.sum(2) / nsamples).contiguous()  # (N, k, C, H, W)
-        shap_sum = values.flatten(2).sum(2)
-        stability = metrics.split_half_stability(
-            halves[:, :, 0], halves[:, :, 1], (nsamples // 2, nsamples - nsamples // 2)) if nsamples >= 2 else None
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if nsamples >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
