@@ -30,6 +30,7 @@ from explain_cli.names import escape, unescape
 TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
+    "stability", "deletion_auc", "insertion_auc",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
@@ -132,11 +133,15 @@ def quote_cell(cell: str) -> str:
 
 
 def format_row(row: Sequence[Any]) -> str:
-    """One CSV line. Like csv.writer's minimal quoting, but also quotes a bare CR (csv.writer with
-    ``lineterminator='\\n'`` leaves it unquoted, which splits the row when read back)."""
-    return ",".join(quote_cell(escape(c) if isinstance(c, str) else str(c)) for c in row) + "\n"
+    """One CSV line. Like csv.writer's minimal quoting (None is an empty cell), but also quotes a
+    bare CR (csv.writer with ``lineterminator='\\n'`` leaves it unquoted, which splits the row
+    when read back)."""
+    return ",".join(quote_cell(escape(c)) if isinstance(c, str) else "" if c is None else str(c)
+                    for c in row) + "\n"
 
 def _format_cell(value: Any) -> Any:
+    if value is None:
+        return ""
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
     if isinstance(value, np.integer):
