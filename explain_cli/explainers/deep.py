@@ -78,7 +78,7 @@ from pydantic import Field
 from torch.overrides import TorchFunctionMode
 
 from explain_cli.errors import ConfigError
-from explain_cli.explainers import _utils
+from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 
@@ -125,7 +125,11 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, u_r, g):  # noqa: D102
         y = g(u)
-        ctx.save_for_backward(_secant(g, u, u_r, y=y))
+        if u.dtype in (torch.bfloat16, torch.float16):  # autocast: the multiplier in float32
+            m = _secant(g, u.float(), u_r.float())
+        else:
+            m = _secant(g, u, u_r, y=y)
+        ctx.save_for_backward(m)
         return y
 
     @staticmethod
@@ -764,7 +768,7 @@ class Explainer(base.Explainer):
         """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
         ctx = self.context
         model, layer = ctx.model, ctx.layer
-        if isinstance(model, torch.jit.ScriptModule):
+        if isinstance(_precision.unwrap(model), torch.jit.ScriptModule):
             raise ConfigError("explainer.name", "the deep explainer needs an eager PyTorch model: a "
                                                 "TorchScript model runs outside Python, so its nonlinear "
                                                 "operations cannot be given DeepLIFT rules; use the "
@@ -864,7 +868,7 @@ class Explainer(base.Explainer):
                             out = _utils.as_2d(model(x))
                         target = self._layer_value(captured)
                         assert self._layer_reference is not None
-                        delta = (target.detach() - self._layer_reference[ref].to(target.dtype))
+                        delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
                 row_classes = classes_dev[img]
                 rank_rows = torch.arange(stop - start, device=device)
@@ -873,7 +877,7 @@ class Explainer(base.Explainer):
                     (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
                     if grad is None:
                         grad = torch.zeros_like(target)
-                    contribution = (grad * delta).to(acc_dtype)
+                    contribution = grad.to(acc_dtype) * delta.to(acc_dtype)
                     if phi is None:
                         phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)

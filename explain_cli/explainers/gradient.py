@@ -198,7 +198,7 @@ class Explainer(base.Explainer):
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
                     (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k)
-                    contribution = (grad * multiplier).float()
+                    contribution = grad.float() * multiplier.float()  # a layer input may be bf16/fp16
                     if phi is None:
                         phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)

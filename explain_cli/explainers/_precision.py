@@ -1,0 +1,73 @@
+"""``precision``: the model runs under ``torch.autocast``; everything around it stays float32.
+
+The explainers only ever call ``context.model``; wrapping it once (``ExplainContext`` does) puts every
+forward pass of every explainer under autocast without touching their code. The wrapper hands back
+float32 outputs, so rankings, probabilities, base values and every sum are computed in float32, and
+gradients leave the model as float32 at the input. What stays in the model's dtype is what lives
+inside it: a layer target's captured input (the explainers cast it to float32 before multiplying).
+Backward passes run outside the autocast region, as torch recommends; autograd replays each op in
+the dtype its forward used.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from explain_cli.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Autocast(torch.nn.Module):
+    """Runs ``module`` under ``torch.autocast(device_type, dtype)`` and returns float32 outputs."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+        self.train(module.training)
+
+    def forward(self, *args, **kwargs):  # noqa: D102
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            return out.float()
+        return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model behind an :class:`Autocast` wrapper (itself otherwise)."""
+    return model.module if isinstance(model, Autocast) else model
+
+
+def check(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``precision`` on ``device``; ConfigError when this torch cannot run it."""
+    dtype = DTYPES[precision]
+    if dtype is torch.float32:
+        return dtype
+    device_type = torch.device(device).type
+    # torch.autocast only warns (and runs in float32) for a device or dtype it does not support:
+    # turn that into a config error instead of silently ignoring the key.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.autocast(device_type, dtype=dtype):
+                pass
+        except RuntimeError as exc:
+            caught.append(warnings.WarningMessage(str(exc), RuntimeWarning, "", 0))
+    if any("autocast" in str(w.message).lower() for w in caught):
+        raise ConfigError("precision", f"{precision} autocast is not supported on {device_type} by this torch "
+                                       f"({torch.__version__}); use float32 or another device")
+    return dtype
+
+
+def with_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped for ``precision`` (the bare model for float32); wrapping twice is a no-op."""
+    inner = unwrap(model)
+    dtype = check(precision, device)
+    if dtype is torch.float32:
+        return inner
+    return Autocast(inner, torch.device(device).type, dtype)
