@@ -54,18 +54,20 @@ def check(precision: str, device: torch.device) -> torch.dtype:
         # slower than float32 on lite0 (measured, 2 AMD EPYC cores); bfloat16 is the CPU's low precision.
         raise ConfigError("precision", "float16 is for CUDA devices; on the CPU use bfloat16 (float16 runs "
                                        "more than 10x slower than float32 there) or float32")
-    # torch.autocast only warns (and runs in float32) for a device or dtype it does not support:
-    # turn that into a config error instead of silently ignoring the key.
+    # torch.autocast only warns (and runs in float32) for a device or dtype it does not support, and
+    # raises for bfloat16 on a GPU without it (before Ampere): both become a config error.
+    problem = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with torch.autocast(device_type, dtype=dtype):
                 pass
         except RuntimeError as exc:
-            caught.append(warnings.WarningMessage(str(exc), RuntimeWarning, "", 0))
-    if any("autocast" in str(w.message).lower() for w in caught):
-        raise ConfigError("precision", f"{precision} autocast is not supported on {device_type} by this torch "
-                                       f"({torch.__version__}); use float32 or another device")
+            problem = str(exc)
+    problem = problem or next((str(w.message) for w in caught if "autocast" in str(w.message).lower()), None)
+    if problem:
+        raise ConfigError("precision", f"{precision} cannot run on {device_type} here: {problem.splitlines()[0].rstrip('. ')}; "
+                                       "use float32" + (" or float16" if dtype is torch.bfloat16 else ""))
     return dtype
 
 
