@@ -100,7 +100,8 @@ class Config(_Section):
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
     batch_size: int | Literal["auto"] = Field(
-        default="auto", description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
+        default="auto",
+        description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="dtype the model runs in (torch.autocast); attributions stay float32")
     device: str = "auto"

@@ -66,8 +66,9 @@ def check(precision: str, device: torch.device) -> torch.dtype:
             problem = str(exc)
     problem = problem or next((str(w.message) for w in caught if "autocast" in str(w.message).lower()), None)
     if problem:
-        raise ConfigError("precision", f"{precision} cannot run on {device_type} here: {problem.splitlines()[0].rstrip('. ')}; "
-                                       "use float32" + (" or float16" if dtype is torch.bfloat16 else ""))
+        reason = problem.splitlines()[0].rstrip(". ")
+        other = " or float16" if dtype is torch.bfloat16 else ""
+        raise ConfigError("precision", f"{precision} cannot run on {device_type} here: {reason}; use float32{other}")
     return dtype
 
 
