@@ -173,3 +173,43 @@ def test_precision_key_in_config_and_run(tiny_project):
     result = runner.invoke(app, ["run", str(cfg), "--no-progress", "--overwrite", "--set", "precision=float16"])
     assert result.exit_code == 2
     assert "precision" in result.output and "bfloat16" in result.output
+
+
+@pytest.mark.parametrize("name", ["gradient", "deep"])
+def test_float16_gradients_are_scaled_against_underflow(monkeypatch, name):
+    """Gradients of small outputs underflow float16 (below 6e-8); the scaled ones keep their digits.
+
+    float16 runs on the CPU here only for this test (the config refuses it there: slow kernels).
+    """
+    from torch import nn
+
+    monkeypatch.setattr(_precision, "check", lambda precision, device: _precision.DTYPES[precision])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(1e-3)  # outputs (and so all gradients) 1000x smaller
+    g = torch.Generator().manual_seed(0)
+    background, images = torch.randn(4, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    module = get(name)
+    settings = module.Settings(name=name, **({"nsamples": 32} if name == "gradient" else {}))
+
+    def run(precision):
+        ctx = ExplainContext(model=net, layer=None, layer_name="input", background=background, mean=(0, 0, 0),
+                             std=(1, 1, 1), device=torch.device("cpu"), batch_size=64, settings=settings,
+                             precision=precision)
+        return module.Explainer(ctx).explain(images, 2, [1, 2])
+
+    def worst_r(low, ref):
+        return min(np.corrcoef(low.values[i, r].ravel(), ref.values[i, r].ravel())[0, 1]
+                   for i in range(2) for r in range(2))
+
+    ref = run("float32")
+    assert np.abs(ref.values).max() < 1e-3
+    scaled = run("float16")
+    monkeypatch.setattr(_precision, "_GRAD_SCALE", {})
+    unscaled = run("float16")
+    r_scaled, r_unscaled = worst_r(scaled, ref), worst_r(unscaled, ref)
+    print(f"\n{name} float16 on tiny outputs: r = {r_scaled:.5f} scaled, {r_unscaled:.5f} unscaled")
+    assert r_scaled >= 0.999 and r_scaled > r_unscaled
+    np.testing.assert_array_equal(scaled.classes, ref.classes)

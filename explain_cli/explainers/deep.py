@@ -851,6 +851,7 @@ class Explainer(base.Explainer):
 
             acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
             phi: torch.Tensor | None = None  # (k, N, *explained shape)
+            scale = _precision.grad_scale(model)
             size = max(1, int(ctx.batch_size))
             for start, stop in _utils.chunk_ranges(n_images * n_refs, size):
                 rows = torch.arange(start, stop, device=device)
@@ -874,10 +875,12 @@ class Explainer(base.Explainer):
                 rank_rows = torch.arange(stop - start, device=device)
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
-                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k,
+                                                  allow_unused=True)
                     if grad is None:
                         grad = torch.zeros_like(target)
-                    contribution = grad.to(acc_dtype) * delta.to(acc_dtype)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.to(acc_dtype) / scale) * delta.to(acc_dtype)
                     if phi is None:
                         phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from explain_cli.explainers import _utils
+from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 
@@ -167,6 +167,7 @@ class Explainer(base.Explainer):
             classes_dev = classes.to(device)
 
             phi: torch.Tensor | None = None  # (k, N, *explained shape), float32 sums
+            scale = _precision.grad_scale(model)
             total = n_images * nsamples
             size = max(1, int(ctx.batch_size))
             for start, stop in _utils.chunk_ranges(total, size):
@@ -197,8 +198,9 @@ class Explainer(base.Explainer):
 
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
-                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k)
-                    contribution = grad.float() * multiplier.float()  # a layer input may be bf16/fp16
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                     if phi is None:
                         phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
