@@ -95,7 +95,8 @@ def run(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
-    """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json."""
+    """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json
+    and report.html."""
     _setup_logging(verbose, quiet, log_file)
     try:
         from explain_cli.pipeline import RunOptions, Shard, run as run_pipeline
@@ -203,7 +204,7 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
 ) -> None:
     """Combine the shard files of a sharded run (topk/errors/run.shard-I-of-N.*) into topk.csv,
-    errors.csv and run.json. Refuses (exit 2) when a shard is missing, unfinished or ran with
+    errors.csv and run.json, then report.html. Refuses (exit 2) when a shard is missing, unfinished or ran with
     another config. Safe to run again."""
     _setup_logging(0, quiet, None)
     try:
@@ -221,6 +222,32 @@ def merge(
         if summary.failed:
             line += " (see errors.csv)"
         print(line, file=sys.stderr)
+    from explain_cli.report import write_report_or_warn
+
+    write_report_or_warn(output_dir)
+
+
+@app.command(epilog="Examples:\n\n  explain-cli report out/\n\n  explain-cli report /scratch/$USER/explain-out   (shards so far, before the merge)\n\n"
+             + EXIT_CODES_HELP)
+def report(
+    output_dir: Path = typer.Argument(..., help="A run's output folder (output.dir)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+) -> None:
+    """Write OUTPUT_DIR/report.html: one self-contained page to browse the run (summary, failed
+    images, every image with its top-k classes and scores, sortable and filterable). Runs and
+    merges write it too; use this after copying or editing outputs. Exit 2 if the folder has no
+    run outputs."""
+    _setup_logging(0, quiet, None)
+    try:
+        from explain_cli.report import write_report
+
+        path = write_report(output_dir)
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def main() -> None:
