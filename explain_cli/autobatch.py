@@ -68,11 +68,12 @@ def explain_with_backoff(explainer, batch, top_k: int, seeds: Sequence[int]):
         else:
             if searching:
                 ctx.batch_size_auto = False
-                log.info("batch_size auto: %d rows per model call on %s", ctx.batch_size, ctx.device)
+                log.info("batch_size auto: %d rows per model call on %s", ctx.batch_size,
+                         getattr(ctx, "device", "the device"))
             return result
         # Outside the except block: the exception's frames (and the tensors they hold) are gone,
         # so the cached blocks can really be released before the retry.
-        _release(ctx.device)
+        _release(getattr(ctx, "device", None))
 
 
 def _release(device: Any) -> None:
