@@ -144,6 +144,9 @@ def test_outputs_stay_float32_and_float16_is_refused_on_cpu(demo):
         finally:
             handle.remove()
     assert out.dtype == torch.float32 and inner["dtype"] == torch.bfloat16
+    # code that inspects the model (token grids, layer names) sees the user's model through the wrapper
+    assert wrapped.get_submodule("blocks.3") is model.blocks[3] and wrapped.get_submodule("") is wrapped
+    assert wrapped.num_features == model.num_features and wrapped.conv_stem is model.conv_stem
     with pytest.raises(ConfigError) as info:
         _precision.with_precision(model, "float16", torch.device("cpu"))
     assert info.value.key == "precision" and "bfloat16" in str(info.value)
@@ -213,3 +216,33 @@ def test_float16_gradients_are_scaled_against_underflow(monkeypatch, name):
     print(f"\n{name} float16 on tiny outputs: r = {r_scaled:.5f} scaled, {r_unscaled:.5f} unscaled")
     assert r_scaled >= 0.999 and r_scaled > r_unscaled
     np.testing.assert_array_equal(scaled.classes, ref.classes)
+
+
+@pytest.mark.parametrize("name", ["gradient", "deep"])
+def test_token_layer_under_autocast(name):
+    """A ViT block's input under bfloat16: the wrapper lets the token grid be found on the user's model."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=5).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+    g = torch.Generator().manual_seed(1)
+    background, images = torch.randn(4, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    module = get(name)
+    settings = module.Settings(name=name, **({"nsamples": 16} if name == "gradient" else {}))
+
+    def run(precision):
+        ctx = ExplainContext(model=model, layer=model.blocks[1], layer_name="blocks.1", background=background,
+                             mean=(0.5,) * 3, std=(0.5,) * 3, device=torch.device("cpu"), batch_size=64,
+                             settings=settings, precision=precision)
+        return module.Explainer(ctx).explain(images, 2, [1, 2])
+
+    ref, low = run("float32"), run("bfloat16")
+    assert low.values.shape == ref.values.shape == (2, 2, 32, 4, 4)  # 16 patch tokens on the 4x4 grid
+    assert low.values.dtype == np.float32 and np.isfinite(low.values).all()
+    rs = agreement(low, ref)
+    print(f"\n{name} at a ViT token layer, bfloat16 vs float32: r = " + ", ".join(f"{r:.4f}" for _, _, r in rs))
+    assert min(r for _, _, r in rs) > 0.9

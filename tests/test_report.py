@@ -54,7 +54,8 @@ def test_every_run_writes_a_self_contained_report(tiny_project):
     data = embedded(page)
     rows = topk_rows(out / "topk.csv")
     assert [im["f"] for im in data["images"]] == ["a/one.png", "a/two.jpg", "b/one.png", "three.bmp"]
-    assert [c["key"] for c in data["columns"]] == ["probability", "additivity_error"]  # no metric columns
+    # gradient always has stability; faithfulness is opt-in (metrics: [])
+    assert [c["key"] for c in data["columns"]] == ["probability", "additivity_error", "stability"]
     for im in data["images"]:
         mine = [r for r in rows if r["image"] == im["f"]]
         assert im["c"] == [r["class_name"] for r in mine]

@@ -35,6 +35,18 @@ class Autocast(torch.nn.Module):
         self.dtype = dtype
         self.train(module.training)
 
+    def __getattr__(self, name: str):
+        """The wrapped model's attributes (``patch_embed``, ``num_prefix_tokens``, ...) show through,
+        so code that inspects the model (token grids) sees the user's model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def get_submodule(self, target: str) -> torch.nn.Module:
+        """Dotted names are the user's model's (``blocks.3``, not ``module.blocks.3``)."""
+        return self.module.get_submodule(target) if target else self
+
     def forward(self, *args, **kwargs):  # noqa: D102
         with torch.autocast(self.device_type, dtype=self.dtype):
             out = self.module(*args, **kwargs)
