@@ -134,6 +134,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         images = images[: options.limit]
 
     dev = resolve_device(device or config.device)
+    from explain_cli.explainers import _precision
+
+    _precision.check(config.precision, dev)  # so `validate` refuses a precision this device cannot run
     torch.manual_seed(config.seed)
     model = build_model(config.model, lambda p: config.resolve(p))
     layer = resolve_layer(model, config.model.layer)
