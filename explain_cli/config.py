@@ -126,7 +126,11 @@ class Config(_Section):
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
-    batch_size: int = Field(default=64, ge=1, le=MAX_BATCH, description="model evaluations per forward pass")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype the model runs in (torch.autocast); attributions stay float32")
     device: str = "auto"
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     metrics: list[Literal["deletion", "insertion"]] = Field(
@@ -146,6 +150,13 @@ class Config(_Section):
         from explain_cli.metrics import parse_baseline
 
         return parse_baseline(v)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH):
+            return v
+        raise ValueError(f"must be an integer from 1 to {MAX_BATCH} or 'auto' (got {v!r})")
 
     @field_validator("device")
     @classmethod
