@@ -156,7 +156,7 @@ class Config(_Section):
     def _batch_size(cls, v: Any) -> int | str:
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH):
             return v
-        raise ValueError(f"must be an integer from 1 to {MAX_BATCH} or 'auto' (got {v!r})")
+        raise ValueError(f"must be an integer >= 1 and <= {MAX_BATCH}, or 'auto' (got {v!r})")
 
     @field_validator("device")
     @classmethod
