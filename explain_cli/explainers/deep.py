@@ -207,36 +207,109 @@ class _ModelMismatch(RuntimeError):
     pass
 
 
+class _Slot:
+    """One tensor argument of one recorded call: where the batch sits in it and the reference values.
+
+    The batch need not be the first dimension, nor alone in it: Swin's windows fold it into the first
+    dimension (``batch x windows`` rows), torch's multi-head attention runs sequence-first. Comparing
+    the shape for one reference (``shape1``) with the shape for ``b`` rows finds the dimension ``dim``
+    that grows ``b``-fold; the single-reference tensor (``probe``) then tells whether the batch is the
+    outer (the usual ``reshape(B * W, ...)``) or the inner factor of that dimension (``minor``).
+    References are stored as ``(B, fold, *rest)``: ``dim`` moved to the front and split.
+    """
+
+    __slots__ = ("shape1", "dim", "minor", "probe", "parts", "store")
+
+    def __init__(self, shape1: torch.Size) -> None:
+        self.shape1 = shape1
+        self.dim: int | None = None  # None until two batch sizes were seen (0 serves one row)
+        self.minor = False
+        self.probe: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] = []
+        self.store: torch.Tensor | None = None
+
+    def locate(self, shape: torch.Size, rows: int) -> None:
+        """Find ``dim`` from a shape with ``rows`` rows (rows > 1)."""
+        differ = [d for d in range(len(shape)) if len(shape) == len(self.shape1) and shape[d] != self.shape1[d]]
+        if len(differ) != 1 or shape[differ[0]] != rows * self.shape1[differ[0]]:
+            raise _ModelMismatch(f"a nonlinear call has shape {tuple(shape)} for {rows} rows and "
+                                 f"{tuple(self.shape1)} for one: no dimension holds the batch")
+        self.dim = differ[0]
+
+    def _dim(self) -> int:
+        return 0 if self.dim is None else self.dim
+
+    def check(self, shape: torch.Size, rows: int) -> None:
+        d = self._dim()
+        expected = list(self.shape1)
+        expected[d] *= rows
+        if list(shape) != expected:
+            raise _ModelMismatch(f"a nonlinear call has shape {tuple(shape)} here and {tuple(expected)} "
+                                 f"for the same number of rows on the background")
+
+    def split(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``x`` (``rows`` rows) as ``(rows, fold, *rest)``."""
+        y = x.movedim(self._dim(), 0)
+        fold = y.shape[0] // rows
+        if self.minor:
+            return y.reshape(fold, rows, *y.shape[1:]).transpose(0, 1)
+        return y.reshape(rows, fold, *y.shape[1:])
+
+    def join(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`split`."""
+        rows, fold = y.shape[:2]
+        if self.minor:
+            y = y.transpose(0, 1)
+        return y.reshape(rows * fold, *y.shape[2:]).movedim(0, self._dim())
+
+    def choose_order(self, x: torch.Tensor, rows: int) -> None:
+        """``x`` holds ``rows`` references, the first being the probe's: batch outer or inner factor?"""
+        assert self.probe is not None and self.dim is not None
+        fold = self.shape1[self.dim]
+        if fold > 1:
+            y = x.detach().movedim(self.dim, 0)
+            target = self.probe.movedim(self.dim, 0)
+            outer = (y[:fold] - target).abs().max()
+            inner = (y[0::rows] - target).abs().max()
+            self.minor = bool(inner < outer)
+        self.probe = None
+
+
 class _Tape:
     """Per-call reference values: ``record`` stores them (background), ``explain`` looks them up."""
 
     def __init__(self) -> None:
         self.phase = "off"
         self.position = 0
-        self.chunks: list[tuple[str, list[list[torch.Tensor | None]]]] = []  # while recording
-        self.sites: list[tuple[str, tuple[torch.Tensor | None, ...]]] = []  # recorded, concatenated
+        self.calls: list[tuple[str, list[_Slot | None]]] = []
+        self.rows = 0
+        self.probing = False
+        self.first = True
         self.ref_index: torch.Tensor | None = None
         self.unsupported: dict[str, int] = {}
-        self.first = True
 
     # phases -------------------------------------------------------------------------------
-    def start_record(self, first: bool) -> None:
-        self.phase, self.position, self.first = "record", 0, first
+    def start_record(self, rows: int, first: bool, probe: bool = False) -> None:
+        """A background chunk of ``rows`` references; ``probe``: the first reference alone, run before
+        the chunks only to locate the batch in every call (see :class:`_Slot`)."""
+        self.phase, self.position, self.rows, self.first, self.probing = "record", 0, rows, first, probe
 
     def start_explain(self, ref_index: torch.Tensor) -> None:
         self.phase, self.position, self.ref_index = "explain", 0, ref_index
+        self.rows = int(ref_index.shape[0])
 
     def stop(self) -> None:
-        expected = len(self.chunks) if self.phase == "record" else len(self.sites)
         self.phase = "off"
-        if self.position != expected:
+        if self.position != len(self.calls):
             raise _ModelMismatch(f"the model made {self.position} nonlinear calls on this batch but "
-                                 f"{expected} on the background")
+                                 f"{len(self.calls)} on the background")
 
     def finish_record(self) -> None:
-        self.sites = [(kind, tuple(None if parts[0] is None else torch.cat(parts) for parts in lists))
-                      for kind, lists in self.chunks]
-        self.chunks = []
+        for _, slots in self.calls:
+            for slot in slots:
+                if slot is not None:
+                    slot.store = torch.cat(slot.parts)
+                    slot.parts = []
 
     # one site -----------------------------------------------------------------------------
     def site(self, kind: str, tensors: tuple[torch.Tensor | None, ...]) -> tuple | None:
@@ -244,32 +317,46 @@ class _Tape:
         t = self.position
         self.position += 1
         if self.phase == "record":
-            if t >= len(self.chunks) and not self.first:
-                raise _ModelMismatch("the model made more nonlinear calls on this background chunk than "
-                                     "on the first one")
-            if t == len(self.chunks):
-                self.chunks.append((kind, [[] for _ in tensors]))
-            rec_kind, lists = self.chunks[t]
-            if rec_kind != kind or len(lists) != len(tensors):
+            if t == len(self.calls):
+                if not self.first:
+                    raise _ModelMismatch("the model made more nonlinear calls on this background chunk than "
+                                         "on the first one")
+                self.calls.append((kind, [None if x is None else _Slot(x.shape) for x in tensors]))
+            rec_kind, slots = self.calls[t]
+            if rec_kind != kind or [s is None for s in slots] != [x is None for x in tensors]:
                 raise _ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} before")
-            for store, x in zip(lists, tensors):
-                store.append(None if x is None else x.detach().clone())
+            for slot, x in zip(slots, tensors):
+                if slot is None:
+                    continue
+                x = x.detach()
+                if self.probing:
+                    slot.probe = x.clone()
+                    continue
+                if slot.dim is None and self.rows > 1:
+                    slot.locate(x.shape, self.rows)
+                    if slot.probe is not None:
+                        slot.choose_order(x, self.rows)
+                slot.check(x.shape, self.rows)
+                slot.parts.append(slot.split(x, self.rows).clone())
             return None
-        if t >= len(self.sites):
+        if t >= len(self.calls):
             raise _ModelMismatch(f"the model made more nonlinear calls on the images than on the background "
-                                 f"({len(self.sites)})")
-        rec_kind, refs = self.sites[t]
+                                 f"({len(self.calls)})")
+        rec_kind, slots = self.calls[t]
         if rec_kind != kind:
             raise _ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} on the background")
         out = []
-        for x, r in zip(tensors, refs):
-            if x is None or r is None:
+        for x, slot in zip(tensors, slots):
+            if x is None or slot is None:
                 out.append(None)
                 continue
-            if x.shape[0] != self.ref_index.shape[0] or x.shape[1:] != r.shape[1:]:
-                raise _ModelMismatch(f"nonlinear call {t} ({kind}) has shape {tuple(x.shape)} here and "
-                                     f"{tuple(r.shape)} on the background; the batch must be the first dim")
-            out.append(r.index_select(0, self.ref_index).to(x.dtype))
+            if slot.dim is None and self.rows > 1:  # one reference, recorded alone: locate the batch now
+                slot.locate(x.shape, self.rows)
+                assert slot.store is not None
+                slot.store = slot.store.movedim(slot.dim + 1, 1)
+            slot.check(x.shape, self.rows)
+            assert slot.store is not None and self.ref_index is not None
+            out.append(slot.join(slot.store.index_select(0, self.ref_index)).to(x.dtype))
         return tuple(out)
 
     def note_unsupported(self, name: str) -> None:
@@ -778,18 +865,23 @@ class Explainer(base.Explainer):
         tape = _Tape()
         outputs, layer_parts = [], []
         size = max(1, int(ctx.batch_size))
-        for i, (a, b) in enumerate(_utils.chunk_ranges(refs.shape[0], size)):
+        probe = refs.shape[0] > 1 and size > 1  # the first reference alone locates the batch in every call
+        plan = ([(0, 1)] if probe else []) + list(_utils.chunk_ranges(refs.shape[0], size))
+        for i, (a, b) in enumerate(plan):
             chunk = refs[a:b]
-            tape.start_record(first=(i == 0))
+            tape.start_record(b - a, first=(i == 0), probe=probe and i == 0)
             with torch.enable_grad(), _DeepMode(tape, self._rules):
                 if layer is None:
                     out = model(chunk.detach().clone().requires_grad_(True))
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
                         out = model(chunk)
-                    layer_parts.append(self._layer_value(captured).detach().clone())
+                    layer_value = self._layer_value(captured).detach().clone()
             self._check_stop(tape)
-            outputs.append(_utils.as_2d(out).detach().to(torch.float64))
+            if not (probe and i == 0):
+                outputs.append(_utils.as_2d(out).detach().to(torch.float64))
+                if layer is not None:
+                    layer_parts.append(layer_value)
             del out
         tape.finish_record()
         self._background_mean = torch.cat(outputs).mean(0)
