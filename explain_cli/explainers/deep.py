@@ -1122,6 +1122,7 @@ upsample_bilinear pixel_shuffle pixel_unshuffle channel_shuffle native_channel_s
 flipud rot90 to type float double half bfloat16 cpu cuda copy_ zero_ fill_ masked_fill masked_fill_
 cumsum diff trace diagonal movedim moveaxis swapaxes swapdims unfold fold as_strided detach
 requires_grad_ type_as new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like
+T mT H mH shape dtype device
 mul mul_ __mul__ __rmul__ __imul__ multiply div div_ __truediv__ __itruediv__ true_divide divide
 matmul __matmul__ mm bmm einsum dropout dropout1d dropout2d dropout3d alpha_dropout
 feature_alpha_dropout identity real imag view_as_real flatten_ batch_norm
@@ -1131,7 +1132,10 @@ view_copy transpose_copy select_copy unsqueeze_copy squeeze_copy __len__ dim siz
 
 
 def _call_name(func: Any) -> str:
-    return getattr(func, "__name__", None) or repr(func)
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":  # a tensor property (x.T, x.mT): name the property
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
 
 
 def _train_mode_call(name: str, args: tuple, kwargs: dict) -> bool:
