@@ -32,22 +32,34 @@ output between image and reference exactly:
   ``dy / du[i]``, in [0, 1] since ``du[i] >= dy``) and to the reference's winner ``k`` when ``dy < 0``
   (``dy / du[k]``, ``du[k] <= dy``); summed over windows, so overlapping windows (the ResNet stem)
   stay exact where shap's unpooling drops all but one window;
-* softmax / log_softmax / layer_norm are decomposed into the rules above (exact as well);
+* maxima over a dimension (``amax``/``amin``, ``max``/``min`` with ``dim``) and elementwise
+  ``maximum``/``minimum`` (the max of a stacked pair): the same rule with the whole row as the window;
+* decomposed into the rules above, so exact as well: softmax / log_softmax (each row shifted by its
+  own maximum, so no factor over- or underflows), scaled_dot_product_attention and torch's
+  multi_head_attention_forward (masks, causal, scale, key padding, bias_k/v, zero attention, separate
+  projections; two bilinear products around the softmax), layer_norm, group_norm, instance_norm,
+  rms_norm, ``F.normalize``, and ``baddbmm``/``addmm``/``addcmul`` of two input-dependent factors;
 * everything else that is linear (conv, linear, eval-mode batch norm, add, cat, views, average and
   adaptive-average pooling, eval-mode dropout, interpolate, ...) keeps its plain gradient, which is
-  exact.
+  exact. Tensors that do not depend on the input (weights: BiT's weight standardisation computes a
+  batch norm over its weights, rotary-embedding tables, attention biases) are constants.
 
 Each rule is exact, so the attributions are additive up to floating-point rounding. An operation that
-is neither linear nor covered (``torch.maximum``, ``torch.where``, ``amax``, ``group_norm``,
-train-mode batch norm, ...) keeps its plain gradient and the explainer logs a warning naming it once:
-the ``additivity_error`` column then shows the cost.
+is neither linear nor covered (``torch.where``, ``sort``/``topk``, ``prod``, train-mode batch norm or
+dropout, a product of three input-dependent einsum operands, ...) keeps its plain gradient and the
+explainer logs a warning naming it once, whatever the call returns (a tensor, a tuple): the
+``additivity_error`` column then shows the cost. Integer results that depend on the input (an argmax
+used to index) are taken as the image's: such indexing is not covered by any rule and not reported.
 
 The reference side is computed once per run: the background goes through the model once (in chunks
 of ``batch_size``), recording the input of every nonlinear call, the layer input (layer target) and
 the model outputs (base values). An explained chunk then holds ``batch_size`` (image, reference) rows;
-each intercepted call looks up its recorded reference values by call order. This needs the model to
-make the same sequence of nonlinear calls for every batch (true of feed-forward classifiers;
-otherwise the explainer raises). Memory: the recorded inputs of the nonlinear calls of all
+each intercepted call looks up its recorded reference values by call order. The batch need not be the
+first dimension of a call's tensors: the first reference goes through alone before the chunks, and
+comparing shapes finds, per call, the dimension that holds the batch (Swin folds it into its windows,
+``B * windows``; torch's multi-head attention runs sequence-first). This needs the model to make the
+same sequence of nonlinear calls for every batch (true of feed-forward classifiers; otherwise the
+explainer raises). Memory: the recorded inputs of the nonlinear calls of all
 references stay on the device for the run (about the forward activations of ``B`` images; cap ``B``
 with ``max_background``).
 
@@ -411,6 +423,17 @@ def _needs_grad(obj: Any) -> bool:
     return False
 
 
+def _dependent_count(obj: Any) -> int:
+    """How many input-dependent tensors ``obj`` holds (one: the call is linear in it)."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.requires_grad)
+    if isinstance(obj, (list, tuple)):
+        return sum(_dependent_count(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_dependent_count(o) for o in obj.values())
+    return 0
+
+
 def _float_grad_output(obj: Any) -> bool:
     """A floating-point tensor that depends on the input, alone or inside a tuple/list/dict result."""
     if isinstance(obj, torch.Tensor):
@@ -472,7 +495,7 @@ def _unary_rule(oop: Callable, inplace: bool | None) -> Callable:
 def _pow_rule(oop: Callable, inplace: bool, reflected: bool = False) -> Callable:
     def rule(tape: _Tape, func, args, kwargs):
         if kwargs or len(args) != 2:
-            return _PLAIN
+            return _unsupported(tape, func) if _needs_grad((args, tuple(kwargs.values()))) else _PLAIN
         base_, exp_ = (args[1], args[0]) if reflected else args
         if _needs_grad(base_) and not _needs_grad(exp_) and _float_tensor(base_):
             return _apply_unary(tape, base_, lambda t: oop(t, exp_) if not reflected else oop(exp_, t), inplace)
@@ -487,7 +510,7 @@ def _pow_rule(oop: Callable, inplace: bool, reflected: bool = False) -> Callable
 def _mul_rule(inplace: bool) -> Callable:
     def rule(tape: _Tape, func, args, kwargs):
         if len(args) != 2 or kwargs:
-            return _PLAIN
+            return _unsupported(tape, func) if _dependent_count((args, kwargs)) > 1 else _PLAIN
         a, b = args
         if not (_float_tensor(a) and _float_tensor(b) and a.requires_grad and b.requires_grad):
             return _PLAIN
@@ -535,8 +558,8 @@ def _div_rule(inplace: bool, reflected: bool = False) -> Callable:
 def _bilinear_rule(h_of: Callable[[tuple, dict], tuple[Callable, torch.Tensor, torch.Tensor] | None]) -> Callable:
     def rule(tape: _Tape, func, args, kwargs):
         parts = h_of(args, kwargs)
-        if parts is None:
-            return _PLAIN
+        if parts is None:  # a form without a rule (more operands, out=): fine while linear
+            return _unsupported(tape, func) if _dependent_count((args, kwargs)) > 1 else _PLAIN
         h, a, b = parts
         if not (_float_tensor(a) and _float_tensor(b) and a.requires_grad and b.requires_grad):
             return _PLAIN
