@@ -1,27 +1,24 @@
-"""The run, stage by stage: config -> discover -> load -> explain -> render -> write.
+"""The run at a glance: prepare, then every selected image flows decode -> explain -> write.
 
-``prepare`` does everything up to the first explanation (and is what ``validate`` runs);
-``run`` streams the selected images through the explainer in steps, writing each image's
-outputs as soon as it is explained, so memory stays flat and a killed job loses at most the
-step in flight.
+``prepare`` does everything up to the first explanation (and is what ``validate`` runs). ``run``
+streams the images in steps: a thread decodes step i+1 while step i is explained, and each
+explained image goes to the write stage (``stages.Writer``), which writes its files and then its
+CSV rows. Memory stays flat and a killed job loses at most the steps in flight. The job around
+the stages (lock, signals, shard, device, run.json facts) lives in ``job``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import logging
-import os
 import platform
 import random
-import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,58 +27,16 @@ from explain_cli.config import Config, resolved_dict
 from explain_cli.discover import discover_images
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
+from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
+                             versions)
 from explain_cli.progress import Progress
-from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, save_values,
-                               write_json)
+from explain_cli.stages import WriteJob, Writer, decoded_steps
+from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, write_json
 
 log = logging.getLogger("explain_cli")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` of ``count`` (0-based): every ``count``-th image of the sorted list,
-    starting at ``index`` (round-robin, so shards get similar mixes of folders)."""
-
-    index: int
-    count: int
-
-    @property
-    def suffix(self) -> str:
-        return f".shard-{self.index}-of-{self.count}"
-
-    @staticmethod
-    def parse(text: str) -> "Shard":
-        try:
-            i, n = (int(p) for p in text.split("/"))
-        except ValueError:
-            raise UserError(f"--shard: expected I/N (e.g. 0/4), got {text!r}") from None
-        if n < 1 or not 0 <= i < n:
-            raise UserError(f"--shard: need 0 <= I < N, got {text!r}")
-        return Shard(i, n)
-
-    @staticmethod
-    def from_slurm(env: dict[str, str] | None = None) -> "Shard | None":
-        """The shard of a Slurm array task (arrays may start at 1: ids are offset by the minimum)."""
-        env = os.environ if env is None else env
-        task = env.get("SLURM_ARRAY_TASK_ID")
-        count = env.get("SLURM_ARRAY_TASK_COUNT")
-        if task is None or count is None:
-            return None
-        low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        high = env.get("SLURM_ARRAY_TASK_MAX")
-        index, n = int(task) - low, int(count)
-        if not 0 <= index < n or (high is not None and int(high) - low + 1 != n):
-            # e.g. --array=0,2,5 or 0-7:2: task ids are not 0..N-1 (+MIN), shards would overlap
-            raise UserError(f"Slurm array task {task} of {count} (ids {low}-{high}): explain-cli needs "
-                            f"a contiguous array (--array=0-{n - 1} or 1-{n}, no gaps or steps); "
-                            f"or give --shard I/N")
-        return Shard(index, n)
-
-    def select(self, items: list[str]) -> list[str]:
-        return items[self.index::self.count]
 
 
 @dataclass
@@ -130,23 +85,6 @@ class RunSummary:
         if self.interrupted == "SIGTERM":
             return EXIT_SIGTERM
         return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
-
-
-def resolve_device(name: str):
-    """'auto' picks CUDA when available. 'cuda' is the current device: the one Slurm or
-    CUDA_VISIBLE_DEVICES exposes first."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device: '{name}' requested but CUDA is not available on this machine")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device: '{name}' does not exist ({torch.cuda.device_count()} CUDA device(s) visible)")
-        return dev
-    return torch.device("cpu")
 
 
 def image_seed(seed: int, rel_path: str) -> int:
@@ -293,108 +231,60 @@ def explain_with_backoff(explainer, batch, top_k: int, seeds: list[int]):
                 torch.cuda.empty_cache()
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag checked between steps; a second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = name
-        log.warning("%s received: finishing the current step, then stopping", name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["_StopFlag"]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handler)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path, suffix: str) -> Iterator[None]:
-    """One run per shard and output folder: a second one exits 2 instead of interleaving."""
-    import fcntl
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f".explain-cli{suffix}.lock"
-    fh = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another explain-cli run is writing to {output_dir} "
-                            f"(lock {path.name} is held); wait for it or use another output.dir") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        yield
-    finally:
-        fh.close()
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"explain-cli": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "timm", "shap", "numpy", "pillow", "matplotlib"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _device_info(device) -> dict[str, Any]:
+def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, top_k: int,
+                 seed: int) -> list[tuple[list[tuple[str, np.ndarray, np.ndarray]], Any]]:
+    """The explain stage for one step: [(images, Attribution or the exception)]. A batch that
+    fails is retried image by image, so one bad image costs only itself."""
     import torch
 
-    info: dict[str, Any] = {"device": str(device)}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        info["device_name"] = platform.processor() or platform.machine()
-        info["torch_threads"] = torch.get_num_threads()
-    return info
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _load_step(input_dir: Path, rels: list[str], cfg) -> list[tuple[str, Any]]:
-    """Decode a step's images; each item is (rel, (pixels, tensor)) or (rel, ImageError)."""
-    out = []
-    for rel in rels:
+    if not good:
+        return []
+    batch = torch.from_numpy(np.stack([t for _, _, t in good])).to(device)
+    seeds = [image_seed(seed, rel) for rel, _, _ in good]
+    try:
+        return [(good, explain_with_backoff(explainer, batch, top_k, seeds))]
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - isolate the failing image(s), keep the run going
+        if len(good) == 1:
+            return [(good, exc)]
+        log.warning("a batch failed (%s); retrying its images one by one", exc)
+    results: list[tuple[list, Any]] = []
+    for one, one_seed in zip(good, seeds):
         try:
-            out.append((rel, load_preprocessed(input_dir / rel, cfg.preprocess)))
-        except ImageError as exc:
-            out.append((rel, exc))
-    return out
+            single = torch.from_numpy(one[2][None]).to(device)
+            results.append(([one], explain_with_backoff(explainer, single, top_k, [one_seed])))
+        except UserError:
+            raise
+        except Exception as one_exc:  # noqa: BLE001
+            results.append(([one], one_exc))
+    return results
 
 
-def _steps(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
+              overlay_path: Path, values_path: Path | None) -> tuple[WriteJob, list[list[Any]]]:
+    """Image ``j`` of an explained batch as a write job (files) and its topk.csv rows."""
+    from explain_cli.render import format_title
+
+    classes = attribution.classes[j]
+    names = [prep.labels[int(c)] for c in classes]
+    probs = attribution.probabilities[j]
+    segments = attribution.segments
+    job = WriteJob(rel=rel, pixels=pixels, values=attribution.values[j],
+                   titles=[format_title(n, float(p)) for n, p in zip(names, probs)],
+                   overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
+                   segments=None if segments is None else segments[j],
+                   values_path=None if values_path is None else str(values_path), classes=classes)
+    err = attribution.additivity_error[j]
+    rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
+             float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r])]
+            for r, c in enumerate(classes)]
+    return job, rows
 
 
 def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> RunSummary:
     """Explain every selected image and write the outputs; see the module docstring."""
     import torch
-
-    from explain_cli.render import format_title, render_overlay
 
     started = time.monotonic()
     prep = prep or prepare(config, options)
@@ -402,14 +292,13 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     out_dir = prep.output_dir
     suffix = prep.shard.suffix if prep.shard else ""
     summary = RunSummary(selected=len(prep.images), output_dir=out_dir)
-    fmt = cfg.output.format
     names = output_names(prep.all_images)
 
     def overlay_path(rel: str) -> Path:
-        return out_dir / "overlays" / f"{names[rel]}.{fmt}"
+        return out_dir / "overlays" / f"{names[rel]}.{cfg.output.format}"
 
-    def values_path(rel: str) -> Path:
-        return out_dir / "values" / f"{names[rel]}.npz"
+    def values_path(rel: str) -> Path | None:
+        return out_dir / "values" / f"{names[rel]}.npz" if cfg.output.save_values else None
 
     with output_lock(out_dir, suffix):
         topk_path = out_dir / f"topk{suffix}.csv"
@@ -419,7 +308,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 p.unlink(missing_ok=True)
         listed = read_csv_images(topk_path)
         done = {rel for rel in prep.images if rel in listed and overlay_path(rel).exists()
-                and (not cfg.output.save_values or values_path(rel).exists())}
+                and (values_path(rel) is None or values_path(rel).exists())}
         todo = [rel for rel in prep.images if rel not in done]
         summary.skipped = len(done)
         if done:
@@ -427,19 +316,20 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         topk_log = CsvLog(topk_path, TOPK_COLUMNS, drop_images=set(todo) & listed)
         errors_log = CsvLog(errors_path, ERROR_COLUMNS, drop_images=set(todo))
         run_info: dict[str, Any] = {
-            "explain_cli": __version__, "status": "running", "started": _now(),
+            "explain_cli": __version__, "status": "running", "started": now(),
             "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
             "images_found": len(prep.all_images), "limit": options.limit,
-            "versions": _versions(), **_device_info(prep.device),
+            "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(),
         }
         run_json = out_dir / f"run{suffix}.json"
         write_json(run_json, run_info)
 
         progress = Progress(len(todo), enabled=options.progress)
-        stop = _StopFlag()
+        writer = Writer(topk_log, errors_log, summary, progress)
+        stop = StopFlag()
         try:
             with stop.installed():
                 if todo:
@@ -448,31 +338,34 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     top_k = min(cfg.output.top_k, prep.num_outputs)
-                    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-                        steps = list(_steps(todo, step))
-                        pending = pool.submit(_load_step, prep.input_dir, steps[0], cfg) if steps else None
-                        for i in range(len(steps)):
-                            loaded = pending.result()
-                            pending = (pool.submit(_load_step, prep.input_dir, steps[i + 1], cfg)
-                                       if i + 1 < len(steps) else None)
-                            _explain_step(loaded, explainer, prep, top_k, topk_log, errors_log,
-                                          summary, overlay_path, values_path,
-                                          render_overlay, format_title, progress)
+                    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
+                        for decoded in steps:  # decode: a thread, one step ahead
+                            for rel, exc in decoded.failed:
+                                writer.failed(rel, str(exc))
+                            # explain: on the device, in this thread
+                            for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
+                                for j, (rel, pixels, _) in enumerate(items):  # write: files, then rows
+                                    if isinstance(result, Exception):
+                                        writer.failed(rel, f"{type(result).__name__}: {result}")
+                                    else:
+                                        writer.submit(*write_job(prep, rel, j, pixels, result,
+                                                                 overlay_path(rel), values_path(rel)))
                             if stop.signal_name:
                                 summary.interrupted = stop.signal_name
-                                if pending is not None:
-                                    pending.cancel()
                                 break
+                    writer.drain()
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"
+            writer.close(force=True)
         finally:
+            writer.close()
             progress.close()
             topk_log.close()
             errors_log.close()
             summary.seconds = time.monotonic() - started
             run_info.update({
                 "status": "interrupted" if summary.interrupted else "complete",
-                "finished": _now(), "seconds": round(summary.seconds, 3),
+                "finished": now(), "seconds": round(summary.seconds, 3),
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
                            "explained": summary.explained, "failed": summary.failed},
             })
@@ -482,84 +375,3 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)
     return summary
-
-
-def _explain_step(loaded, explainer, prep: Prepared, top_k, topk_log, errors_log, summary,
-                  overlay_path, values_path, render_overlay, format_title, progress) -> None:
-    """Explain one step's decoded images and write each image's outputs."""
-    import torch
-
-    cfg = prep.config
-    good = []
-    for rel, item in loaded:
-        if isinstance(item, ImageError):
-            errors_log.append([[rel, str(item)]])
-            summary.failed += 1
-            progress.update(1)
-            log.warning("%s: %s", rel, item)
-        else:
-            good.append((rel, item))
-    if not good:
-        return
-    batch = torch.from_numpy(np.stack([t for _, (_, t) in good])).to(prep.device)
-    seeds = [image_seed(cfg.seed, rel) for rel, _ in good]
-    try:
-        results = [(good, explain_with_backoff(explainer, batch, top_k, seeds))]
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - isolate the failing image(s), keep the run going
-        if len(good) == 1:
-            results = [(good, exc)]
-        else:
-            log.warning("a batch failed (%s); retrying its images one by one", exc)
-            results = []
-            for one, seed in zip(good, seeds):
-                try:
-                    single = torch.from_numpy(one[1][1][None]).to(prep.device)
-                    results.append(([one], explain_with_backoff(explainer, single, top_k, [seed])))
-                except UserError:
-                    raise
-                except Exception as one_exc:  # noqa: BLE001
-                    results.append(([one], one_exc))
-    for items, attribution in results:
-        if isinstance(attribution, Exception):
-            for rel, _ in items:
-                message = f"{type(attribution).__name__}: {attribution}"
-                errors_log.append([[rel, message]])
-                summary.failed += 1
-                progress.update(1)
-                log.warning("%s: %s", rel, message)
-            continue
-        for j, (rel, (pixels, _)) in enumerate(items):
-            _write_image(rel, j, pixels, attribution, prep, topk_log, errors_log, summary,
-                         overlay_path, values_path, render_overlay, format_title)
-            progress.update(1)
-
-
-def _write_image(rel, j, pixels, attribution, prep: Prepared, topk_log, errors_log, summary,
-                 overlay_path, values_path, render_overlay, format_title) -> None:
-    """Overlay (and values) first, then the CSV rows: a row means the image is complete."""
-    cfg = prep.config
-    classes = attribution.classes[j]
-    names = [prep.labels[int(c)] for c in classes]
-    probs = attribution.probabilities[j]
-    try:
-        if cfg.output.save_values:
-            save_values(values_path(rel), attribution.values[j], classes)
-        segments = attribution.segments
-        render_overlay(pixels, attribution.values[j],
-                       [format_title(n, float(p)) for n, p in zip(names, probs)],
-                       overlay_path(rel), fmt=cfg.output.format, dpi=cfg.output.dpi,
-                       segments=None if segments is None else segments[j])
-    except Exception as exc:  # noqa: BLE001 - a file system or rendering failure loses this image only
-        errors_log.append([[rel, f"cannot write outputs: {type(exc).__name__}: {exc}"]])
-        summary.failed += 1
-        return
-    rows = []
-    err = attribution.additivity_error[j]
-    for r, c in enumerate(classes):
-        rows.append([rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
-                     float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]),
-                     float(err[r])])
-    topk_log.append(rows)
-    summary.explained += 1
