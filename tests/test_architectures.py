@@ -318,6 +318,21 @@ def test_norm_and_max_rules(caplog):
     assert rel.max() <= BOUND_FLOAT64, rel
 
 
+def _batch_inside(module, t):
+    """Tokens first, the batch the inner factor of one dimension: (16 * N, 8) rows, token-major."""
+    n = t.shape[0]
+    z = t.transpose(0, 1).reshape(16 * n, 8)
+    z = torch.softmax(z, -1) * module.extra(z)
+    return t + z.reshape(16, n, 8).transpose(0, 1)
+
+
+def test_batch_as_the_inner_factor_of_a_dimension(caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(lambda: (_batch_inside, None))
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
 def test_softmax_with_far_apart_rows_float32():
     assert _check_rules(lambda: (_big_logits, None), torch.float32).max() <= BOUND_FLOAT32
 
