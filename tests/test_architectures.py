@@ -87,10 +87,10 @@ def _repvgg() -> nn.Module:
 
 _VIT_SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
-# family -> (builder, input size). Random weights, small kwargs where the family allows.
+# family -> (builder, input size). Random weights, small kwargs where the family allows. (deit_tiny is
+# vit_tiny's architecture with other weights; its distilled variant adds a second head.)
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "timm vit_tiny_patch16_224": (_timm("vit_tiny_patch16_224", **_VIT_SMALL), 32),
-    "timm deit_tiny_patch16_224": (_timm("deit_tiny_patch16_224", **_VIT_SMALL), 32),
     "timm deit_tiny_distilled_patch16_224": (_timm("deit_tiny_distilled_patch16_224", **_VIT_SMALL), 32),
     "torchvision swin_t": (_swin_t, 32),
     "torchvision vit_b_16": (_vit_b_16, 32),
