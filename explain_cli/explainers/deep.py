@@ -982,6 +982,12 @@ def _addmm_rule(product: Callable) -> Callable:
     return rule
 
 
+def _grid_sample_rule(tape: _Tape, func, args, kwargs):
+    """Sampling at fixed positions is linear in the input; an input-dependent grid is not covered."""
+    grid = args[1] if len(args) > 1 else kwargs.get("grid")
+    return _unsupported(tape, func) if _needs_grad(grid) else _PLAIN
+
+
 def _addcmul_rule(tape: _Tape, func, args, kwargs):
     """``input + value * t1 * t2``."""
     p = _bind(("input", "tensor1", "tensor2"), {"value": 1}, args, kwargs)
@@ -1103,6 +1109,8 @@ def _build_rules() -> dict[Any, Callable]:
             put(getattr(holder, name, None), _addmm_rule(product))
     for fn in (torch.addcmul, T.addcmul):
         put(fn, _addcmul_rule)
+    for fn in (F.grid_sample, torch.grid_sampler):
+        put(fn, _grid_sample_rule)
     return rules
 
 
