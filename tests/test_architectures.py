@@ -277,6 +277,17 @@ def _norms_and_maxima(module, t):
     return h
 
 
+def _dynamic_weights(module, t):
+    """Kernels computed from the input, one per image, as timm's CondConv2d runs them: the batch
+    folded into the channels and the groups of one convolution, which is bilinear in (input, kernel)."""
+    n = t.shape[0]
+    route = torch.sigmoid(module.extra(t).mean(1))  # (N, 8)
+    grid = t.transpose(1, 2).reshape(1, n * 8, 4, 4)  # every image's channels as conv groups
+    kernel = route.reshape(n * 8, 1, 1, 1) * module.embed.weight[:8, :1, :3, :3].repeat(n, 1, 1, 1)
+    out = F.conv2d(grid, kernel, torch.ones(n * 8, dtype=t.dtype), padding=1, groups=n * 8)
+    return t + out.reshape(n, 8, 16).transpose(1, 2)
+
+
 def _big_logits(module, t):
     """Attention whose scores spread over ~100: the image's and a reference's rows differ by far more
     than exp() spans in float32 (the case LeViT hit with trained statistics)."""
@@ -329,6 +340,13 @@ def _batch_inside(module, t):
 def test_batch_as_the_inner_factor_of_a_dimension(caplog):
     with caplog.at_level(logging.WARNING, logger="explain_cli"):
         rel = _check_rules(lambda: (_batch_inside, None))
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
+def test_dynamic_weights(caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(lambda: (_dynamic_weights, None))
     assert "no DeepLIFT rule" not in caplog.text
     assert rel.max() <= BOUND_FLOAT64, rel
 

@@ -38,7 +38,8 @@ output between image and reference exactly:
   own maximum, so no factor over- or underflows), scaled_dot_product_attention and torch's
   multi_head_attention_forward (masks, causal, scale, key padding, bias_k/v, zero attention, separate
   projections; two bilinear products around the softmax), layer_norm, group_norm, instance_norm,
-  rms_norm, ``F.normalize``, and ``baddbmm``/``addmm``/``addcmul`` of two input-dependent factors;
+  rms_norm, ``F.normalize``, ``baddbmm``/``addmm``/``addcmul`` of two input-dependent factors, and
+  ``linear``/``conv`` with an input-dependent weight (CondConv's per-image kernels: bilinear);
 * everything else that is linear (conv, linear, eval-mode batch norm, add, cat, views, average and
   adaptive-average pooling, eval-mode dropout, interpolate, ...) keeps its plain gradient, which is
   exact. Tensors that do not depend on the input (weights: BiT's weight standardisation computes a
@@ -982,6 +983,26 @@ def _addmm_rule(product: Callable) -> Callable:
     return rule
 
 
+def _weighted_rule(fn: Callable, names: tuple[str, ...]) -> Callable:
+    """``linear``/``conv*`` whose weight depends on the input too (dynamic kernels: CondConv's routed
+    weights): bilinear in (input, weight), plus the bias; with a constant weight, linear."""
+
+    def rule(tape: _Tape, func, args, kwargs):
+        p = _bind(names, {}, args, kwargs)
+        u, weight = p.get("input"), p.get("weight")
+        if not (_needs_grad(u) and _needs_grad(weight)):
+            return _PLAIN
+        rest = {k: v for k, v in p.items() if k not in ("input", "weight", "bias")}
+        h = lambda x, w: fn(x, w, None, **rest)  # noqa: E731
+        out = _run(tape, _bilinear_rule(lambda a, kw: (h, a[0], a[1])), h, (u, weight))
+        bias = p.get("bias")
+        if bias is None:
+            return out
+        return out + (bias if fn is F.linear else bias.reshape([1, -1] + [1] * (out.dim() - 2)))
+
+    return rule
+
+
 def _grid_sample_rule(tape: _Tape, func, args, kwargs):
     """Sampling at fixed positions is linear in the input; an input-dependent grid is not covered."""
     grid = args[1] if len(args) > 1 else kwargs.get("grid")
@@ -1111,6 +1132,9 @@ def _build_rules() -> dict[Any, Callable]:
         put(fn, _addcmul_rule)
     for fn in (F.grid_sample, torch.grid_sampler):
         put(fn, _grid_sample_rule)
+    put(F.linear, _weighted_rule(F.linear, ("input", "weight", "bias")))
+    for fn in (F.conv1d, F.conv2d, F.conv3d):
+        put(fn, _weighted_rule(fn, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")))
     return rules
 
 
