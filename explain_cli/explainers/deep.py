@@ -130,8 +130,8 @@ def _secant(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, u_r: tor
     mid = (u + u_r) * 0.5
     slope = (g(mid + h) - g(mid - h)) / (2 * h)
     m = torch.where(small, slope, (y - y_r) / torch.where(small, torch.ones_like(du), du))
-    # u == u_r == -inf (a masked attention score): no difference to pass on, and 0 rather than nan
-    return torch.where((u == u_r) & ~torch.isfinite(u), torch.zeros_like(m), m)
+    # u == u_r == -inf (a masked attention score) gives nan: no difference to pass on, so 0
+    return m.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 class _Rescale(torch.autograd.Function):
@@ -988,9 +988,12 @@ def _weighted_rule(fn: Callable, names: tuple[str, ...]) -> Callable:
     weights): bilinear in (input, weight), plus the bias; with a constant weight, linear."""
 
     def rule(tape: _Tape, func, args, kwargs):
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if not (isinstance(weight, torch.Tensor) and weight.requires_grad):
+            return _PLAIN  # the usual case (a module's frozen weight): called often, so decided first
         p = _bind(names, {}, args, kwargs)
-        u, weight = p.get("input"), p.get("weight")
-        if not (_needs_grad(u) and _needs_grad(weight)):
+        u = p.get("input")
+        if not _needs_grad(u):
             return _PLAIN
         rest = {k: v for k, v in p.items() if k not in ("input", "weight", "bias")}
         h = lambda x, w: fn(x, w, None, **rest)  # noqa: E731
