@@ -57,6 +57,17 @@ def _fail(exc: BaseException, code: int) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def _unexpected(exc: BaseException, verbose: int) -> "typer.Exit":
+    """Exit 1 for anything unexpected (a bug): one line, and the traceback with ``-v``."""
+    if verbose:
+        log.error("traceback of the unexpected error:", exc_info=exc)
+    hint = "" if verbose else " (run with -v for the traceback)"
+    return _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", EXIT_UNEXPECTED)
+
+
+_VERBOSE_HELP = "More log output; -v also prints the traceback of an unexpected error."
+
+
 def _version_callback(value: bool) -> None:
     if value:
         print(f"explain-cli {__version__}")
@@ -92,10 +103,11 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images whose outputs already exist."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: explain every N-th image starting at I (0-based). Default: from SLURM_ARRAY_TASK_* when set."),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
-    """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json."""
+    """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json
+    and report.html."""
     _setup_logging(verbose, quiet, log_file)
     try:
         from explain_cli.pipeline import RunOptions, Shard, run as run_pipeline
@@ -114,9 +126,7 @@ def run(
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: no raw traceback unless -v
-        log.debug("unexpected error", exc_info=True)
-        hint = "" if verbose else " (run with -v for the traceback)"
-        raise _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", EXIT_UNEXPECTED)
+        raise _unexpected(exc, verbose)
     done = summary.skipped + summary.explained
     line = (f"explained {summary.explained}, already done {summary.skipped}, failed {summary.failed} "
             f"of {summary.selected} images in {summary.seconds:.1f} s; outputs in {summary.output_dir}")
@@ -136,10 +146,11 @@ def validate(
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
     """Check config, model, checkpoint, layer, labels and input folder; print the resolved config
     and how many images a run would process. Explains nothing."""
-    _setup_logging(0, False, None)
+    _setup_logging(verbose, False, None)
     try:
         import yaml
 
@@ -152,7 +163,7 @@ def validate(
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+        raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
@@ -163,9 +174,10 @@ def layers(
     config: Optional[Path] = typer.Argument(None, help="YAML config file (its model section is used)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="torchvision:NAME | timm:NAME | python:pkg.module:factory, instead of a config."),
     size: Optional[int] = typer.Option(None, "--size", help="Input size of the dummy forward (default: preprocess.size or 224)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
     """Print every module as a dotted name with its output shape, to choose model.layer."""
-    _setup_logging(0, False, None)
+    _setup_logging(verbose, False, None)
     try:
         from explain_cli.config import ModelConfig
         from explain_cli.errors import ConfigError
@@ -188,7 +200,7 @@ def layers(
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+        raise _unexpected(exc, verbose)
     width = max((len(name) for name, _, _ in rows), default=5)
     print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
     for name, kind, shape in rows:
@@ -201,11 +213,12 @@ def layers(
 def merge(
     output_dir: Path = typer.Argument(..., help="The output folder the shards wrote to."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
     """Combine the shard files of a sharded run (topk/errors/run.shard-I-of-N.*) into topk.csv,
-    errors.csv and run.json. Refuses (exit 2) when a shard is missing, unfinished or ran with
+    errors.csv and run.json, then report.html. Refuses (exit 2) when a shard is missing, unfinished or ran with
     another config. Safe to run again."""
-    _setup_logging(0, quiet, None)
+    _setup_logging(verbose, quiet, None)
     try:
         from explain_cli.merge import merge as merge_shards
 
@@ -213,7 +226,7 @@ def merge(
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+        raise _unexpected(exc, verbose)
     if not quiet:
         what = ", ".join(summary.written) if summary.written else "nothing (already up to date)"
         line = (f"merged {summary.shards} shard(s): {summary.images} images, {summary.explained} explained, "
@@ -221,6 +234,33 @@ def merge(
         if summary.failed:
             line += " (see errors.csv)"
         print(line, file=sys.stderr)
+    from explain_cli.report import write_report_or_warn
+
+    write_report_or_warn(output_dir)
+
+
+@app.command(epilog="Examples:\n\n  explain-cli report out/\n\n  explain-cli report /scratch/$USER/explain-out   (shards so far, before the merge)\n\n"
+             + EXIT_CODES_HELP)
+def report(
+    output_dir: Path = typer.Argument(..., help="A run's output folder (output.dir)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
+) -> None:
+    """Write OUTPUT_DIR/report.html: one self-contained page to browse the run (summary, failed
+    images, every image with its top-k classes and scores, sortable and filterable). Runs and
+    merges write it too; use this after copying or editing outputs. Exit 2 if the folder has no
+    run outputs."""
+    _setup_logging(verbose, quiet, None)
+    try:
+        from explain_cli.report import write_report
+
+        path = write_report(output_dir)
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _unexpected(exc, verbose)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def main() -> None:

@@ -102,6 +102,23 @@ class Config(_Section):
     batch_size: int = Field(default=64, ge=1, description="model evaluations per forward pass")
     device: str = "auto"
     seed: int = 0
+    metrics: list[Literal["deletion", "insertion"]] = Field(
+        default_factory=list, description="faithfulness metrics per image and class (extra model evaluations)")
+    metrics_steps: int = Field(default=20, ge=2, description="steps of the deletion/insertion curves")
+    metrics_baseline: Any = Field(default="blur(32,32)", description="what deleted pixels become: "
+                                  "blur(KX,KY), a grey level or an [r, g, b] colour (0-255)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_metrics(cls, v: list[str]) -> list[str]:
+        return [m for m in ("deletion", "insertion") if m in v]
+
+    @field_validator("metrics_baseline")
+    @classmethod
+    def _baseline(cls, v: Any) -> Any:
+        from explain_cli.metrics import parse_baseline
+
+        return parse_baseline(v)
 
     @field_validator("device")
     @classmethod

@@ -351,12 +351,27 @@ def merge(output_dir: Path) -> MergeSummary:
             "finished": max(finished) if finished else None,
             "shard_seconds_total": round(sum(seconds), 3) if seconds else None,
             "versions": first.get("versions"),
+            "metrics": _merged_metrics(infos, topk),
             "per_shard": per_shard,
         }
         _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
         _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)
         _write_if_changed(run_json, json.dumps(merged_info, indent=2, default=str) + "\n", summary)
     return summary
+
+
+def _merged_metrics(infos: dict[int, dict[str, Any]], topk: list[list[str]]) -> dict[str, Any] | None:
+    """The shards' run.json ``metrics`` combined; the stability median from the merged rows."""
+    from explain_cli.metrics import merge_summaries
+
+    column = TOPK_COLUMNS.index("stability")
+    stabilities = []
+    for row in topk:
+        try:
+            stabilities.append(float(row[column]))
+        except ValueError:
+            pass
+    return merge_summaries([infos[i].get("metrics") for i in sorted(infos)], stabilities)
 
 
 def _rank(text: str) -> int:

@@ -21,6 +21,7 @@ import re
 import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -213,7 +214,7 @@ def _is_torchscript(path: Path) -> bool:
     return any(n == "constants.pkl" or n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-def _read_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: Path, cfg: ModelConfig) -> "OrderedDict[str, torch.Tensor]":
     """The state_dict inside a checkpoint file, unwrapped and with DDP/compile prefixes removed."""
     if _is_torchscript(path):
         raise ConfigError("model.checkpoint", f"{path} is a TorchScript archive (torch.jit.save); load it "
@@ -239,7 +240,7 @@ def _read_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return _state_dict_of(obj, path)
 
 
-def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_of(obj: Any, path: Path) -> "OrderedDict[str, torch.Tensor]":
     for _ in range(3):  # e.g. {'model': nn.Module} or {'state_dict': {'model': ...}}
         if isinstance(obj, nn.Module):
             obj = obj.state_dict()
@@ -257,7 +258,16 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError("model.checkpoint", f"{path} holds {what}, not a state_dict: expected a mapping of "
                                               f"parameter names to tensors, or one under {', '.join(_WRAPPER_KEYS)}")
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    return _strip_prefixes(state)
+    return _strip_prefixes(_with_metadata(state, getattr(obj, "_metadata", None)))
+
+
+def _with_metadata(state: Mapping[str, torch.Tensor], metadata: Mapping | None) -> "OrderedDict[str, torch.Tensor]":
+    """``state`` as the OrderedDict ``load_state_dict`` takes, with ``_metadata``: the per-module
+    versions that ``_load_from_state_dict`` reads (torchvision's MNASNet refuses to load without)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    if metadata is not None:
+        out._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return out
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
@@ -265,14 +275,20 @@ def _is_tensor_dict(obj: Mapping) -> bool:
     return bool(values) and sum(isinstance(v, torch.Tensor) for v in values) * 2 > len(values)
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(state: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
     """Remove 'module.' / '_orig_mod.' when every key carries it (a model may own a submodule
-    really called 'module', so a prefix on only some keys is kept)."""
+    really called 'module', so a prefix on only some keys is kept); the module names of the
+    metadata lose it too (the wrapper's own entry goes)."""
     while state:
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             break
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            metadata = {("" if name == prefix[:-1] else name[len(prefix):]): value
+                        for name, value in metadata.items()
+                        if name == prefix[:-1] or name.startswith(prefix)}
+        state = _with_metadata({k[len(prefix):]: v for k, v in state.items()}, metadata)
     return state
 
 
@@ -290,7 +306,7 @@ def _fmt(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
     model_state = model.state_dict()
     if cfg.key_match == "order":
         state = _match_by_order(model_state, state, path)
@@ -313,7 +329,11 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelCo
             hint += (" No key names match at all: if the weights come from another implementation of the "
                      "same architecture, try model.key_match: order.")
         raise ConfigError("model.checkpoint", f"{path} does not fit {cfg.arch}: " + "; ".join(parts) + "." + hint)
-    model.load_state_dict(state, strict=False)
+    # Module versions: the checkpoint's where it has them (as a plain load_state_dict would use),
+    # else the model's own; the keys and shapes were checked above, so the format is the current one.
+    metadata = dict(getattr(model_state, "_metadata", None) or {})
+    metadata.update(getattr(state, "_metadata", None) or {})
+    model.load_state_dict(_with_metadata(state, metadata), strict=False)
 
 
 def _match_by_order(model_state: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -346,6 +366,9 @@ def resolve_layer(model: nn.Module, dotted: str) -> nn.Module | None:
     """The module ``model.layer`` names (None for 'input', i.e. explain in pixel space)."""
     if dotted == "input":
         return None
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError("model.layer", f"'{dotted}': a TorchScript model runs outside Python, so a layer's input "
+                                         "cannot be captured; use 'input', or load the model from its code")
     names = [n for n, _ in model.named_modules() if n]
     try:
         if not dotted:
@@ -397,6 +420,71 @@ def count_outputs(model: nn.Module, size: int) -> int:
     if out is None or out.dim() == 0:
         raise ConfigError("model", "the model's forward returned no tensor of class scores")
     return int(out[0].numel())
+
+
+def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: int) -> dict | None:
+    """Check, with one dummy (1, 3, size, size) forward, that a layer target takes what gradient and
+    deep explain: a 4-D (N, C, H, W) feature map (returns None) or a (N, tokens, C) token sequence
+    that maps onto the patch grid (returns the mapping, for run.json). ConfigError otherwise, e.g.
+    for a layer that takes a list of tensors (HRNet stages), naming submodules that take one tensor."""
+    from explain_cli.explainers import _utils
+
+    if layer is None:
+        return None
+    inputs: dict[str, Any] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in inputs:
+                inputs[name] = args[0] if args else None
+        return hook
+
+    try:
+        for name, module in layer.named_modules():
+            try:
+                handles.append(module.register_forward_pre_hook(hook_for(name)))
+            except Exception:  # noqa: BLE001 - TorchScript modules do not take Python hooks
+                pass
+        _dummy_forward(model, size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    value = inputs.get("")
+    if value is None and isinstance(layer, torch.jit.ScriptModule):
+        raise ConfigError("model.layer", f"layer '{layer_name}' is TorchScript, which runs outside Python, so its "
+                                         "input cannot be captured: choose a layer outside the scripted part, "
+                                         "or 'input'")
+    if value is None:
+        raise ConfigError("model.layer", f"layer '{layer_name}' was not called in the model's forward pass "
+                                         f"(one dummy ({size} x {size}) image); {_LAYERS_HINT}")
+    if not isinstance(value, torch.Tensor):
+        # the shallowest submodules that take one map, blocks before single ops (HRNet: the branches)
+        modules = dict(layer.named_modules())
+        inner = sorted((name for name, v in inputs.items()
+                        if name and isinstance(v, torch.Tensor) and v.dim() in (3, 4)),
+                       key=lambda n: (not any(True for _ in modules[n].children()), n.count(".")))
+        first = inner[0] if inner else ""
+        shallow = [f"{layer_name}.{n}" for n in inner if n.count(".") == first.count(".")
+                   and bool(list(modules[n].children())) == bool(list(modules[first].children()))]
+        suggestions = shallow[:4] + ([f"... ({len(shallow) - 4} more)"] if len(shallow) > 4 else [])
+        raise ConfigError("model.layer", _utils.not_a_tensor_message(layer_name, value, suggestions))
+    if value.dim() == 4:
+        return None
+    if value.dim() != 3:
+        raise ConfigError("model.layer", _utils.wrong_rank_message(layer_name, tuple(value.shape),
+                                                                     "gradient or deep"))
+    grid = _utils.token_grid(model, layer_name, value.shape[1])
+    h, w = grid.grid
+    dropped = (f"its first {grid.prefix} (class/distillation/register) are left out of the map"
+               if grid.prefix else "no prefix tokens")
+    message = (f"layer '{layer_name}' takes {value.shape[1]} tokens of {value.shape[2]} channels: {dropped}, "
+               f"the patch tokens lie on a {h}x{w} patch grid ({grid.found})")
+    if grid.assumed:
+        log.warning("%s; this is assumed from the token count, check it", message)
+    else:
+        log.info("%s", message)
+    return grid.describe()
 
 
 def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | None]]:

@@ -29,7 +29,9 @@ from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserErro
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
                              versions)
+from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
+from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, write_json
 
@@ -65,6 +67,7 @@ class Prepared:
     num_outputs: int
     shard: Shard | None
     explainer_class: Any  # the registered Explainer subclass of explainer.name
+    layer_tokens: dict | None = None  # a token layer's mapping onto the patch grid (run.json)
 
 
 @dataclass
@@ -114,7 +117,8 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
     from explain_cli import explainers
     from explain_cli.labels import load_labels
-    from explain_cli.models import build_model, count_outputs, resolve_layer, to_channels_last
+    from explain_cli.models import (build_model, check_layer_input, count_outputs, resolve_layer,
+                                    to_channels_last)
 
     input_dir = config.resolve(config.input.dir)
     if not input_dir.is_dir():
@@ -141,11 +145,12 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
                                          f"explain layer '{config.model.layer}'; set model.layer: input",
                           config._source)
     num_outputs = count_outputs(model, config.preprocess.size)
+    layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class)
+                    num_outputs, shard, explainer_class, layer_tokens)
 
 
 def load_background(prep: Prepared):
@@ -277,9 +282,35 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    values_path=None if values_path is None else str(values_path), classes=classes)
     err = attribution.additivity_error[j]
     rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
-             float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r])]
+             float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
+             _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
+             _cell(attribution.insertion_auc, j, r)]
             for r, c in enumerate(classes)]
     return job, rows
+
+
+def _cell(values, j: int, r: int) -> float | None:
+    """One (image, rank) value of an optional (N, k) array; None (a blank cell) when absent or NaN."""
+    if values is None:
+        return None
+    value = float(values[j, r])
+    return value if np.isfinite(value) else None
+
+
+def score_step(run_metrics: RunMetrics, explainer, items: list[tuple[str, np.ndarray, np.ndarray]],
+               attribution, device, seed: int) -> None:
+    """Faithfulness of an explained batch's maps (batched, on the model's device) and the run's
+    metric totals; a failure here leaves the metric cells blank and never loses the maps."""
+    import torch
+
+    ctx = explainer.context
+    try:
+        batch = torch.from_numpy(np.stack([t for _, _, t in items])).to(device)
+        run_metrics.score(ctx.model, batch, attribution, [image_seed(seed, rel) for rel, _, _ in items],
+                          ctx.mean, ctx.std, ctx.batch_size)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("metrics failed for %d image(s) (%s: %s); their metric cells stay blank",
+                    len(items), type(exc).__name__, exc)
 
 
 def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> RunSummary:
@@ -320,7 +351,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
-            "images_found": len(prep.all_images), "limit": options.limit,
+            "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(),
         }
@@ -329,6 +360,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
 
         progress = Progress(len(todo), enabled=options.progress)
         writer = Writer(topk_log, errors_log, summary, progress)
+        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
         stop = StopFlag()
         try:
             with stop.installed():
@@ -344,6 +376,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                                 writer.failed(rel, str(exc))
                             # explain: on the device, in this thread
                             for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
+                                if not isinstance(result, Exception):
+                                    score_step(run_metrics, explainer, items, result, prep.device, cfg.seed)
                                 for j, (rel, pixels, _) in enumerate(items):  # write: files, then rows
                                     if isinstance(result, Exception):
                                         writer.failed(rel, f"{type(result).__name__}: {result}")
@@ -369,9 +403,16 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
                            "explained": summary.explained, "failed": summary.failed},
             })
+            run_info["metrics"] = run_metrics.summary()
+            median = run_metrics.median_stability()
+            if median is not None and median < UNSTABLE:
+                log.warning("median stability of the maps is %.2f (< %.1f): they would change a lot in a rerun "
+                            "at another seed; raise explainer.nsamples (gradient, kernel) or the background "
+                            "size (deep)", median, UNSTABLE)
             if summary.interrupted:
                 run_info["interrupted_by"] = summary.interrupted
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)
+            write_report_or_warn(out_dir)
     return summary

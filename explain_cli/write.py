@@ -21,6 +21,7 @@ import numpy as np
 TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
+    "stability", "deletion_auc", "insertion_auc",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
@@ -63,6 +64,8 @@ def _format_row(row: Sequence[Any]) -> str:
 
 
 def _format_cell(value: Any) -> Any:
+    if value is None:
+        return ""
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
     if isinstance(value, np.integer):

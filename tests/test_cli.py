@@ -227,3 +227,25 @@ def test_masking_explainers_refuse_a_layer_in_validate(tiny_project, name):
     result = invoke("validate", tiny_project / "config.yaml")
     assert result.exit_code == 2, result.output
     assert "model.layer" in result.output and "input" in result.output and "Traceback" not in result.output
+
+
+def _broken_pipeline(*args, **kwargs):
+    raise RuntimeError("simulated bug deep inside")
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_unexpected_error_traceback_only_with_v(tiny_project, monkeypatch, command):
+    """README: exit 1 is 'anything unexpected (a bug: run with -v for the traceback)'."""
+    import explain_cli.pipeline
+
+    monkeypatch.setattr(explain_cli.pipeline, "run" if command == "run" else "prepare", _broken_pipeline)
+    cfg = tiny_project / "config.yaml"
+    extra = ["--no-progress"] if command == "run" else []
+    plain = invoke(command, cfg, *extra)
+    assert plain.exit_code == 1, plain.output
+    assert "unexpected RuntimeError: simulated bug deep inside (run with -v for the traceback)" in plain.output
+    assert "Traceback" not in plain.output
+    verbose = invoke(command, cfg, *extra, "-v")
+    assert verbose.exit_code == 1, verbose.output
+    assert "Traceback (most recent call last)" in verbose.output and "_broken_pipeline" in verbose.output
+    assert "run with -v" not in verbose.output

@@ -290,3 +290,32 @@ def test_dummy_forward_failure_is_a_config_error(tiny):
     broken = nn.Sequential(model, nn.Linear(7, 2))
     with config_error("model", "dummy forward", "preprocess.size"):
         count_outputs(broken, 16)
+
+
+@pytest.mark.parametrize("saved", ["plain", "module.", "_orig_mod.module.", "nested", "no metadata", "order"])
+def test_module_versions_survive_renaming(tmp_path, saved):
+    """torchvision's MNASNet reads its version from the state_dict's _metadata and refuses to load
+    without it: the metadata must follow the keys through unwrapping, prefix stripping and key_match."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.mnasnet0_5(weights=None, num_classes=4).eval()
+    sd = ref.state_dict()
+    if saved == "plain":
+        obj = sd
+    elif saved == "module.":
+        obj = nn.DataParallel(ref).state_dict()  # keys and metadata under 'module'
+    elif saved == "_orig_mod.module.":
+        obj = nn.DataParallel(torch.compile(ref)).state_dict()
+    elif saved == "nested":
+        obj = {"epoch": 3, "model": nn.DataParallel(ref).state_dict()}
+    elif saved == "no metadata":  # a plain dict copy: the model's own versions are used
+        obj = dict(sd)
+    else:  # another naming: only the order of the tensors fits, so the model's own versions are used
+        obj = {f"net.{i}": v for i, v in enumerate(sd.values())}
+    torch.save(obj, tmp_path / "mnas.pt")
+    model = build(tmp_path, arch="torchvision:mnasnet0_5", num_classes=4, checkpoint="mnas.pt",
+                  key_match="order" if saved == "order" else "name")
+    assert same_outputs(model, ref, size=32)
+    for key, value in sd.items():
+        assert torch.equal(model.state_dict()[key], value), key

@@ -52,6 +52,10 @@ class Attribution:
     base_values: (N, k) expected output over the background / fully masked image.
     probabilities: (N, k) softmax of the model output for each class.
     segments: optional (N, H, W) integer label maps, for explainers whose features are segments.
+    stability: optional (N, k) split-half reliability of each map (``metrics.split_half_stability``),
+        for explainers with random draws; None for deterministic ones (partition).
+    deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
+        ``metrics`` asks for it (``metrics.faithfulness``).
     """
 
     values: np.ndarray
@@ -61,6 +65,9 @@ class Attribution:
     base_values: np.ndarray
     shap_sum: np.ndarray
     segments: np.ndarray | None = None
+    stability: np.ndarray | None = None
+    deletion_auc: np.ndarray | None = None
+    insertion_auc: np.ndarray | None = None
 
     @property
     def additivity_error(self) -> np.ndarray:

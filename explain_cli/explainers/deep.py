@@ -9,7 +9,8 @@ with ``sum(m_j * (x - r_j)) = f_c(x) - f_c(r_j)``; the attribution is their mean
 
 At a layer, ``x - r_j`` is replaced by the difference of the layer's *input* (first positional
 argument of its ``forward``) at the image and at the reference; the base value stays the mean model
-output over the background.
+output over the background. A token input ``(N, tokens, C)`` is attributed per token and channel and
+put on the patch grid at the end (``_utils.layer_map``; the prefix tokens' share stays in ``shap_sum``).
 
 How the multipliers are obtained ("modified gradients"). The model runs unchanged; while it runs, a
 ``TorchFunctionMode`` intercepts every torch call, so module calls (``nn.ReLU``), functional calls
@@ -73,7 +74,9 @@ intercepted (a TorchScript model is refused; scripted submodules are reported). 
 runs, TF32 is switched off (cuDNN uses it for float32 convolutions by default on recent GPUs; it
 would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences).
 
-DeepSHAP is deterministic: the per-image ``seeds`` are not used.
+DeepSHAP is deterministic: the per-image ``seeds`` are not used. The sums over the first and the
+second half of the background are kept apart, for ``stability`` (``metrics.split_half_stability``):
+how much the map would change with another background of the same size.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.overrides import TorchFunctionMode
 
+from explain_cli import metrics
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
@@ -1392,6 +1396,7 @@ class Explainer(base.Explainer):
                 self._check_stop(tape)
                 row_classes = classes_dev[img]
                 rank_rows = torch.arange(stop - start, device=device)
+                half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
                     (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
@@ -1399,15 +1404,21 @@ class Explainer(base.Explainer):
                         grad = torch.zeros_like(target)
                     contribution = (grad * delta).to(acc_dtype)
                     if phi is None:
-                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)
-                    phi[r].index_add_(0, img, contribution)
+                    phi[r].index_add_(0, half, contribution)
                 del out, target, delta
             self._warn_unsupported(tape)
 
         assert phi is not None
-        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, C, H, W)
-        shap_sum = values.flatten(2).to(torch.float64).sum(2)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if n_refs >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
@@ -1415,4 +1426,5 @@ class Explainer(base.Explainer):
             outputs=outputs.cpu().numpy(),
             base_values=base_values.cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
         )

@@ -27,6 +27,10 @@ i.e. shap multiplies by the layer input at the interpolated point itself, **not*
 a background activation, so at a layer the attributions do not sum to ``f_c(x) - E[f_c]``. That is
 shap's definition and we keep it; ``shap_sum`` reports the sum as it is.
 
+A token layer (input ``(N, tokens, C)``, a ViT block) is attributed per token and channel; the values
+are then put on the patch grid as ``(C, h, w)`` (``_utils.layer_map``: class/distillation/register
+tokens dropped from the map, their share kept in ``shap_sum``).
+
 The top-k classes are ranked on the raw model output of the un-noised images (descending, as shap's
 ``ranked_outputs`` with ``output_rank_order="max"``).
 
@@ -37,7 +41,8 @@ How it is computed (this is what makes it fast):
 * one forward per chunk feeds all k ranked outputs (k ``autograd.grad`` calls on the same graph);
 * no parameter gradients; for a layer target the layer's input is captured as a fresh leaf, so the
   part of the network in front of the layer builds no autograd graph;
-* the per-(image, class) sums are accumulated on the device.
+* the per-(image, class) sums are accumulated on the device, the first and the second half of each
+  image's samples apart, so ``stability`` (``metrics.split_half_stability``) costs no evaluation.
 
 Random numbers: image ``i``'s draws come only from ``seeds[i]`` (its own generators, drawn in sample
 order; the smoothing noise in fixed blocks of samples), so the numbers do not depend on which images
@@ -53,6 +58,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from explain_cli import metrics
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
@@ -195,19 +201,27 @@ class Explainer(base.Explainer):
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                     multiplier = target.detach()
 
+                # each image's first and second half of samples are summed apart (for stability)
+                half = img * 2 + (rows - img * nsamples >= nsamples // 2)
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
                     (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k)
                     contribution = (grad * multiplier).float()
                     if phi is None:
-                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]),
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
-                    phi[r].index_add_(0, img, contribution)
+                    phi[r].index_add_(0, half, contribution)
                 del out, target, multiplier, z, delta
 
         assert phi is not None
-        values = (phi / nsamples).transpose(0, 1).contiguous()  # (N, k, C, H, W)
-        shap_sum = values.flatten(2).sum(2)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if nsamples >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
@@ -215,4 +229,5 @@ class Explainer(base.Explainer):
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
         )
