@@ -99,7 +99,11 @@ class Config(_Section):
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
-    batch_size: int = Field(default=64, ge=1, description="model evaluations per forward pass")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype the model runs in (torch.autocast); attributions stay float32")
     device: str = "auto"
     seed: int = 0
     metrics: list[Literal["deletion", "insertion"]] = Field(
@@ -119,6 +123,13 @@ class Config(_Section):
         from explain_cli.metrics import parse_baseline
 
         return parse_baseline(v)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be an integer >= 1 or 'auto' (got {v!r})")
 
     @field_validator("device")
     @classmethod

@@ -134,6 +134,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         images = images[: options.limit]
 
     dev = resolve_device(device or config.device)
+    from explain_cli.explainers import _precision
+
+    _precision.check(config.precision, dev)  # so `validate` refuses a precision this device cannot run
     torch.manual_seed(config.seed)
     model = build_model(config.model, lambda p: config.resolve(p))
     layer = resolve_layer(model, config.model.layer)
@@ -201,39 +204,24 @@ def empty_background(prep: Prepared):
 
 
 def make_explainer(prep: Prepared, background):
+    from explain_cli.autobatch import initial_batch_size
     from explain_cli.explainers.base import ExplainContext
 
     cfg = prep.config
+    batch_size, auto = initial_batch_size(cfg.batch_size, prep.device)
     context = ExplainContext(model=prep.model, layer=prep.layer, layer_name=cfg.model.layer,
                              background=background, mean=tuple(cfg.preprocess.mean),
                              std=tuple(cfg.preprocess.std), device=prep.device,
-                             batch_size=cfg.batch_size, settings=cfg.explainer_settings)
+                             batch_size=batch_size, settings=cfg.explainer_settings,
+                             precision=cfg.precision, batch_size_auto=auto)
     return prep.explainer_class(context)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def explain_with_backoff(explainer, batch, top_k: int, seeds: list[int]):
-    """Explain a batch; on out-of-memory halve the model batch size and retry, down to 1."""
-    import torch
+    """Explain a batch; on out-of-memory halve the model batch size and retry (explain_cli.autobatch)."""
+    from explain_cli.autobatch import explain_with_backoff as explain
 
-    while True:
-        try:
-            return explainer.explain(batch, top_k, seeds)
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled here
-            if not _is_oom(exc) or explainer.context.batch_size <= 1:
-                raise
-            new = max(1, explainer.context.batch_size // 2)
-            log.warning("out of memory at batch_size %d; retrying with %d",
-                        explainer.context.batch_size, new)
-            explainer.context.batch_size = new
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    return explain(explainer, batch, top_k, seeds)
 
 
 def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, top_k: int,
@@ -362,6 +350,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         writer = Writer(topk_log, errors_log, summary, progress)
         run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
         stop = StopFlag()
+        explainer = None
         try:
             with stop.installed():
                 if todo:
@@ -411,6 +400,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                             "size (deep)", median, UNSTABLE)
             if summary.interrupted:
                 run_info["interrupted_by"] = summary.interrupted
+            if explainer is not None:
+                run_info["batch_size_used"] = explainer.context.batch_size
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)

@@ -27,7 +27,10 @@ class ExplainContext:
 
     ``background`` is preprocessed (normalised, NCHW) and already on ``device``.
     ``mean``/``std`` let explainers that mask in pixel space (partition, kernel) undo the
-    normalisation. ``batch_size`` is the number of model evaluations per forward pass.
+    normalisation. ``batch_size`` is the number of model evaluations per forward pass (the
+    out-of-memory back-off lowers it; ``batch_size_auto`` marks a search for the largest one that
+    fits that has not yet had a success, see ``explain_cli.autobatch``). ``precision`` other than
+    float32 wraps ``model`` so it runs under ``torch.autocast`` and returns float32 outputs.
     """
 
     model: "torch.nn.Module"  # noqa: F821
@@ -39,6 +42,13 @@ class ExplainContext:
     device: "torch.device"  # noqa: F821
     batch_size: int
     settings: ExplainerSettings
+    precision: str = "float32"
+    batch_size_auto: bool = False
+
+    def __post_init__(self) -> None:
+        from explain_cli.explainers._precision import with_precision
+
+        self.model = with_precision(self.model, self.precision, self.device)
 
 
 @dataclass

@@ -95,7 +95,7 @@ from torch.overrides import TorchFunctionMode
 
 from explain_cli import metrics
 from explain_cli.errors import ConfigError
-from explain_cli.explainers import _utils
+from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 
@@ -144,7 +144,11 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, u_r, g):  # noqa: D102
         y = g(u)
-        ctx.save_for_backward(_secant(g, u, u_r, y=y))
+        if u.dtype in (torch.bfloat16, torch.float16):  # autocast: the multiplier in float32
+            m = _secant(g, u.float(), u_r.float())
+        else:
+            m = _secant(g, u, u_r, y=y)
+        ctx.save_for_backward(m)
         return y
 
     @staticmethod
@@ -1287,7 +1291,7 @@ class Explainer(base.Explainer):
         """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
         ctx = self.context
         model, layer = ctx.model, ctx.layer
-        if isinstance(model, torch.jit.ScriptModule):
+        if isinstance(_precision.unwrap(model), torch.jit.ScriptModule):
             raise ConfigError("explainer.name", "the deep explainer needs an eager PyTorch model: a "
                                                 "TorchScript model runs outside Python, so its nonlinear "
                                                 "operations cannot be given DeepLIFT rules; use the "
@@ -1375,6 +1379,7 @@ class Explainer(base.Explainer):
 
             acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
             phi: torch.Tensor | None = None  # (k, N, *explained shape)
+            scale = _precision.grad_scale(model)
             size = max(1, int(ctx.batch_size))
             for start, stop in _utils.chunk_ranges(n_images * n_refs, size):
                 rows = torch.arange(start, stop, device=device)
@@ -1392,17 +1397,19 @@ class Explainer(base.Explainer):
                             out = _utils.as_2d(model(x))
                         target = self._layer_value(captured)
                         assert self._layer_reference is not None
-                        delta = (target.detach() - self._layer_reference[ref].to(target.dtype))
+                        delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
                 row_classes = classes_dev[img]
                 rank_rows = torch.arange(stop - start, device=device)
                 half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
-                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k,
+                                                  allow_unused=True)
                     if grad is None:
                         grad = torch.zeros_like(target)
-                    contribution = (grad * delta).to(acc_dtype)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.to(acc_dtype) / scale) * delta.to(acc_dtype)
                     if phi is None:
                         phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)

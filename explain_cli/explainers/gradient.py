@@ -59,7 +59,7 @@ import torch
 from pydantic import Field
 
 from explain_cli import metrics
-from explain_cli.explainers import _utils
+from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 
@@ -173,6 +173,7 @@ class Explainer(base.Explainer):
             classes_dev = classes.to(device)
 
             phi: torch.Tensor | None = None  # (k, N, *explained shape), float32 sums
+            scale = _precision.grad_scale(model)
             total = n_images * nsamples
             size = max(1, int(ctx.batch_size))
             for start, stop in _utils.chunk_ranges(total, size):
@@ -205,8 +206,9 @@ class Explainer(base.Explainer):
                 half = img * 2 + (rows - img * nsamples >= nsamples // 2)
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
-                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k)
-                    contribution = (grad * multiplier).float()
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                     if phi is None:
                         phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
