@@ -6,7 +6,9 @@ answer without loading torch.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +20,7 @@ from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
-    "3 the run finished but at least one image failed (see errors.csv); 1 anything unexpected; "
+    "3 the run finished but at least one image failed (see errors.csv); 1 a full disk or anything unexpected; "
     "130 / 143 stopped by SIGINT / SIGTERM (rerun the same command to resume)."
 )
 
@@ -44,15 +46,21 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(handler)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        from explain_cli.config import check_log_file
+
+        check_log_file(log_file)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+        except OSError as exc:
+            raise UserError(f"--log-file: cannot open {log_file}: {exc.strerror or exc}") from None
         fh.setLevel(logging.DEBUG if verbose else logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
         root.addHandler(fh)
     root.propagate = False
 
 
-def _fail(exc: BaseException, code: int) -> "typer.Exit":
+def _fail(exc: BaseException | str, code: int) -> "typer.Exit":
     print(f"error: {exc}", file=sys.stderr)
     return typer.Exit(code)
 
@@ -66,6 +74,54 @@ def _unexpected(exc: BaseException, verbose: int) -> "typer.Exit":
 
 
 _VERBOSE_HELP = "More log output; -v also prints the traceback of an unexpected error."
+
+
+class _PipeSafe:
+    """A text stream that outlives its reader: when the pipe behind it breaks (``| head -1``, a
+    log collector that died), output is silently dropped (the fd is pointed at /dev/null), so
+    the run goes on and the exit code still reports the run, not the pipe."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EIO, errno.EBADF):
+                raise
+            self._silence()
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+            return len(args[0]) if args else None
+
+    def write(self, text: str):
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _protect_std_streams() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:  # started with the fd closed (>&-)
+            setattr(sys, name, open(os.devnull, "w"))
+        elif not isinstance(stream, _PipeSafe):
+            setattr(sys, name, _PipeSafe(stream))
 
 
 def _version_callback(value: bool) -> None:
@@ -117,8 +173,9 @@ def run(
 ) -> None:
     """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json
     and report.html."""
-    _setup_logging(verbose, quiet, log_file)
     try:
+        _setup_logging(verbose, quiet, log_file)
+        from explain_cli.config import check_slurm_env
         from explain_cli.pipeline import RunOptions, Shard, run as run_pipeline
 
         cfg = _load(config, set_, {
@@ -127,6 +184,8 @@ def run(
             "device": device,
             "workers": _int_or_text(workers),
         })
+        if not shard:
+            check_slurm_env()
         chosen = Shard.parse(shard) if shard else Shard.from_slurm()
         summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
                                                overwrite=overwrite, shard=chosen))
@@ -136,6 +195,11 @@ def run(
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: no raw traceback unless -v
+        from explain_cli.write import is_fatal_os_error
+
+        if is_fatal_os_error(exc):
+            raise _fail(f"{exc}; the run stopped (complete images are kept): free space or fix the "
+                        f"folder, then rerun the same command to resume", EXIT_UNEXPECTED)
         raise _unexpected(exc, verbose)
     done = summary.skipped + summary.explained
     line = (f"explained {summary.explained}, already done {summary.skipped}, failed {summary.failed} "
@@ -275,6 +339,7 @@ def report(
 
 def main() -> None:
     """Console-script entry point."""
+    _protect_std_streams()
     try:
         app()
     except KeyboardInterrupt:

@@ -2,12 +2,21 @@
 
 Errors are raised as ConfigError naming the file and the dotted key path, with the nearest
 valid key suggested for typos.
+
+Hostile or mistaken files fail fast: the YAML loader refuses duplicate keys (naming key and
+line), alias bombs and absurd nesting before anything is built from them; every value is
+checked for non-finite floats, integers beyond 64 bits and NUL characters; types are strict
+(``true`` is not an integer, ``"3"`` is not a number; a YAML integer is a valid float), and
+every numeric key has a documented bound (the ``Field`` limits below and in each explainer).
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +29,22 @@ DEFAULT_INCLUDE = ["*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.bmp", "*.we
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+# Bounds of the numeric keys (README "Config reference"): far above any real use, low enough
+# that a typo cannot make the run allocate absurd memory before anything is checked.
+MAX_CLASSES = 100_000
+MAX_TOP_K = 20
+MAX_BATCH = 65_536
+MAX_BACKGROUND = 10_000
+#: Largest background tensor (images x 3 x size x size float32) a config may ask for.
+MAX_BACKGROUND_BYTES = 8 * 2**30
+
+# Limits of the YAML loader: a config is a few dozen values.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NODES = 100_000       # values after expanding aliases (a billion-laughs file expands to 10^9)
+MAX_DEPTH = 32            # nesting of mappings and lists
+MAX_INT_DIGITS = 30       # longer integer literals are refused before Python parses them
+INT_LIMIT = 2**63         # integers must fit 64 bits
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -27,7 +52,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     arch: str = Field(description="torchvision:NAME | timm:NAME | python:pkg.module:factory | torchscript")
-    num_classes: int | None = Field(default=None, ge=1, description="outputs of the classifier head; default: the architecture's own")
+    num_classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES, description="outputs of the classifier head; default: the architecture's own")
     checkpoint: str | None = Field(default=None, description="weights file (path relative to the config, or pkg:package/path/in/package)")
     trust_checkpoint: bool = Field(default=False, description="allow unpickling arbitrary objects (a whole nn.Module)")
     key_match: Literal["name", "order"] = Field(default="name", description="map checkpoint keys by name, or by order when names differ but shapes match")
@@ -48,9 +73,9 @@ class ModelConfig(_Section):
 
 
 class PreprocessConfig(_Section):
-    size: int = Field(default=224, ge=8, description="side of the square model input")
+    size: int = Field(default=224, ge=8, le=4096, description="side of the square model input")
     resize: Literal["stretch", "crop"] = Field(default="stretch", description="stretch to size x size, or resize the short side to size/crop_fraction and centre-crop")
-    crop_fraction: float = Field(default=0.875, gt=0, le=1)
+    crop_fraction: float = Field(default=0.875, ge=0.05, le=1)
     mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD))
 
@@ -58,8 +83,10 @@ class PreprocessConfig(_Section):
     def _channels(self) -> "PreprocessConfig":
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need 3 values (RGB)")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be > 0")
+        if not all(-10 <= m <= 10 for m in self.mean):
+            raise ValueError(f"mean values must be within [-10, 10] on the 0-1 scale (got {self.mean})")
+        if not all(1e-3 <= s <= 10 for s in self.std):
+            raise ValueError(f"std values must be within [0.001, 10] on the 0-1 scale (got {self.std})")
         return self
 
 
@@ -70,9 +97,9 @@ class InputConfig(_Section):
 
 
 class BackgroundConfig(_Section):
-    from_input: int | None = Field(default=None, ge=1, description="sample this many images of input.dir")
+    from_input: int | None = Field(default=None, ge=1, le=MAX_BACKGROUND, description="sample this many images of input.dir")
     dir: str | None = Field(default=None, description="folder of background images")
-    count: int = Field(default=50, ge=1, description="images sampled from background.dir")
+    count: int = Field(default=50, ge=1, le=MAX_BACKGROUND, description="images sampled from background.dir")
 
     @model_validator(mode="after")
     def _one_source(self) -> "BackgroundConfig":
@@ -86,7 +113,7 @@ class BackgroundConfig(_Section):
 class OutputConfig(_Section):
     dir: str = Field(default="out", description="output folder")
     format: Literal["svg", "png"] = "svg"
-    top_k: int = Field(default=2, ge=1)
+    top_k: int = Field(default=2, ge=1, le=MAX_TOP_K)
     save_values: bool = False
     dpi: int = Field(default=100, ge=10, le=1200)
 
@@ -99,10 +126,38 @@ class Config(_Section):
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
-    batch_size: int = Field(default=64, ge=1, description="model evaluations per forward pass")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype the model runs in (torch.autocast); attributions stay float32")
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     workers: int | Literal["auto"] = Field(default="auto", description="overlay writer processes; auto = usable cores - 1, 0 = in the main process")
+    metrics: list[Literal["deletion", "insertion"]] = Field(
+        default_factory=list, description="faithfulness metrics per image and class (extra model evaluations)")
+    metrics_steps: int = Field(default=20, ge=2, le=1000, description="steps of the deletion/insertion curves")
+    metrics_baseline: Any = Field(default="blur(32,32)", description="what deleted pixels become: "
+                                  "blur(KX,KY), a grey level or an [r, g, b] colour (0-255)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_metrics(cls, v: list[str]) -> list[str]:
+        return [m for m in ("deletion", "insertion") if m in v]
+
+    @field_validator("metrics_baseline")
+    @classmethod
+    def _baseline(cls, v: Any) -> Any:
+        from explain_cli.metrics import parse_baseline
+
+        return parse_baseline(v)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH):
+            return v
+        raise ValueError(f"must be an integer >= 1 and <= {MAX_BATCH}, or 'auto' (got {v!r})")
 
     @field_validator("device")
     @classmethod
@@ -115,6 +170,18 @@ class Config(_Section):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             return v
         raise ValueError(f"must be auto or a whole number >= 0 (0 writes overlays in the main process), got {v!r}")
+
+    @model_validator(mode="after")
+    def _background_memory(self) -> "Config":
+        count = self.background.count if self.background.dir is not None else self.background.from_input
+        size = self.preprocess.size
+        need = (count or 0) * 3 * size * size * 4
+        if need > MAX_BACKGROUND_BYTES:
+            key = "background.count" if self.background.dir is not None else "background.from_input"
+            raise ValueError(f"{key}: {count} background images of {size}x{size} need "
+                             f"{need / 2**30:.1f} GiB (limit {MAX_BACKGROUND_BYTES // 2**30} GiB); "
+                             f"use fewer images or a smaller preprocess.size")
+        return self
 
     # Filled by load_config: the folder relative paths resolve against, and the source file.
     _base_dir: Path = Path(".")
@@ -183,6 +250,8 @@ def _message(err: dict, root_cls: type[BaseModel], prefix: str = "") -> tuple[st
         msg = f"must be one of {expected} (got {err.get('input')!r}){hint}"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    elif kind.endswith("_type") or kind.endswith("_parsing"):
+        msg = f"{msg} (got {err.get('input')!r})"
     return key, msg
 
 
@@ -193,15 +262,144 @@ def _raise_validation(exc: ValidationError, root_cls: type[BaseModel], source: s
     raise ConfigError(key, msg + more, source) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses what no config needs and an attacker could use: duplicate
+    keys (silently last-wins otherwise), alias bombs and cycles, absurd nesting, and integer
+    literals too long to parse cheaply. Checked on the composed node graph, before any Python
+    object is built from it."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        # Stop at the first level too deep: the parser is lazy, so the rest is never read.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YamlRefusal(f"nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        _check_graph(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeConstructor reports it
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _YamlRefusal(f"duplicate key {key!r} (line {line}; first on line {first})")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _YamlRefusal(Exception):
+    """A YAML document the strict loader refuses; the message says why and where."""
+
+
+def _check_graph(root) -> None:
+    """Expanded size, depth, cycles and integer literals of a composed YAML node graph.
+
+    Aliases make the graph a DAG whose expansion can be exponential (billion laughs), so sizes
+    are counted per node with memoisation: linear in the file, not in the expansion.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def visit(node, depth: int, path: str) -> int:
+        ident = id(node)
+        if ident in sizes:
+            return sizes[ident]
+        if ident in active:
+            raise _YamlRefusal(f"{path or 'the document'}: an alias refers to its own parent (recursive structure)")
+        if depth > MAX_DEPTH:
+            raise _YamlRefusal(f"{path or 'the document'}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_INT_DIGITS:
+                raise _YamlRefusal(f"{path or 'value'}: integer with {len(node.value)} characters "
+                                   f"(line {node.start_mark.line + 1}); integers must fit 64 bits")
+            sizes[ident] = 1
+            return 1
+        active.add(ident)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                total += visit(key_node, depth + 1, path)
+                total += visit(value_node, depth + 1, f"{path}.{name}" if path else str(name))
+                if total > MAX_NODES:
+                    break
+        else:
+            for i, child in enumerate(node.value):
+                total += visit(child, depth + 1, f"{path}[{i}]")
+                if total > MAX_NODES:
+                    break
+        active.discard(ident)
+        if total > MAX_NODES:
+            raise _YamlRefusal(f"{path or 'the document'}: expands to more than {MAX_NODES} values "
+                               f"(an alias bomb?); a config holds a few dozen")
+        sizes[ident] = total
+        return total
+
+    visit(root, 0, "")
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load with _StrictLoader's refusals; raises yaml.YAMLError or _YamlRefusal."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise _YamlRefusal(f"nested more than {MAX_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def check_values(data: Any, source: str | None = None, prefix: str = "") -> None:
+    """Refuse, naming the key, values no config key can use: non-finite floats, integers
+    beyond 64 bits, NUL characters, nesting deeper than MAX_DEPTH (for data from any source)."""
+    stack = [(data, prefix, 0)]
+    while stack:
+        value, key, depth = stack.pop()
+        where = key or "(top level)"
+        if depth > MAX_DEPTH:
+            raise ConfigError(where, f"nested more than {MAX_DEPTH} levels deep", source)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(where, f"must be a finite number (got {value!r})", source)
+        if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+            raise ConfigError(where, "integer out of range (must fit 64 bits)", source)
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(where, "contains a NUL character", source)
+        if isinstance(value, dict):
+            stack.extend((v, f"{key}.{k}" if key else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{key}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=VALUE`` -> (['a', 'b'], value parsed as a YAML scalar or list)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
+    except _YamlRefusal as exc:
+        raise ConfigError(f"--set {key.strip()}", str(exc)) from None
     except yaml.YAMLError:
         value = raw
+    check_values(value, "--set", prefix=key.strip())
     return [k for k in key.strip().split(".")], value
 
 
@@ -228,24 +426,33 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     """Read, override and validate a config file; raise ConfigError naming the key on any problem."""
     path = Path(path)
     source = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError("", f"config file not found: {path}", None)
+    if not path.is_file():
+        raise ConfigError("", f"not a regular file: {path}", None)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config file", source)
+        data = safe_yaml(path.read_text(encoding="utf-8"))
+    except _YamlRefusal as exc:
+        raise ConfigError("", f"refused: {exc}", source) from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML: {exc}", source) from None
     except UnicodeDecodeError:
         raise ConfigError("", "not a text file", source) from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read: {exc.strerror or exc}", source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping of keys", source)
+    check_values(data, source)
     apply_overrides(data, list(overrides or []))
     for dotted, value in (extra or {}).items():
         if value is not None:
             set_key(data, dotted.split("."), value)
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, strict=True)
     except ValidationError as exc:
         _raise_validation(exc, Config, source)
     config._base_dir = path.resolve().parent
@@ -264,7 +471,7 @@ def validate_explainer(section: dict[str, Any], source: str = ""):
     if module is None:
         raise ConfigError("explainer.name", "must be a string", source)
     try:
-        return module.Settings.model_validate({**section, "name": name})
+        return module.Settings.model_validate({**section, "name": name}, strict=True)
     except ValidationError as exc:
         _raise_validation(exc, module.Settings, source, prefix="explainer.")
 
@@ -274,3 +481,67 @@ def resolved_dict(config: Config) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     data["explainer"] = config.explainer_settings.model_dump(mode="json")
     return data
+
+
+def check_output_dir(output_dir: Path, input_dir: Path | None = None, source: str | None = None,
+                     key: str = "output.dir") -> None:
+    """Refuse an output folder the run could not use, before any work: a file, a path below a
+    file, the input folder itself (or a symlink to it), or a folder this process cannot write
+    (read-only file system, permissions), checked by creating and removing a temp file in it or
+    in its nearest existing parent. Creates nothing that stays."""
+    try:
+        _check_output_dir(Path(output_dir), input_dir, source, key)
+    except OSError as exc:  # e.g. a parent folder we may not even stat
+        raise ConfigError(key, f"cannot use {output_dir}: {exc.strerror or exc}", source) from None
+
+
+def _check_output_dir(output_dir: Path, input_dir: Path | None, source: str | None, key: str) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(key, f"{output_dir} is a file, not a folder", source)
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"{output_dir} is below {existing}, which is a file, not a folder", source)
+    if input_dir is not None and os.path.realpath(output_dir) == os.path.realpath(input_dir):
+        raise ConfigError(key, f"{output_dir} is the input folder; outputs would be mixed with the "
+                               f"images: choose another folder (a subfolder of input.dir is fine)", source)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".explain-cli-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc))
+        raise ConfigError(key, f"cannot write to {existing}: {why}", source) from None
+
+
+def check_log_file(path: Path) -> None:
+    """--log-file must name a file we can append to (not a folder, not below a file)."""
+    from explain_cli.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--log-file: {path} is a folder; give a file name (e.g. {path}/explain.log)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--log-file: {path} is below {parent}, which is a file")
+
+
+SLURM_INT_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX")
+
+
+def check_slurm_env(env: dict[str, str] | None = None) -> None:
+    """The SLURM_ARRAY_TASK_* variables that select a shard must be integers (usage error otherwise)."""
+    from explain_cli.errors import UserError
+
+    env = os.environ if env is None else env
+    for name in SLURM_INT_VARS:
+        value = env.get(name)
+        if value is None:
+            continue
+        text = value.strip()
+        if not (text.isascii() and text.lstrip("-").isdigit() and len(text) <= 18):
+            raise UserError(f"{name}={value!r} is not an integer: is this a Slurm array task? "
+                            f"Unset it or give --shard I/N")

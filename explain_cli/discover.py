@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from pathlib import Path
+
+from explain_cli.names import from_fs, fs_name
 
 
 def matches(rel_path: str, patterns: list[str]) -> bool:
@@ -24,17 +27,20 @@ def matches(rel_path: str, patterns: list[str]) -> bool:
 
 def discover_images(root: Path, include: list[str], exclude: list[str],
                     skip_dirs: list[Path] | None = None) -> list[str]:
-    """Relative POSIX paths of the matching files under ``root``, sorted.
+    """Relative POSIX paths of the matching regular files under ``root``, sorted.
 
-    Follows directory symlinks but never enters the same real directory twice (no symlink
-    loops). Folders in ``skip_dirs`` (e.g. an output folder inside the input folder) are
-    not walked. Hidden files and folders (starting with '.') are skipped.
+    Names are read as bytes and decoded as UTF-8 with surrogateescape (``names.from_fs``), so a
+    file has the same name under every locale, valid UTF-8 or not. Follows directory symlinks
+    but never enters the same real directory twice (no symlink loops). Folders in ``skip_dirs``
+    (e.g. an output folder inside the input folder) are not walked. Hidden files and folders
+    (starting with '.') are skipped, and so is anything that is not a regular file (FIFOs,
+    sockets, devices: reading them can block forever).
     """
-    root = Path(root)
-    skip = {os.path.realpath(p) for p in (skip_dirs or [])}
+    root_b = os.fsencode(Path(root))
+    skip = {os.path.realpath(os.fsencode(p)) for p in (skip_dirs or [])}
     seen: set[tuple[int, int]] = set()
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root_b, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -45,15 +51,23 @@ def discover_images(root: Path, include: list[str], exclude: list[str],
             dirnames[:] = []
             continue
         seen.add(key)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, root)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
+        rel_dir = os.path.relpath(dirpath, root_b)
         for name in filenames:
-            if name.startswith("."):
+            if name.startswith(b"."):
                 continue
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            rel = rel.replace(os.sep, "/")
-            if not os.path.isfile(os.path.join(dirpath, name)):
+            rel_b = name if rel_dir == b"." else os.path.join(rel_dir, name)
+            rel = from_fs(rel_b.replace(os.sep.encode(), b"/"))
+            try:
+                if not stat.S_ISREG(os.stat(os.path.join(dirpath, name)).st_mode):
+                    continue
+            except OSError:
                 continue
             if matches(rel, include) and not matches(rel, exclude):
                 found.append(rel)
     return sorted(found)
+
+
+def source_path(root: Path, rel: str) -> Path:
+    """The file of image ``rel`` (a name from ``discover_images``) under ``root``."""
+    return Path(root) / fs_name(rel)

@@ -22,8 +22,6 @@ left in place. This module does not import torch.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import re
@@ -33,7 +31,8 @@ from typing import Any, Iterator
 
 from explain_cli import __version__
 from explain_cli.errors import UserError
-from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, atomic_write_text
+from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, quote_cell, atomic_write_text, parse_csv,
+                               read_csv_text)
 
 SHARD_FILE = re.compile(r"^(topk|errors|run)\.shard-(\d+)-of-(\d+)\.(csv|json)$")
 KINDS = {"topk": "csv", "errors": "csv", "run": "json"}
@@ -111,11 +110,9 @@ def _merge_lock(output_dir: Path) -> Iterator[None]:
 
 
 def _read_csv(path: Path, columns: list[str]) -> list[list[str]]:
-    """Rows (without the header) of a shard CSV; a torn last line (a killed run) is dropped."""
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    rows = list(csv.reader(io.StringIO(text)))
+    """Rows (without the header) of a shard CSV; a torn last record (a killed run) is dropped.
+    Cells stay escaped as written (names.escape): merge copies them unchanged."""
+    rows = parse_csv(read_csv_text(path))
     if not rows or rows[0] != columns:
         got = ",".join(rows[0]) if rows else "(empty file)"
         raise UserError(f"{path}: not an explain-cli CSV (header {got!r}, expected {','.join(columns)!r})")
@@ -155,16 +152,13 @@ def _load_run_json(path: Path) -> dict[str, Any]:
 
 
 def _render_csv(columns: list[str], rows: list[list[str]]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return out.getvalue()
+    """Rows as read (already escaped), quoted like CsvLog's."""
+    return "".join(",".join(quote_cell(c) for c in row) + "\n" for row in [columns] + rows)
 
 
 def _write_if_changed(path: Path, text: str, summary: MergeSummary) -> None:
     try:
-        same = path.read_text(encoding="utf-8") == text
+        same = read_csv_text(path) == text
     except (FileNotFoundError, UnicodeDecodeError):
         same = False
     if same:
@@ -351,12 +345,27 @@ def merge(output_dir: Path) -> MergeSummary:
             "finished": max(finished) if finished else None,
             "shard_seconds_total": round(sum(seconds), 3) if seconds else None,
             "versions": first.get("versions"),
+            "metrics": _merged_metrics(infos, topk),
             "per_shard": per_shard,
         }
         _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
         _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)
         _write_if_changed(run_json, json.dumps(merged_info, indent=2, default=str) + "\n", summary)
     return summary
+
+
+def _merged_metrics(infos: dict[int, dict[str, Any]], topk: list[list[str]]) -> dict[str, Any] | None:
+    """The shards' run.json ``metrics`` combined; the stability median from the merged rows."""
+    from explain_cli.metrics import merge_summaries
+
+    column = TOPK_COLUMNS.index("stability")
+    stabilities = []
+    for row in topk:
+        try:
+            stabilities.append(float(row[column]))
+        except ValueError:
+            pass
+    return merge_summaries([infos[i].get("metrics") for i in sorted(infos)], stabilities)
 
 
 def _rank(text: str) -> int:

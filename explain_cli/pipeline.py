@@ -17,22 +17,26 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from explain_cli import __version__
-from explain_cli.config import Config, resolved_dict
-from explain_cli.discover import discover_images
+from explain_cli import names as _names
+from explain_cli import resume
+from explain_cli.config import Config, check_output_dir, resolved_dict
+from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
                              share_cpus, versions)
+from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
-from explain_cli.write import ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, read_csv_images, write_json
+from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, nonfinite_result, read_csv_images,
+                               write_json)
 
 log = logging.getLogger("explain_cli")
 
@@ -92,21 +96,13 @@ class RunSummary:
 def image_seed(seed: int, rel_path: str) -> int:
     """A per-image seed from the run seed and the image's relative path: results do not depend
     on batch composition, --limit or sharding."""
-    digest = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def output_names(images: list[str]) -> dict[str, str]:
-    """Image -> output stem (relative path without extension). Where two inputs would collide
-    (x.png and x.jpg in one folder) both keep their extension: x.png.svg, x.jpg.svg."""
-    stems: dict[str, list[str]] = {}
-    for rel in images:
-        stems.setdefault(str(PurePosixPath(rel).with_suffix("")).lower(), []).append(rel)
-    names = {}
-    for group in stems.values():
-        for rel in group:
-            names[rel] = rel if len(group) > 1 else str(PurePosixPath(rel).with_suffix(""))
-    return names
+def output_names(images: list[str], case_insensitive: bool = False) -> dict[str, str]:
+    """Image -> output stem: the whole relative path (x.png -> overlays/x.png.svg); see names.output_stem."""
+    return _names.output_names(images, case_insensitive)
 
 
 def prepare(config: Config, options: RunOptions, device: str | None = None) -> Prepared:
@@ -125,6 +121,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
 
         raise ConfigError("input.dir", f"not a folder: {input_dir}", config._source)
     output_dir = config.resolve(config.output.dir)
+    check_output_dir(output_dir, input_dir, config._source)
     all_images = discover_images(input_dir, config.input.include, config.input.exclude,
                                  skip_dirs=[output_dir])
     shard = options.shard
@@ -133,6 +130,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         images = images[: options.limit]
 
     dev = resolve_device(device or config.device)
+    from explain_cli.explainers import _precision
+
+    _precision.check(config.precision, dev)  # so `validate` refuses a precision this device cannot run
     torch.manual_seed(config.seed)
     model = build_model(config.model, lambda p: config.resolve(p))
     layer = resolve_layer(model, config.model.layer)
@@ -165,10 +165,10 @@ def load_background(prep: Prepared):
             from explain_cli.errors import ConfigError
 
             raise ConfigError("background.dir", f"not a folder: {root}", cfg._source)
-        pool = [root / p for p in discover_images(root, cfg.input.include, [])]
+        pool = [source_path(root, p) for p in discover_images(root, cfg.input.include, [])]
         want = bg_cfg.count
     else:
-        pool = [prep.input_dir / p for p in prep.all_images]
+        pool = [source_path(prep.input_dir, p) for p in prep.all_images]
         want = bg_cfg.from_input or 50
     rng = random.Random(cfg.seed)
     order = rng.sample(pool, len(pool))
@@ -200,39 +200,24 @@ def empty_background(prep: Prepared):
 
 
 def make_explainer(prep: Prepared, background):
+    from explain_cli.autobatch import initial_batch_size
     from explain_cli.explainers.base import ExplainContext
 
     cfg = prep.config
+    batch_size, auto = initial_batch_size(cfg.batch_size, prep.device)
     context = ExplainContext(model=prep.model, layer=prep.layer, layer_name=cfg.model.layer,
                              background=background, mean=tuple(cfg.preprocess.mean),
                              std=tuple(cfg.preprocess.std), device=prep.device,
-                             batch_size=cfg.batch_size, settings=cfg.explainer_settings)
+                             batch_size=batch_size, settings=cfg.explainer_settings,
+                             precision=cfg.precision, batch_size_auto=auto)
     return prep.explainer_class(context)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def explain_with_backoff(explainer, batch, top_k: int, seeds: list[int]):
-    """Explain a batch; on out-of-memory halve the model batch size and retry, down to 1."""
-    import torch
+    """Explain a batch; on out-of-memory halve the model batch size and retry (explain_cli.autobatch)."""
+    from explain_cli.autobatch import explain_with_backoff as explain
 
-    while True:
-        try:
-            return explainer.explain(batch, top_k, seeds)
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled here
-            if not _is_oom(exc) or explainer.context.batch_size <= 1:
-                raise
-            new = max(1, explainer.context.batch_size // 2)
-            log.warning("out of memory at batch_size %d; retrying with %d",
-                        explainer.context.batch_size, new)
-            explainer.context.batch_size = new
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    return explain(explainer, batch, top_k, seeds)
 
 
 def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, top_k: int,
@@ -281,32 +266,62 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    values_path=None if values_path is None else str(values_path), classes=classes)
     err = attribution.additivity_error[j]
     rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
-             float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r])]
+             float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
+             _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
+             _cell(attribution.insertion_auc, j, r)]
             for r, c in enumerate(classes)]
     return job, rows
 
 
+def _cell(values, j: int, r: int) -> float | None:
+    """One (image, rank) value of an optional (N, k) array; None (a blank cell) when absent or NaN."""
+    if values is None:
+        return None
+    value = float(values[j, r])
+    return value if np.isfinite(value) else None
+
+
+def score_step(run_metrics: RunMetrics, explainer, items: list[tuple[str, np.ndarray, np.ndarray]],
+               attribution, device, seed: int) -> None:
+    """Faithfulness of an explained batch's maps (batched, on the model's device) and the run's
+    metric totals; a failure here leaves the metric cells blank and never loses the maps."""
+    import torch
+
+    ctx = explainer.context
+    try:
+        batch = torch.from_numpy(np.stack([t for _, _, t in items])).to(device)
+        run_metrics.score(ctx.model, batch, attribution, [image_seed(seed, rel) for rel, _, _ in items],
+                          ctx.mean, ctx.std, ctx.batch_size)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("metrics failed for %d image(s) (%s: %s); their metric cells stay blank",
+                    len(items), type(exc).__name__, exc)
+
+
 def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer, stop: StopFlag,
-           overlay_path, values_path) -> str | None:
-    """decode -> explain -> write, a step at a time, until done or a signal (returns its name)."""
+           run_metrics: RunMetrics, overlay_path, values_path) -> None:
+    """decode -> explain -> write, a step at a time, until done or a signal."""
     cfg = prep.config
     top_k = min(cfg.output.top_k, prep.num_outputs)
-    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess)) as steps:
+    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess,
+                                          stop=lambda: stop.signal_name is not None)) as steps:
         for decoded in steps:  # decode: a thread, one step ahead
             for rel, exc in decoded.failed:
                 writer.failed(rel, str(exc))
             # explain: on the device, in this thread
             for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
+                if not isinstance(result, Exception):
+                    score_step(run_metrics, explainer, items, result, prep.device, cfg.seed)
                 for j, (rel, pixels, _) in enumerate(items):  # write: here or in the workers
                     if isinstance(result, Exception):
                         writer.failed(rel, f"{type(result).__name__}: {result}")
+                    elif nonfinite_result(result, j):
+                        writer.failed(rel, nonfinite_result(result, j))
                     else:
                         writer.submit(*write_job(prep, rel, j, pixels, result, overlay_path(rel),
                                                  values_path(rel)))
             writer.end_step()
             if stop.signal_name:
-                return stop.signal_name
-    return None
+                return
 
 
 def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> RunSummary:
@@ -319,7 +334,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     out_dir = prep.output_dir
     suffix = prep.shard.suffix if prep.shard else ""
     summary = RunSummary(selected=len(prep.images), output_dir=out_dir)
-    names = output_names(prep.all_images)
+    names: dict[str, str] = {}
 
     def overlay_path(rel: str) -> Path:
         return out_dir / "overlays" / f"{names[rel]}.{cfg.output.format}"
@@ -328,12 +343,22 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         return out_dir / "values" / f"{names[rel]}.npz" if cfg.output.save_values else None
 
     with output_lock(out_dir, suffix):
+        names.update(output_names(prep.all_images, _names.is_case_insensitive(out_dir)))
         topk_path = out_dir / f"topk{suffix}.csv"
         errors_path = out_dir / f"errors{suffix}.csv"
+        run_json = out_dir / f"run{suffix}.json"
         if options.overwrite:
             for p in (topk_path, errors_path):
                 p.unlink(missing_ok=True)
         listed = read_csv_images(topk_path)
+        from explain_cli.models import checkpoint_path
+
+        ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
+        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json))
+        if listed or read_csv_images(errors_path):
+            resume.check_resume(run_json, fingerprint, out_dir)
+            _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
+                                          [("overlays", cfg.output.format), ("values", "npz")])
         done = {rel for rel in prep.images if rel in listed and overlay_path(rel).exists()
                 and (values_path(rel) is None or values_path(rel).exists())}
         todo = [rel for rel in prep.images if rel not in done]
@@ -349,14 +374,16 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             {"index": prep.shard.index, "count": prep.shard.count},
             "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
             "versions": versions(), **device_info(prep.device),
-            "command": sys.argv, "host": platform.node(),
+            "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
-        run_json = out_dir / f"run{suffix}.json"
         write_json(run_json, run_info)
+        failure: str | None = None
 
         progress = Progress(len(todo), enabled=options.progress)
+        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
         stop = StopFlag()
         writer = None
+        explainer = None
         threads_before = torch.get_num_threads()
         try:
             with stop.installed():
@@ -371,13 +398,16 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
-                    summary.interrupted = stream(prep, explainer, todo, step, writer, stop,
-                                                 overlay_path, values_path)
+                    stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path, values_path)
+                    summary.interrupted = stop.signal_name  # also when the decoder was waited on
                     writer.drain()
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"
             if writer is not None:
                 writer.close(force=True)
+        except BaseException as exc:
+            failure = str(exc) or type(exc).__name__
+            raise
         finally:
             if writer is not None:
                 writer.close()
@@ -387,13 +417,23 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             errors_log.close()
             summary.seconds = time.monotonic() - started
             run_info.update({
-                "status": "interrupted" if summary.interrupted else "complete",
+                "status": "failed" if failure else "interrupted" if summary.interrupted else "complete",
                 "finished": now(), "seconds": round(summary.seconds, 3),
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
                            "explained": summary.explained, "failed": summary.failed},
             })
+            run_info["metrics"] = run_metrics.summary()
+            median = run_metrics.median_stability()
+            if median is not None and median < UNSTABLE:
+                log.warning("median stability of the maps is %.2f (< %.1f): they would change a lot in a rerun "
+                            "at another seed; raise explainer.nsamples (gradient, kernel) or the background "
+                            "size (deep)", median, UNSTABLE)
             if summary.interrupted:
                 run_info["interrupted_by"] = summary.interrupted
+            if failure:
+                run_info["error"] = failure
+            if explainer is not None:
+                run_info["batch_size_used"] = explainer.context.batch_size
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             write_json(run_json, run_info)

@@ -24,10 +24,8 @@ This module does not import torch or numpy.
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import html
-import io
 import json
 import logging
 import math
@@ -42,7 +40,8 @@ from urllib.parse import quote
 
 from explain_cli import __version__
 from explain_cli.errors import UserError
-from explain_cli.write import atomic_write_text
+from explain_cli import names
+from explain_cli.write import atomic_write_text, parse_csv, read_csv_text
 
 log = logging.getLogger("explain_cli")
 
@@ -92,13 +91,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows; a torn last line (a run still appending) is dropped."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
+        rows = parse_csv(read_csv_text(path))  # newline='': quoted CRs in names survive
+    except (OSError, UnicodeDecodeError) as exc:
         log.warning("report: cannot read %s (%s); left out", path, exc)
         return [], []
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return [], []
     header = rows[0]
@@ -159,13 +155,18 @@ def _number(text: Any) -> float | None:
 def _overlay_url(rel: str, fmt: str, overlays: set[str]) -> str | None:
     """The overlay of image ``rel`` as a relative, percent-encoded URL (None when absent).
 
-    The pipeline names it after the path without extension, or with it where two inputs of a
-    folder would collide (x.png.svg, x.jpg.svg); both are tried, in either format."""
-    stem = posixpath.splitext(rel)[0]
+    ``rel`` is the CSV's (escaped) name; the overlay is named by ``names.output_stem`` (the
+    path with its extension, hashed on a case-insensitive file system), or by explain-cli 0.1's
+    path without extension; each is tried, in either format. The URL percent-encodes the file's
+    bytes, so a name that is not UTF-8 still links to its file."""
+    real = names.unescape(rel)
+    stems = dict.fromkeys(names.fs_name(s) for s in (names.output_stem(real), names.output_stem(real, True),
+                                                    posixpath.splitext(real)[0]))
     for ext in dict.fromkeys([fmt, "svg", "png"]):
-        for name in (f"{rel}.{ext}", f"{stem}.{ext}"):
+        for stem in stems:
+            name = f"{stem}.{ext}"
             if name in overlays:
-                return "overlays/" + quote(name, safe="/")
+                return "overlays/" + quote(os.fsencode(name), safe="/")
     return None
 
 

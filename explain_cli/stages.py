@@ -14,20 +14,23 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from explain_cli.discover import source_path
 from explain_cli.errors import ImageError
 from explain_cli.images import load_preprocessed
+from explain_cli.write import OutputError, is_fatal_os_error
 
 log = logging.getLogger("explain_cli")
 
@@ -47,28 +50,59 @@ def decode_step(input_dir: Path, rels: Sequence[str], preprocess) -> DecodedStep
     step = DecodedStep([], [])
     for rel in rels:
         try:
-            pixels, tensor = load_preprocessed(input_dir / rel, preprocess)
+            pixels, tensor = load_preprocessed(source_path(input_dir, rel), preprocess)
             step.good.append((rel, pixels, tensor))
         except ImageError as exc:
             step.failed.append((rel, exc))
     return step
 
 
-def decoded_steps(input_dir: Path, todo: list[str], step: int, preprocess) -> Iterator[DecodedStep]:
+def decoded_steps(input_dir: Path, todo: list[str], step: int, preprocess,
+                  stop: Callable[[], bool] = lambda: False, poll: float = 0.25) -> Iterator[DecodedStep]:
     """Decode ``todo`` in steps of ``step`` images, one step ahead of the consumer (a thread:
-    Pillow's decoding and numpy release the GIL)."""
+    Pillow's decoding and numpy release the GIL).
+
+    The consumer never waits on the decoder blindly: while a step is not ready it checks
+    ``stop()`` every ``poll`` seconds and ends the iteration when it says so, so a stop request
+    ends the run within seconds even if a read hangs (a stalled network file system). The
+    decoder is a daemon thread for the same reason: a hung read cannot keep the process alive.
+    """
     chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(decode_step, input_dir, chunks[0], preprocess) if chunks else None
-        for i in range(len(chunks)):
-            current = pending.result()
-            pending = pool.submit(decode_step, input_dir, chunks[i + 1], preprocess) if i + 1 < len(chunks) else None
+    if not chunks:
+        return
+    requests: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    def decoder() -> None:
+        while True:
+            index = requests.get()
+            if index is None or closed.is_set():
+                return
             try:
-                yield current
-            except GeneratorExit:
-                if pending is not None:
-                    pending.cancel()
-                raise
+                results.put((index, decode_step(input_dir, chunks[index], preprocess), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                results.put((index, None, exc))
+
+    thread = threading.Thread(target=decoder, name="decode", daemon=True)
+    thread.start()
+    requests.put(0)
+    try:
+        for i in range(len(chunks)):
+            while True:
+                try:
+                    index, current, error = results.get(timeout=poll)
+                    break
+                except queue.Empty:
+                    if stop():
+                        return
+            if error is not None:
+                raise error
+            requests.put(i + 1 if i + 1 < len(chunks) else None)
+            yield current
+    finally:
+        closed.set()
+        requests.put(None)
 
 
 # --- write ------------------------------------------------------------------------------------
@@ -211,6 +245,7 @@ class Writer:
         topk_rows: list[list[Any]] = []
         error_rows: list[list[Any]] = []
         explained = failed = 0
+        fatal: OutputError | None = None
         while self._pending and (wait_for > 0 or self._pending[0].done()):
             entry = self._pending.popleft()
             wait_for -= 1
@@ -219,6 +254,12 @@ class Writer:
                 error = entry.future.exception()
                 if isinstance(error, BrokenProcessPool):
                     error = self._write_here(entry.job)
+            if isinstance(error, BaseException) and is_fatal_os_error(error):
+                # a full disk fails every later image too: record the images before it, then stop
+                fatal = OutputError(f"cannot write the outputs of {entry.rows[0][0]!r}: "
+                                    f"{getattr(error, 'strerror', None) or error}")
+                fatal.__cause__ = error
+                break
             if error is None:
                 topk_rows.extend(entry.rows)
                 explained += 1
@@ -234,6 +275,8 @@ class Writer:
         self.summary.failed += failed
         if explained + failed:
             self.progress.update(explained + failed)
+        if fatal is not None:
+            raise fatal
 
     def _write_here(self, job: WriteJob) -> BaseException | None:
         """A worker died (killed, out of memory): write in this process from now on."""

@@ -4,33 +4,77 @@ Every file is written to a temporary name in its own folder and renamed into pla
 killed job never leaves a half-written overlay, npz or summary. CSV rows of an image are
 appended only after its overlay exists, in one write of whole lines followed by flush+fsync,
 so after any kill the CSV has no torn line and no image twice (see ``CsvLog``).
+
+Text cells go through ``names.escape`` (any file name, valid UTF-8 or not, round-trips) and
+are quoted when they hold a comma, quote, CR or LF; CSVs are read back with ``newline=''``.
+Files get the permissions of any normal file (0666 minus the umask), not mkstemp's 0600. A
+full disk while appending leaves no torn row: the append is undone and ``OutputError`` raised.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from explain_cli.names import escape, unescape
+
 TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
+    "stability", "deletion_auc", "insertion_auc",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
 
+class OutputError(Exception):
+    """Writing an output failed in a way no later image can avoid (disk full, read-only
+    folder): the run stops with exit 1 and run.json says why."""
+
+
+#: errno values after which writing more outputs is pointless: the run stops.
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process umask, read once (reading it means setting it: done under a lock)."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+        return _UMASK
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 minus the umask."""
+    return 0o666 & ~umask()
+
+
+def is_fatal_os_error(exc: BaseException) -> bool:
+    """Disk full, quota exceeded, read-only file system: stop the run instead of failing image after image."""
+    return isinstance(exc, OutputError) or (isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename in the same folder."""
+    """Write ``data`` to ``path`` via a temp file + rename in the same folder (mode 0666 & ~umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = "." + os.fsdecode(os.fsencode(path.name)[:200]) + "."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode())
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -46,7 +90,33 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Atomically; on a full disk, overwrite the existing file in place when the new text fits
+    (run.json is padded to a whole 4 KiB block, so its final status can always be recorded)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    pad = -(len(text.encode("utf-8")) + 1) % 4096
+    body = (text + " " * pad + "\n").encode("utf-8")
+    try:
+        atomic_write_bytes(path, body)
+    except OSError as exc:
+        if exc.errno not in FATAL_ERRNOS or not path.is_file():
+            raise
+        old_size = path.stat().st_size
+        if len(text.encode("utf-8")) + 1 > old_size:
+            raise
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            data_b = (text + " " * (old_size - len(text.encode("utf-8")) - 1) + "\n").encode("utf-8")
+            _write_all(fd, data_b)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def save_values(path: Path, values: np.ndarray, classes: np.ndarray) -> None:
@@ -56,13 +126,22 @@ def save_values(path: Path, values: np.ndarray, classes: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _format_row(row: Sequence[Any]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(row)
-    return out.getvalue()
+def quote_cell(cell: str) -> str:
+    if any(c in cell for c in ',"\r\n'):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
 
+
+def format_row(row: Sequence[Any]) -> str:
+    """One CSV line. Like csv.writer's minimal quoting (None is an empty cell), but also quotes a
+    bare CR (csv.writer with ``lineterminator='\\n'`` leaves it unquoted, which splits the row
+    when read back)."""
+    return ",".join(quote_cell(escape(c)) if isinstance(c, str) else "" if c is None else str(c)
+                    for c in row) + "\n"
 
 def _format_cell(value: Any) -> Any:
+    if value is None:
+        return ""
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
     if isinstance(value, np.integer):
@@ -70,12 +149,38 @@ def _format_cell(value: Any) -> Any:
     return value
 
 
+def complete_prefix(text: str) -> str:
+    """``text`` up to the end of its last complete CSV record (a newline outside quotes)."""
+    if '"' not in text:
+        return text[: text.rfind("\n") + 1]
+    end = pos = 0
+    odd = False
+    for line in text.split("\n")[:-1]:
+        pos += len(line) + 1
+        odd ^= line.count('"') % 2 == 1
+        if not odd:
+            end = pos
+    return text[:end]
+
+
+def read_csv_text(path: Path) -> str:
+    """A CSV we wrote, exactly as stored (no newline translation: quoted CRs survive)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return fh.read()
+
+
+def parse_csv(text: str) -> list[list[str]]:
+    """Rows of ``text`` (a torn last record is dropped); cells stay escaped (see ``names``)."""
+    return list(csv.reader(io.StringIO(complete_prefix(text), newline="")))
+
+
 class CsvLog:
     """An append-only CSV whose rows for one image are written together and made durable.
 
-    Opening an existing file first drops a torn last line (a kill mid-write on a filesystem
+    Opening an existing file first drops a torn last record (a kill mid-write on a filesystem
     without atomic appends) and, when ``drop_images`` is given, the rows of those images
-    (e.g. failures that are being retried), rewriting the file atomically.
+    (e.g. failures that are being retried), rewriting the file atomically. An append that
+    fails (disk full) is truncated away before ``OutputError`` is raised.
     """
 
     def __init__(self, path: Path, columns: list[str], drop_images: set[str] | None = None) -> None:
@@ -85,36 +190,54 @@ class CsvLog:
         if path.exists():
             self._repair(drop_images or set())
         if not path.exists() or path.stat().st_size == 0:
-            atomic_write_text(path, _format_row(columns))
-        self._fh = open(path, "a", encoding="utf-8", newline="")
+            atomic_write_text(path, format_row(columns))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
 
     def _repair(self, drop: set[str]) -> None:
-        text = self.path.read_text(encoding="utf-8")
-        complete = text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
+        text = read_csv_text(self.path)
+        complete = complete_prefix(text)
         if drop:
-            rows = list(csv.reader(io.StringIO(complete)))
-            kept = [r for i, r in enumerate(rows) if i == 0 or (r and r[0] not in drop)]
-            complete = "".join(_format_row(r) for r in kept)
+            rows = parse_csv(complete)
+            kept = [r for i, r in enumerate(rows) if i == 0 or (r and unescape(r[0]) not in drop)]
+            complete = "".join(",".join(quote_cell(c) for c in r) + "\n" for r in kept)
         if complete != text:
             atomic_write_text(self.path, complete)
 
     def append(self, rows: Iterable[Sequence[Any]]) -> None:
-        text = "".join(_format_row([_format_cell(c) for c in row]) for row in rows)
-        if text:
-            self._fh.write(text)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        data = "".join(format_row([_format_cell(c) for c in row]) for row in rows).encode("utf-8")
+        if not data:
+            return
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                pass  # the next open drops the torn record
+            raise OutputError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def read_csv_images(path: Path) -> set[str]:
     """The distinct values of the first column (the image) of a CSV we wrote; empty if missing."""
     if not path.exists():
         return set()
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    rows = list(csv.reader(io.StringIO(text)))
-    return {r[0] for r in rows[1:] if r}
+    rows = parse_csv(read_csv_text(path))
+    return {unescape(r[0]) for r in rows[1:] if r}
+
+
+def nonfinite_result(attribution: Any, j: int) -> str | None:
+    """Why image ``j`` of an Attribution cannot be written (NaN/inf in its outputs, e.g. from a
+    checkpoint holding NaN weights), or None. Such an image becomes an errors.csv row."""
+    for name in ("outputs", "probabilities", "base_values", "shap_sum", "values"):
+        part = np.asarray(getattr(attribution, name)[j])
+        if not np.all(np.isfinite(part)):
+            return (f"the model gave non-finite numbers ({name} holds NaN or inf): check the "
+                    f"checkpoint and preprocess.mean/std")
+    return None

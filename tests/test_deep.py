@@ -308,7 +308,7 @@ def test_attention_softmax_layer_norm_are_exact(caplog):
     assert relative_additivity(model, background, images, attribution).max() <= BOUND_FLOAT32
 
 
-class WithMaximum(nn.Module):
+class WithWhere(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 4, 3)
@@ -316,16 +316,17 @@ class WithMaximum(nn.Module):
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc(torch.maximum(self.a(x), self.b(x)).mean((2, 3)))
+        a, b = self.a(x), self.b(x)
+        return self.fc(torch.where(a > b, a, b).mean((2, 3)))
 
 
 def test_unsupported_op_is_reported(caplog):
     torch.manual_seed(5)
-    model = WithMaximum().eval()
+    model = WithWhere().eval()
     background, images = arch_data(8)
     with caplog.at_level(logging.WARNING, logger="explain_cli"):
         make(model, background).explain(images, 1, [0, 1])
-    assert "no DeepLIFT rule for maximum" in caplog.text
+    assert "no DeepLIFT rule for where" in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

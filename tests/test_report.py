@@ -54,7 +54,8 @@ def test_every_run_writes_a_self_contained_report(tiny_project):
     data = embedded(page)
     rows = topk_rows(out / "topk.csv")
     assert [im["f"] for im in data["images"]] == ["a/one.png", "a/two.jpg", "b/one.png", "three.bmp"]
-    assert [c["key"] for c in data["columns"]] == ["probability", "additivity_error"]  # no metric columns
+    # gradient always has stability; faithfulness is opt-in (metrics: [])
+    assert [c["key"] for c in data["columns"]] == ["probability", "additivity_error", "stability"]
     for im in data["images"]:
         mine = [r for r in rows if r["image"] == im["f"]]
         assert im["c"] == [r["class_name"] for r in mine]
@@ -89,7 +90,7 @@ def test_names_are_escaped_and_urls_percent_encoded(tiny_project):
         url = im["u"]
         assert not set(url) & set(" \"'<>#?&\u2028") and url.isascii(), url
         assert (out / unquote(url)).is_file()
-    assert by_file["sub dir/x#y.png"]["u"] == "overlays/sub%20dir/x%23y.svg"
+    assert by_file["sub dir/x#y.png"]["u"] == "overlays/sub%20dir/x%23y.png.svg"
 
 
 def test_script_json_cannot_close_the_script():

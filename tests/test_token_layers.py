@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from typer.testing import CliRunner
@@ -207,8 +206,6 @@ def test_deep_everything_in_the_class_token_at_the_final_norm(data):
     assert np.abs(result.shap_sum).min() > 1e-3
 
 
-@pytest.mark.xfail(F.multi_head_attention_forward not in deep._build_rules(), strict=True,
-                   reason="no DeepLIFT rule for torch's multi_head_attention_forward yet (issue 11 item 1)")
 def test_deep_at_a_torchvision_encoder_layer_adds_up(data):
     model = small_tv_vit()
     background, images = data
@@ -392,7 +389,7 @@ def test_validate_and_run_at_a_token_layer(tiny_project):
     out = tiny_project / "out"
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["layer_tokens"]["prefix_tokens_dropped"] == 1 and run_info["layer_tokens"]["grid"] == [4, 4]
-    with np.load(out / "values" / "three.npz") as npz:
+    with np.load(out / "values" / "three.bmp.npz") as npz:
         assert npz["values"].shape == (2, 16, 4, 4)
     rows = list(csv_rows(out / "topk.csv"))
     assert len(rows) == 8

@@ -27,7 +27,10 @@ class ExplainContext:
 
     ``background`` is preprocessed (normalised, NCHW) and already on ``device``.
     ``mean``/``std`` let explainers that mask in pixel space (partition, kernel) undo the
-    normalisation. ``batch_size`` is the number of model evaluations per forward pass.
+    normalisation. ``batch_size`` is the number of model evaluations per forward pass (the
+    out-of-memory back-off lowers it; ``batch_size_auto`` marks a search for the largest one that
+    fits that has not yet had a success, see ``explain_cli.autobatch``). ``precision`` other than
+    float32 wraps ``model`` so it runs under ``torch.autocast`` and returns float32 outputs.
     """
 
     model: "torch.nn.Module"  # noqa: F821
@@ -39,6 +42,13 @@ class ExplainContext:
     device: "torch.device"  # noqa: F821
     batch_size: int
     settings: ExplainerSettings
+    precision: str = "float32"
+    batch_size_auto: bool = False
+
+    def __post_init__(self) -> None:
+        from explain_cli.explainers._precision import with_precision
+
+        self.model = with_precision(self.model, self.precision, self.device)
 
 
 @dataclass
@@ -52,6 +62,10 @@ class Attribution:
     base_values: (N, k) expected output over the background / fully masked image.
     probabilities: (N, k) softmax of the model output for each class.
     segments: optional (N, H, W) integer label maps, for explainers whose features are segments.
+    stability: optional (N, k) split-half reliability of each map (``metrics.split_half_stability``),
+        for explainers with random draws; None for deterministic ones (partition).
+    deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
+        ``metrics`` asks for it (``metrics.faithfulness``).
     """
 
     values: np.ndarray
@@ -61,6 +75,9 @@ class Attribution:
     base_values: np.ndarray
     shap_sum: np.ndarray
     segments: np.ndarray | None = None
+    stability: np.ndarray | None = None
+    deletion_auc: np.ndarray | None = None
+    insertion_auc: np.ndarray | None = None
 
     @property
     def additivity_error(self) -> np.ndarray:

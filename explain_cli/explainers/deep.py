@@ -33,22 +33,35 @@ output between image and reference exactly:
   ``dy / du[i]``, in [0, 1] since ``du[i] >= dy``) and to the reference's winner ``k`` when ``dy < 0``
   (``dy / du[k]``, ``du[k] <= dy``); summed over windows, so overlapping windows (the ResNet stem)
   stay exact where shap's unpooling drops all but one window;
-* softmax / log_softmax / layer_norm are decomposed into the rules above (exact as well);
+* maxima over a dimension (``amax``/``amin``, ``max``/``min`` with ``dim``) and elementwise
+  ``maximum``/``minimum`` (the max of a stacked pair): the same rule with the whole row as the window;
+* decomposed into the rules above, so exact as well: softmax / log_softmax (each row shifted by its
+  own maximum, so no factor over- or underflows), scaled_dot_product_attention and torch's
+  multi_head_attention_forward (masks, causal, scale, key padding, bias_k/v, zero attention, separate
+  projections; two bilinear products around the softmax), layer_norm, group_norm, instance_norm,
+  rms_norm, ``F.normalize``, ``baddbmm``/``addmm``/``addcmul`` of two input-dependent factors, and
+  ``linear``/``conv`` with an input-dependent weight (CondConv's per-image kernels: bilinear);
 * everything else that is linear (conv, linear, eval-mode batch norm, add, cat, views, average and
   adaptive-average pooling, eval-mode dropout, interpolate, ...) keeps its plain gradient, which is
-  exact.
+  exact. Tensors that do not depend on the input (weights: BiT's weight standardisation computes a
+  batch norm over its weights, rotary-embedding tables, attention biases) are constants.
 
 Each rule is exact, so the attributions are additive up to floating-point rounding. An operation that
-is neither linear nor covered (``torch.maximum``, ``torch.where``, ``amax``, ``group_norm``,
-train-mode batch norm, ...) keeps its plain gradient and the explainer logs a warning naming it once:
-the ``additivity_error`` column then shows the cost.
+is neither linear nor covered (``torch.where``, ``sort``/``topk``, ``prod``, train-mode batch norm or
+dropout, a product of three input-dependent einsum operands, ...) keeps its plain gradient and the
+explainer logs a warning naming it once, whatever the call returns (a tensor, a tuple): the
+``additivity_error`` column then shows the cost. Integer results that depend on the input (an argmax
+used to index) are taken as the image's: such indexing is not covered by any rule and not reported.
 
 The reference side is computed once per run: the background goes through the model once (in chunks
 of ``batch_size``), recording the input of every nonlinear call, the layer input (layer target) and
 the model outputs (base values). An explained chunk then holds ``batch_size`` (image, reference) rows;
-each intercepted call looks up its recorded reference values by call order. This needs the model to
-make the same sequence of nonlinear calls for every batch (true of feed-forward classifiers;
-otherwise the explainer raises). Memory: the recorded inputs of the nonlinear calls of all
+each intercepted call looks up its recorded reference values by call order. The batch need not be the
+first dimension of a call's tensors: the first reference goes through alone before the chunks, and
+comparing shapes finds, per call, the dimension that holds the batch (Swin folds it into its windows,
+``B * windows``; torch's multi-head attention runs sequence-first). This needs the model to make the
+same sequence of nonlinear calls for every batch (true of feed-forward classifiers; otherwise the
+explainer raises). Memory: the recorded inputs of the nonlinear calls of all
 references stay on the device for the run (about the forward activations of ``B`` images; cap ``B``
 with ``max_background``).
 
@@ -61,7 +74,9 @@ intercepted (a TorchScript model is refused; scripted submodules are reported). 
 runs, TF32 is switched off (cuDNN uses it for float32 convolutions by default on recent GPUs; it
 would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences).
 
-DeepSHAP is deterministic: the per-image ``seeds`` are not used.
+DeepSHAP is deterministic: the per-image ``seeds`` are not used. The sums over the first and the
+second half of the background are kept apart, for ``stability`` (``metrics.split_half_stability``):
+how much the map would change with another background of the same size.
 """
 
 from __future__ import annotations
@@ -78,8 +93,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.overrides import TorchFunctionMode
 
+from explain_cli import metrics
 from explain_cli.errors import ConfigError
-from explain_cli.explainers import _utils
+from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 
@@ -91,7 +107,7 @@ class Settings(ExplainerSettings):
 
     name: Literal["deep"] = "deep"
     max_background: int | None = Field(
-        None, ge=1, description="Use at most this many background images as references (default: all).")
+        None, ge=1, le=10_000, description="Use at most this many background images as references (default: all).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +133,9 @@ def _secant(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, u_r: tor
     h = tol.clamp_min(root_eps * 1e-3)
     mid = (u + u_r) * 0.5
     slope = (g(mid + h) - g(mid - h)) / (2 * h)
-    return torch.where(small, slope, (y - y_r) / torch.where(small, torch.ones_like(du), du))
+    m = torch.where(small, slope, (y - y_r) / torch.where(small, torch.ones_like(du), du))
+    # u == u_r == -inf (a masked attention score) gives nan: no difference to pass on, so 0
+    return m.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 class _Rescale(torch.autograd.Function):
@@ -126,7 +144,11 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, u_r, g):  # noqa: D102
         y = g(u)
-        ctx.save_for_backward(_secant(g, u, u_r, y=y))
+        if u.dtype in (torch.bfloat16, torch.float16):  # autocast: the multiplier in float32
+            m = _secant(g, u.float(), u_r.float())
+        else:
+            m = _secant(g, u, u_r, y=y)
+        ctx.save_for_backward(m)
         return y
 
     @staticmethod
@@ -186,6 +208,34 @@ class _MaxPool(torch.autograd.Function):
         return gin.view(shape), None, None
 
 
+class _RowMax(torch.autograd.Function):
+    """Maximum over ``dim`` (kept), max pooling's rule with the whole row as the window: the difference
+    ``dc`` of the maxima goes to the image's winner when ``dc >= 0``, to the reference's when ``dc < 0``
+    (multipliers in [0, 1])."""
+
+    @staticmethod
+    def forward(ctx, u, u_r, dim):  # noqa: D102
+        c, i_x = u.max(dim, keepdim=True)
+        c_r, i_r = u_r.max(dim, keepdim=True)
+        dc = c - c_r
+        du_x = c - u_r.gather(dim, i_x)  # >= dc
+        du_r = u.gather(dim, i_r) - c_r  # <= dc
+        zero = torch.zeros_like(dc)
+        w_x = torch.where((dc >= 0) & (du_x != 0), dc / torch.where(du_x != 0, du_x, 1.0), zero)
+        w_r = torch.where((dc < 0) & (du_r != 0), dc / torch.where(du_r != 0, du_r, 1.0), zero)
+        ctx.save_for_backward(i_x, i_r, w_x, w_r)
+        ctx.dim, ctx.in_shape = dim, u.shape
+        return c
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        i_x, i_r, w_x, w_r = ctx.saved_tensors
+        gin = torch.zeros(ctx.in_shape, dtype=grad.dtype, device=grad.device)
+        gin.scatter_add_(ctx.dim, i_x, grad * w_x)
+        gin.scatter_add_(ctx.dim, i_r, grad * w_r)
+        return gin, None, None
+
+
 def _bilinear(h: Callable, a: torch.Tensor, b: torch.Tensor, a_bar: torch.Tensor,
               b_bar: torch.Tensor) -> torch.Tensor:
     """Value h(a, b); gradient h(., mean b) to ``a`` and h(mean a, .) to ``b`` (h bilinear)."""
@@ -208,36 +258,109 @@ class _ModelMismatch(RuntimeError):
     pass
 
 
+class _Slot:
+    """One tensor argument of one recorded call: where the batch sits in it and the reference values.
+
+    The batch need not be the first dimension, nor alone in it: Swin's windows fold it into the first
+    dimension (``batch x windows`` rows), torch's multi-head attention runs sequence-first. Comparing
+    the shape for one reference (``shape1``) with the shape for ``b`` rows finds the dimension ``dim``
+    that grows ``b``-fold; the single-reference tensor (``probe``) then tells whether the batch is the
+    outer (the usual ``reshape(B * W, ...)``) or the inner factor of that dimension (``minor``).
+    References are stored as ``(B, fold, *rest)``: ``dim`` moved to the front and split.
+    """
+
+    __slots__ = ("shape1", "dim", "minor", "probe", "parts", "store")
+
+    def __init__(self, shape1: torch.Size) -> None:
+        self.shape1 = shape1
+        self.dim: int | None = None  # None until two batch sizes were seen (0 serves one row)
+        self.minor = False
+        self.probe: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] = []
+        self.store: torch.Tensor | None = None
+
+    def locate(self, shape: torch.Size, rows: int) -> None:
+        """Find ``dim`` from a shape with ``rows`` rows (rows > 1)."""
+        differ = [d for d in range(len(shape)) if len(shape) == len(self.shape1) and shape[d] != self.shape1[d]]
+        if len(differ) != 1 or shape[differ[0]] != rows * self.shape1[differ[0]]:
+            raise _ModelMismatch(f"a nonlinear call has shape {tuple(shape)} for {rows} rows and "
+                                 f"{tuple(self.shape1)} for one: no dimension holds the batch")
+        self.dim = differ[0]
+
+    def _dim(self) -> int:
+        return 0 if self.dim is None else self.dim
+
+    def check(self, shape: torch.Size, rows: int) -> None:
+        d = self._dim()
+        expected = list(self.shape1)
+        expected[d] *= rows
+        if list(shape) != expected:
+            raise _ModelMismatch(f"a nonlinear call has shape {tuple(shape)} here and {tuple(expected)} "
+                                 f"for the same number of rows on the background")
+
+    def split(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``x`` (``rows`` rows) as ``(rows, fold, *rest)``."""
+        y = x.movedim(self._dim(), 0)
+        fold = y.shape[0] // rows
+        if self.minor:
+            return y.reshape(fold, rows, *y.shape[1:]).transpose(0, 1)
+        return y.reshape(rows, fold, *y.shape[1:])
+
+    def join(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`split`."""
+        rows, fold = y.shape[:2]
+        if self.minor:
+            y = y.transpose(0, 1)
+        return y.reshape(rows * fold, *y.shape[2:]).movedim(0, self._dim())
+
+    def choose_order(self, x: torch.Tensor, rows: int) -> None:
+        """``x`` holds ``rows`` references, the first being the probe's: batch outer or inner factor?"""
+        assert self.probe is not None and self.dim is not None
+        fold = self.shape1[self.dim]
+        if fold > 1:
+            y = x.detach().movedim(self.dim, 0)
+            target = self.probe.movedim(self.dim, 0)
+            outer = (y[:fold] - target).abs().max()
+            inner = (y[0::rows] - target).abs().max()
+            self.minor = bool(inner < outer)
+        self.probe = None
+
+
 class _Tape:
     """Per-call reference values: ``record`` stores them (background), ``explain`` looks them up."""
 
     def __init__(self) -> None:
         self.phase = "off"
         self.position = 0
-        self.chunks: list[tuple[str, list[list[torch.Tensor | None]]]] = []  # while recording
-        self.sites: list[tuple[str, tuple[torch.Tensor | None, ...]]] = []  # recorded, concatenated
+        self.calls: list[tuple[str, list[_Slot | None]]] = []
+        self.rows = 0
+        self.probing = False
+        self.first = True
         self.ref_index: torch.Tensor | None = None
         self.unsupported: dict[str, int] = {}
-        self.first = True
 
     # phases -------------------------------------------------------------------------------
-    def start_record(self, first: bool) -> None:
-        self.phase, self.position, self.first = "record", 0, first
+    def start_record(self, rows: int, first: bool, probe: bool = False) -> None:
+        """A background chunk of ``rows`` references; ``probe``: the first reference alone, run before
+        the chunks only to locate the batch in every call (see :class:`_Slot`)."""
+        self.phase, self.position, self.rows, self.first, self.probing = "record", 0, rows, first, probe
 
     def start_explain(self, ref_index: torch.Tensor) -> None:
         self.phase, self.position, self.ref_index = "explain", 0, ref_index
+        self.rows = int(ref_index.shape[0])
 
     def stop(self) -> None:
-        expected = len(self.chunks) if self.phase == "record" else len(self.sites)
         self.phase = "off"
-        if self.position != expected:
+        if self.position != len(self.calls):
             raise _ModelMismatch(f"the model made {self.position} nonlinear calls on this batch but "
-                                 f"{expected} on the background")
+                                 f"{len(self.calls)} on the background")
 
     def finish_record(self) -> None:
-        self.sites = [(kind, tuple(None if parts[0] is None else torch.cat(parts) for parts in lists))
-                      for kind, lists in self.chunks]
-        self.chunks = []
+        for _, slots in self.calls:
+            for slot in slots:
+                if slot is not None:
+                    slot.store = torch.cat(slot.parts)
+                    slot.parts = []
 
     # one site -----------------------------------------------------------------------------
     def site(self, kind: str, tensors: tuple[torch.Tensor | None, ...]) -> tuple | None:
@@ -245,32 +368,46 @@ class _Tape:
         t = self.position
         self.position += 1
         if self.phase == "record":
-            if t >= len(self.chunks) and not self.first:
-                raise _ModelMismatch("the model made more nonlinear calls on this background chunk than "
-                                     "on the first one")
-            if t == len(self.chunks):
-                self.chunks.append((kind, [[] for _ in tensors]))
-            rec_kind, lists = self.chunks[t]
-            if rec_kind != kind or len(lists) != len(tensors):
+            if t == len(self.calls):
+                if not self.first:
+                    raise _ModelMismatch("the model made more nonlinear calls on this background chunk than "
+                                         "on the first one")
+                self.calls.append((kind, [None if x is None else _Slot(x.shape) for x in tensors]))
+            rec_kind, slots = self.calls[t]
+            if rec_kind != kind or [s is None for s in slots] != [x is None for x in tensors]:
                 raise _ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} before")
-            for store, x in zip(lists, tensors):
-                store.append(None if x is None else x.detach().clone())
+            for slot, x in zip(slots, tensors):
+                if slot is None:
+                    continue
+                x = x.detach()
+                if self.probing:
+                    slot.probe = x.clone()
+                    continue
+                if slot.dim is None and self.rows > 1:
+                    slot.locate(x.shape, self.rows)
+                    if slot.probe is not None:
+                        slot.choose_order(x, self.rows)
+                slot.check(x.shape, self.rows)
+                slot.parts.append(slot.split(x, self.rows).clone())
             return None
-        if t >= len(self.sites):
+        if t >= len(self.calls):
             raise _ModelMismatch(f"the model made more nonlinear calls on the images than on the background "
-                                 f"({len(self.sites)})")
-        rec_kind, refs = self.sites[t]
+                                 f"({len(self.calls)})")
+        rec_kind, slots = self.calls[t]
         if rec_kind != kind:
             raise _ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} on the background")
         out = []
-        for x, r in zip(tensors, refs):
-            if x is None or r is None:
+        for x, slot in zip(tensors, slots):
+            if x is None or slot is None:
                 out.append(None)
                 continue
-            if x.shape[0] != self.ref_index.shape[0] or x.shape[1:] != r.shape[1:]:
-                raise _ModelMismatch(f"nonlinear call {t} ({kind}) has shape {tuple(x.shape)} here and "
-                                     f"{tuple(r.shape)} on the background; the batch must be the first dim")
-            out.append(r.index_select(0, self.ref_index).to(x.dtype))
+            if slot.dim is None and self.rows > 1:  # one reference, recorded alone: locate the batch now
+                slot.locate(x.shape, self.rows)
+                assert slot.store is not None
+                slot.store = slot.store.movedim(slot.dim + 1, 1)
+            slot.check(x.shape, self.rows)
+            assert slot.store is not None and self.ref_index is not None
+            out.append(slot.join(slot.store.index_select(0, self.ref_index)).to(x.dtype))
         return tuple(out)
 
     def note_unsupported(self, name: str) -> None:
@@ -292,6 +429,28 @@ def _needs_grad(obj: Any) -> bool:
         return obj.requires_grad
     if isinstance(obj, (list, tuple)):
         return any(_needs_grad(o) for o in obj)
+    return False
+
+
+def _dependent_count(obj: Any) -> int:
+    """How many input-dependent tensors ``obj`` holds (one: the call is linear in it)."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.requires_grad)
+    if isinstance(obj, (list, tuple)):
+        return sum(_dependent_count(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_dependent_count(o) for o in obj.values())
+    return 0
+
+
+def _float_grad_output(obj: Any) -> bool:
+    """A floating-point tensor that depends on the input, alone or inside a tuple/list/dict result."""
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad and obj.is_floating_point()
+    if isinstance(obj, (list, tuple)):
+        return any(_float_grad_output(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_float_grad_output(o) for o in obj.values())
     return False
 
 
@@ -345,7 +504,7 @@ def _unary_rule(oop: Callable, inplace: bool | None) -> Callable:
 def _pow_rule(oop: Callable, inplace: bool, reflected: bool = False) -> Callable:
     def rule(tape: _Tape, func, args, kwargs):
         if kwargs or len(args) != 2:
-            return _PLAIN
+            return _unsupported(tape, func) if _needs_grad((args, tuple(kwargs.values()))) else _PLAIN
         base_, exp_ = (args[1], args[0]) if reflected else args
         if _needs_grad(base_) and not _needs_grad(exp_) and _float_tensor(base_):
             return _apply_unary(tape, base_, lambda t: oop(t, exp_) if not reflected else oop(exp_, t), inplace)
@@ -360,7 +519,7 @@ def _pow_rule(oop: Callable, inplace: bool, reflected: bool = False) -> Callable
 def _mul_rule(inplace: bool) -> Callable:
     def rule(tape: _Tape, func, args, kwargs):
         if len(args) != 2 or kwargs:
-            return _PLAIN
+            return _unsupported(tape, func) if _dependent_count((args, kwargs)) > 1 else _PLAIN
         a, b = args
         if not (_float_tensor(a) and _float_tensor(b) and a.requires_grad and b.requires_grad):
             return _PLAIN
@@ -408,8 +567,8 @@ def _div_rule(inplace: bool, reflected: bool = False) -> Callable:
 def _bilinear_rule(h_of: Callable[[tuple, dict], tuple[Callable, torch.Tensor, torch.Tensor] | None]) -> Callable:
     def rule(tape: _Tape, func, args, kwargs):
         parts = h_of(args, kwargs)
-        if parts is None:
-            return _PLAIN
+        if parts is None:  # a form without a rule (more operands, out=): fine while linear
+            return _unsupported(tape, func) if _dependent_count((args, kwargs)) > 1 else _PLAIN
         h, a, b = parts
         if not (_float_tensor(a) and _float_tensor(b) and a.requires_grad and b.requires_grad):
             return _PLAIN
@@ -469,6 +628,48 @@ def _maxpool_rule(with_indices: Callable, n_args: int, ndim: int) -> Callable:
     return rule
 
 
+def _run(tape: _Tape, rule: Callable, func: Callable, args: tuple, kwargs: dict | None = None):
+    """A rule inside a composite rule: its result, or the plain call where it answers ``_PLAIN``."""
+    kwargs = kwargs or {}
+    out = rule(tape, func, args, kwargs)
+    return func(*args, **kwargs) if out is _PLAIN else out
+
+
+def _bind(names: tuple[str, ...], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments of a builtin (no Python signature) by name."""
+    params = dict(defaults)
+    params.update(zip(names, args))
+    params.update(kwargs)
+    return params
+
+
+def _softmax_core(tape: _Tape, u: torch.Tensor, dim: int, log_space: bool) -> torch.Tensor:
+    """softmax / log_softmax over ``dim`` decomposed into exact rules.
+
+    Each row is shifted by its own maximum (a max node with its own rule, :class:`_RowMax`), so
+    ``exp`` sees values <= 0 and the row sum lies in [1, n] for the image and the reference alike:
+    no factor overflows or underflows and no two large shares cancel. (One shift shared by image and
+    reference would be exact as well, but where the two rows' log-sum-exps differ by ``D`` the reference
+    row's sum underflows and the shares grow like ``exp(D)`` before they cancel: inf/nan, or 1e-2
+    additivity errors, on LeViT's attention with trained batch-norm statistics.)
+    """
+    refs = tape.site("softmax", (u,))
+    if tape.phase == "record":
+        return torch.log_softmax(u, dim) if log_space else torch.softmax(u, dim)
+    u_r = refs[0]
+    v = u - _RowMax.apply(u, u_r, dim)
+    v_r = u_r - u_r.amax(dim, keepdim=True)
+    e_r = torch.exp(v_r)
+    s_r = e_r.sum(dim, keepdim=True)
+    e = _Rescale.apply(v, v_r, torch.exp)
+    s = e.sum(dim, keepdim=True)
+    if log_space:
+        return v - _Rescale.apply(s, s_r, torch.log)
+    inv = _Rescale.apply(s, s_r, torch.reciprocal)
+    inv_r = torch.reciprocal(s_r)
+    return _Product.apply(e, inv, (e.detach() + e_r) * 0.5, (inv.detach() + inv_r) * 0.5)
+
+
 def _softmax_rule(log_space: bool, python_f: bool) -> Callable:
     """softmax / log_softmax; ``python_f``: F.softmax(input, dim, _stacklevel, dtype), else
     torch.softmax(input, dim, dtype)."""
@@ -482,58 +683,352 @@ def _softmax_rule(log_space: bool, python_f: bool) -> Callable:
         dtype = args[dtype_pos] if len(args) > dtype_pos else kwargs.get("dtype")
         if dim is None:
             return _unsupported(tape, func)
-        refs = tape.site("softmax", (u,))
-        if tape.phase == "record":
-            return _PLAIN
-        u_r = refs[0]
         if dtype is not None:
-            u, u_r = u.to(dtype), u_r.to(dtype)
-        # a shift shared by the image row and its reference row keeps the decomposition exact
-        shift = torch.maximum(u.detach().amax(dim, keepdim=True), u_r.amax(dim, keepdim=True))
-        v, v_r = u - shift, u_r - shift
-        e_r = torch.exp(v_r)
-        s_r = e_r.sum(dim, keepdim=True)
-        if log_space:
-            s = _Rescale.apply(v, v_r, torch.exp).sum(dim, keepdim=True)
-            return v - _Rescale.apply(s, s_r, torch.log)
-        e = _Rescale.apply(v, v_r, torch.exp)
-        inv = _Rescale.apply(e.sum(dim, keepdim=True), s_r, torch.reciprocal)
-        inv_r = torch.reciprocal(s_r)
-        return _Product.apply(e, inv, (e.detach() + e_r) * 0.5, (inv.detach() + inv_r) * 0.5)
+            u = u.to(dtype)
+        return _softmax_core(tape, u, dim, log_space)
 
     return rule
 
 
-def _layer_norm_rule(tape: _Tape, func, args, kwargs):
-    bound = inspect.signature(F.layer_norm).bind(*args, **kwargs)
-    bound.apply_defaults()
-    params = dict(bound.arguments)
-    u = params["input"]
-    if not (_float_tensor(u) and u.requires_grad):
-        return _PLAIN
-    if any(_needs_grad(params.get(k)) for k in ("weight", "bias")):
-        return _unsupported(tape, func)
-    refs = tape.site("layer_norm", (u,))
-    if tape.phase == "record":
-        return _PLAIN
-    u_r = refs[0]
-    shape = params["normalized_shape"]
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    dims = tuple(range(-len(shape), 0))
-    eps = params.get("eps", 1e-5)
-    d = u - u.mean(dims, keepdim=True)
-    d_r = u_r - u_r.mean(dims, keepdim=True)
+def _normalized(u: torch.Tensor, u_r: torch.Tensor, dims: tuple[int, ...], eps: float,
+                center: bool = True) -> torch.Tensor:
+    """``(u - mean) / sqrt(mean((u - mean)^2) + eps)`` over ``dims`` (``center=False``: RMS norm),
+    as a product of two input-dependent factors, the square by the product rule and the inverse
+    square root by the rescale rule."""
+    d = u - u.mean(dims, keepdim=True) if center else u
+    d_r = u_r - u_r.mean(dims, keepdim=True) if center else u_r
     d_bar = (d.detach() + d_r) * 0.5
     var = _Product.apply(d, d, d_bar, d_bar).mean(dims, keepdim=True) + eps
     var_r = (d_r * d_r).mean(dims, keepdim=True) + eps
     inv = _Rescale.apply(var, var_r, torch.rsqrt)
     inv_r = torch.rsqrt(var_r)
-    out = _Product.apply(d, inv, d_bar, (inv.detach() + inv_r) * 0.5)
-    if params.get("weight") is not None:
-        out = out * params["weight"]
-    if params.get("bias") is not None:
-        out = out + params["bias"]
+    return _Product.apply(d, inv, d_bar, (inv.detach() + inv_r) * 0.5)
+
+
+def _affine(out: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            channel_dim: int | None = None) -> torch.Tensor:
+    """Scale and shift, per trailing element or (``channel_dim``) per channel."""
+    shape = None
+    if channel_dim is not None:
+        shape = [1] * out.dim()
+        shape[channel_dim] = -1
+    if weight is not None:
+        out = out * (weight if shape is None else weight.reshape(shape))
+    if bias is not None:
+        out = out + (bias if shape is None else bias.reshape(shape))
     return out
+
+
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+_GROUP_NORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+_INSTANCE_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum",
+                       "eps")
+_RMS_NORM_ARGS = ("input", "normalized_shape", "weight", "eps")
+
+
+def _norm_input(tape: _Tape, func, params: dict) -> tuple[torch.Tensor, torch.Tensor] | object | None:
+    """The input of a normalisation and its reference, ``_PLAIN`` (nothing to do, or record) or
+    ``_unsupported`` (input-dependent weights)."""
+    u = params["input"]
+    if not (_float_tensor(u) and u.requires_grad):
+        return _PLAIN
+    if any(_needs_grad(params.get(k)) for k in ("weight", "bias")):
+        return _unsupported(tape, func)
+    refs = tape.site("norm", (u,))
+    if tape.phase == "record":
+        return _PLAIN
+    return u, refs[0]
+
+
+def _layer_norm_rule(tape: _Tape, func, args, kwargs):
+    params = _bind(_LAYER_NORM_ARGS, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
+    got = _norm_input(tape, func, params)
+    if got is _PLAIN:
+        return got
+    u, u_r = got
+    shape = params["normalized_shape"]
+    dims = tuple(range(-(1 if isinstance(shape, int) else len(shape)), 0))
+    return _affine(_normalized(u, u_r, dims, params["eps"]), params["weight"], params["bias"])
+
+
+def _rms_norm_rule(tape: _Tape, func, args, kwargs):
+    params = _bind(_RMS_NORM_ARGS, {"weight": None, "eps": None}, args, kwargs)
+    got = _norm_input(tape, func, params)
+    if got is _PLAIN:
+        return got
+    u, u_r = got
+    shape = params["normalized_shape"]
+    dims = tuple(range(-(1 if isinstance(shape, int) else len(shape)), 0))
+    eps = params["eps"] if params["eps"] is not None else torch.finfo(u.dtype).eps
+    return _affine(_normalized(u, u_r, dims, eps, center=False), params["weight"], None)
+
+
+def _group_norm_rule(tape: _Tape, func, args, kwargs):
+    """Layer norm over each group of channels (and all positions), then the per-channel affine map."""
+    params = _bind(_GROUP_NORM_ARGS, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
+    got = _norm_input(tape, func, params)
+    if got is _PLAIN:
+        return got
+    u, u_r = got
+    shape = (u.shape[0], params["num_groups"], -1)
+    out = _normalized(u.reshape(shape), u_r.reshape(shape), (-1,), params["eps"]).reshape(u.shape)
+    return _affine(out, params["weight"], params["bias"], channel_dim=1)
+
+
+def _instance_norm_rule(tape: _Tape, func, args, kwargs):
+    params = _bind(_INSTANCE_NORM_ARGS, {"running_mean": None, "running_var": None, "weight": None,
+                                         "bias": None, "use_input_stats": True, "momentum": 0.1, "eps": 1e-5},
+                   args, kwargs)
+    if not params["use_input_stats"]:
+        return _PLAIN  # running statistics: linear
+    if params["running_mean"] is not None and _needs_grad(params["input"]):
+        return _unsupported(tape, func)  # training mode (updates the statistics)
+    got = _norm_input(tape, func, params)
+    if got is _PLAIN:
+        return got
+    u, u_r = got
+    dims = tuple(range(2, u.dim()))
+    return _affine(_normalized(u, u_r, dims, params["eps"]), params["weight"], params["bias"], channel_dim=1)
+
+
+def _normalize_rule(tape: _Tape, func, args, kwargs):
+    """F.normalize, p = 2: ``u * (1 / max(sqrt(sum u^2), eps))``."""
+    params = _bind(("input", "p", "dim", "eps", "out"), {"p": 2.0, "dim": 1, "eps": 1e-12, "out": None}, args, kwargs)
+    u = params["input"]
+    if not (_float_tensor(u) and u.requires_grad) or params["out"] is not None:
+        return _PLAIN if not _needs_grad(u) else _unsupported(tape, func)
+    if params["p"] != 2:
+        return _unsupported(tape, func)
+    refs = tape.site("normalize", (u,))
+    if tape.phase == "record":
+        return _PLAIN
+    u_r = refs[0]
+    dim, eps = params["dim"], params["eps"]
+    u_bar = (u.detach() + u_r) * 0.5
+    n2 = _Product.apply(u, u, u_bar, u_bar).sum(dim, keepdim=True)
+    n2_r = (u_r * u_r).sum(dim, keepdim=True)
+    g = lambda t: torch.reciprocal(torch.sqrt(t).clamp_min(eps))  # noqa: E731
+    inv = _Rescale.apply(n2, n2_r, g)
+    return _Product.apply(u, inv, u_bar, (inv.detach() + g(n2_r)) * 0.5)
+
+
+_MATMUL = _bilinear_rule(_matmul_parts(torch.matmul))
+
+
+def _attention(tape: _Tape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool, scale: float | None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v``: two bilinear products around the softmax rule."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = _run(tape, _MATMUL, torch.matmul, (q * scale, k.transpose(-2, -1)))
+    if causal:
+        length, source = scores.shape[-2:]
+        keep = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = _softmax_core(tape, scores, -1, False)
+    return _run(tape, _MATMUL, torch.matmul, (weights, v))
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_rule(tape: _Tape, func, args, kwargs):
+    """F.scaled_dot_product_attention (eval: dropout_p 0), masks, ``is_causal``, ``scale``, GQA."""
+    p = _bind(_SDPA_ARGS, {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                           "enable_gqa": False}, args, kwargs)
+    q, k, v, mask = p["query"], p["key"], p["value"], p["attn_mask"]
+    if not _needs_grad((q, k, v, mask)):
+        return _PLAIN
+    if p["dropout_p"] or (p["is_causal"] and mask is not None):
+        return _unsupported(tape, func)  # random (training), or an error torch raises itself
+    if p["enable_gqa"] and k.shape[-3] != q.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, -3), v.repeat_interleave(repeat, -3)
+    return _attention(tape, q, k, v, mask, bool(p["is_causal"]), p["scale"])
+
+
+def _mha_rule(tape: _Tape, func, args, kwargs):
+    """F.multi_head_attention_forward (what nn.MultiheadAttention calls), torch's own steps with the
+    attention core of :func:`_attention`; returns ``(output, weights or None)`` as torch does."""
+    p = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    p.apply_defaults()
+    a = p.arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    if not _needs_grad((query, key, value, a["static_k"], a["static_v"])):
+        return _PLAIN
+    helpers = [getattr(F, n, None) for n in ("_mha_shape_check", "_canonical_mask", "_none_or_dtype",
+                                             "_in_projection_packed", "_in_projection")]
+    if a["is_causal"] and a["attn_mask"] is None:
+        return _PLAIN  # torch raises its own error
+    if (a["dropout_p"] and a["training"]) or None in helpers:
+        return _unsupported(tape, func)  # random (training), or a torch without these helpers
+    shape_check, canonical_mask, none_or_dtype, in_projection_packed, in_projection = helpers
+    num_heads, attn_mask, kpm = a["num_heads"], a["attn_mask"], a["key_padding_mask"]
+    is_batched = shape_check(query, key, value, kpm, attn_mask, num_heads)
+    if not is_batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        kpm = kpm.unsqueeze(0) if kpm is not None else None
+    tgt_len, bsz, embed_dim = query.shape
+    head_dim = embed_dim // num_heads
+    kpm = canonical_mask(mask=kpm, mask_name="key_padding_mask", other_type=none_or_dtype(attn_mask),
+                         other_name="attn_mask", target_type=query.dtype)
+    causal = bool(a["is_causal"])
+    if causal and kpm is None and not a["need_weights"]:
+        attn_mask = None
+    else:
+        attn_mask = canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                   target_type=query.dtype, check_other=False)
+        causal = False  # the given mask is used (torch's weights path ignores the hint too)
+    if not a["use_separate_proj_weight"]:
+        q, k, v = in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
+    else:
+        bias = a["in_proj_bias"]
+        b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+        q, k, v = in_projection(query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"],
+                                b_q, b_k, b_v)
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if a["bias_k"] is not None and a["bias_v"] is not None:
+        k = torch.cat([k, a["bias_k"].repeat(1, bsz, 1)])
+        v = torch.cat([v, a["bias_v"].repeat(1, bsz, 1)])
+        attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = (k.reshape(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if a["static_k"] is None
+         else a["static_k"])
+    v = (v.reshape(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if a["static_v"] is None
+         else a["static_v"])
+    if a["add_zero_attn"]:
+        zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+        attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    src_len = k.shape[1]
+    if kpm is not None:
+        kpm = kpm.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    scale = float(head_dim) ** -0.5
+    scores = _run(tape, _MATMUL, torch.matmul, (q * scale, k.transpose(-2, -1)))
+    if causal:
+        keep = torch.ones(tgt_len, src_len, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = _softmax_core(tape, scores, -1, False)
+    out = _run(tape, _MATMUL, torch.matmul, (weights, v))
+    out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+    out = F.linear(out, a["out_proj_weight"], a["out_proj_bias"]).view(tgt_len, bsz, -1)
+    avg = None
+    if a["need_weights"]:
+        avg = weights.view(bsz, num_heads, tgt_len, src_len)
+        avg = avg.mean(dim=1) if a["average_attn_weights"] else avg
+    if not is_batched:
+        out = out.squeeze(1)
+        avg = avg.squeeze(0) if avg is not None else None
+    return out, avg
+
+
+def _max_rule(negate: bool, builtin: str) -> Callable:
+    """``amax``/``amin`` (``builtin`` "amax") and ``max``/``min`` over a dim ("max", values and the
+    image's indices) by the row-max rule; ``maximum``/``minimum`` ("maximum") as the max of a stacked
+    pair. A max over everything (the batch too) is left to the unsupported path."""
+
+    def rule(tape: _Tape, func, args, kwargs):
+        if builtin == "maximum":
+            p = _bind(("input", "other"), {}, args, kwargs)
+            a, b = p.get("input"), p.get("other")
+            if not (_needs_grad(a) or _needs_grad(b)) or "out" in kwargs:
+                return _PLAIN if not _needs_grad((a, b)) else _unsupported(tape, func)
+            if not (_float_tensor(a) and _float_tensor(b)):
+                return _unsupported(tape, func)
+            u = torch.stack(torch.broadcast_tensors(a, b))
+            dim, keep, want_indices = 0, False, False
+        else:
+            p = _bind(("input", "dim", "keepdim"), {"dim": None, "keepdim": False}, args, kwargs)
+            if isinstance(p["dim"], torch.Tensor):  # torch.max(a, b): the elementwise maximum
+                return _max_rule(negate, "maximum")(tape, func, args, kwargs)
+            u, dim, keep = p.get("input"), p["dim"], bool(p["keepdim"])
+            if not (_float_tensor(u) and u.requires_grad):
+                return _PLAIN
+            if dim is None or "out" in kwargs or isinstance(dim, (list, tuple)) and len(dim) != 1:
+                return _unsupported(tape, func)
+            dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+            want_indices = builtin == "max"
+        if negate:
+            u = -u
+        refs = tape.site("max", (u,))
+        if tape.phase == "record":
+            c, idx = u.max(dim, keepdim=True)
+        else:
+            c = _RowMax.apply(u, refs[0], dim)
+            idx = u.detach().argmax(dim, keepdim=True) if want_indices else None
+        c = -c if negate else c
+        if not keep:
+            c = c.squeeze(dim)
+            idx = idx.squeeze(dim) if want_indices else None
+        if want_indices:
+            return (torch.return_types.max if not negate else torch.return_types.min)((c, idx))
+        return c
+
+    return rule
+
+
+def _addmm_rule(product: Callable) -> Callable:
+    """``baddbmm``/``addbmm``/``addmm``/``addmv``/``addr`` = ``beta * input + alpha * product(a, b)``."""
+
+    def rule(tape: _Tape, func, args, kwargs):
+        p = _bind(("input", "m1", "m2"), {"beta": 1, "alpha": 1}, args, kwargs)
+        names = [n for n in p if n not in ("input", "beta", "alpha")]
+        if len(names) != 2 or "out" in p:
+            return _unsupported(tape, func) if _needs_grad(args) else _PLAIN
+        a, b = p[names[0]], p[names[1]]
+        if not (_needs_grad(a) and _needs_grad(b)):
+            return _PLAIN  # linear in the one input-dependent factor
+        out = _run(tape, _bilinear_rule(_matmul_parts(product)), product, (a, b))
+        return p["beta"] * p["input"] + p["alpha"] * out if p["beta"] != 0 else p["alpha"] * out
+
+    return rule
+
+
+def _weighted_rule(fn: Callable, names: tuple[str, ...]) -> Callable:
+    """``linear``/``conv*`` whose weight depends on the input too (dynamic kernels: CondConv's routed
+    weights): bilinear in (input, weight), plus the bias; with a constant weight, linear."""
+
+    def rule(tape: _Tape, func, args, kwargs):
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if not (isinstance(weight, torch.Tensor) and weight.requires_grad):
+            return _PLAIN  # the usual case (a module's frozen weight): called often, so decided first
+        p = _bind(names, {}, args, kwargs)
+        u = p.get("input")
+        if not _needs_grad(u):
+            return _PLAIN
+        rest = {k: v for k, v in p.items() if k not in ("input", "weight", "bias")}
+        h = lambda x, w: fn(x, w, None, **rest)  # noqa: E731
+        out = _run(tape, _bilinear_rule(lambda a, kw: (h, a[0], a[1])), h, (u, weight))
+        bias = p.get("bias")
+        if bias is None:
+            return out
+        return out + (bias if fn is F.linear else bias.reshape([1, -1] + [1] * (out.dim() - 2)))
+
+    return rule
+
+
+def _grid_sample_rule(tape: _Tape, func, args, kwargs):
+    """Sampling at fixed positions is linear in the input; an input-dependent grid is not covered."""
+    grid = args[1] if len(args) > 1 else kwargs.get("grid")
+    return _unsupported(tape, func) if _needs_grad(grid) else _PLAIN
+
+
+def _addcmul_rule(tape: _Tape, func, args, kwargs):
+    """``input + value * t1 * t2``."""
+    p = _bind(("input", "tensor1", "tensor2"), {"value": 1}, args, kwargs)
+    t1, t2 = p.get("tensor1"), p.get("tensor2")
+    if "out" in kwargs or t1 is None or t2 is None:
+        return _unsupported(tape, func) if _needs_grad(args) else _PLAIN
+    if not (_needs_grad(t1) and _needs_grad(t2)):
+        return _PLAIN
+    return p["input"] + p["value"] * _run(tape, _mul_rule(False), torch.mul, (t1, t2))
 
 
 def _build_rules() -> dict[Any, Callable]:
@@ -622,7 +1117,35 @@ def _build_rules() -> dict[Any, Callable]:
         put(fn, _softmax_rule(False, False))
     for fn in (torch.log_softmax, T.log_softmax):
         put(fn, _softmax_rule(True, False))
-    put(F.layer_norm, _layer_norm_rule)
+    # normalisations (the input's own statistics), attention, maxima
+    for fn in (F.layer_norm, torch.layer_norm):
+        put(fn, _layer_norm_rule)
+    for fn in (F.group_norm, torch.group_norm):
+        put(fn, _group_norm_rule)
+    for fn in (F.instance_norm, torch.instance_norm):
+        put(fn, _instance_norm_rule)
+    for fn in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)):
+        put(fn, _rms_norm_rule)
+    put(F.normalize, _normalize_rule)
+    put(F.scaled_dot_product_attention, _sdpa_rule)
+    put(F.multi_head_attention_forward, _mha_rule)
+    for negate, names in ((False, ("amax", "max", "maximum", "fmax")), (True, ("amin", "min", "minimum", "fmin"))):
+        for holder in (torch, T):
+            for name in names:
+                kind = {"fmax": "maximum", "fmin": "maximum", "minimum": "maximum", "amin": "amax",
+                        "min": "max"}.get(name, name)
+                put(getattr(holder, name, None), _max_rule(negate, kind))
+    for name, product in (("baddbmm", torch.bmm), ("addbmm", lambda a, b: torch.bmm(a, b).sum(0)),
+                          ("addmm", torch.mm), ("addmv", torch.mv), ("addr", torch.outer)):
+        for holder in (torch, T):
+            put(getattr(holder, name, None), _addmm_rule(product))
+    for fn in (torch.addcmul, T.addcmul):
+        put(fn, _addcmul_rule)
+    for fn in (F.grid_sample, torch.grid_sampler):
+        put(fn, _grid_sample_rule)
+    put(F.linear, _weighted_rule(F.linear, ("input", "weight", "bias")))
+    for fn in (F.conv1d, F.conv2d, F.conv3d):
+        put(fn, _weighted_rule(fn, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")))
     return rules
 
 
@@ -665,16 +1188,20 @@ upsample_bilinear pixel_shuffle pixel_unshuffle channel_shuffle native_channel_s
 flipud rot90 to type float double half bfloat16 cpu cuda copy_ zero_ fill_ masked_fill masked_fill_
 cumsum diff trace diagonal movedim moveaxis swapaxes swapdims unfold fold as_strided detach
 requires_grad_ type_as new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like
+T mT H mH shape dtype device
 mul mul_ __mul__ __rmul__ __imul__ multiply div div_ __truediv__ __itruediv__ true_divide divide
 matmul __matmul__ mm bmm einsum dropout dropout1d dropout2d dropout3d alpha_dropout
-feature_alpha_dropout identity real imag view_as_real flatten_ batch_norm baddbmm addmm addcmul
+feature_alpha_dropout identity real imag view_as_real flatten_ batch_norm
 index_add index_copy scatter scatter_add expand_copy narrow_copy split_copy slice_copy permute_copy
 view_copy transpose_copy select_copy unsqueeze_copy squeeze_copy __len__ dim size numel
 """.split())
 
 
 def _call_name(func: Any) -> str:
-    return getattr(func, "__name__", None) or repr(func)
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":  # a tensor property (x.T, x.mT): name the property
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
 
 
 def _train_mode_call(name: str, args: tuple, kwargs: dict) -> bool:
@@ -707,8 +1234,7 @@ class _DeepMode(TorchFunctionMode):
             if result is not _PLAIN:
                 return result
         out = func(*args, **kwargs)
-        if rule is None and self.tape.phase == "explain" and isinstance(out, torch.Tensor) \
-                and out.requires_grad and out.is_floating_point():
+        if rule is None and self.tape.phase == "explain" and _float_grad_output(out):
             name = _call_name(func)
             if (name not in _LINEAR_NAMES or _train_mode_call(name, args, kwargs)) \
                     and _needs_grad((args, tuple(kwargs.values()))):
@@ -765,7 +1291,7 @@ class Explainer(base.Explainer):
         """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
         ctx = self.context
         model, layer = ctx.model, ctx.layer
-        if isinstance(model, torch.jit.ScriptModule):
+        if isinstance(_precision.unwrap(model), torch.jit.ScriptModule):
             raise ConfigError("explainer.name", "the deep explainer needs an eager PyTorch model: a "
                                                 "TorchScript model runs outside Python, so its nonlinear "
                                                 "operations cannot be given DeepLIFT rules; use the "
@@ -779,18 +1305,23 @@ class Explainer(base.Explainer):
         tape = _Tape()
         outputs, layer_parts = [], []
         size = max(1, int(ctx.batch_size))
-        for i, (a, b) in enumerate(_utils.chunk_ranges(refs.shape[0], size)):
+        probe = refs.shape[0] > 1 and size > 1  # the first reference alone locates the batch in every call
+        plan = ([(0, 1)] if probe else []) + list(_utils.chunk_ranges(refs.shape[0], size))
+        for i, (a, b) in enumerate(plan):
             chunk = refs[a:b]
-            tape.start_record(first=(i == 0))
+            tape.start_record(b - a, first=(i == 0), probe=probe and i == 0)
             with torch.enable_grad(), _DeepMode(tape, self._rules):
                 if layer is None:
                     out = model(chunk.detach().clone().requires_grad_(True))
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
                         out = model(chunk)
-                    layer_parts.append(self._layer_value(captured).detach().clone())
+                    layer_value = self._layer_value(captured).detach().clone()
             self._check_stop(tape)
-            outputs.append(_utils.as_2d(out).detach().to(torch.float64))
+            if not (probe and i == 0):
+                outputs.append(_utils.as_2d(out).detach().to(torch.float64))
+                if layer is not None:
+                    layer_parts.append(layer_value)
             del out
         tape.finish_record()
         self._background_mean = torch.cat(outputs).mean(0)
@@ -848,6 +1379,7 @@ class Explainer(base.Explainer):
 
             acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
             phi: torch.Tensor | None = None  # (k, N, *explained shape)
+            scale = _precision.grad_scale(model)
             size = max(1, int(ctx.batch_size))
             for start, stop in _utils.chunk_ranges(n_images * n_refs, size):
                 rows = torch.arange(start, stop, device=device)
@@ -865,27 +1397,35 @@ class Explainer(base.Explainer):
                             out = _utils.as_2d(model(x))
                         target = self._layer_value(captured)
                         assert self._layer_reference is not None
-                        delta = (target.detach() - self._layer_reference[ref].to(target.dtype))
+                        delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
                 row_classes = classes_dev[img]
                 rank_rows = torch.arange(stop - start, device=device)
+                half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
-                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k, allow_unused=True)
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k,
+                                                  allow_unused=True)
                     if grad is None:
                         grad = torch.zeros_like(target)
-                    contribution = (grad * delta).to(acc_dtype)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.to(acc_dtype) / scale) * delta.to(acc_dtype)
                     if phi is None:
-                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)
-                    phi[r].index_add_(0, img, contribution)
+                    phi[r].index_add_(0, half, contribution)
                 del out, target, delta
             self._warn_unsupported(tape)
 
         assert phi is not None
-        values = (phi / n_refs).transpose(0, 1).contiguous()  # (N, k, *explained shape)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
         values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if n_refs >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
@@ -893,4 +1433,5 @@ class Explainer(base.Explainer):
             outputs=outputs.cpu().numpy(),
             base_values=base_values.cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
         )

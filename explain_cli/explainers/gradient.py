@@ -41,7 +41,8 @@ How it is computed (this is what makes it fast):
 * one forward per chunk feeds all k ranked outputs (k ``autograd.grad`` calls on the same graph);
 * no parameter gradients; for a layer target the layer's input is captured as a fresh leaf, so the
   part of the network in front of the layer builds no autograd graph;
-* the per-(image, class) sums are accumulated on the device.
+* the per-(image, class) sums are accumulated on the device, the first and the second half of each
+  image's samples apart, so ``stability`` (``metrics.split_half_stability``) costs no evaluation.
 
 Random numbers: image ``i``'s draws come only from ``seeds[i]`` (its own generators, drawn in sample
 order; the smoothing noise in fixed blocks of samples), so the numbers do not depend on which images
@@ -57,7 +58,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from explain_cli.explainers import _utils
+from explain_cli import metrics
+from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 
@@ -70,9 +72,9 @@ class Settings(ExplainerSettings):
     """``explainer.*`` keys of the gradient (expected gradients) explainer."""
 
     name: Literal["gradient"] = "gradient"
-    nsamples: int = Field(200, ge=1, description="Monte-Carlo samples per image (shap's nsamples).")
+    nsamples: int = Field(200, ge=1, le=100_000, description="Monte-Carlo samples per image (shap's nsamples).")
     local_smoothing: float = Field(
-        0.0, ge=0, description="Std of the Gaussian noise added to the explained image (shap's local_smoothing).")
+        0.0, ge=0, le=100, description="Std of the Gaussian noise added to the explained image (shap's local_smoothing).")
 
 
 def _derive_seeds(seed: int) -> tuple[int, int]:
@@ -171,6 +173,7 @@ class Explainer(base.Explainer):
             classes_dev = classes.to(device)
 
             phi: torch.Tensor | None = None  # (k, N, *explained shape), float32 sums
+            scale = _precision.grad_scale(model)
             total = n_images * nsamples
             size = max(1, int(ctx.batch_size))
             for start, stop in _utils.chunk_ranges(total, size):
@@ -199,20 +202,28 @@ class Explainer(base.Explainer):
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                     multiplier = target.detach()
 
+                # each image's first and second half of samples are summed apart (for stability)
+                half = img * 2 + (rows - img * nsamples >= nsamples // 2)
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
-                    (grad,) = torch.autograd.grad(selected, target, retain_graph=r + 1 < k)
-                    contribution = (grad * multiplier).float()
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                     if phi is None:
-                        phi = torch.zeros((k, n_images) + tuple(contribution.shape[1:]),
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
-                    phi[r].index_add_(0, img, contribution)
+                    phi[r].index_add_(0, half, contribution)
                 del out, target, multiplier, z, delta
 
         assert phi is not None
-        values = (phi / nsamples).transpose(0, 1).contiguous()  # (N, k, *explained shape)
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
         values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if nsamples >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
@@ -220,4 +231,5 @@ class Explainer(base.Explainer):
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
         )

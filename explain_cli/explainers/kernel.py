@@ -42,6 +42,8 @@ segment) is the superpixel's value, as in seed 004's ``fill_segmentation``; the 
 image can be read back from the saved map alone. Hence ``values.sum()`` is *not* ``sum(phi)`` (each
 value is counted once per pixel): ``shap_sum`` is ``sum(phi)``. ``outputs`` is ``f(x)``,
 ``base_values`` is ``f(all hidden)``, so the additivity error is zero up to float rounding.
+``stability`` comes from two more regressions per image on two halves of the drawn coalitions (the
+enumerated ones in both; see ``split_half``): no extra model evaluation.
 
 Batching: the rows of all images of a call (one all-hidden row plus the coalitions of each image)
 are built on the model's device from the coalition masks and the label maps, and evaluated in
@@ -78,9 +80,9 @@ class SegmentSettings(BaseModel):
     """``explainer.segments.*``: the arguments of ``skimage.segmentation.slic``."""
 
     model_config = ConfigDict(extra="forbid")
-    n_segments: int = Field(50, ge=1, description="approximate number of superpixels (SLIC's n_segments)")
-    compactness: float = Field(30.0, gt=0, description="SLIC's compactness (higher: squarer superpixels)")
-    sigma: float = Field(3.0, ge=0, description="width of SLIC's Gaussian pre-smoothing (0: none)")
+    n_segments: int = Field(50, ge=1, le=2000, description="approximate number of superpixels (SLIC's n_segments)")
+    compactness: float = Field(30.0, gt=0, le=10_000, description="SLIC's compactness (higher: squarer superpixels)")
+    sigma: float = Field(3.0, ge=0, le=100, description="width of SLIC's Gaussian pre-smoothing (0: none)")
 
 
 class Settings(ExplainerSettings):
@@ -88,7 +90,7 @@ class Settings(ExplainerSettings):
 
     name: Literal["kernel"] = "kernel"
     segments: SegmentSettings = Field(default_factory=SegmentSettings)
-    nsamples: int = Field(1000, ge=1, description="model evaluations (coalitions) per image (shap's nsamples), "
+    nsamples: int = Field(1000, ge=1, le=100_000, description="model evaluations (coalitions) per image (shap's nsamples), "
                                                   "at most 2**M - 2 are used")
     fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
                                           "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
@@ -177,6 +179,13 @@ def sample_coalitions(m: int, nsamples: int, rng: np.random.Generator) -> tuple[
     A line-by-line port of the sampling in ``KernelExplainer.explain`` (shap 0.51), with ``rng`` in
     place of numpy's global generator. ``m >= 2``.
     """
+    masks, weights, _ = sample_coalitions_split(m, nsamples, rng)
+    return masks, weights
+
+
+def sample_coalitions_split(m: int, nsamples: int,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`sample_coalitions` and the number of its leading rows that were enumerated (not drawn)."""
     if m <= 30:
         nsamples = min(nsamples, 2**m - 2)
     num_subset_sizes = int(np.ceil((m - 1) / 2.0))
@@ -253,7 +262,7 @@ def sample_coalitions(m: int, nsamples: int, rng: np.random.Generator) -> tuple[
         random_weights = np.asarray(weights[nfixed:])
         weights[nfixed:] = list(random_weights * (weight_left / random_weights.sum()))
 
-    return np.stack(masks), np.asarray(weights, dtype=np.float64)
+    return np.stack(masks), np.asarray(weights, dtype=np.float64), nfixed
 
 
 def solve(masks: np.ndarray, weights: np.ndarray, y: np.ndarray, fx: np.ndarray,
@@ -274,6 +283,34 @@ def solve(masks: np.ndarray, weights: np.ndarray, y: np.ndarray, fx: np.ndarray,
     root = np.sqrt(weights)[:, None]
     coef = np.linalg.lstsq(root * design, root * target, rcond=None)[0]  # (M - 1, k)
     return np.concatenate([coef, (total - coef.sum(0))[None, :]], axis=0)
+
+
+def split_half(masks: np.ndarray, weights: np.ndarray, nfixed: int) -> list[np.ndarray] | None:
+    """Row weights of the two split halves used for stability, or None when there is no random part.
+
+    Why this is sound: the enumerated rows (``masks[:nfixed]``) are the same in every run at any
+    seed, so both halves keep them; only the drawn rows vary between runs. They are split in draw
+    order, a drawn coalition and its complement staying together, and each half's drawn weights are
+    rescaled to the kernel mass left (as the full sample's are), so each half is a Kernel SHAP
+    estimate with the same fixed part and half the random part: its random error has about twice the
+    variance, which is what the Spearman-Brown correction assumes.
+    """
+    drawn = masks.shape[0] - nfixed
+    if drawn < 4:
+        return None
+    cut = nfixed + drawn // 2
+    while cut < masks.shape[0] and np.array_equal(masks[cut], ~masks[cut - 1]):
+        cut += 1
+    if cut >= masks.shape[0]:
+        return None
+    mass = weights[nfixed:].sum()
+    halves = []
+    for lo, hi in ((nfixed, cut), (cut, masks.shape[0])):
+        w = np.zeros_like(weights)
+        w[:nfixed] = weights[:nfixed]
+        w[lo:hi] = weights[lo:hi] * (mass / weights[lo:hi].sum())
+        halves.append(w)
+    return halves
 
 
 def paint(phi: np.ndarray, labels: np.ndarray, channels: int) -> np.ndarray:
@@ -299,6 +336,7 @@ class _Image:
         self.rows_dev = rows_dev  # (1 + S, M) bool: the all-hidden row, then the coalitions
         self.fill_dev = fill_dev  # (C, H, W) normalised fill image
         self.outputs: list[torch.Tensor] = []  # (rows, k) pieces of the model outputs, in row order
+        self.nfixed = 0  # leading rows of ``masks`` that were enumerated, not drawn
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -341,14 +379,17 @@ class Explainer(base.Explainer):
         settings: Settings = self.settings  # type: ignore[assignment]
         labels = segment(pixels, settings.segments)
         m = int(labels.max()) + 1
+        nfixed = 0
         if m >= 2:
-            masks, weights = sample_coalitions(m, int(settings.nsamples), _rng(seed))
+            masks, weights, nfixed = sample_coalitions_split(m, int(settings.nsamples), _rng(seed))
         else:  # a single superpixel has the whole effect: only f(all hidden) is needed
             masks, weights = np.zeros((0, 1), dtype=bool), np.zeros(0)
         rows = np.concatenate([np.zeros((1, masks.shape[1]), dtype=bool), masks])
         fill = normalise(fill_pixels(pixels, settings.fill), ctx.mean, ctx.std)
-        return _Image(labels, masks, weights, _to_device(labels.reshape(-1), device), _to_device(rows, device),
+        item = _Image(labels, masks, weights, _to_device(labels.reshape(-1), device), _to_device(rows, device),
                       _to_device(fill.numpy(), device).to(dtype))
+        item.nfixed = nfixed
+        return item
 
     def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
@@ -421,6 +462,7 @@ class Explainer(base.Explainer):
         values = np.empty((n_images, k, channels, height, width), dtype=np.float32)
         shap_sum = np.empty((n_images, k), dtype=np.float64)
         base_values = np.empty((n_images, k), dtype=np.float64)
+        stability = np.full((n_images, k), np.nan)
         for i, item in enumerate(prepared):
             fnull, y = y_all[i][0], y_all[i][1:]
             if item.masks.shape[0] == 0:
@@ -430,6 +472,7 @@ class Explainer(base.Explainer):
             values[i] = paint(phi, item.labels, channels)
             shap_sum[i] = phi.sum(0)
             base_values[i] = fnull
+            stability[i] = self._stability(item, y, fx[i], fnull, channels)
 
         return Attribution(
             values=values,
@@ -439,4 +482,23 @@ class Explainer(base.Explainer):
             base_values=base_values.astype(np.float32),
             shap_sum=shap_sum.astype(np.float32),
             segments=np.stack([item.labels for item in prepared]),
+            stability=stability,
         )
+
+    @staticmethod
+    def _stability(item: _Image, y: np.ndarray, fx: np.ndarray, fnull: np.ndarray, channels: int) -> np.ndarray:
+        """(k,) split-half reliability over the drawn coalitions (see :func:`split_half`); 1 when
+        every coalition was enumerated (exact values: a rerun gives the same map), NaN when too few
+        were drawn to split."""
+        from explain_cli import metrics
+
+        k = fx.shape[0]
+        if item.masks.shape[0] == 0 or item.nfixed == item.masks.shape[0]:
+            return np.ones(k)
+        halves = split_half(item.masks, item.weights, item.nfixed)
+        if halves is None:
+            return np.full(k, np.nan)
+        maps = [torch.from_numpy(paint(solve(item.masks, w, y, fx, fnull), item.labels, channels))[None]
+                for w in halves]
+        sizes = tuple(int((w[item.nfixed:] > 0).sum()) for w in halves)
+        return metrics.split_half_stability(maps[0], maps[1], sizes)[0]

@@ -144,9 +144,9 @@ class Settings(ExplainerSettings):
         "inpaint_telea",
         description="how hidden pixels are filled (shap.maskers.Image): inpaint_telea | inpaint_ns | "
                     "blur(KX,KY) | a grey level 0-255 | [r, g, b] 0-255")
-    max_evals: int = Field(500, ge=2, description="model evaluations per image (shap's max_evals).")
+    max_evals: int = Field(500, ge=2, le=1_000_000, description="model evaluations per image (shap's max_evals).")
     batch_size: int = Field(
-        50, ge=1, description="masks per image per round of the Owen expansion (shap's batch_size; "
+        50, ge=1, le=10_000, description="masks per image per round of the Owen expansion (shap's batch_size; "
                               "the order of the expansion depends on it). Rows per model call are the "
                               "top-level batch_size.")
 

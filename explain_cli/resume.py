@@ -1,0 +1,137 @@
+"""Resume only what the same settings produced.
+
+A rerun into an output folder skips images whose outputs exist. That is only right when the
+earlier run used the same result-affecting settings, so ``run.json`` stores a fingerprint of
+them: the resolved config (paths made absolute) without the keys below, plus the SHA-256 of the
+label file and of the checkpoint. A rerun whose fingerprint differs, into a folder that already
+holds results, is refused (exit 2) with the differing keys, and ``--overwrite`` or another
+``output.dir`` as the way out.
+
+Keys that never change an image's numbers or files do not block a resume: where the run
+executes (``device``; like ``merge``, we accept its float-rounding differences), how it batches
+(``batch_size``), which images it selects (``input.include/exclude``: the selection may grow),
+where the outputs go (``output.dir``) and which files are written besides the CSV rows
+(``output.format``, ``output.save_values``: missing files are simply redone), and
+``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
+options (progress, log file, limit, shard, verbosity) are not part of the config at all.
+``model.checkpoint`` and ``labels`` are compared by content, not by path.
+
+Not covered: the source code of a ``python:`` model factory, and images replaced by other
+images under the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from explain_cli.errors import UserError
+
+#: Resolved-config keys (dotted) that do not change results; see the module docstring.
+IGNORED_KEYS = {"device", "batch_size", "input.include", "input.exclude", "output.dir",
+                "output.format", "output.save_values", "model.checkpoint", "model.trust_checkpoint",
+                "labels"}
+#: Config paths compared as absolute paths.
+PATH_KEYS = {"input.dir", "background.dir"}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def _settings(config_dict: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    flat = _flatten(config_dict)
+    out = {}
+    for key, value in flat.items():
+        if key in IGNORED_KEYS:
+            continue
+        if key in PATH_KEYS and isinstance(value, str) and base_dir is not None:
+            p = Path(os.path.expanduser(value))
+            value = os.path.normpath(str(p if p.is_absolute() else base_dir / p))
+        out[key] = value
+    return json.loads(json.dumps(out, default=str))
+
+
+def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """{'sha256', 'size', 'mtime_ns'} of a file; the previous digest is reused when size and
+    mtime are unchanged (a multi-GB checkpoint is hashed once, not on every resume)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if previous and previous.get("size") == st.st_size and previous.get("mtime_ns") == st.st_mtime_ns \
+            and previous.get("sha256"):
+        return dict(previous)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result-affecting settings of ``config`` (see the module docstring)."""
+    from explain_cli.config import resolved_dict
+
+    previous = previous or {}
+    labels = config.resolve(config.labels) if config.labels else None
+    return {
+        "settings": _settings(resolved_dict(config), config._base_dir),
+        "labels": file_digest(labels, previous.get("labels")),
+        "checkpoint": file_digest(checkpoint, previous.get("checkpoint")),
+    }
+
+
+def stored_fingerprint(run_json: Path) -> dict[str, Any] | None:
+    """The fingerprint of an earlier run.json; for one written before fingerprints existed, its
+    config's settings (no file digests). None when there is no readable run.json."""
+    try:
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if isinstance(info.get("fingerprint"), dict):
+        return info["fingerprint"]
+    if isinstance(info.get("config"), dict):
+        config_file = info.get("config_file")
+        base = Path(config_file).parent if config_file else None
+        return {"settings": _settings(info["config"], base)}
+    return None
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (keys the old one lacks are skipped
+    for the file digests, so an old run.json compares on its settings alone)."""
+    diffs = []
+    a, b = old.get("settings") or {}, new.get("settings") or {}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            diffs.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content")):
+        if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
+            diffs.append(f"{label} changed")
+    return diffs
+
+
+def check_resume(run_json: Path, current: dict[str, Any], output_dir: Path) -> None:
+    """UserError (exit 2) when ``output_dir`` holds results of other settings than ``current``.
+    Call only when the folder already holds results (rows in topk/errors CSV)."""
+    old = stored_fingerprint(run_json)
+    if old is None:
+        return
+    diffs = differences(old, current)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(f"{output_dir} holds results of different settings ({shown}); resuming would "
+                        f"mix them. Use --overwrite to redo every image, or another output.dir")

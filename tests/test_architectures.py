@@ -1,0 +1,366 @@
+"""Deep (DeepSHAP) on modern architectures: additivity at the input on a small random-weight instance of
+each family of the README's table (transformers, GroupNorm models, LeViT, RepVGG), and the attention,
+normalisation and max rules on their own (masks, scale, causal, sequence-first, batch folded into
+windows, a reference batch of one)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_deep import BOUND_FLOAT32, BOUND_FLOAT64, arch_data, calibrate, make, relative_additivity
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+NUM_CLASSES = 10
+
+
+def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
+    return lambda: timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
+
+
+def _swin_t() -> nn.Module:
+    """torchvision's swin_t code (shifted windows that fold the batch into the window dimension),
+    smaller: 2 stages, 4x4 windows."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           stochastic_depth_prob=0.0, num_classes=NUM_CLASSES)
+
+
+def _vit_b_16() -> nn.Module:
+    """torchvision's vit_b_16 code (nn.MultiheadAttention), smaller."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=NUM_CLASSES)
+
+
+def _bit() -> nn.Module:
+    """resnetv2_50x1_bit's blocks (GroupNorm with 32 groups, weight-standardised StdConv2d), 2 stages."""
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=[1, 1], channels=(128, 256), stem_chs=32, stem_type="fixed",
+                    conv_layer=partial(StdConv2d, eps=1e-8), num_classes=NUM_CLASSES)
+
+
+def _poolformer() -> nn.Module:
+    """poolformer_s12's settings (GroupNorm with one group, pooling token mixer, layer scale), fewer blocks."""
+    from timm.models.metaformer import GroupNorm1, MetaFormer
+
+    return MetaFormer(depths=(1, 1, 1, 1), dims=(16, 24, 32, 48), downsample_norm=None, mlp_act=nn.GELU,
+                      mlp_bias=True, norm_layers=GroupNorm1, layer_scale_init_values=1e-5,
+                      res_scale_init_values=None, use_mlp_head=False, num_classes=NUM_CLASSES)
+
+
+def _mobilevitv2() -> nn.Module:
+    """mobilevitv2_050's blocks (GroupNorm with one group, separable linear attention), fewer and narrower."""
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevitv2_block
+
+    cfg = ByoModelCfg(blocks=(_inverted_residual_block(d=1, c=16, s=1, br=2.0),
+                              _mobilevitv2_block(d=1, c=32, s=2, transformer_depth=1),
+                              _mobilevitv2_block(d=1, c=48, s=2, transformer_depth=1)),
+                      stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu")
+    return ByobNet(cfg, num_classes=NUM_CLASSES)
+
+
+def _repvgg() -> nn.Module:
+    """repvgg_a0's blocks (3x3 + 1x1 + identity batch-norm branches, ReLU), fewer and narrower."""
+    from timm.models.byobnet import ByobNet, ByoModelCfg, _rep_vgg_bcfg
+
+    cfg = ByoModelCfg(blocks=_rep_vgg_bcfg(d=(1, 2, 2, 1), wf=(0.25, 0.25, 0.25, 0.5)), stem_type="rep",
+                      stem_chs=16)
+    return ByobNet(cfg, num_classes=NUM_CLASSES)
+
+
+_VIT_SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+# family -> (builder, input size). Random weights, small kwargs where the family allows. (deit_tiny is
+# vit_tiny's architecture with other weights; its distilled variant adds a second head.)
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "timm vit_tiny_patch16_224": (_timm("vit_tiny_patch16_224", **_VIT_SMALL), 32),
+    "timm deit_tiny_distilled_patch16_224": (_timm("deit_tiny_distilled_patch16_224", **_VIT_SMALL), 32),
+    "torchvision swin_t": (_swin_t, 32),
+    "torchvision vit_b_16": (_vit_b_16, 32),
+    "timm coatnet_0_rw_224": (_timm("coatnet_0_rw_224", img_size=64, embed_dim=(16, 24, 32, 48),
+                                    depths=(1, 1, 1, 1), stem_width=(8, 16), transformer_dim_head=8), 64),
+    "timm mobilevitv2_050": (_mobilevitv2, 32),
+    "timm resnetv2_50x1_bit": (_bit, 32),
+    "timm poolformer_s12": (_poolformer, 32),
+    "timm eva02_tiny_patch14_224": (_timm("eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=2,
+                                          embed_dim=32, num_heads=2, ref_feat_shape=(4, 4)), 28),
+    "timm levit_128s": (_timm("levit_128s", img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
+                              depth=(1, 1, 1)), 64),
+    "timm repvgg_a0": (_repvgg, 32),
+}
+
+
+def reinit_heads(model: nn.Module) -> nn.Module:
+    """Classifier heads start at zero (torchvision ViT) or 1e-3 scale (EVA): give them unit-scale
+    weights so the outputs depend on the image."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.out_features == NUM_CLASSES:
+                module.weight.normal_(0.0, module.in_features ** -0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def family_model(family: str) -> nn.Module:
+    """Random weights, batch-norm statistics of *other* random images (as trained statistics are: not
+    fitted to the explained images; with them LeViT's attention logits spread far apart)."""
+    builder, size = FAMILIES[family]
+    torch.manual_seed(0)
+    model = reinit_heads(builder().eval())
+    others = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(123))
+    return calibrate(model, others)
+
+
+def explain_family(family: str, dtype: torch.dtype, caplog, **kwargs):
+    size = FAMILIES[family][1]
+    model = copy.deepcopy(family_model(family)).to(dtype)
+    background, images = (t.to(dtype) for t in arch_data(size))
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        attribution = make(model, background, **kwargs).explain(images, 2, [0, 1])
+    return model, background, images, attribution
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_deep_is_additive_on_family(family, dtype, caplog):
+    model, background, images, attribution = explain_family(family, dtype, caplog)
+    assert "no DeepLIFT rule" not in caplog.text  # every nonlinear call of the family has an exact rule
+    size = FAMILIES[family][1]
+    assert attribution.values.shape == (2, 2, 3, size, size)
+    assert np.isfinite(attribution.values).all()
+    rel = relative_additivity(model, background, images, attribution)
+    assert rel.max() <= (BOUND_FLOAT32 if dtype == torch.float32 else BOUND_FLOAT64), rel
+
+
+def test_windows_fold_the_batch_across_chunks_and_single_references(caplog):
+    """Swin folds the batch into its window dimension. Chunks of 5 (image, reference) rows cut through
+    images, a single reference is recorded without a second batch size to compare with: the values
+    stay those of one big chunk, and add up."""
+    family = "torchvision swin_t"
+    model, background, images, whole = explain_family(family, torch.float64, caplog)
+    _, _, _, chunked = explain_family(family, torch.float64, caplog, batch_size=5)
+    np.testing.assert_allclose(chunked.values, whole.values, rtol=1e-9, atol=1e-12)
+    for batch_size in (1, 4):
+        one = make(model, background[:1], batch_size=batch_size).explain(images, 2, [0, 1])
+        assert relative_additivity(model, background[:1], images, one).max() <= BOUND_FLOAT64
+
+
+# -- the rules on their own -------------------------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """Patch embedding of a 16x16 image into 16 tokens of width 8, a mixer, a linear head."""
+
+    def __init__(self, mixer: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                 attention: nn.Module | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+        self.extra = nn.Linear(8, 8)
+        self.norm = nn.GroupNorm(2, 8)
+        self.attention = attention
+        self.head = nn.Linear(8, 4)
+        self.mixer = mixer
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16, 8)
+        return self.head(self.mixer(self, t).mean(1))
+
+
+def _heads(module: Tokens, t: torch.Tensor):
+    n = t.shape[0]
+    return module.qkv(t).reshape(n, 16, 3, 2, 4).permute(2, 0, 3, 1, 4)  # q, k, v: (N, 2 heads, 16, 4)
+
+
+def _merge(o: torch.Tensor) -> torch.Tensor:
+    return o.transpose(1, 2).reshape(o.shape[0], 16, 8)
+
+
+_G = torch.Generator().manual_seed(7)
+_ALLOWED = (torch.rand(16, 16, generator=_G) > 0.5) | torch.eye(16, dtype=torch.bool)
+_ALLOWED[:, 0] = True  # every query keeps a key that no padding mask below removes
+_FLOAT_MASK = torch.randn(16, 16, generator=_G)
+
+
+def _sdpa(gqa: bool = False, mask: torch.Tensor | None = None, **options):
+    def mixer(module, t):
+        q, k, v = _heads(module, t)
+        kwargs = dict(options)
+        if gqa:
+            k, v = k[:, :1], v[:, :1]
+            kwargs["enable_gqa"] = True
+        attn_mask = None if mask is None else mask.to(t.dtype) if mask.is_floating_point() else mask
+        return t + _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs))
+
+    return lambda: (mixer, None)
+
+
+SDPA_VARIANTS = {
+    "plain": _sdpa(),
+    "bool mask": _sdpa(mask=_ALLOWED),
+    "float mask": _sdpa(mask=_FLOAT_MASK),
+    "causal": _sdpa(is_causal=True),
+    "scale": _sdpa(scale=0.9),
+    "grouped query": _sdpa(gqa=True),
+}
+
+
+def _mha(batch_first: bool, need_weights: bool = False, cross: bool = False, bias_kv: bool = False,
+         zero_attn: bool = False, **options):
+    def mixer(module, t):
+        seq = t if batch_first else t.transpose(0, 1)
+        key = value = seq
+        if cross:  # other widths for keys and values (separate projection weights)
+            key, value = module.extra(seq)[..., :6], module.extra(seq)[..., 2:7] * 0.5
+        kwargs = dict(options)
+        if "attn_mask" in kwargs and kwargs["attn_mask"].is_floating_point():
+            kwargs["attn_mask"] = kwargs["attn_mask"].to(t.dtype)  # (torch's attention misreads another dtype)
+        if "key_padding_mask" in kwargs:
+            kwargs["key_padding_mask"] = kwargs["key_padding_mask"].expand(t.shape[0], -1)
+        out, weights = module.attention(seq, key, value, need_weights=need_weights, **kwargs)
+        out = out if batch_first else out.transpose(0, 1)
+        if need_weights:
+            out = out + weights.mean(1).reshape(t.shape[0], -1, 1)[:, :16]
+        return t + out
+
+    return lambda: (mixer, nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=6 if cross else None,
+                                                 vdim=5 if cross else None, add_bias_kv=bias_kv,
+                                                 add_zero_attn=zero_attn))
+
+
+_CAUSAL = torch.triu(torch.full((16, 16), float("-inf")), diagonal=1)
+_PADDING = torch.zeros(1, 16, dtype=torch.bool)
+_PADDING[0, -3:] = True
+
+MHA_VARIANTS = {
+    "batch first": _mha(True),
+    "sequence first": _mha(False),
+    "weights averaged": _mha(True, need_weights=True),
+    "weights per head": _mha(False, need_weights=True, average_attn_weights=False),
+    "float mask": _mha(True, attn_mask=_FLOAT_MASK),
+    "bool mask + padding": _mha(True, attn_mask=~_ALLOWED, key_padding_mask=_PADDING),
+    "causal": _mha(True, attn_mask=_CAUSAL, is_causal=True),
+    "bias kv + zero attn": _mha(False, bias_kv=True, zero_attn=True),
+    "cross, kdim/vdim": _mha(True, cross=True),
+}
+
+
+def _norms_and_maxima(module, t):
+    """Group / instance / RMS norm, F.normalize, max family, baddbmm and addcmul of two
+    input-dependent tensors."""
+    h = module.norm(t.transpose(1, 2)).transpose(1, 2)  # group norm, 2 groups
+    h = h + F.instance_norm(t.transpose(1, 2)).transpose(1, 2)
+    h = h + F.rms_norm(t, (8,), eps=1e-6) + F.normalize(module.extra(t), dim=-1)
+    a, b = module.extra(h), h * 0.5 + 0.1
+    h = h + torch.maximum(a, b) + torch.minimum(a, b) + torch.max(a, b) + a.amax(-1, keepdim=True)
+    h = h + a.max(dim=1, keepdim=True).values + torch.min(b, 1).values[:, None] + b.amin(1, keepdim=True)
+    h = h + torch.baddbmm(h, torch.softmax(a @ b.transpose(1, 2), -1), b) * 0.1 + torch.addcmul(h, a, b, value=0.5)
+    return h
+
+
+def _dynamic_weights(module, t):
+    """Kernels computed from the input, one per image, as timm's CondConv2d runs them: the batch
+    folded into the channels and the groups of one convolution, which is bilinear in (input, kernel)."""
+    n = t.shape[0]
+    route = torch.sigmoid(module.extra(t).mean(1))  # (N, 8)
+    grid = t.transpose(1, 2).reshape(1, n * 8, 4, 4)  # every image's channels as conv groups
+    kernel = route.reshape(n * 8, 1, 1, 1) * module.embed.weight[:8, :1, :3, :3].repeat(n, 1, 1, 1)
+    out = F.conv2d(grid, kernel, torch.ones(n * 8, dtype=t.dtype), padding=1, groups=n * 8)
+    return t + out.reshape(n, 8, 16).transpose(1, 2)
+
+
+def _big_logits(module, t):
+    """Attention whose scores spread over ~100: the image's and a reference's rows differ by far more
+    than exp() spans in float32 (the case LeViT hit with trained statistics)."""
+    q, k, v = _heads(module, t)
+    scores = (q * 30) @ k.transpose(-2, -1)
+    return t + _merge(torch.softmax(scores, -1) @ v) + F.log_softmax(scores, -1).mean((1, -1))[..., None]
+
+
+def _check_rules(build, dtype=torch.float64):
+    torch.manual_seed(4)
+    mixer, attention = build()
+    model = Tokens(mixer, attention).to(dtype).eval()
+    background, images = (t.to(dtype) for t in arch_data(16))
+    attribution = make(model, background).explain(images, 2, [0, 1])
+    assert np.isfinite(attribution.values).all()
+    return relative_additivity(model, background, images, attribution)
+
+
+@pytest.mark.parametrize("variant", list(SDPA_VARIANTS))
+def test_scaled_dot_product_attention_rule(variant, caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(SDPA_VARIANTS[variant])
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
+@pytest.mark.parametrize("variant", list(MHA_VARIANTS))
+def test_multi_head_attention_rule(variant, caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(MHA_VARIANTS[variant])
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
+def test_norm_and_max_rules(caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(lambda: (_norms_and_maxima, None))
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
+def _batch_inside(module, t):
+    """Tokens first, the batch the inner factor of one dimension: (16 * N, 8) rows, token-major."""
+    n = t.shape[0]
+    z = t.transpose(0, 1).reshape(16 * n, 8)
+    z = torch.softmax(z, -1) * module.extra(z)
+    return t + z.reshape(16, n, 8).transpose(0, 1)
+
+
+def test_batch_as_the_inner_factor_of_a_dimension(caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(lambda: (_batch_inside, None))
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
+def test_dynamic_weights(caplog):
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        rel = _check_rules(lambda: (_dynamic_weights, None))
+    assert "no DeepLIFT rule" not in caplog.text
+    assert rel.max() <= BOUND_FLOAT64, rel
+
+
+def test_softmax_with_far_apart_rows_float32():
+    assert _check_rules(lambda: (_big_logits, None), torch.float32).max() <= BOUND_FLOAT32
+
+
+def test_unsupported_ops_are_reported_whatever_they_return(caplog):
+    def mixer(module, t):
+        a = module.extra(t)
+        three = torch.einsum("bij,bkj,bkl->bil", a, t, a)  # three input-dependent operands
+        return t + torch.sort(a, dim=-1).values + three  # sort returns a (values, indices) tuple
+
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        _check_rules(lambda: (mixer, None))
+    assert "no DeepLIFT rule for einsum, sort" in caplog.text
