@@ -38,8 +38,9 @@ SHARD_FILE = re.compile(r"^(topk|errors|run)\.shard-(\d+)-of-(\d+)\.(csv|json)$"
 KINDS = {"topk": "csv", "errors": "csv", "run": "json"}
 
 # Resolved-config keys that may differ between the shards of one run: where a shard ran and
-# how it batched do not change its numbers (results are seeded per image).
-PER_SHARD_KEYS = {("device",), ("batch_size",), ("output", "dir")}
+# how it batched or how many processes wrote its overlays do not change its numbers (results
+# are seeded per image).
+PER_SHARD_KEYS = {("device",), ("batch_size",), ("workers",), ("output", "dir")}
 # Config paths, compared after resolving against the folder of each shard's config file.
 PATH_KEYS = [("input", "dir"), ("labels",), ("model", "checkpoint"), ("background", "dir")]
 

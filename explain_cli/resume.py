@@ -9,7 +9,7 @@ holds results, is refused (exit 2) with the differing keys, and ``--overwrite`` 
 
 Keys that never change an image's numbers or files do not block a resume: where the run
 executes (``device``; like ``merge``, we accept its float-rounding differences), how it batches
-(``batch_size``), which images it selects (``input.include/exclude``: the selection may grow),
+(``batch_size``) and how many processes write its overlays (``workers``), which images it selects (``input.include/exclude``: the selection may grow),
 where the outputs go (``output.dir``) and which files are written besides the CSV rows
 (``output.format``, ``output.save_values``: missing files are simply redone), and
 ``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
@@ -31,7 +31,7 @@ from typing import Any
 from explain_cli.errors import UserError
 
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
-IGNORED_KEYS = {"device", "batch_size", "input.include", "input.exclude", "output.dir",
+IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
                 "output.format", "output.save_values", "model.checkpoint", "model.trust_checkpoint",
                 "labels"}
 #: Config paths compared as absolute paths.

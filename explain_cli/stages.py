@@ -179,7 +179,7 @@ class Writer:
     after torch has started its threads can deadlock) while the main process explains the next
     step. Results are collected in submission order, so topk.csv and errors.csv list images in
     the same order as with ``workers: 0``, and the rows of the images collected together are
-    appended in one write + fsync. At most ``max_pending`` images are in flight (their pixels
+    appended in one write + fsync (in-process: one per image, as before workers existed). At most ``max_pending`` images are in flight (their pixels
     and values held in memory): past that, ``submit`` waits for the oldest.
     """
 
@@ -242,7 +242,7 @@ class Writer:
 
     def _collect(self, wait_for: int) -> None:
         """Record finished images from the front of the queue, waiting for the first ``wait_for``."""
-        topk_rows: list[list[Any]] = []
+        topk_rows: list[list[list[Any]]] = []  # per image
         error_rows: list[list[Any]] = []
         explained = failed = 0
         fatal: OutputError | None = None
@@ -261,7 +261,7 @@ class Writer:
                 fatal.__cause__ = error
                 break
             if error is None:
-                topk_rows.extend(entry.rows)
+                topk_rows.append(entry.rows)
                 explained += 1
                 continue
             message = error if isinstance(error, str) else f"cannot write outputs: {type(error).__name__}: {error}"
@@ -269,7 +269,11 @@ class Writer:
             log.warning("%s: %s", rel, message)
             error_rows.append([rel, message])
             failed += 1
-        self.topk_log.append(topk_rows)
+        if self.workers:  # one write + fsync for all the images collected together
+            self.topk_log.append([row for rows in topk_rows for row in rows])
+        else:  # in-process: one append per image, as before workers existed
+            for rows in topk_rows:
+                self.topk_log.append(rows)
         self.errors_log.append(error_rows)
         self.summary.explained += explained
         self.summary.failed += failed
