@@ -414,6 +414,21 @@ def _dummy_forward(model: nn.Module, size: int) -> Any:
                                    "preprocess.size)") from None
 
 
+def _forward_with_hooks(model: nn.Module, size: int, modules: Any, register: Any) -> None:
+    """One dummy forward with ``register(module, name)`` hooks on ``modules``, removed in ``finally``."""
+    handles = []
+    try:
+        for name, module in modules:
+            try:
+                handles.append(register(module, name))
+            except Exception:  # noqa: BLE001 - TorchScript modules do not take Python hooks
+                pass
+        _dummy_forward(model, size)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def count_outputs(model: nn.Module, size: int) -> int:
     """How many outputs (classes) the model has, from one dummy forward: labels must match it."""
     out = _first_tensor(_dummy_forward(model, size))
@@ -432,7 +447,6 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
     if layer is None:
         return None
     inputs: dict[str, Any] = {}
-    handles = []
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -440,16 +454,8 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
                 inputs[name] = args[0] if args else None
         return hook
 
-    try:
-        for name, module in layer.named_modules():
-            try:
-                handles.append(module.register_forward_pre_hook(hook_for(name)))
-            except Exception:  # noqa: BLE001 - TorchScript modules do not take Python hooks
-                pass
-        _dummy_forward(model, size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, size, layer.named_modules(),
+                        lambda module, name: module.register_forward_pre_hook(hook_for(name)))
     value = inputs.get("")
     if value is None and isinstance(layer, torch.jit.ScriptModule):
         raise ConfigError("model.layer", f"layer '{layer_name}' is TorchScript, which runs outside Python, so its "
@@ -492,7 +498,6 @@ def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | Non
     named_modules order, from one dummy (1, 3, size, size) forward: to choose ``model.layer``."""
     modules = list(model.named_modules())
     shapes: dict[str, tuple] = {}
-    handles = []
 
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -501,16 +506,7 @@ def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | Non
                 shapes[name] = tuple(tensor.shape)
         return hook
 
-    try:
-        for name, module in modules:
-            try:
-                handles.append(module.register_forward_hook(hook_for(name)))
-            except Exception:  # noqa: BLE001 - TorchScript modules do not take Python hooks
-                pass
-        _dummy_forward(model, size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, size, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
     return [(name, type(module).__name__, shapes.get(name)) for name, module in modules]
 
 
