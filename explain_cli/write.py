@@ -196,8 +196,19 @@ class CsvLog:
     def _repair(self, drop: set[str]) -> None:
         text = read_csv_text(self.path)
         complete = complete_prefix(text)
-        if drop:
-            rows = parse_csv(complete)
+        rows = parse_csv(complete)
+        header = rows[0] if rows else self.columns
+        if header != self.columns:
+            # A file of an earlier version has fewer trailing columns (e.g. no metric columns):
+            # pad its rows with blank cells so old and new rows share the current header.
+            if header != self.columns[:len(header)]:
+                from explain_cli.errors import UserError
+
+                raise UserError(f"{self.path} has columns {header}, not the {self.columns} this version "
+                                f"writes; use --overwrite or another output.dir")
+            pad = [""] * (len(self.columns) - len(header))
+            rows = [self.columns] + [r + pad for r in rows[1:]]
+        if drop or header != self.columns:
             kept = [r for i, r in enumerate(rows) if i == 0 or (r and unescape(r[0]) not in drop)]
             complete = "".join(",".join(quote_cell(c) for c in r) + "\n" for r in kept)
         if complete != text:

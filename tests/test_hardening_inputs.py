@@ -293,3 +293,24 @@ def test_slurm_variables_must_be_integers():
             with pytest.raises(UserError, match=name):
                 check_slurm_env(env)
     check_slurm_env({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0"})
+
+
+def test_csv_of_an_earlier_version_gets_the_new_columns(tmp_path):
+    """Resuming into a topk.csv written with fewer columns pads the old rows with blanks instead of
+    appending longer rows under the old header; a foreign header is refused."""
+    from explain_cli.errors import UserError
+    from explain_cli.write import CsvLog, parse_csv, read_csv_text
+
+    path = tmp_path / "topk.csv"
+    path.write_text("image,rank\r\na.png,1\r\n".replace("\r\n", "\n"))
+    log = CsvLog(path, ["image", "rank", "stability"])
+    log.append([["b.png", 1, 0.5]])
+    log.close()
+    rows = parse_csv(read_csv_text(path))
+    assert rows == [["image", "rank", "stability"], ["a.png", "1", ""], ["b.png", "1", "0.5"]]
+
+    other = tmp_path / "other.csv"
+    other.write_text("file,score\nx,1\n")
+    with pytest.raises(UserError, match="--overwrite"):
+        CsvLog(other, ["image", "rank"])
+    assert other.read_text() == "file,score\nx,1\n"
