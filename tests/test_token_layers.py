@@ -20,11 +20,11 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils, deep, gradient
 from explain_cli.explainers.base import ExplainContext
 from explain_cli.models import check_layer_input
+from test_deep import BOUND_FLOAT32, relative_additivity
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
-BOUND_FLOAT32 = 1e-3  # deep's documented additivity bound (tests/test_deep.py)
 SIZE = 32
 
 
@@ -92,19 +92,6 @@ def on_grid(tokens: np.ndarray, prefix: int, h: int, w: int) -> np.ndarray:
         for j in range(w):
             out[..., :, i, j] = tokens[..., prefix + i * w + j, :]
     return out
-
-
-def relative_additivity(model, background, images, attribution) -> np.ndarray:
-    with torch.no_grad():
-        fx = model(images).double().numpy()
-        fr = model(background).double().numpy()
-    scale = np.empty(attribution.classes.shape)
-    for i, row in enumerate(attribution.classes):
-        for r, c in enumerate(row):
-            diffs = fx[i, c] - fr[:, c]
-            scale[i, r] = max(abs(diffs.mean()), np.abs(diffs).mean())
-    assert scale.min() > 1e-3, "degenerate test: the outputs hardly differ"
-    return attribution.additivity_error / scale
 
 
 CASES = [  # (model factory, layer, prefix tokens)
