@@ -740,15 +740,19 @@ def _norm_input(tape: _Tape, func, params: dict) -> tuple[torch.Tensor, torch.Te
     return u, refs[0]
 
 
+def _trailing_dims(normalized_shape) -> tuple[int, ...]:
+    """The dims layer_norm/rms_norm normalise over: the last len(normalized_shape) ones."""
+    return tuple(range(-(1 if isinstance(normalized_shape, int) else len(normalized_shape)), 0))
+
+
 def _layer_norm_rule(tape: _Tape, func, args, kwargs):
     params = _bind(_LAYER_NORM_ARGS, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
     got = _norm_input(tape, func, params)
     if got is _PLAIN:
         return got
     u, u_r = got
-    shape = params["normalized_shape"]
-    dims = tuple(range(-(1 if isinstance(shape, int) else len(shape)), 0))
-    return _affine(_normalized(u, u_r, dims, params["eps"]), params["weight"], params["bias"])
+    return _affine(_normalized(u, u_r, _trailing_dims(params["normalized_shape"]), params["eps"]),
+                   params["weight"], params["bias"])
 
 
 def _rms_norm_rule(tape: _Tape, func, args, kwargs):
@@ -757,10 +761,9 @@ def _rms_norm_rule(tape: _Tape, func, args, kwargs):
     if got is _PLAIN:
         return got
     u, u_r = got
-    shape = params["normalized_shape"]
-    dims = tuple(range(-(1 if isinstance(shape, int) else len(shape)), 0))
     eps = params["eps"] if params["eps"] is not None else torch.finfo(u.dtype).eps
-    return _affine(_normalized(u, u_r, dims, eps, center=False), params["weight"], None)
+    return _affine(_normalized(u, u_r, _trailing_dims(params["normalized_shape"]), eps, center=False),
+                   params["weight"], None)
 
 
 def _group_norm_rule(tape: _Tape, func, args, kwargs):
