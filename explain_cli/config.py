@@ -155,7 +155,7 @@ class Config(_Section):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, v: Any) -> int | str:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH):
+        if _auto_or_int_in(v, 1, MAX_BATCH):
             return v
         raise ValueError(f"must be an integer >= 1 and <= {MAX_BATCH}, or 'auto' (got {v!r})")
 
@@ -167,7 +167,7 @@ class Config(_Section):
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        if _auto_or_int_in(v, 0, None):
             return v
         raise ValueError(f"must be auto or a whole number >= 0 (0 writes overlays in the main process), got {v!r}")
 
@@ -199,6 +199,12 @@ class Config(_Section):
             return None
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else Path(os.path.normpath(self._base_dir / p))
+
+
+def _auto_or_int_in(v: Any, low: int, high: int | None) -> bool:
+    """'auto', or an integer (not a bool) in [low, high]: batch_size and workers take either."""
+    return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= low
+                           and (high is None or v <= high))
 
 
 def validate_device(v: str) -> str:
