@@ -279,9 +279,10 @@ class RunMetrics:
         self.sums = {key: 0.0 for key in ("deletion", "insertion", "random_deletion", "random_insertion")}
         self.stabilities: list[float] = []
 
-    def score(self, model: "torch.nn.Module", images: "torch.Tensor", attribution: Any,  # noqa: F821
+    def score(self, model: "torch.nn.Module", images: "torch.Tensor | None", attribution: Any,  # noqa: F821
               seeds: Sequence[int], mean: Sequence[float], std: Sequence[float], batch_size: int) -> None:
-        """Fill ``attribution.deletion_auc``/``insertion_auc`` (when asked) and add to the totals."""
+        """Fill ``attribution.deletion_auc``/``insertion_auc`` (when asked; ``images`` may be None
+        otherwise) and add to the totals."""
         if attribution.stability is not None:
             self.stabilities.extend(float(s) for s in np.asarray(attribution.stability).reshape(-1)
                                     if np.isfinite(s))

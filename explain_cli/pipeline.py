@@ -289,7 +289,8 @@ def score_step(run_metrics: RunMetrics, explainer, items: list[tuple[str, np.nda
 
     ctx = explainer.context
     try:
-        batch = torch.from_numpy(np.stack([t for _, _, t in items])).to(device)
+        # the batch goes to the device again only when faithfulness is asked for (stability needs none)
+        batch = torch.from_numpy(np.stack([t for _, _, t in items])).to(device) if run_metrics.names else None
         run_metrics.score(ctx.model, batch, attribution, [image_seed(seed, rel) for rel, _, _ in items],
                           ctx.mean, ctx.std, ctx.batch_size)
     except Exception as exc:  # noqa: BLE001
@@ -314,8 +315,8 @@ def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer
                 for j, (rel, pixels, _) in enumerate(items):  # write: here or in the workers
                     if isinstance(result, Exception):
                         writer.failed(rel, f"{type(result).__name__}: {result}")
-                    elif nonfinite_result(result, j):
-                        writer.failed(rel, nonfinite_result(result, j))
+                    elif problem := nonfinite_result(result, j):
+                        writer.failed(rel, problem)
                     else:
                         writer.submit(*write_job(prep, rel, j, pixels, result, overlay_path(rel),
                                                  values_path(rel)))
