@@ -190,7 +190,7 @@ def run(
         summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
                                                overwrite=overwrite, shard=chosen))
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
@@ -235,7 +235,7 @@ def validate(
                                    "device": device})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
@@ -272,7 +272,7 @@ def layers(
             side = size or 224
         rows = list_layers(model, side)
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     width = max((len(name) for name, _, _ in rows), default=5)
@@ -298,7 +298,7 @@ def merge(
 
         summary = merge_shards(output_dir)
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     if not quiet:
@@ -330,7 +330,7 @@ def report(
 
         path = write_report(output_dir)
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     if not quiet:

@@ -140,8 +140,8 @@ def _worker_init(parent_pid: int) -> None:
     Slurm's SIGTERM reach every process of the job; the main process finishes the writes in
     flight, then shuts the pool down), and exit if the main process disappears (SIGKILL, OOM
     kill), so no worker is ever orphaned."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent while it spawned us
 
     def watch() -> None:
@@ -294,12 +294,12 @@ class Writer:
         return None
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a worker may be spawned: the child inherits the blocked mask,
+    """Hold SIGINT/SIGTERM/SIGHUP while a worker may be spawned: the child inherits the blocked mask,
     so a signal arriving before its initializer has set them to 'ignore' cannot kill it (that
     would break the pool). The main process gets the held signals right after."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
