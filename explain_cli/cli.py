@@ -36,10 +36,31 @@ app = typer.Typer(
 log = logging.getLogger("explain_cli")
 
 
+class _LogFile(logging.FileHandler):
+    """--log-file: the first failed write (a full disk) detaches the handler and is kept in
+    ``failure`` instead of logging's "--- Logging error ---" traceback on every later line; the
+    run goes on (its outputs do not depend on the log) and ``run`` exits 1 saying why."""
+
+    failure: Optional[str] = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if _LogFile.failure is None:
+            why = getattr(exc, "strerror", None) or exc
+            _LogFile.failure = f"cannot write the log file {self.baseFilename}: {why}"
+            print(f"error: {_LogFile.failure}; the run goes on without it", file=sys.stderr)
+        logging.getLogger("explain_cli").removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
 def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     root = logging.getLogger("explain_cli")
     root.handlers.clear()
+    _LogFile.failure = None
     root.setLevel(logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
@@ -51,7 +72,7 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
         check_log_file(log_file)
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+            fh = _LogFile(log_file, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:
             raise UserError(f"--log-file: cannot open {log_file}: {exc.strerror or exc}") from None
         fh.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -211,6 +232,8 @@ def run(
         line += " (see errors.csv)"
     if not quiet or summary.failed or summary.interrupted:
         print(line, file=sys.stderr)
+    if _LogFile.failure and summary.exit_code == 0:
+        raise _fail(f"{_LogFile.failure}; the run itself finished (its outputs are complete)", EXIT_UNEXPECTED)
     raise typer.Exit(summary.exit_code)
 
 
