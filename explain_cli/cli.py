@@ -20,8 +20,9 @@ from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
-    "3 the run finished but at least one image failed (see errors.csv); 1 a full disk or anything unexpected; "
-    "130 / 143 stopped by SIGINT / SIGTERM (rerun the same command to resume)."
+    "3 the run finished but at least one image failed (see errors.csv); 4 nothing selected (no file "
+    "matches input.include/exclude); 1 a full disk, an unwritable --log-file or anything unexpected; "
+    "129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM (rerun the same command to resume)."
 )
 
 app = typer.Typer(
@@ -264,6 +265,9 @@ def validate(
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    if prep.walk_errors:
+        print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
+              + (f" and {len(prep.walk_errors) - 5} more" if len(prep.walk_errors) > 5 else ""))
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)

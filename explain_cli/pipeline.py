@@ -172,7 +172,8 @@ def check_output_files(output_dir: Path, suffix: str, save_values: bool) -> None
     folder where a run file goes, a file where an output folder goes."""
     from explain_cli.errors import ConfigError
 
-    for name in (f"topk{suffix}.csv", f"errors{suffix}.csv", f"run{suffix}.json", f".explain-cli{suffix}.lock"):
+    for name in (f"topk{suffix}.csv", f"errors{suffix}.csv", f"run{suffix}.json", ".explain-cli.lock",
+                 f".explain-cli{suffix}.lock"):
         path = output_dir / name
         if path.exists() and not path.is_file():
             raise ConfigError("output.dir", f"{path} exists and is not a file: move it away, or use another output.dir")

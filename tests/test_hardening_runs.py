@@ -442,8 +442,8 @@ FIFO_SCRIPT = textwrap.dedent('''
     from explain_cli.cli import main
 
     real = pipeline.discover_images
-    def discover(root, include, exclude, skip_dirs=None):
-        found = real(root, include, exclude, skip_dirs)
+    def discover(root, include, exclude, skip_dirs=None, problems=None):
+        found = real(root, include, exclude, skip_dirs, problems)
         fifo = os.path.join(root, "late.png")
         os.mkfifo(fifo)            # replaced by a FIFO after discovery
         return sorted(found + ["late.png"])
