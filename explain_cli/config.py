@@ -54,7 +54,7 @@ class _Section(BaseModel):
 def _path_given(v: Any) -> Any:
     """A path key set to '' (e.g. ``--set input.dir=``) would silently mean the config's folder."""
     if isinstance(v, str) and not v.strip():
-        raise ValueError("is empty: give a path (or leave the key out)")
+        raise ValueError("is empty: give a path")
     return v
 
 
