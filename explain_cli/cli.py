@@ -168,6 +168,12 @@ def _int_or_text(value: Optional[str]):
         return value
 
 
+def _classes(values: List[str]) -> list | None:
+    """--class values as targets.classes entries (None: keep the config's); a name or an index
+    (digits), resolved against the labels like the config's entries."""
+    return list(values) or None
+
+
 def _load(config: Path, overrides: List[str], extra: dict | None = None):
     from explain_cli.config import load_config
 
@@ -183,6 +189,7 @@ def run(
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
@@ -205,6 +212,7 @@ def run(
             "output.dir": str(output_dir.resolve()) if output_dir else None,
             "device": device,
             "workers": _int_or_text(workers),
+            "targets.classes": _classes(classes),
         })
         if not shard:
             check_slurm_env()
@@ -242,6 +250,7 @@ def run(
 def validate(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
@@ -256,7 +265,7 @@ def validate(
         from explain_cli.pipeline import RunOptions, prepare
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
-                                   "device": device})
+                                   "device": device, "targets.classes": _classes(classes)})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
         raise _fail(exc, exc.exit_code)
