@@ -250,6 +250,14 @@ def validate(
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    from explain_cli.pipeline import describe_targets
+
+    asked = describe_targets(prep)
+    classes = ", ".join(c if isinstance(c, str) else f"{c['name']} ({c['index']})" for c in asked["classes"])
+    line = f"# explained: {classes}; values sum to {asked['explained']} (activation {asked['activation']})"
+    if asked["truth_csv"]:
+        line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
+    print(line)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)
