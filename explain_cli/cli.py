@@ -277,6 +277,14 @@ def validate(
     if prep.walk_errors:
         print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
               + (f" and {len(prep.walk_errors) - 5} more" if len(prep.walk_errors) > 5 else ""))
+    from explain_cli.pipeline import describe_targets
+
+    asked = describe_targets(prep)
+    classes = ", ".join(c if isinstance(c, str) else f"{c['name']} ({c['index']})" for c in asked["classes"])
+    line = f"# explained: {classes}; values sum to {asked['explained']} (activation {asked['activation']})"
+    if asked["truth_csv"]:
+        line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
+    print(line)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)

@@ -1,6 +1,7 @@
 """One overlay figure per image, in the visual language of ``shap.image_plot``.
 
-Layout: the image, then one panel per top-k class (titled "name (probability)") showing the
+Layout: the image, then one panel per explained class (titled "name: p = probability", see
+``format_title``) showing the
 attribution summed over channels in red (positive) / blue (negative) over a faded grayscale
 copy of the image, all panels on one symmetric colour scale, and a horizontal "SHAP value"
 colour bar below. Unlike ``shap.image_plot`` it works for any k (shap raises for some k, e.g. 3),
