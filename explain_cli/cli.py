@@ -316,7 +316,7 @@ def layers(
             side = size or 224
         rows = list_layers(model, side)
     except UserError as exc:
-        raise _fail(exc, exc.exit_code)
+        raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     width = max((len(name) for name, _, _ in rows), default=5)
@@ -342,7 +342,7 @@ def merge(
 
         summary = merge_shards(output_dir)
     except UserError as exc:
-        raise _fail(exc, exc.exit_code)
+        raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     if not quiet:
@@ -374,7 +374,7 @@ def report(
 
         path = write_report(output_dir)
     except UserError as exc:
-        raise _fail(exc, exc.exit_code)
+        raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     if not quiet:
