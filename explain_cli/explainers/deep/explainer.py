@@ -1,0 +1,219 @@
+"""The deep explainer: records the references once, then explains chunks of (image, reference) rows."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from explain_cli import metrics
+from explain_cli.errors import ConfigError
+from explain_cli.explainers import _precision, _utils
+from explain_cli.explainers import base
+from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.explainers.deep.dispatch import DeepMode, build_rules
+from explain_cli.explainers.deep.tape import ModelMismatch, Tape
+
+log = logging.getLogger("explain_cli")
+
+
+class Settings(ExplainerSettings):
+    """``explainer.*`` keys of the deep (DeepSHAP / DeepLIFT rescale) explainer."""
+
+    name: Literal["deep"] = "deep"
+    max_background: int | None = Field(
+        None, ge=1, le=10_000, description="Use at most this many background images as references (default: all).")
+
+
+@contextmanager
+def _full_float32() -> Iterator[None]:
+    """TF32 off for the duration (cuDNN allows it for float32 convolutions by default on Ampere and
+    later): with its 10-bit mantissa the float32 additivity error grows from ~1e-6 to ~1e-3."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+class Explainer(base.Explainer):
+    """DeepSHAP (DeepLIFT rescale, averaged over the background) at the input or at a layer's input."""
+
+    name = "deep"
+
+    def __init__(self, context: base.ExplainContext) -> None:
+        super().__init__(context)
+        self._rules = build_rules()
+        self._tape: Tape | None = None
+        self._background_mean: torch.Tensor | None = None  # (outputs,) float64
+        self._layer_reference: torch.Tensor | None = None  # (B, ...) layer input of the background
+        self._warned: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def references(self) -> torch.Tensor:
+        settings: Settings = self.settings  # type: ignore[assignment]
+        background = self.context.background
+        if background.shape[0] < 1:
+            raise ValueError("the background is empty")
+        if settings.max_background is not None:
+            background = background[: settings.max_background]
+        return background
+
+    def _layer_value(self, captured: _utils.LayerInput) -> torch.Tensor:
+        return _utils.captured_feature_map(captured, self.context.layer_name, "deep")
+
+    def _record(self) -> None:
+        """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
+        ctx = self.context
+        model, layer = ctx.model, ctx.layer
+        if isinstance(_precision.unwrap(model), torch.jit.ScriptModule):
+            raise ConfigError("explainer.name", "the deep explainer needs an eager PyTorch model: a "
+                                                "TorchScript model runs outside Python, so its nonlinear "
+                                                "operations cannot be given DeepLIFT rules; use the "
+                                                "gradient explainer, or load the model from its code")
+        scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            log.warning("deep: %s %s TorchScript: the DeepLIFT rules do not reach inside; the plain "
+                        "gradient is used there (see the additivity_error column)",
+                        ", ".join(scripted[:5]), "is" if len(scripted) == 1 else "are")
+        refs = self.references()
+        tape = Tape()
+        outputs, layer_parts = [], []
+        size = max(1, int(ctx.batch_size))
+        probe = refs.shape[0] > 1 and size > 1  # the first reference alone locates the batch in every call
+        plan = ([(0, 1)] if probe else []) + list(_utils.chunk_ranges(refs.shape[0], size))
+        for i, (a, b) in enumerate(plan):
+            chunk = refs[a:b]
+            tape.start_record(b - a, first=(i == 0), probe=probe and i == 0)
+            with torch.enable_grad(), DeepMode(tape, self._rules):
+                if layer is None:
+                    out = model(chunk.detach().clone().requires_grad_(True))
+                else:
+                    with _utils.capture_layer_input(layer, make_leaf=True) as captured:
+                        out = model(chunk)
+                    layer_value = self._layer_value(captured).detach().clone()
+            self._check_stop(tape)
+            if not (probe and i == 0):
+                outputs.append(_utils.as_2d(out).detach().to(torch.float64))
+                if layer is not None:
+                    layer_parts.append(layer_value)
+            del out
+        tape.finish_record()
+        self._background_mean = torch.cat(outputs).mean(0)
+        self._layer_reference = torch.cat(layer_parts) if layer is not None else None
+        self._tape = tape
+
+    def _check_stop(self, tape: Tape) -> None:
+        try:
+            tape.stop()
+        except ModelMismatch as exc:
+            raise RuntimeError(f"deep: {exc}; DeepSHAP needs the same sequence of nonlinear calls for "
+                               "every batch (a feed-forward model without data-dependent control flow)") from None
+
+    def _ensure_record(self) -> None:
+        if self._tape is None:
+            self._record()
+
+    def background_mean(self) -> torch.Tensor:
+        """Mean model output over the references (float64), computed once per explainer."""
+        with _utils.frozen_parameters(self.context.model), _full_float32():
+            self._ensure_record()
+        assert self._background_mean is not None
+        return self._background_mean
+
+    def _warn_unsupported(self, tape: Tape) -> None:
+        new = sorted(set(tape.unsupported) - self._warned)
+        if new:
+            self._warned.update(new)
+            log.warning("deep: no DeepLIFT rule for %s; the plain gradient is used there, so the "
+                        "attributions may not add up (see the additivity_error column)", ", ".join(new))
+
+    # -- main ------------------------------------------------------------------------------
+
+    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+        ctx = self.context
+        model, layer = ctx.model, ctx.layer
+        device = images.device
+        n_images = images.shape[0]
+        if len(seeds) != n_images:
+            raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
+
+        with _utils.frozen_parameters(model), _full_float32():
+            self._ensure_record()
+            tape = self._tape
+            assert tape is not None and self._background_mean is not None
+            refs = self.references()
+            n_refs = refs.shape[0]
+
+            raw = _utils.forward_in_chunks(self.context.model, images, self.context.batch_size)
+            classes, probabilities = _utils.rank_outputs(raw, top_k)
+            k = classes.shape[1]
+            outputs = raw.gather(1, classes).to(torch.float64)
+            base_values = self._background_mean.to(device)[classes]
+            classes_dev = classes.to(device)
+
+            acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+            phi: torch.Tensor | None = None  # (k, N, *explained shape)
+            scale = _precision.grad_scale(model)
+            size = max(1, int(ctx.batch_size))
+            for start, stop in _utils.chunk_ranges(n_images * n_refs, size):
+                rows = torch.arange(start, stop, device=device)
+                img = torch.div(rows, n_refs, rounding_mode="floor")
+                ref = rows - img * n_refs
+                x = images[img]
+                tape.start_explain(ref)
+                with torch.enable_grad(), DeepMode(tape, self._rules):
+                    if layer is None:
+                        target = x.detach().clone().requires_grad_(True)
+                        out = _utils.as_2d(model(target))
+                        delta = (x - refs[ref]).detach()
+                    else:
+                        with _utils.capture_layer_input(layer, make_leaf=True) as captured:
+                            out = _utils.as_2d(model(x))
+                        target = self._layer_value(captured)
+                        assert self._layer_reference is not None
+                        delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
+                self._check_stop(tape)
+                row_classes = classes_dev[img]
+                rank_rows = torch.arange(stop - start, device=device)
+                half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
+                for r in range(k):
+                    selected = out[rank_rows, row_classes[:, r]].sum()
+                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k,
+                                                  allow_unused=True)
+                    if grad is None:
+                        grad = torch.zeros_like(target)
+                    _precision.check_gradient(grad, scale)
+                    contribution = (grad.to(acc_dtype) / scale) * delta.to(acc_dtype)
+                    if phi is None:
+                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
+                                          device=device)
+                    phi[r].index_add_(0, half, contribution)
+                del out, target, delta
+            self._warn_unsupported(tape)
+
+        assert phi is not None
+        halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
+        values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
+        shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
+        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        stability = None
+        if n_refs >= 2:
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
+        return Attribution(
+            values=values.cpu().numpy().astype(np.float32, copy=False),
+            classes=classes.cpu().numpy().astype(np.int64),
+            probabilities=probabilities.float().cpu().numpy(),
+            outputs=outputs.cpu().numpy(),
+            base_values=base_values.cpu().numpy(),
+            shap_sum=shap_sum.cpu().numpy(),
+            stability=stability,
+        )
