@@ -240,7 +240,18 @@ def validate(
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    if prep.layer_tokens:
+        print(f"# layer input: {_layer_input_line(prep.layer_tokens)}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+
+
+def _layer_input_line(found: dict) -> str:
+    """validate's line on how the layer input becomes the (C, h, w) map (``check_layer_input``)."""
+    if "layout" in found:
+        return f"{found['layout']} maps, saved and drawn as (C, H, W) ({found['from']})"
+    h, w = found["grid"]
+    return (f"{found['prefix_tokens_dropped']} prefix token(s) dropped, the rest on a {h}x{w} patch grid "
+            f"({found['from']}{'; assumed' if found['assumed'] else ''})")
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)

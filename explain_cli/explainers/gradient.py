@@ -123,6 +123,7 @@ class Explainer(base.Explainer):
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
         self._background_mean: torch.Tensor | None = None
+        self._warned_layers: set[str] = set()  # layers whose map cancels, warned about
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -219,10 +220,12 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, layer, size=images.shape[-1])  # (N, k, C, H, W)
+        _utils.warn_if_cancelling(values, ctx.layer_name, "gradient", self._warned_layers)
         stability = None
         if nsamples >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name, layer,
+                                         size=images.shape[-1]) for h in (0, 1)]
             stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),

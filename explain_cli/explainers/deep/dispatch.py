@@ -14,8 +14,8 @@ from explain_cli.explainers.deep.attention import mha_rule, sdpa_rule
 from explain_cli.explainers.deep.calls import PLAIN, call_name, float_grad_output, needs_grad, unsupported
 from explain_cli.explainers.deep.elementwise import inplace_twin, pow_rule, unary_rule
 from explain_cli.explainers.deep.maxima import max_rule, maxpool_rule, maxpool_rule_indices
-from explain_cli.explainers.deep.norms import group_norm_rule, instance_norm_rule, layer_norm_rule, \
-    normalize_rule, rms_norm_rule
+from explain_cli.explainers.deep.norms import batch_norm_rule, group_norm_rule, instance_norm_rule, \
+    layer_norm_rule, normalize_rule, rms_norm_rule, vector_norm_rule
 from explain_cli.explainers.deep.products import addcmul_rule, addmm_rule, bilinear_rule, div_rule, einsum_parts, \
     matmul_parts, mul_rule, weighted_rule
 from explain_cli.explainers.deep.softmax import softmax_rule
@@ -124,6 +124,12 @@ def build_rules() -> dict[Any, Callable]:
     for fn in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)):
         put(fn, rms_norm_rule)
     put(F.normalize, normalize_rule)
+    put(F.batch_norm, batch_norm_rule)  # (torch.batch_norm takes its arguments in another order)
+    tensor_norm = vector_norm_rule(("input", "p", "dim", "keepdim", "out", "dtype"), "p", "fro")
+    for fn in (torch.norm, T.norm):
+        put(fn, tensor_norm)
+    put(torch.linalg.vector_norm, vector_norm_rule(("input", "ord", "dim", "keepdim"), "ord", 2))
+    put(torch.linalg.norm, vector_norm_rule(("input", "ord", "dim", "keepdim"), "ord", None, linalg_norm=True))
     put(F.scaled_dot_product_attention, sdpa_rule)
     put(F.multi_head_attention_forward, mha_rule)
     for negate, names in ((False, ("amax", "max", "maximum", "fmax")), (True, ("amin", "min", "minimum", "fmin"))):
@@ -152,7 +158,7 @@ LINEAR_NAMES = frozenset("""
 add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub subtract subtract_ neg neg_
 __neg__ negative __pos__ positive sum mean nansum cat concat concatenate stack hstack vstack dstack
 flatten unflatten view view_as reshape reshape_as permute transpose transpose_ t contiguous clone
-squeeze squeeze_ unsqueeze unsqueeze_ expand expand_as repeat tile narrow select index_select gather
+squeeze squeeze_ unsqueeze unsqueeze_ expand expand_as repeat repeat_interleave tile narrow select index_select gather
 __getitem__ __setitem__ split split_with_sizes chunk unbind tensor_split pad conv1d conv2d conv3d
 conv_transpose1d conv_transpose2d conv_transpose3d linear avg_pool1d avg_pool2d avg_pool3d
 adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d interpolate upsample upsample_nearest

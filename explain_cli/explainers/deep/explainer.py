@@ -53,7 +53,8 @@ class Explainer(base.Explainer):
         self._tape: Tape | None = None
         self._background_mean: torch.Tensor | None = None  # (outputs,) float64
         self._layer_reference: torch.Tensor | None = None  # (B, ...) layer input of the background
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # op names without a rule, warned about
+        self._warned_layers: set[str] = set()  # layers whose map cancels, warned about
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -203,10 +204,12 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, layer, size=images.shape[-1])  # (N, k, C, H, W)
+        _utils.warn_if_cancelling(values, ctx.layer_name, "deep", self._warned_layers)
         stability = None
         if n_refs >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name, layer,
+                                         size=images.shape[-1]) for h in (0, 1)]
             stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),

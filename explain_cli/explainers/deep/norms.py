@@ -1,7 +1,11 @@
-"""Normalisations by the input's own statistics (layer, group, instance, RMS norm, ``F.normalize``):
-centring is linear, the square a product, the inverse square root a rescale, the result a product."""
+"""Normalisations by the input's own statistics (layer, group, instance, RMS norm, ``F.normalize``) and
+vector norms: centring is linear, the square a product, the (inverse) square root a rescale, the
+result a product."""
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 
@@ -133,3 +137,71 @@ def normalize_rule(tape: Tape, func, args, kwargs):
     g = lambda t: torch.reciprocal(torch.sqrt(t).clamp_min(eps))  # noqa: E731
     inv = Rescale.apply(n2, n2_r, g)
     return Product.apply(u, inv, u_bar, (inv.detach() + g(n2_r)) * 0.5)
+
+
+def vector_norm_rule(names: tuple[str, ...], order_name: str, default_order: object,
+                     linalg_norm: bool = False) -> Callable:
+    """``torch.norm``, ``Tensor.norm``, ``torch.linalg.vector_norm`` and the vector forms of
+    ``torch.linalg.norm`` (ConvNeXt-V2's GRN): ``(sum |u|^p)^(1/p)`` over ``dim`` for a finite
+    ``p > 0``, as ``|u|^p`` (the product ``u * u`` for p = 2) summed and the root by the rescale
+    rule. ``p = inf``, matrix norms and a norm over every dimension (the batch too) are left to the
+    unsupported path."""
+
+    def rule(tape: Tape, func, args, kwargs):
+        p = bind_args(names, {order_name: default_order}, args, kwargs)
+        u = p.get("input")
+        if not (float_tensor(u) and u.requires_grad):
+            return PLAIN
+        order, dim = p.get(order_name), p.get("dim")
+        if order is None or order == "fro":
+            order = 2
+        dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else ()
+        matrix = linalg_norm and p.get(order_name) is not None and len(dims) == 2  # a matrix norm
+        if (not dims or matrix or p.get("out") is not None or p.get("dtype") is not None
+                or isinstance(order, (str, bool)) or not 0 < float(order) < math.inf):
+            return unsupported(tape, func)
+        refs = tape.site("vector_norm", (u,))
+        if tape.phase == "record":
+            return PLAIN
+        u_r = refs[0]
+        order = float(order)
+        if order == 2:
+            u_bar = (u.detach() + u_r) * 0.5
+            s, s_r = Product.apply(u, u, u_bar, u_bar), u_r * u_r
+            root = torch.sqrt
+        else:
+            power = lambda t: t.abs().pow(order)  # noqa: E731
+            s, s_r = Rescale.apply(u, u_r, power), power(u_r)
+            root = lambda t: t.pow(1.0 / order)  # noqa: E731
+        s, s_r = s.sum(dims, keepdim=True), s_r.sum(dims, keepdim=True)
+        n = Rescale.apply(s, s_r, root)
+        return n if p.get("keepdim") else n.squeeze(dims)
+
+    return rule
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def batch_norm_rule(tape: Tape, func, args, kwargs):
+    """Batch norm with running statistics is affine; written out as a per-channel scale and shift,
+    whose gradient is the exact one. (Not torch's kernel: in torch 2.14 its CPU backward is wrong for a
+    batch of one row when the incoming gradient is strided, e.g. after ``flatten(2).transpose(1, 2)``
+    and a strided slice, as in LeViT and XCiT; the values then depended on ``batch_size``.)"""
+    p = bind_args(_BATCH_NORM_ARGS, {"weight": None, "bias": None, "training": False, "momentum": 0.1,
+                                     "eps": 1e-5}, args, kwargs)
+    u, mean, var, weight, bias = (p[k] for k in ("input", "running_mean", "running_var", "weight", "bias"))
+    if not (float_tensor(u) and u.requires_grad):
+        return PLAIN
+    if p["training"] or mean is None or var is None:
+        return unsupported(tape, func)  # the batch's own statistics: nonlinear, and rows interact
+    if needs_grad((mean, var, weight, bias)):
+        return unsupported(tape, func)
+    scale = torch.rsqrt(var + p["eps"])
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = [1, -1] + [1] * (u.dim() - 2)
+    return u * scale.reshape(shape).to(u.dtype) + shift.reshape(shape).to(u.dtype)
