@@ -282,6 +282,10 @@ def layers(
             model = build_model(model_cfg, lambda p: Path(p))
             side = size or 224
         rows = list_layers(model, side)
+        try:  # the same at twice the size: which dimensions of a 4-D map are spatial
+            probe = {name: shape for name, _, shape in list_layers(model, 2 * side)}
+        except ConfigError:  # a model of one input size
+            probe = {}
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
@@ -290,7 +294,21 @@ def layers(
     print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
     for name, kind, shape in rows:
         if name:
-            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
+            note = _layout_note(shape, probe.get(name)) if shape else ""
+            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}{note}")
+
+
+def _layout_note(shape: tuple, probe: tuple | None) -> str:
+    """For the ``layers`` listing: a 4-D map whose channels come last, or whose layout cannot be told."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import _utils
+
+    if len(shape) != 4:
+        return ""
+    try:
+        return "  (N, H, W, C): channels last" if _utils.map_layout(tuple(shape), probe, "").channels_last else ""
+    except ConfigError:
+        return "  (N, C, H, W) or (N, H, W, C)? a layer taking it is refused"
 
 
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"
