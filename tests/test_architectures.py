@@ -618,3 +618,41 @@ def deep_module():
 
 def deep_settings():
     return deep_module().Settings()
+
+
+def test_efficientvit_division_is_warned_in_float32_and_exact_with_float64(caplog):
+    """timm efficientvit_b0 (LiteMLA: ReLU on q and k, q @ (k^T @ [v, 1]), divided by the last column, in
+    ``.float()``): every op has an exact rule, but at random weights the division by near-zero denominators
+    amplifies float32 rounding until the sums miss by 5e3 of S (32 px). The run says so, naming the division;
+    ``float64: true`` adds up (measured 1e-4 of S against the float32 model's own outputs) and its values do
+    not depend on the batch size."""
+    torch.manual_seed(0)
+    model = reinit_heads(timm.create_model("efficientvit_b0", pretrained=False, num_classes=NUM_CLASSES).eval())
+    model = calibrate(model, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(123)))
+    background, images = arch_data(32)
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        loose = make(model, background).explain(images, 2, [0, 1])
+    assert relative_additivity(model, background, images, loose).max() > BOUND_FLOAT32
+    assert "division(s) by input-dependent tensors (div)" in caplog.text and "explainer.float64" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="explain_cli"):
+        exact = make(model, background, float64=True).explain(images, 2, [0, 1])
+        one_row = make(model, background, batch_size=1, float64=True).explain(images, 2, [0, 1])
+    assert caplog.text == ""
+    assert relative_additivity(model, background, images, exact).max() <= BOUND_FLOAT32
+    np.testing.assert_allclose(one_row.values, exact.values, rtol=0, atol=1e-9 * np.abs(exact.values).max())
+
+
+def test_float64_with_a_16_bit_precision_is_refused():
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import deep
+    from explain_cli.explainers.base import ExplainContext
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    context = ExplainContext(model=model, layer=None, layer_name="input", background=torch.zeros(1, 3, 8, 8),
+                             mean=(0.0,) * 3, std=(1.0,) * 3, device=torch.device("cpu"), batch_size=4,
+                             settings=deep.Settings(float64=True), precision="bfloat16")
+    with pytest.raises(ConfigError) as info:
+        deep.Explainer(context)
+    assert info.value.key == "explainer.float64" and "bfloat16" in info.value.message

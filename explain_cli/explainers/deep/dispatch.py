@@ -211,3 +211,41 @@ class DeepMode(TorchFunctionMode):
                     and needs_grad((args, tuple(kwargs.values()))):
                 self.tape.note_unsupported(name)
         return out
+
+
+def keep_float64(func, args: tuple, kwargs: dict):
+    """The float64 path: a cast of a float64 tensor to float32 inside the model (EfficientViT's LiteMLA
+    runs its attention in ``.float()``) keeps float64; ``PLAIN`` for every other call."""
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float64):
+        return PLAIN
+    if func is torch.Tensor.float:
+        return x
+    if any(a is torch.float32 for a in args[1:]) or kwargs.get("dtype") is torch.float32:
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+    return PLAIN
+
+
+CASTS = (torch.Tensor.float, torch.Tensor.to, torch.Tensor.type)
+
+
+def float64_rules(rules: dict[Any, Callable]) -> dict[Any, Callable]:
+    """``rules`` plus the casts of :func:`keep_float64` (rules of their own: none of them has another)."""
+    out = dict(rules)
+    for fn in CASTS:
+        out[fn] = lambda tape, func, args, kwargs: keep_float64(func, args, kwargs)
+    return out
+
+
+class KeepFloat64(TorchFunctionMode):
+    """:func:`keep_float64` for plain forward passes (the outputs that are ranked and explained)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in CASTS:
+            out = keep_float64(func, args, kwargs)
+            if out is not PLAIN:
+                return out
+        return func(*args, **kwargs)

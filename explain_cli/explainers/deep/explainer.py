@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 from contextlib import contextmanager
 from typing import Iterator, Literal, Sequence
@@ -15,10 +17,12 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
-from explain_cli.explainers.deep.dispatch import DeepMode, build_rules
+from explain_cli.explainers.deep.dispatch import DeepMode, KeepFloat64, build_rules, float64_rules
 from explain_cli.explainers.deep.tape import ModelMismatch, Tape
 
 log = logging.getLogger("explain_cli")
+
+INEXACT = 1e-3  # the documented additivity bound, relative to the output differences
 
 
 class Settings(ExplainerSettings):
@@ -27,6 +31,10 @@ class Settings(ExplainerSettings):
     name: Literal["deep"] = "deep"
     max_background: int | None = Field(
         None, ge=1, le=10_000, description="Use at most this many background images as references (default: all).")
+    float64: bool = Field(
+        False, description="Run deep's forward and backward passes on a float64 copy of a float32 model (casts to "
+                           "float32 inside it stay float64): for models whose own float32 rounding their divisions "
+                           "amplify (EfficientViT's LiteMLA), where float32 attributions do not add up.")
 
 
 @contextmanager
@@ -49,7 +57,14 @@ class Explainer(base.Explainer):
 
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
-        self._rules = build_rules()
+        settings: Settings = self.settings  # type: ignore[assignment]
+        if settings.float64 and context.precision != "float32":
+            raise ConfigError("explainer.float64", f"float64 runs a float32 model in float64; with precision: "
+                                                   f"{context.precision} use one of the two")
+        self._rules = float64_rules(build_rules()) if settings.float64 else build_rules()
+        self._model: torch.nn.Module | None = None  # what runs: the model, or its float64 copy
+        self._layer: torch.nn.Module | None = None
+        self._background_outputs: torch.Tensor | None = None  # (B, outputs) float64
         self._tape: Tape | None = None
         self._background_mean: torch.Tensor | None = None  # (outputs,) float64
         self._layer_reference: torch.Tensor | None = None  # (B, ...) layer input of the background
@@ -67,24 +82,40 @@ class Explainer(base.Explainer):
             background = background[: settings.max_background]
         return background
 
+    def _explained(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """The model and layer the passes run on: the context's, or (``float64``) a float64 copy."""
+        if self._model is None:
+            ctx = self.context
+            settings: Settings = self.settings  # type: ignore[assignment]
+            model, layer = ctx.model, ctx.layer
+            if settings.float64 and not isinstance(model, torch.jit.ScriptModule):
+                model = copy.deepcopy(model).to(torch.float64)
+                layer = None if layer is None else model.get_submodule(ctx.layer_name)
+            self._model, self._layer = model, layer
+        return self._model, self._layer
+
+    def _dtype(self, x: torch.Tensor) -> torch.Tensor:
+        settings: Settings = self.settings  # type: ignore[assignment]
+        return x.to(torch.float64) if settings.float64 else x
+
     def _layer_value(self, captured: _utils.LayerInput) -> torch.Tensor:
         return _utils.captured_feature_map(captured, self.context.layer_name, "deep")
 
     def _record(self) -> None:
         """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
         ctx = self.context
-        model, layer = ctx.model, ctx.layer
-        if isinstance(_precision.unwrap(model), torch.jit.ScriptModule):
+        if isinstance(_precision.unwrap(ctx.model), torch.jit.ScriptModule):
             raise ConfigError("explainer.name", "the deep explainer needs an eager PyTorch model: a "
                                                 "TorchScript model runs outside Python, so its nonlinear "
                                                 "operations cannot be given DeepLIFT rules; use the "
                                                 "gradient explainer, or load the model from its code")
+        model, layer = self._explained()
         scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
         if scripted:
             log.warning("deep: %s %s TorchScript: the DeepLIFT rules do not reach inside; the plain "
                         "gradient is used there (see the additivity_error column)",
                         ", ".join(scripted[:5]), "is" if len(scripted) == 1 else "are")
-        refs = self.references()
+        refs = self._dtype(self.references())
         tape = Tape()
         outputs, layer_parts = [], []
         size = max(1, int(ctx.batch_size))
@@ -107,7 +138,8 @@ class Explainer(base.Explainer):
                     layer_parts.append(layer_value)
             del out
         tape.finish_record()
-        self._background_mean = torch.cat(outputs).mean(0)
+        self._background_outputs = torch.cat(outputs)
+        self._background_mean = self._background_outputs.mean(0)
         self._layer_reference = torch.cat(layer_parts) if layer is not None else None
         self._tape = tape
 
@@ -124,7 +156,7 @@ class Explainer(base.Explainer):
 
     def background_mean(self) -> torch.Tensor:
         """Mean model output over the references (float64), computed once per explainer."""
-        with _utils.frozen_parameters(self.context.model), _full_float32():
+        with _utils.frozen_parameters(self._explained()[0]), _full_float32():
             self._ensure_record()
         assert self._background_mean is not None
         return self._background_mean
@@ -136,11 +168,37 @@ class Explainer(base.Explainer):
             log.warning("deep: no DeepLIFT rule for %s; the plain gradient is used there, so the "
                         "attributions may not add up (see the additivity_error column)", ", ".join(new))
 
+    def _warn_inexact(self, tape: Tape, shap_sum: torch.Tensor, outputs: torch.Tensor, classes: torch.Tensor) -> None:
+        """Warn (once) when the sums miss ``f(x) - E f(r)`` by more than the documented bound although no
+        op went without a rule: float32 rounding that the model amplifies, e.g. a division by a small
+        input-dependent denominator (EfficientViT's LiteMLA). Input target only (at a layer a bypassing
+        skip path makes the sums incomplete by design)."""
+        settings: Settings = self.settings  # type: ignore[assignment]
+        if (tape.unsupported or "inexact" in self._warned or self._background_outputs is None
+                or self.context.precision != "float32"):  # 16-bit forward passes have their own bound
+            return
+        f_r = self._background_outputs.to(outputs.device)[:, classes]  # (B, N, k)
+        scale = torch.maximum((outputs - f_r.mean(0)).abs(), (outputs - f_r).abs().mean(0))
+        relative = (shap_sum.to(outputs.device) - (outputs - f_r.mean(0))).abs() / scale.clamp_min(1e-12)
+        worst = float(relative.max())
+        if worst <= INEXACT:
+            return
+        self._warned.add("inexact")
+        divisions = sum(kind == "divide" for kind, _ in tape.calls)
+        culprit = (f"its {divisions} division(s) by input-dependent tensors (div)" if divisions
+                   else "ill-conditioned ops")
+        advice = ("" if settings.float64 else "; set explainer.float64: true to run deep in float64")
+        log.warning("deep: the attributions miss f(x) - E f(r) by up to %.1e of the output differences although "
+                    "every op has an exact rule: the model amplifies rounding through %s%s", worst, culprit, advice)
+
     # -- main ------------------------------------------------------------------------------
 
     def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
-        model, layer = ctx.model, ctx.layer
+        settings: Settings = self.settings  # type: ignore[assignment]
+        model, layer = self._explained()
+        shown = images
+        images = self._dtype(images)
         device = images.device
         n_images = images.shape[0]
         if len(seeds) != n_images:
@@ -150,10 +208,11 @@ class Explainer(base.Explainer):
             self._ensure_record()
             tape = self._tape
             assert tape is not None and self._background_mean is not None
-            refs = self.references()
+            refs = self._dtype(self.references())
             n_refs = refs.shape[0]
 
-            raw = _utils.forward_in_chunks(self.context.model, images, self.context.batch_size)
+            with KeepFloat64() if settings.float64 else contextlib.nullcontext():
+                raw = _utils.forward_in_chunks(model, images, ctx.batch_size)
             classes, probabilities = _utils.rank_outputs(raw, top_k)
             k = classes.shape[1]
             outputs = raw.gather(1, classes).to(torch.float64)
@@ -204,12 +263,14 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name, layer, size=images.shape[-1])  # (N, k, C, H, W)
+        if layer is None:
+            self._warn_inexact(tape, shap_sum, outputs, classes)
+        values = _utils.layer_map(values, ctx.model, ctx.layer_name, ctx.layer, size=shown.shape[-1])  # (N, k, C, h, w)
         _utils.warn_if_cancelling(values, ctx.layer_name, "deep", self._warned_layers)
         stability = None
         if n_refs >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name, layer,
-                                         size=images.shape[-1]) for h in (0, 1)]
+            half_maps = [_utils.layer_map(halves[:, :, h], ctx.model, ctx.layer_name, ctx.layer,
+                                         size=shown.shape[-1]) for h in (0, 1)]
             stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
