@@ -34,6 +34,14 @@ def forward_in_chunks(model: torch.nn.Module, inputs: torch.Tensor, batch_size: 
         return torch.cat([as_2d(model(inputs[a:b])) for a, b in chunk_ranges(inputs.shape[0], size)])
 
 
+def two_rows(x: torch.Tensor) -> torch.Tensor:
+    """A batch of one row as two copies of it (others unchanged), for passes that take gradients: in
+    torch 2.14 the CPU batch-norm backward is wrong for a batch of one when the incoming gradient is
+    strided (after ``flatten(2).transpose(1, 2)`` and a strided slice, as in LeViT and XCiT): gradients
+    off by ~100% at ``batch_size: 1`` or in a last chunk of one row. The caller uses the first row."""
+    return torch.cat([x, x]) if x.shape[0] == 1 else x
+
+
 def rank_outputs(outputs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k classes on the raw model output (as shap's ranked_outputs) and their softmax probabilities."""
     k = min(top_k, outputs.shape[1])

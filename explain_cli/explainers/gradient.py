@@ -195,19 +195,20 @@ class Explainer(base.Explainer):
 
                 if layer is None:
                     z.requires_grad_(True)
-                    out = _utils.as_2d(model(z))
+                    out = _utils.as_2d(model(_utils.two_rows(z)))
                     target, multiplier = z, delta
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                        out = _utils.as_2d(model(z))
+                        out = _utils.as_2d(model(_utils.two_rows(z)))
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                    multiplier = target.detach()
+                    multiplier = target.detach()[: stop - start]
 
                 # each image's first and second half of samples are summed apart (for stability)
                 half = img * 2 + (rows - img * nsamples >= nsamples // 2)
                 for r in range(k):
                     selected = out[rank_rows, row_classes[:, r]].sum()
                     (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                    grad = grad[: stop - start]  # (a single row ran twice)
                     _precision.check_gradient(grad, scale)
                     contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                     if phi is None:
