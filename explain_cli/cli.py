@@ -273,6 +273,8 @@ def validate(
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    if prep.layer_tokens:
+        print(f"# layer input: {_layer_input_line(prep.layer_tokens)}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
     if prep.walk_errors:
         print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
@@ -285,6 +287,15 @@ def validate(
     if asked["truth_csv"]:
         line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
     print(line)
+
+
+def _layer_input_line(found: dict) -> str:
+    """validate's line on how the layer input becomes the (C, h, w) map (``check_layer_input``)."""
+    if "layout" in found:
+        return f"{found['layout']} maps, saved and drawn as (C, H, W) ({found['from']})"
+    h, w = found["grid"]
+    return (f"{found['prefix_tokens_dropped']} prefix token(s) dropped, the rest on a {h}x{w} patch grid "
+            f"({found['from']}{'; assumed' if found['assumed'] else ''})")
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)
@@ -315,6 +326,10 @@ def layers(
             model = build_model(model_cfg, lambda p: Path(p))
             side = size or 224
         rows = list_layers(model, side)
+        try:  # the same at twice the size: which dimensions of a 4-D map are spatial
+            probe = {name: shape for name, _, shape in list_layers(model, 2 * side)}
+        except ConfigError:  # a model of one input size
+            probe = {}
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
@@ -323,7 +338,21 @@ def layers(
     print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
     for name, kind, shape in rows:
         if name:
-            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
+            note = _layout_note(shape, probe.get(name)) if shape else ""
+            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}{note}")
+
+
+def _layout_note(shape: tuple, probe: tuple | None) -> str:
+    """For the ``layers`` listing: a 4-D map whose channels come last, or whose layout cannot be told."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import _utils
+
+    if len(shape) != 4:
+        return ""
+    try:
+        return "  (N, H, W, C): channels last" if _utils.map_layout(tuple(shape), probe, "").channels_last else ""
+    except ConfigError:
+        return "  (N, C, H, W) or (N, H, W, C)? a layer taking it is refused"
 
 
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"

@@ -477,8 +477,10 @@ def count_outputs(model: nn.Module, size: int) -> int:
 
 def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: int) -> dict | None:
     """Check, with one dummy (1, 3, size, size) forward, that a layer target takes what gradient and
-    deep explain: a 4-D (N, C, H, W) feature map (returns None) or a (N, tokens, C) token sequence
-    that maps onto the patch grid (returns the mapping, for run.json). ConfigError otherwise, e.g.
+    deep explain: a 4-D (N, C, H, W) feature map (returns None), an (N, H, W, C) one (returns its
+    layout, for run.json) or a (N, tokens, C) token sequence that maps onto the patch grid (returns
+    the mapping, for run.json). ConfigError otherwise (also for a 4-D map whose channel dimension
+    cannot be told), e.g.
     for a layer that takes a list of tensors (HRNet stages), naming submodules that take one tensor."""
     from explain_cli.explainers import _utils
 
@@ -514,7 +516,10 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
         suggestions = shallow[:4] + ([f"... ({len(shallow) - 4} more)"] if len(shallow) > 4 else [])
         raise ConfigError("model.layer", _utils.not_a_tensor_message(layer_name, value, suggestions))
     if value.dim() == 4:
-        return None
+        layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
+        log.info("layer '%s' takes %s maps, channels %s (%s)", layer_name, tuple(value.shape),
+                 "last: drawn as (C, H, W)" if layout.channels_last else "first", layout.found)
+        return layout.describe() if layout.channels_last else None
     if value.dim() != 3:
         raise ConfigError("model.layer", _utils.wrong_rank_message(layer_name, tuple(value.shape),
                                                                      "gradient or deep"))
