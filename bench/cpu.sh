@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark behind README's Performance table: every explainer vs shap and the bare model.
+# The CPU benchmark behind the CPU table of docs/performance.md: every explainer vs shap and the bare model.
 # Usage: bash bench/cpu.sh [OUTFILE]   (about 30 minutes on 2 cores)
 set -u
 out="${1:-bench-cpu.txt}"

@@ -26,7 +26,7 @@ Arms:
 
 Models: `conv` (a negligible one-conv `python:` factory model, 10 classes; the job is gradient
 at the input with nsamples 2, top-2, 224 px: what is measured is the pipeline itself) and
-`lite0` (the demo's EfficientNet-Lite0 with the jobs of the README's GPU table).
+`lite0` (the demo's EfficientNet-Lite0 with the jobs of the GPU table of docs/performance.md).
 """
 
 from __future__ import annotations

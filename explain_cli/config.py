@@ -32,7 +32,7 @@ DEFAULT_INCLUDE = ["*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.bmp", "*.we
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-# Bounds of the numeric keys (README "Config reference"): far above any real use, low enough
+# Bounds of the numeric keys (docs/config-reference.md, "Bounds and types"): far above any real use, low enough
 # that a typo cannot make the run allocate absurd memory before anything is checked.
 MAX_CLASSES = 100_000
 MAX_TOP_K = 20

@@ -61,7 +61,7 @@ class TruthCsvConfig(BaseModel):
 
 
 class TargetsConfig(BaseModel):
-    """The ``targets`` config section (README "Which class is explained")."""
+    """The ``targets`` config section (docs/targets.md)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     classes: list[int | str] = Field(default_factory=lambda: [TOP_K], min_length=1, max_length=MAX_TARGET_CLASSES)

@@ -1,5 +1,5 @@
 """Deep (DeepSHAP) on modern architectures: additivity at the input on a small random-weight instance of
-each family of the README's table (transformers, GroupNorm models, LeViT, RepVGG), and the attention,
+each family of the table of docs/explainers.md (transformers, GroupNorm models, LeViT, RepVGG), and the attention,
 normalisation and max rules on their own (masks, scale, causal, sequence-first, batch folded into
 windows, a reference batch of one)."""
 
