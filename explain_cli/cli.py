@@ -239,7 +239,8 @@ def validate(
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
-    print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    weights = cfg.model.weights or "the factory's own"
+    print(f"# model outputs: {prep.num_outputs}; weights: {weights}; layer: {cfg.model.layer}; device: {prep.device}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
 
 
@@ -265,7 +266,8 @@ def layers(
             side = size or cfg.preprocess.size
         else:
             try:
-                model_cfg = ModelConfig(arch=arch)
+                library = arch.startswith(("torchvision:", "timm:"))  # shapes only: weights do not matter
+                model_cfg = ModelConfig(arch=arch, weights="random" if library else None)
             except Exception as exc:  # noqa: BLE001 - pydantic's message names the problem
                 raise ConfigError("--arch", str(exc).splitlines()[-1]) from None
             model = build_model(model_cfg, lambda p: Path(p))

@@ -54,6 +54,11 @@ class ModelConfig(_Section):
     arch: str = Field(description="torchvision:NAME | timm:NAME | python:pkg.module:factory | torchscript")
     num_classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES, description="outputs of the classifier head; default: the architecture's own")
     checkpoint: str | None = Field(default=None, description="weights file (path relative to the config, or pkg:package/path/in/package)")
+    weights: Literal["checkpoint", "pretrained", "random"] | None = Field(
+        default=None, description="checkpoint: model.checkpoint (implied when it is set); pretrained: the "
+        "library's own pretrained weights from the local torch hub / Hugging Face cache (never downloaded); "
+        "random: untrained (tests). Required for torchvision:/timm: without a checkpoint; python: "
+        "factories and torchscript archives hold their own weights")
     trust_checkpoint: bool = Field(default=False, description="allow unpickling arbitrary objects (a whole nn.Module)")
     key_match: Literal["name", "order"] = Field(default="name", description="map checkpoint keys by name, or by order when names differ but shapes match")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the model factory")
@@ -70,6 +75,28 @@ class ModelConfig(_Section):
         if source == "python" and ":" not in name:
             raise ValueError("python sources are written python:pkg.module:factory")
         return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> "ModelConfig":
+        """No silent random weights: a library architecture says where its weights come from."""
+        library = self.arch.partition(":")[0] in ("torchvision", "timm")
+        if self.checkpoint is not None:
+            if self.weights in ("pretrained", "random"):
+                raise ValueError(f"model.weights: {self.weights} and model.checkpoint exclude each other: "
+                                 "remove one (weights: checkpoint is implied by a checkpoint)")
+            self.weights = "checkpoint"
+        elif self.weights == "checkpoint":
+            raise ValueError("model.weights: checkpoint needs model.checkpoint (the weights file)")
+        elif library and self.weights is None:
+            raise ValueError(f"model.weights: {self.arch} has no model.checkpoint, so its weights would be "
+                             "random: set model.weights: pretrained (the library's own pretrained weights, "
+                             "from the local cache), give model.checkpoint, or set model.weights: random "
+                             "(untrained, for tests)")
+        elif not library and self.weights is not None:
+            raise ValueError(f"model.weights: {self.weights} applies to torchvision: and timm: architectures; "
+                             f"{self.arch.partition(':')[0]} models hold their own weights (leave "
+                             "model.weights unset, or give model.checkpoint)")
+        return self
 
 
 class PreprocessConfig(_Section):
@@ -256,6 +283,9 @@ def _message(err: dict, root_cls: type[BaseModel], prefix: str = "") -> tuple[st
         msg = f"must be one of {expected} (got {err.get('input')!r}){hint}"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+        head, sep, rest = msg.partition(": ")
+        if sep and key and head.startswith(key + ".") and " " not in head:
+            key, msg = head, rest  # a section's check names the key inside it (model.weights)
     elif kind.endswith("_type") or kind.endswith("_parsing"):
         msg = f"{msg} (got {err.get('input')!r})"
     return key, msg

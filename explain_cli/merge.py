@@ -340,6 +340,7 @@ def merge(output_dir: Path) -> MergeSummary:
             "shards": count,
             "config_file": first.get("config_file"),
             "config": first.get("config"),
+            "weights": first.get("weights"),
             "counts": {"images": summary.images, "explained": summary.explained,
                        "failed": summary.failed, "topk_rows": summary.topk_rows},
             "started": min(started) if started else None,

@@ -135,6 +135,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     _precision.check(config.precision, dev)  # so `validate` refuses a precision this device cannot run
     torch.manual_seed(config.seed)
     model = build_model(config.model, lambda p: config.resolve(p))
+    if config.model.weights == "random":
+        log.warning("model.weights: random: %s is untrained, its maps explain noise (meant for tests)",
+                    config.model.arch)
     layer = resolve_layer(model, config.model.layer)
     explainer_class = explainers.get(config.explainer_settings.name).Explainer
     if layer is not None and explainer_class.input_only:
@@ -352,9 +355,10 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             for p in (topk_path, errors_path):
                 p.unlink(missing_ok=True)
         listed = read_csv_images(topk_path)
-        from explain_cli.models import checkpoint_path
+        from explain_cli.models import checkpoint_path, weights_info
 
         ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
+        weights = weights_info(cfg.model, cfg.resolve)
         fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json))
         if listed or read_csv_images(errors_path):
             resume.check_resume(run_json, fingerprint, out_dir)
@@ -374,6 +378,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
             "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
+            "weights": weights,
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }

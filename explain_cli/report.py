@@ -295,6 +295,13 @@ def _random_reference(outputs: RunOutputs) -> dict[str, float]:
     return {k: s / w for k, (s, w) in sums.items() if w}
 
 
+def _weights_note(run: dict[str, Any]) -> str:
+    """Which weights ran (run.json ``weights``): 'pretrained weights', 'random weights', ..."""
+    weights = run.get("weights") if isinstance(run.get("weights"), dict) else {}
+    kind = weights.get("kind")
+    return {"factory": "the factory's weights"}.get(kind, f"{kind} weights") if kind else "weights not recorded"
+
+
 def _status(outputs: RunOutputs) -> tuple[str, str]:
     """(badge text, tone) for the header."""
     run = outputs.run
@@ -344,7 +351,8 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
         _card("Device", ", ".join(devices) or "-", device_note),
         _card("Explainer", str(explainer.get("name", "-")),
               ", ".join(f"{k} {v}" for k, v in explainer.items() if k != "name" and not isinstance(v, dict))),
-        _card("Model", str(model.get("arch", "-")), f"layer {model.get('layer', 'input')}"),
+        _card("Model", str(model.get("arch", "-")), f"layer {model.get('layer', 'input')}; {_weights_note(run)}",
+              "warn" if _weights_note(run) == "random weights" else ""),
     ]
     ref = _random_reference(outputs)
     for col in columns:

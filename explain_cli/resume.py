@@ -53,6 +53,8 @@ def _settings(config_dict: dict[str, Any], base_dir: Path | None) -> dict[str, A
     for key, value in flat.items():
         if key in IGNORED_KEYS:
             continue
+        if key == "model.weights" and value in (None, "checkpoint"):
+            continue  # implied by the checkpoint (compared by content) or the factory; older run.json lack it
         if key in PATH_KEYS and isinstance(value, str) and base_dir is not None:
             p = Path(os.path.expanduser(value))
             value = os.path.normpath(str(p if p.is_absolute() else base_dir / p))

@@ -111,7 +111,7 @@ def test_probe_says_this_tmp_folder_is_case_sensitive(tmp_path):
 # -- configs ------------------------------------------------------------------------------------
 
 BASE = {
-    "model": {"arch": "torchvision:resnet18", "num_classes": 3},
+    "model": {"arch": "torchvision:resnet18", "num_classes": 3, "weights": "random"},
     "input": {"dir": "."},
     "preprocess": {"size": 16},
     "explainer": {"name": "gradient", "nsamples": 4},
@@ -237,7 +237,7 @@ def test_duplicate_keys_are_errors_naming_key_and_line(tmp_path):
     # merge keys are not duplicates
     text = "base: &b {arch: torchvision:resnet18, num_classes: 3}\n"
     load_config(_write(tmp_path, yaml.safe_dump({k: v for k, v in BASE.items() if k != "model"})
-                       + "model:\n  <<: {arch: torchvision:resnet18}\n  num_classes: 3\n"))
+                       + "model:\n  <<: {arch: torchvision:resnet18}\n  num_classes: 3\n  weights: random\n"))
 
 
 def test_non_finite_and_degenerate_preprocessing_is_refused(tmp_path):
