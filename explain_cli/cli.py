@@ -44,6 +44,7 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.addFilter(lambda record: not getattr(record, "summary_line", False))  # printed plainly instead
     root.addHandler(handler)
     if log_file is not None:
         from explain_cli.config import check_log_file
@@ -169,7 +170,8 @@ def run(
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: explain every N-th image starting at I (0-based). Default: from SLURM_ARRAY_TASK_* when set."),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors: no progress, and the "
+                               "summary line only when an image failed or the run was stopped."),
 ) -> None:
     """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json
     and report.html."""
@@ -187,7 +189,7 @@ def run(
         if not shard:
             check_slurm_env()
         chosen = Shard.parse(shard) if shard else Shard.from_slurm()
-        summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
+        summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not (no_progress or quiet),
                                                overwrite=overwrite, shard=chosen))
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
@@ -211,6 +213,9 @@ def run(
         line += " (see errors.csv)"
     if not quiet or summary.failed or summary.interrupted:
         print(line, file=sys.stderr)
+    # the --log-file gets it too, so a cron log says what happened
+    log.log(logging.WARNING if summary.failed or summary.interrupted else logging.INFO, "%s", line,
+            extra={"summary_line": True})
     raise typer.Exit(summary.exit_code)
 
 

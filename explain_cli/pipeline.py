@@ -404,7 +404,12 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
-                    stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path, values_path)
+                    per_image = getattr(explainer, "evaluations_per_image", lambda: None)()
+                    progress.set_evaluations_per_image(per_image)
+                    from explain_cli.explainers._utils import counting_evaluations
+
+                    with counting_evaluations(progress.evaluated):
+                        stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path, values_path)
                     summary.interrupted = stop.signal_name  # also when the decoder was waited on
                     writer.drain()
         except KeyboardInterrupt:

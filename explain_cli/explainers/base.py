@@ -97,6 +97,11 @@ class Explainer(ABC):
         self.context = context
         self.settings = context.settings
 
+    def evaluations_per_image(self) -> int | None:
+        """Model evaluations (rows through the model) one image costs, as ``count_evaluations``
+        reports them: the total of the progress heartbeat. None when unknown."""
+        return None
+
     @abstractmethod
     def explain(self, images: "torch.Tensor", top_k: int, seeds: Sequence[int]) -> Attribution:  # noqa: F821
         """Explain the top-k classes of each image.

@@ -1358,6 +1358,9 @@ class Explainer(base.Explainer):
 
     # -- main ------------------------------------------------------------------------------
 
+    def evaluations_per_image(self) -> int:
+        return int(self.references().shape[0]) + 1  # one row per reference and the ranking forward
+
     def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
         model, layer = ctx.model, ctx.layer
@@ -1402,6 +1405,7 @@ class Explainer(base.Explainer):
                         assert self._layer_reference is not None
                         delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
+                _utils.count_evaluations(stop - start)
                 row_classes = classes_dev[img]
                 rank_rows = torch.arange(stop - start, device=device)
                 half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
