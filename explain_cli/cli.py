@@ -75,6 +75,8 @@ def _unexpected(exc: BaseException, verbose: int) -> "typer.Exit":
 
 
 _VERBOSE_HELP = "More log output; -v also prints the traceback of an unexpected error."
+_EXPLAINER_HELP = ("gradient | deep | partition | kernel: use this explainer instead of the config's (its "
+                   "explainer.* keys the new one lacks are dropped, with a note; add its own with --set).")
 
 
 class _PipeSafe:
@@ -162,6 +164,7 @@ def run(
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
+    explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
@@ -185,6 +188,7 @@ def run(
             "output.dir": str(output_dir.resolve()) if output_dir else None,
             "device": device,
             "workers": _int_or_text(workers),
+            "explainer.name": explainer,
         })
         if not shard:
             check_slurm_env()
@@ -223,6 +227,7 @@ def run(
 def validate(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
@@ -237,7 +242,7 @@ def validate(
         from explain_cli.pipeline import RunOptions, prepare
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
-                                   "device": device})
+                                   "device": device, "explainer.name": explainer})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)

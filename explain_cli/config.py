@@ -483,10 +483,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping of keys", source)
     check_values(data, source)
+    in_file = data.get("explainer")
+    in_file = dict(in_file) if isinstance(in_file, dict) else None
     apply_overrides(data, list(overrides or []))
     for dotted, value in (extra or {}).items():
         if value is not None:
             set_key(data, dotted.split("."), value)
+    if in_file is not None:
+        _switch_explainer(data, in_file, list(overrides or []), source)
     try:
         config = Config.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -495,6 +499,36 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     config._source = source
     config._explainer_settings = validate_explainer(config.explainer, source)
     return config
+
+
+def _switch_explainer(data: dict, in_file: dict[str, Any], overrides: list[str], source: str) -> None:
+    """``--explainer NAME`` / ``--set explainer.name=NAME`` on a config written for another
+    explainer: the file's ``explainer.*`` keys the new one does not have are dropped, with a note
+    (keys given on the command line are kept, so a wrong one is still an error)."""
+    from explain_cli import explainers
+
+    section = data.get("explainer")
+    new, old = (section or {}).get("name", "gradient"), in_file.get("name", "gradient")
+    if not isinstance(section, dict) or new == old or not isinstance(new, str) or new not in explainers.names():
+        return
+    given = {keys[1] for keys in (parse_override(o)[0] for o in overrides) if len(keys) == 2 and keys[0] == "explainer"}
+    fields = explainers.get(new).Settings.model_fields
+    dropped = [k for k in in_file if k not in fields and k not in given and k in section]
+    for key in dropped:
+        del section[key]
+    if dropped:
+        import logging
+
+        logging.getLogger("explain_cli").info(
+            "note: explainer.name %s -> %s: dropped the %s key(s) of %s (%s has no such keys)",
+            old, new, ", ".join(f"explainer.{k}" for k in dropped), source, new)
+
+
+def _other_explainers_key(key: str, name: str) -> list[str]:
+    """The explainers other than ``name`` that have an ``explainer.KEY``."""
+    from explain_cli import explainers
+
+    return [n for n in explainers.names() if n != name and key in explainers.get(n).Settings.model_fields]
 
 
 def validate_explainer(section: dict[str, Any], source: str = ""):
@@ -509,6 +543,14 @@ def validate_explainer(section: dict[str, Any], source: str = ""):
     try:
         return module.Settings.model_validate({**section, "name": name}, strict=True)
     except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first.get("loc", ()))
+        owners = _other_explainers_key(str(loc[-1]), name) if first.get("type") == "extra_forbidden" and loc else []
+        if owners:  # a key of another explainer: say so rather than suggest a look-alike key
+            which = " and ".join(owners) + (" explainers" if len(owners) > 1 else " explainer")
+            raise ConfigError(f"explainer.{loc[-1]}", f"a key of the {which}, not of "
+                              f"{name}; remove it (switching explainers with --explainer {name} drops such keys); "
+                              f"{name}'s keys: {', '.join(module.Settings.model_fields)}", source) from None
         _raise_validation(exc, module.Settings, source, prefix="explainer.")
 
 
