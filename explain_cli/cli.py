@@ -261,12 +261,14 @@ def layers(
     size: Optional[int] = typer.Option(None, "--size", help="Input size of the dummy forward (default: preprocess.size or 224)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
-    """Print every module as a dotted name with its output shape, to choose model.layer."""
+    """Print every module as a dotted name with the shape gradient and deep explain (its input),
+    the resolution of the map it gives, and its output shape; layers that cannot be explained
+    are marked, to choose model.layer."""
     _setup_logging(verbose, False, None)
     try:
         from explain_cli.config import ModelConfig
         from explain_cli.errors import ConfigError
-        from explain_cli.models import build_model, list_layers
+        from explain_cli.models import build_model, layer_table
 
         if (config is None) == (arch is None):
             raise UserError("give a CONFIG or --arch NAME (one of them)")
@@ -282,16 +284,32 @@ def layers(
                 raise ConfigError("--arch", str(exc).splitlines()[-1]) from None
             model = build_model(model_cfg, lambda p: Path(p))
             side = size or 224
-        rows = list_layers(model, side)
+        rows = layer_table(model, side)
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
-    width = max((len(name) for name, _, _ in rows), default=5)
-    print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
-    for name, kind, shape in rows:
-        if name:
-            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
+    print(format_layer_table(rows))
+
+
+def _shape(shape: Optional[tuple]) -> str:
+    return "x".join(str(d) for d in shape[1:]) if shape else "-"
+
+
+def format_layer_table(rows: list) -> str:
+    """The `layers` listing: name, type, explained (input) shape, map, output shape, and a mark."""
+    width = max((len(r.name) for r in rows), default=5)
+    kind_w = max((len(r.kind) for r in rows), default=8)
+    lines = [f"{'layer':<{width}}  {'type':<{kind_w}}  {'explained (input)':<18} {'map':<9} output"]
+    for r in rows:
+        mapped = f"{r.map_size[0]}x{r.map_size[1]}" if r.map_size else "-"
+        mark = f"   (cannot be explained: {r.problem})" if r.problem else ""
+        lines.append(f"{r.name:<{width}}  {r.kind:<{kind_w}}  {_shape(r.input_shape):<18} {mapped:<9} "
+                     f"{_shape(r.output_shape)}{mark}")
+    explainable = sum(1 for r in rows if not r.problem)
+    lines.append(f"# {explainable} of {len(rows)} rows can be model.layer (gradient, deep); the map is "
+                 f"upsampled onto the image; partition and kernel explain 'input' only")
+    return "\n".join(lines)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"

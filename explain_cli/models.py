@@ -26,6 +26,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -621,6 +622,63 @@ def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | Non
 
     _forward_with_hooks(model, size, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
     return [(name, type(module).__name__, shapes.get(name)) for name, module in modules]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``explain-cli layers``: gradient and deep explain a layer's *input*, so that is
+    the shape shown, with the resolution of the map it gives (a token layer's patch grid)."""
+
+    name: str
+    kind: str
+    input_shape: tuple | None  # the explained tensor, batch first; None: not a single tensor / not called
+    output_shape: tuple | None
+    map_size: tuple[int, int] | None  # (h, w) of the attribution map; None when not explainable
+    problem: str | None = None  # why the layer cannot be explained (None: it can)
+
+
+def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
+    """Every module with its input (explained) shape, output shape and map resolution, from one
+    dummy (1, 3, size, size) forward; the model itself is the 'input' row (pixels)."""
+    from explain_cli.explainers import _utils
+
+    modules = list(model.named_modules())
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, tuple] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if name not in inputs:
+                inputs[name] = args[0] if args else None
+                tensor = _first_tensor(output)
+                outputs[name] = tuple(tensor.shape) if tensor is not None else None
+        return hook
+
+    _forward_with_hooks(model, size, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
+    rows = [LayerInfo("input", "(pixels)", (1, 3, size, size), None, (size, size))]
+    for name, module in modules:
+        if not name:
+            continue
+        value = inputs.get(name)
+        out = outputs.get(name)
+        kind = type(module).__name__
+        if name not in inputs:
+            rows.append(LayerInfo(name, kind, None, None, None, "not called in the forward pass"))
+        elif not isinstance(value, torch.Tensor):
+            what = f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
+            rows.append(LayerInfo(name, kind, None, out, None, f"takes {what}, not one tensor"))
+        elif value.dim() == 4:
+            rows.append(LayerInfo(name, kind, tuple(value.shape), out, (int(value.shape[2]), int(value.shape[3]))))
+        elif value.dim() == 3:
+            try:
+                grid = _utils.token_grid(model, name, int(value.shape[1])).grid
+                rows.append(LayerInfo(name, kind, tuple(value.shape), out, grid))
+            except ConfigError:
+                rows.append(LayerInfo(name, kind, tuple(value.shape), out, None, "tokens not on a patch grid"))
+        else:
+            rows.append(LayerInfo(name, kind, tuple(value.shape), out, None,
+                                  f"takes a {value.dim()}-D tensor, not a feature map or tokens"))
+    return rows
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

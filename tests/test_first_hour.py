@@ -61,3 +61,40 @@ def test_explainer_option_on_validate_and_run(tiny_project):
     assert info["config"]["explainer"]["name"] == "partition" and info["config"]["explainer"]["max_evals"] == 20
     result = invoke("run", tiny_project / "config.yaml", "--explainer", "shapley", "--no-progress")
     assert result.exit_code == 2 and "unknown explainer 'shapley'" in result.output
+
+
+# --- item 4: layers shows what is explained ----------------------------------------------------
+
+def test_layer_table_shows_the_explained_input_its_map_and_what_cannot_be_explained():
+    import timm
+    import torch
+    import torchvision
+
+    from explain_cli.models import layer_table
+
+    model = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    model.unused = torch.nn.Conv2d(3, 3, 1)
+    rows = {r.name: r for r in layer_table(model, 64)}
+    assert rows["input"].input_shape == (1, 3, 64, 64) and rows["input"].map_size == (64, 64)
+    # conv1 explains the pixels it takes (a map at pixels), not its 64x32x32 output
+    assert rows["conv1"].input_shape == (1, 3, 64, 64) and rows["conv1"].output_shape == (1, 64, 32, 32)
+    assert rows["conv1"].map_size == (64, 64) and rows["conv1"].problem is None
+    assert rows["layer4"].input_shape == (1, 256, 4, 4) and rows["layer4"].map_size == (4, 4)
+    assert rows["fc"].map_size is None and "2-D" in rows["fc"].problem
+    assert rows["unused"].problem == "not called in the forward pass"
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=3).eval()
+    rows = {r.name: r for r in layer_table(vit, 32)}
+    assert rows["blocks.1"].input_shape == (1, 17, 192) and rows["blocks.1"].map_size == (4, 4)
+
+
+def test_layers_command_prints_the_table(tiny_project):
+    result = invoke("layers", tiny_project / "config.yaml")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["layer", "type", "explained", "(input)", "map", "output"]
+    row = next(line for line in lines if line.startswith("2 "))  # the second conv: takes 6x16x16
+    assert row.split()[:5] == ["2", "Conv2d", "6x16x16", "16x16", "8x16x16"]
+    row = next(line for line in lines if line.startswith("6 "))  # the Linear head
+    assert "cannot be explained: takes a 2-D tensor" in row
