@@ -312,6 +312,46 @@ def format_layer_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+@app.command(epilog="Examples:\n\n  explain-cli init torchvision:resnet50 --input photos/\n\n"
+             "  explain-cli init timm:convnext_tiny -o convnext.yaml\n\n"
+             "  explain-cli init runs/best.pt --arch torchvision:resnet18 --input crops/\n\n" + EXIT_CODES_HELP)
+def init(
+    model: str = typer.Argument(..., help="torchvision:NAME | timm:NAME | python:pkg.module:factory | a checkpoint file (with --arch)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="The architecture of a checkpoint file (torchvision:NAME, timm:NAME, python:...)."),
+    output: Path = typer.Option(Path("explain.yaml"), "--output", "-o", help="The config file to write."),
+    input_dir: Path = typer.Option(Path("images"), "--input", help="The image folder the config names (input.dir)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classifier outputs (default: from the checkpoint, or the architecture's)."),
+    weights: str = typer.Option("pretrained", "--weights", help="pretrained | random, for torchvision:/timm: architectures."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
+) -> None:
+    """Write a commented starter config for MODEL: sensible defaults, the preprocessing of its
+    pretrained weights, and the layers that can be explained listed as comments. It validates as
+    written (given the weights are in the local cache and the input folder exists)."""
+    _setup_logging(verbose, False, None)
+    try:
+        from explain_cli.config import load_config
+        from explain_cli.init import starter_config
+
+        if weights not in ("pretrained", "random"):
+            raise UserError(f"--weights: pretrained or random, got {weights!r}")
+        if output.exists() and not force:
+            raise UserError(f"{output} exists; choose another --output or add --force")
+        text, notes = starter_config(model, arch, output.absolute(), input_dir, num_classes, weights)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        load_config(output)  # the schema accepts what was written
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _unexpected(exc, verbose)
+    print(f"wrote {output}; next: explain-cli validate {output}", file=sys.stderr)
+    if not input_dir.is_dir():
+        print(f"note: {input_dir} does not exist yet: put your images there or edit input.dir", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"
              "  sbatch --dependency=afterok:$JOBID --wrap 'explain-cli merge out/'\n\n" + EXIT_CODES_HELP)
 def merge(
