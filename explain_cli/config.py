@@ -143,6 +143,11 @@ class OutputConfig(_Section):
     top_k: int = Field(default=2, ge=1, le=MAX_TOP_K)
     save_values: bool = False
     dpi: int = Field(default=100, ge=10, le=1200)
+    style: Literal["gray", "heat", "shap"] = Field(
+        default="gray", description="what the class panels show under the map: gray (the image in gray at 45% "
+        "opacity, 2nd-98th percentile contrast stretch), heat (the colour image at 80%), shap "
+        "(shap.image_plot's faint 15% gray)")
+    caption: bool = Field(default=True, description="a line under the overlay: image, explainer, layer")
 
 
 class Config(_Section):

@@ -266,7 +266,8 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    titles=[format_title(n, float(p)) for n, p in zip(names, probs)],
                    overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
                    segments=None if segments is None else segments[j],
-                   values_path=None if values_path is None else str(values_path), classes=classes)
+                   values_path=None if values_path is None else str(values_path), classes=classes,
+                   style=prep.config.output.style, caption=overlay_caption(prep, rel))
     err = attribution.additivity_error[j]
     rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
@@ -274,6 +275,14 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
              _cell(attribution.insertion_auc, j, r)]
             for r, c in enumerate(classes)]
     return job, rows
+
+
+def overlay_caption(prep: Prepared, rel: str) -> str:
+    """The overlay's bottom line: which image, explainer and layer made the map."""
+    cfg = prep.config
+    if not cfg.output.caption:
+        return ""
+    return f"{rel}  \u00b7  {cfg.explainer_settings.name} explainer  \u00b7  layer {cfg.model.layer}"
 
 
 def _cell(values, j: int, r: int) -> float | None:
