@@ -208,8 +208,9 @@ def run(
                         f"folder, then rerun the same command to resume", EXIT_UNEXPECTED)
         raise _unexpected(exc, verbose)
     done = summary.skipped + summary.explained
+    excluded = f" ({summary.excluded} more skipped by input.exclude)" if summary.excluded else ""
     line = (f"explained {summary.explained}, already done {summary.skipped}, failed {summary.failed} "
-            f"of {summary.selected} images in {summary.seconds:.1f} s; outputs in {summary.output_dir}")
+            f"of {summary.selected} images{excluded} in {summary.seconds:.1f} s; outputs in {summary.output_dir}")
     if summary.interrupted:
         line = (f"stopped by {summary.interrupted} after {done} of {summary.selected} images; "
                 f"rerun the same command to resume. {line}")
@@ -251,7 +252,9 @@ def validate(
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     weights = cfg.model.weights or "the factory's own"
     print(f"# model outputs: {prep.num_outputs}; weights: {weights}; layer: {cfg.model.layer}; device: {prep.device}")
-    print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    excluded = prep.skipped.get("excluded", 0)
+    print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir}"
+          + (f"; {excluded} more skipped by input.exclude" if excluded else "") + ")")
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)

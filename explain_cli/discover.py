@@ -26,7 +26,7 @@ def matches(rel_path: str, patterns: list[str]) -> bool:
 
 
 def discover_images(root: Path, include: list[str], exclude: list[str],
-                    skip_dirs: list[Path] | None = None) -> list[str]:
+                    skip_dirs: list[Path] | None = None, skipped: dict[str, int] | None = None) -> list[str]:
     """Relative POSIX paths of the matching regular files under ``root``, sorted.
 
     Names are read as bytes and decoded as UTF-8 with surrogateescape (``names.from_fs``), so a
@@ -34,8 +34,11 @@ def discover_images(root: Path, include: list[str], exclude: list[str],
     but never enters the same real directory twice (no symlink loops). Folders in ``skip_dirs``
     (e.g. an output folder inside the input folder) are not walked. Hidden files and folders
     (starting with '.') are skipped, and so is anything that is not a regular file (FIFOs,
-    sockets, devices: reading them can block forever).
+    sockets, devices: reading them can block forever). ``skipped``, when given, receives the
+    counts of regular files left out: ``excluded`` (matched include and exclude) and
+    ``not_included`` (matched no include pattern).
     """
+    counts = {"excluded": 0, "not_included": 0}
     root_b = os.fsencode(Path(root))
     skip = {os.path.realpath(os.fsencode(p)) for p in (skip_dirs or [])}
     seen: set[tuple[int, int]] = set()
@@ -63,8 +66,14 @@ def discover_images(root: Path, include: list[str], exclude: list[str],
                     continue
             except OSError:
                 continue
-            if matches(rel, include) and not matches(rel, exclude):
+            if not matches(rel, include):
+                counts["not_included"] += 1
+            elif matches(rel, exclude):
+                counts["excluded"] += 1
+            else:
                 found.append(rel)
+    if skipped is not None:
+        skipped.update(counts)
     return sorted(found)
 
 

@@ -27,10 +27,10 @@ from explain_cli import names as _names
 from explain_cli import resume
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
-from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
+from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ImageError, UserError
 from explain_cli.images import load_preprocessed
-from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
-                             share_cpus, versions)
+from explain_cli.job import (Shard, StopFlag, device_info, earlier_runs, now, output_lock,  # noqa: F401
+                             resolve_device, run_record, share_cpus, versions)  # (Shard, resolve_device: public here too)
 from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.report import write_report_or_warn
@@ -71,6 +71,7 @@ class Prepared:
     shard: Shard | None
     explainer_class: Any  # the registered Explainer subclass of explainer.name
     layer_tokens: dict | None = None  # a token layer's mapping onto the patch grid (run.json)
+    skipped: dict[str, int] = field(default_factory=dict)  # files left out: excluded, not_included
 
 
 @dataclass
@@ -79,6 +80,7 @@ class RunSummary:
     skipped: int = 0
     explained: int = 0
     failed: int = 0
+    excluded: int = 0  # images input.exclude left out (of the whole folder, before sharding)
     interrupted: str | None = None
     seconds: float = 0.0
     output_dir: Path | None = None
@@ -122,8 +124,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         raise ConfigError("input.dir", f"not a folder: {input_dir}", config._source)
     output_dir = config.resolve(config.output.dir)
     check_output_dir(output_dir, input_dir, config._source)
+    skipped: dict[str, int] = {}
     all_images = discover_images(input_dir, config.input.include, config.input.exclude,
-                                 skip_dirs=[output_dir])
+                                 skip_dirs=[output_dir], skipped=skipped)
     shard = options.shard
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
@@ -152,7 +155,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     labels = load_labels(labels_path, num_outputs)
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens)
+                    num_outputs, shard, explainer_class, layer_tokens, skipped)
 
 
 def load_background(prep: Prepared):
@@ -346,7 +349,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     cfg = prep.config
     out_dir = prep.output_dir
     suffix = prep.shard.suffix if prep.shard else ""
-    summary = RunSummary(selected=len(prep.images), output_dir=out_dir)
+    summary = RunSummary(selected=len(prep.images), output_dir=out_dir, excluded=prep.skipped.get("excluded", 0))
     names: dict[str, str] = {}
 
     def overlay_path(rel: str) -> Path:
@@ -391,8 +394,11 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
+        runs = earlier_runs(run_json)  # every run into this folder keeps its record, newest last
+        run_info["runs"] = runs + [run_record(run_info, None)]
         write_json(run_json, run_info)
         failure: str | None = None
+        exit_code: int | None = None
 
         progress = Progress(len(todo), enabled=options.progress)
         run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
@@ -427,6 +433,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 writer.close(force=True)
         except BaseException as exc:
             failure = str(exc) or type(exc).__name__
+            exit_code = EXIT_USAGE if isinstance(exc, UserError) else 1
             raise
         finally:
             if writer is not None:
@@ -440,7 +447,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 "status": "failed" if failure else "interrupted" if summary.interrupted else "complete",
                 "finished": now(), "seconds": round(summary.seconds, 3),
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
-                           "explained": summary.explained, "failed": summary.failed},
+                           "explained": summary.explained, "failed": summary.failed,
+                           "excluded": summary.excluded, "not_included": prep.skipped.get("not_included", 0)},
             })
             run_info["metrics"] = run_metrics.summary()
             median = run_metrics.median_stability()
@@ -456,6 +464,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 run_info["batch_size_used"] = explainer.context.batch_size
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
+            run_info["runs"] = runs + [run_record(run_info, summary.exit_code if failure is None else exit_code)]
             write_json(run_json, run_info)
             write_report_or_warn(out_dir)
     return summary

@@ -132,7 +132,7 @@ def write_files(job: WriteJob) -> None:
     from explain_cli.write import save_values
 
     if job.values_path is not None:
-        save_values(Path(job.values_path), job.values, job.classes)
+        save_values(Path(job.values_path), job.values, job.classes, job.segments)
     render_overlay(job.pixels, job.values, job.titles, Path(job.overlay_path), fmt=job.fmt,
                    dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption)
 

@@ -98,3 +98,81 @@ def test_layers_command_prints_the_table(tiny_project):
     assert row.split()[:5] == ["2", "Conv2d", "6x16x16", "16x16", "8x16x16"]
     row = next(line for line in lines if line.startswith("6 "))  # the Linear head
     assert "cannot be explained: takes a 2-D tensor" in row
+
+
+# --- item 6: every run keeps its record ---------------------------------------------------------
+
+def _info(out):
+    return json.loads((out / "run.json").read_text())
+
+
+def test_run_json_keeps_every_runs_record_newest_last(tiny_project):
+    cfg, out = tiny_project / "config.yaml", tiny_project / "out"
+    assert invoke("run", cfg, "--no-progress", "--limit", "2").exit_code == 0
+    first = _info(out)["runs"]
+    assert len(first) == 1 and first[0]["status"] == "complete" and first[0]["exit_code"] == 0
+    assert first[0]["counts"]["explained"] == 2 and first[0]["host"] and first[0]["shard"] is None
+    assert invoke("run", cfg, "--no-progress").exit_code == 0
+    assert invoke("run", cfg, "--no-progress").exit_code == 0  # a no-op rerun
+    runs = _info(out)["runs"]
+    assert len(runs) == 3 and runs[0] == first[0]  # earlier records are kept as they were
+    assert [(r["counts"]["explained"], r["counts"]["already_done"]) for r in runs] == [(2, 0), (2, 2), (0, 4)]
+    assert runs[0]["started"] <= runs[1]["started"] <= runs[2]["started"]
+    html = (out / "report.html").read_text()
+    assert "Runs into this folder" in html and "the last of 3 runs" in html
+
+    (tiny_project / "images" / "broken.png").write_bytes(b"not an image")
+    assert invoke("run", cfg, "--no-progress").exit_code == 3
+    assert _info(out)["runs"][-1]["exit_code"] == 3 and len(_info(out)["runs"]) == 4
+
+    sharded = tiny_project / "sharded"
+    assert invoke("run", cfg, "--no-progress", "--output", sharded, "--shard", "1/2").exit_code in (0, 3)
+    info = json.loads((sharded / "run.shard-1-of-2.json").read_text())
+    assert info["runs"][-1]["shard"] == "1/2"
+
+
+def test_a_run_json_from_before_records_becomes_the_first_record(tiny_project):
+    cfg, out = tiny_project / "config.yaml", tiny_project / "out"
+    assert invoke("run", cfg, "--no-progress", "--limit", "1").exit_code == 0
+    old = _info(out)
+    del old["runs"]
+    (out / "run.json").write_text(json.dumps(old))
+    assert invoke("run", cfg, "--no-progress").exit_code == 0
+    runs = _info(out)["runs"]
+    assert len(runs) == 2 and runs[0]["started"] == old["started"] and runs[0]["counts"]["explained"] == 1
+
+
+# --- item 7: counts users need ------------------------------------------------------------------
+
+def test_images_skipped_by_exclude_are_counted_everywhere(tiny_project):
+    cfg, out = tiny_project / "config.yaml", tiny_project / "out"
+    (tiny_project / "images" / "a" / "other+02.png").write_bytes((tiny_project / "images" / "a" / "one.png").read_bytes())
+    (tiny_project / "images" / "notes.txt").write_text("not an image")
+    result = invoke("validate", cfg, "--set", "input.exclude=['*-02*', '*+02*']")
+    assert result.exit_code == 0 and "; 2 more skipped by input.exclude)" in result.output
+    result = invoke("run", cfg, "--no-progress", "--set", "input.exclude=['*-02*', '*+02*']")
+    assert result.exit_code == 0, result.output
+    assert "of 4 images (2 more skipped by input.exclude)" in result.output
+    counts = _info(out)["counts"]
+    assert counts["excluded"] == 2 and counts["not_included"] == 1 and counts["selected"] == 4
+    assert "2 skipped by input.exclude" in (out / "report.html").read_text()
+
+
+def test_kernel_values_file_has_the_superpixels_it_used(tiny_project):
+    result = invoke("run", tiny_project / "config.yaml", "--no-progress", "--explainer", "kernel", "--limit", "2",
+                    "--set", "explainer.nsamples=30", "--set", "explainer.segments.n_segments=12",
+                    "--set", "output.save_values=true")
+    assert result.exit_code == 0, result.output
+    for path in sorted((tiny_project / "out" / "values").rglob("*.npz"))[:2]:
+        data = np.load(path)
+        segments = data["segments"]
+        assert segments.shape == data["values"].shape[-2:]
+        assert int(data["superpixels"]) == len(np.unique(segments)) >= 2
+        for label in np.unique(segments):  # the map is one value per superpixel
+            cell = data["values"][0].sum(0)[segments == label]
+            assert np.allclose(cell, cell[0], atol=1e-6)
+    result = invoke("run", tiny_project / "config.yaml", "--no-progress", "--limit", "1", "--output",
+                    tiny_project / "grad", "--set", "output.save_values=true")
+    assert result.exit_code == 0
+    data = np.load(next((tiny_project / "grad" / "values").rglob("*.npz")))
+    assert "superpixels" not in data.files  # gradient has no superpixels

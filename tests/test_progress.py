@@ -94,4 +94,4 @@ def test_quiet_silences_progress_and_the_log_file_gets_the_summary(tiny_project)
     assert result.exit_code == 0
     assert result.output.strip() == ""  # -q: no progress line, no summary (nothing failed)
     text = log_file.read_text()
-    assert re.search(r"INFO: explained 4, already done 0, failed 0 of 4 images in [\d.]+ s", text), text
+    assert re.search(r"INFO: explained 4, already done 0, failed 0 of 4 images \(1 more skipped by input.exclude\) in [\d.]+ s", text), text
