@@ -349,6 +349,9 @@ def merge(output_dir: Path) -> MergeSummary:
             "versions": first.get("versions"),
             "metrics": _merged_metrics(infos, topk),
             "per_shard": per_shard,
+            # every shard's run records (reruns included), oldest first
+            "runs": sorted((r for info in infos.values() for r in (info.get("runs") or []) if isinstance(r, dict)),
+                           key=lambda r: str(r.get("started"))),
         }
         _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
         _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)
