@@ -149,6 +149,12 @@ def _int_or_text(value: Optional[str]):
         return value
 
 
+def _classes(values: List[str]) -> list | None:
+    """--class values as targets.classes entries (None: keep the config's); a name or an index
+    (digits), resolved against the labels like the config's entries."""
+    return list(values) or None
+
+
 def _load(config: Path, overrides: List[str], extra: dict | None = None):
     from explain_cli.config import load_config
 
@@ -165,6 +171,7 @@ def run(
     output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
     explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
@@ -189,6 +196,7 @@ def run(
             "device": device,
             "workers": _int_or_text(workers),
             "explainer.name": explainer,
+            "targets.classes": _classes(classes),
         })
         if not shard:
             check_slurm_env()
@@ -229,6 +237,7 @@ def validate(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
     explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
@@ -243,7 +252,8 @@ def validate(
         from explain_cli.pipeline import RunOptions, prepare
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
-                                   "device": device, "explainer.name": explainer})
+                                   "device": device, "targets.classes": _classes(classes),
+                                   "explainer.name": explainer})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
@@ -255,6 +265,14 @@ def validate(
     excluded = prep.skipped.get("excluded", 0)
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir}"
           + (f"; {excluded} more skipped by input.exclude" if excluded else "") + ")")
+    from explain_cli.pipeline import describe_targets
+
+    asked = describe_targets(prep)
+    classes = ", ".join(c if isinstance(c, str) else f"{c['name']} ({c['index']})" for c in asked["classes"])
+    line = f"# explained: {classes}; values sum to {asked['explained']} (activation {asked['activation']})"
+    if asked["truth_csv"]:
+        line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
+    print(line)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)
