@@ -70,5 +70,10 @@ def test_init_python_factory_then_run(tiny_project):
     data = yaml.safe_load(cfg.read_text())
     assert "weights" not in data["model"] and data["labels"] is None
     result = invoke("run", cfg, "--no-progress", "--limit", "1", "--set", "explainer.nsamples=4",
-                    "--set", "preprocess.size=16")
+                    "--set", "preprocess.size=16", "--class", "class 1")  # the first-hour path ends here
     assert result.exit_code == 0, result.output
+    import csv
+
+    with open(tiny_project / "out" / "topk.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["class_index"] for r in rows] == ["1"]  # only the asked class
