@@ -179,3 +179,34 @@ def test_kernel_values_file_has_the_superpixels_it_used(tiny_project):
     assert result.exit_code == 0
     data = np.load(next((tiny_project / "grad" / "values").rglob("*.npz")))
     assert "superpixels" not in data.files  # gradient has no superpixels
+
+
+# --- item 10: the README's config reference shows the defaults ---------------------------------
+
+def _flat(data, prefix=""):
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def test_readme_config_reference_shows_the_defaults(tmp_path):
+    import re
+
+    from explain_cli.config import resolved_dict
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Config reference.*?```yaml\n(.*?)```", text, re.S).group(1)
+    shown = _flat(yaml.safe_load(block))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"arch": "python:m:f"}, "input": {"dir": "."}}))
+    defaults = _flat(resolved_dict(load_config(tmp_path / "c.yaml")))
+    required = {"model.arch", "input.dir"}  # no default: the reference shows an example
+    compared = [k for k in shown if k in defaults and k not in required]
+    assert len(compared) >= 30 and "input.exclude" in compared and "model.weights" in compared
+    wrong = {k: (shown[k], defaults[k]) for k in compared if shown[k] != defaults[k]
+             and not (isinstance(shown[k], str) and shown[k].rstrip("/") == defaults[k])}
+    assert not wrong, wrong
