@@ -210,3 +210,18 @@ def test_readme_config_reference_shows_the_defaults(tmp_path):
     wrong = {k: (shown[k], defaults[k]) for k in compared if shown[k] != defaults[k]
              and not (isinstance(shown[k], str) and shown[k].rstrip("/") == defaults[k])}
     assert not wrong, wrong
+
+
+def test_folders_written_before_the_new_keys_still_resume(tiny_project):
+    """model.weights (implied by the checkpoint), output.style and output.caption change no number:
+    a folder whose run.json predates them, or a rerun with another style, resumes."""
+    cfg, out = tiny_project / "config.yaml", tiny_project / "out"
+    assert invoke("run", cfg, "--no-progress", "--limit", "2").exit_code == 0
+    settings = _info(out)["fingerprint"]["settings"]
+    assert not {"model.weights", "output.style", "output.caption"} & set(settings)  # as in older run.json
+    assert "explainer.nsamples" in settings
+    result = invoke("run", cfg, "--no-progress", "--set", "output.style=heat")
+    assert result.exit_code == 0, result.output
+    assert "explained 2, already done 2" in result.output
+    result = invoke("run", cfg, "--no-progress", "--set", "explainer.nsamples=8")  # a result-affecting key
+    assert result.exit_code == 2 and "explainer.nsamples" in result.output
