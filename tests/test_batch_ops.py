@@ -435,7 +435,7 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tiny_project):
     wait_for_gate(proc, hold)
     proc.send_signal(signal.SIGTERM)
     hold.unlink()
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 143, stderr
     assert "SIGTERM received: finishing the current step" in stderr
     assert "stopped by SIGTERM after" in stderr and "rerun the same command to resume" in stderr
@@ -469,7 +469,7 @@ def test_sigint_stops_with_130(tiny_project):
     wait_for_gate(proc, hold)
     proc.send_signal(signal.SIGINT)
     hold.unlink()
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr
     assert "stopped by SIGINT" in stderr and "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
