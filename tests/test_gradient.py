@@ -71,7 +71,7 @@ def test_agrees_with_shap(model, data, target, smoothing):
     layer = None if target == "input" else model.conv2
     nsamples = 2000
 
-    ours = make(model, background, layer, batch_size=500, nsamples=nsamples,
+    ours = make(model, background, layer, batch_size=500, nsamples=nsamples, path="input",
                 local_smoothing=smoothing).explain(x, 2, [11, 12])
 
     torch.manual_seed(5)  # shap draws its smoothing noise from torch's global generator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -201,6 +201,30 @@ def capture_layer_input(layer: torch.nn.Module, make_leaf: bool = False) -> Iter
             return (first,) + tuple(args[1:])
         captured.value = first
         return None
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replace_layer_input(layer: torch.nn.Module,
+                        replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[LayerInput]:
+    """Replace the first positional input ``h`` of ``layer`` by ``replace(h)`` on every forward; the
+    captured value is the replacement (or the input itself when it is not a tensor, for
+    ``captured_feature_map`` to refuse). The rest of the model, skip connections that bypass the
+    layer included, runs on what it was given."""
+    captured = LayerInput()
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+        first = args[0]
+        if not isinstance(first, torch.Tensor):
+            captured.value = first
+            return None
+        captured.value = replace(first)
+        return (captured.value,) + tuple(args[1:])
 
     handle = layer.register_forward_pre_hook(hook)
     try:

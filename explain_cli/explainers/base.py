@@ -66,6 +66,10 @@ class Attribution:
         for explainers with random draws; None for deterministic ones (partition).
     deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
         ``metrics`` asks for it (``metrics.faithfulness``).
+    nsamples_used: optional (N,) samples (model evaluations) each image's map took, for explainers
+        with a sample count (gradient, kernel).
+    nsamples_capped: optional (N,) True where ``nsamples: auto`` stopped at ``max_nsamples`` before
+        the map reached ``target_stability``; None when the count was fixed.
     """
 
     values: np.ndarray
@@ -78,6 +82,8 @@ class Attribution:
     stability: np.ndarray | None = None
     deletion_auc: np.ndarray | None = None
     insertion_auc: np.ndarray | None = None
+    nsamples_used: np.ndarray | None = None
+    nsamples_capped: np.ndarray | None = None
 
     @property
     def additivity_error(self) -> np.ndarray:
