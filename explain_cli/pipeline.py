@@ -265,10 +265,19 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    segments=None if segments is None else segments[j],
                    values_path=None if values_path is None else str(values_path), classes=classes)
     err = attribution.additivity_error[j]
+    used = getattr(attribution, "nsamples_used", None)
+    used_cell = None if used is None else int(used[j])
+    capped = getattr(attribution, "nsamples_capped", None)
+    if capped is not None and bool(capped[j]):
+        log.warning("%s: the map did not reach explainer.target_stability %s within max_nsamples %d "
+                    "(stability %s); raise max_nsamples or accept a noisier map", rel,
+                    getattr(prep.config.explainer_settings, "target_stability", "?"), used_cell,
+                    ", ".join("-" if v is None else f"{v:.2f}"
+                              for v in (_cell(attribution.stability, j, r) for r in range(len(classes)))))
     rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
              _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
-             _cell(attribution.insertion_auc, j, r)]
+             _cell(attribution.insertion_auc, j, r), used_cell]
             for r, c in enumerate(classes)]
     return job, rows
 

@@ -30,7 +30,7 @@ from explain_cli.names import escape, unescape
 TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
-    "stability", "deletion_auc", "insertion_auc",
+    "stability", "deletion_auc", "insertion_auc", "nsamples_used",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
