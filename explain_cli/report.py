@@ -200,11 +200,14 @@ def _columns(outputs: RunOutputs) -> list[dict[str, Any]]:
     for key, label, title, fmt, better in _KNOWN:
         if key in present and (key in ("probability", "additivity_error")
                                or any(_number(r.get(key)) is not None for r in outputs.topk)):
-            cols.append({"key": key, "label": label, "title": title, "fmt": fmt, "better": better})
-            if key == "nsamples_used":
+            if key == "nsamples_used":  # shown for nsamples auto, or when the counts differ
                 cap = _sample_cap(outputs)
-                if cap is not None:
-                    cols[-1]["warn_at"] = cap
+                counts = {_number(r.get(key)) for r in outputs.topk} - {None}
+                if cap is None and len(counts) < 2:
+                    continue
+            cols.append({"key": key, "label": label, "title": title, "fmt": fmt, "better": better})
+            if key == "nsamples_used" and cap is not None:
+                cols[-1]["warn_at"] = cap
     known = {k for k, *_ in _KNOWN} | _HIDDEN
     for key in outputs.topk_columns:
         if key not in known and any(_number(r.get(key)) is not None for r in outputs.topk):

@@ -483,6 +483,7 @@ class Explainer(base.Explainer):
             shap_sum=shap_sum.astype(np.float32),
             segments=np.stack([item.labels for item in prepared]),
             stability=stability,
+            nsamples_used=np.array([item.masks.shape[0] for item in prepared], dtype=np.int64),
         )
 
     @staticmethod
