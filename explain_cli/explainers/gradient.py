@@ -1,31 +1,38 @@
 """Expected gradients (shap's ``GradientExplainer`` for PyTorch), batched over images x samples.
 
-This computes the same quantity as ``shap.GradientExplainer(model, background)`` (input target) or
-``shap.GradientExplainer((model, layer), background)`` (layer target) with
-``shap_values(x, ranked_outputs=k, nsamples=n)`` and ``local_smoothing``; the definitions below are
+At the input, and at a layer with ``path: input``, this computes the same quantity as
+``shap.GradientExplainer(model, background)`` / ``shap.GradientExplainer((model, layer), background)``
+with ``shap_values(x, ranked_outputs=k, nsamples=n)`` and ``local_smoothing``; those definitions are
 shap's (``shap/explainers/_gradient.py``, ``_PyTorchGradient``), not a variant of ours.
 
-For an image ``x``, an explained class ``c`` and each sample ``s = 1..n``:
+For an image ``x``, an explained class ``c`` and each sample ``s = 1..n``: a background index
+``rind`` and ``t`` in [0, 1] (see "Draws" below); ``x_s = x + N(0, local_smoothing^2)`` noise (only
+when ``local_smoothing > 0``; shap adds the noise to the explained image, not to the background).
 
-* draw a background index ``rind`` uniformly from the background and ``t ~ U(0, 1)``;
-* ``x_s = x + N(0, local_smoothing^2)`` noise (only when ``local_smoothing > 0``; shap adds the
-  noise to the explained image, not to the background);
-* interpolate ``z = t * x_s + (1 - t) * background[rind]``.
-
-Input target (pixel space)::
+Input target (pixel space), ``z = t * x_s + (1 - t) * background[rind]``::
 
     phi = mean_s  grad_z f_c(z) * (x_s - background[rind])
 
-which is the expected-gradients estimate of the path integral: without smoothing its sum is
-approximately ``f_c(x) - E_background[f_c]`` (completeness, up to Monte-Carlo error).
+its sum converges to ``f_c(x) - E_background[f_c]`` (completeness; without smoothing).
 
-Layer target, with ``h`` the layer's *input* (first positional argument of its ``forward``)::
+Layer target, ``path: input`` (shap's convention), with ``h`` the layer's *input* (first positional
+argument of its ``forward``)::
 
     phi = mean_s  [dF_c/dh evaluated at h(z)] * h(z)
 
-i.e. shap multiplies by the layer input at the interpolated point itself, **not** by a difference to
-a background activation, so at a layer the attributions do not sum to ``f_c(x) - E[f_c]``. That is
-shap's definition and we keep it; ``shap_sum`` reports the sum as it is.
+shap multiplies by the layer input at the interpolated point itself, not by a difference to a
+background activation, so these attributions do not sum to ``f_c(x) - E[f_c]``.
+
+Layer target, ``path: layer`` (the default; complete): the path runs in the layer's input space.
+The model runs on ``x_s``; a forward pre-hook replaces the layer's input ``h(x_s)`` by
+``h_s = h(b) + t (h(x_s) - h(b))`` with ``h(b)`` the layer input of ``background[rind]``; anything
+that bypasses the layer (a skip connection around it) keeps the image's values::
+
+    phi = mean_s  [dF_c/dh at h_s] * (h(x_s) - h(b))
+
+an integrated-gradients path per reference, so the sum converges to ``f_c(x) - base_value`` with
+``base_value = E_b f_c(x with the layer input h(b))`` (equal to ``E_b f_c(b)`` when nothing
+bypasses the layer; B forwards without gradients per image).
 
 A token layer (input ``(N, tokens, C)``, a ViT block) is attributed per token and channel; the values
 are then put on the patch grid as ``(C, h, w)`` (``_utils.layer_map``: class/distillation/register
@@ -34,15 +41,21 @@ tokens dropped from the map, their share kept in ``shap_sum``).
 The top-k classes are ranked on the raw model output of the un-noised images (descending, as shap's
 ``ranked_outputs`` with ``output_rank_order="max"``).
 
+Draws (``sampling``): ``random`` draws ``rind`` and ``t`` independently and uniformly, as shap.
+``stratified`` (default) has the same expectation with less variance (``draw_design``): the
+references are used equally often and each reference's ``t`` are stratified (a randomised midpoint
+rule for its integrated gradients). Either way each image's samples form two independent halves
+(two designs of n/2), summed apart, so ``stability`` (``metrics.split_half_stability``) costs no
+evaluation. ``nsamples: auto`` adds rounds (32 samples, then doubling the total) until every class's
+stability reaches ``target_stability`` or ``max_nsamples`` is spent, per image.
+
 How it is computed (this is what makes it fast):
 
-* all ``N * nsamples`` evaluation points of a batch are flattened and pushed through the model in
-  chunks of ``context.batch_size`` rows, so a chunk can span several images;
+* all evaluation points of a round are flattened and pushed through the model in chunks of
+  ``context.batch_size`` rows, so a chunk can span several images;
 * one forward per chunk feeds all k ranked outputs (k ``autograd.grad`` calls on the same graph);
-* no parameter gradients; for a layer target the layer's input is captured as a fresh leaf, so the
-  part of the network in front of the layer builds no autograd graph;
-* the per-(image, class) sums are accumulated on the device, the first and the second half of each
-  image's samples apart, so ``stability`` (``metrics.split_half_stability``) costs no evaluation.
+* no parameter gradients; for a layer target the layer's input is a fresh leaf, so the part of the
+  network in front of the layer builds no autograd graph.
 
 Random numbers: image ``i``'s draws come only from ``seeds[i]`` (its own generators, drawn in sample
 order; the smoothing noise in fixed blocks of samples), so the numbers do not depend on which images

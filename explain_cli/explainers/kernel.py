@@ -24,7 +24,12 @@ For each image ``x``:
   the budget is drawn at random by the remaining kernel weights (a drawn subset and its complement;
   repeats add weight instead of a row), and the random rows' weights are scaled to the kernel mass
   left. With ``nsamples >= 2**M - 2`` every coalition is enumerated and the result is the exact
-  Shapley values of the masking game.
+  Shapley values of the masking game. The random part is paired (a drawn subset and its
+  complement, the antithetic pairs of Covert & Lee 2021), as in shap.
+* **nsamples: auto** draws 256 coalitions first (enumerating what shap enumerates at 256), then
+  more of the random part (``CoalitionSampler.draw``) in rounds that double the total, until the
+  split-half stability of every class's map reaches ``target_stability`` or ``max_nsamples`` is
+  spent, per image.
 * **Model output** ``v(z)``: the raw model output (e.g. logit) of each of the top-k classes (ranked
   on the raw output of the unmasked image, as shap's ``ranked_outputs``) for the masked image.
   ``f(x) = v(all shown)`` is the output of the unmasked image, ``f(all hidden)`` the output of the
