@@ -75,6 +75,7 @@ from explain_cli import metrics
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 # Smoothing noise is generated per image in blocks of this many samples, independent of batch_size,
 # so that the random stream (and hence the result) does not depend on how the rows are chunked.
@@ -213,7 +214,7 @@ class Explainer(base.Explainer):
 
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
-        self._background_mean: torch.Tensor | None = None
+        self._background_outputs: torch.Tensor | None = None
         self._background_layer: torch.Tensor | None = None
 
     # -- helpers ---------------------------------------------------------------------------
@@ -223,13 +224,14 @@ class Explainer(base.Explainer):
         """True when the path runs in the layer's input space (a layer target with ``path: layer``)."""
         return self.context.layer is not None and self.settings.path == "layer"
 
-    def background_mean(self) -> torch.Tensor:
-        """Mean model output over the background, computed once per explainer (lazily)."""
-        if self._background_mean is None:
+    def background_outputs(self) -> torch.Tensor:
+        """Model outputs (B, C) of the background, computed once per explainer (lazily): the base
+        value of a class is the mean of its explained quantity over them."""
+        if self._background_outputs is None:
             with _utils.frozen_parameters(self.context.model):
                 outputs = _utils.forward_in_chunks(self.context.model, self.context.background, self.context.batch_size)
-            self._background_mean = outputs.float().mean(0)
-        return self._background_mean
+            self._background_outputs = outputs.float()
+        return self._background_outputs
 
     def background_layer_inputs(self) -> torch.Tensor:
         """The layer's input h(b) for every background image (B, *layer input shape), computed once."""
@@ -244,9 +246,10 @@ class Explainer(base.Explainer):
             self._background_layer = torch.cat(pieces)
         return self._background_layer
 
-    def _layer_base_values(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """(N, k) ``E_b f(x with the layer input h(b))``: the path's start, averaged over the background
-        (B forwards per image without gradients; equal to E_b f(b) when nothing bypasses the layer)."""
+    def _layer_base_values(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets) -> torch.Tensor:
+        """(N, k) ``E_b f(x with the layer input h(b))`` in the explained quantity: the path's start,
+        averaged over the background (B forwards per image without gradients; equal to E_b f(b) when
+        nothing bypasses the layer)."""
         ctx = self.context
         refs = self.background_layer_inputs()
         n_refs = refs.shape[0]
@@ -259,13 +262,14 @@ class Explainer(base.Explainer):
                 ref = refs[rows - img * n_refs]
                 with _utils.replace_layer_input(ctx.layer, lambda h: ref.to(h.dtype)):
                     out = _utils.as_2d(ctx.model(images[img]))
-                sums.index_add_(0, img, out.gather(1, classes[img]).double())
+                sums.index_add_(0, img, targets.explained(out.float(), classes[img]).double())
         return (sums / n_refs).float()
 
     # -- main ------------------------------------------------------------------------------
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
+        targets = as_targets(targets)
         settings: Settings = self.settings  # type: ignore[assignment]
         model = ctx.model
         device = images.device
@@ -282,13 +286,14 @@ class Explainer(base.Explainer):
             # Class selection and output gathering, each in this one place: rank on the raw output of
             # the un-noised images.
             raw = _utils.forward_in_chunks(model, images, ctx.batch_size)
-            classes, probabilities = _utils.rank_outputs(raw, top_k)
-            outputs = raw.gather(1, classes).float()
+            selection = targets.select(raw)
+            classes = selection.classes
+            outputs = targets.explained(raw.float(), classes).float()
             classes_dev = classes.to(device)
             if self.layer_path:
-                base_values = self._layer_base_values(images, classes_dev)
+                base_values = self._layer_base_values(images, classes_dev, targets)
             else:
-                base_values = self.background_mean().to(device)[classes]
+                base_values = expected_explained(targets, self.background_outputs().to(device), classes_dev)
 
             draws = [_Draws(seed, background.shape[0], settings.sampling == "stratified",
                             tuple(images.shape[1:]) if smoothing > 0 else None, device) for seed in seeds]
@@ -297,11 +302,12 @@ class Explainer(base.Explainer):
             stability = np.full((n_images, classes.shape[1]), np.nan)
             capped = np.zeros(n_images, dtype=bool)
             for round_index, size in enumerate(round_sizes(settings)):
-                self._run_round(images, classes_dev, draws, active, size, sums)
+                self._run_round(images, classes_dev, targets, draws, active, size, sums)
                 still = []
                 for i in active:
                     stability[i] = self._stability(sums[0], i, draws[i].used)
-                    finite = stability[i][np.isfinite(stability[i])]
+                    asked = stability[i][selection.valid[i]]  # the batch's padding slots do not count
+                    finite = asked[np.isfinite(asked)]
                     reached = finite.size == 0 or float(finite.min()) >= settings.target_stability
                     if auto and not reached and round_index + 1 == len(round_sizes(settings)):
                         capped[i] = True
@@ -321,8 +327,7 @@ class Explainer(base.Explainer):
         values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
@@ -339,8 +344,8 @@ class Explainer(base.Explainer):
                      for h in (0, 1)]
         return metrics.split_half_stability(*half_maps, (used[0], used[1]))[0]
 
-    def _run_round(self, images: torch.Tensor, classes: torch.Tensor, draws: list[_Draws], active: list[int],
-                   size: int, sums: list[torch.Tensor | None]) -> None:
+    def _run_round(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets, draws: list[_Draws],
+                   active: list[int], size: int, sums: list[torch.Tensor | None]) -> None:
         """Evaluate one round of ``size`` samples for each active image and add them to the half sums.
 
         All rows of the round are flattened (image-major) and pushed through the model in chunks of
@@ -378,7 +383,6 @@ class Explainer(base.Explainer):
                 x = x + (torch.cat(noise) * smoothing).to(x.dtype)
             ref = refs[rind_all[start:stop]]
             row_classes = classes[img]  # (rows, k)
-            rank_rows = torch.arange(stop - start, device=device)
             t_rows = t_all[start:stop]
 
             if ctx.layer is None:
@@ -407,8 +411,9 @@ class Explainer(base.Explainer):
                 target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                 multiplier = differences[-1]
 
+            explained = targets.explained(out, row_classes)  # (rows, k)
             for r in range(k):
-                selected = out[rank_rows, row_classes[:, r]].sum()
+                selected = explained[:, r].sum()
                 (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
                 _precision.check_gradient(grad, scale)
                 contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
@@ -416,4 +421,4 @@ class Explainer(base.Explainer):
                     sums[0] = torch.zeros((k, 2 * images.shape[0]) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
                 sums[0][r].index_add_(0, slot_all[start:stop], contribution)
-            del out, target, multiplier
+            del out, explained, target, multiplier
