@@ -14,6 +14,20 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 
+def sample_count(value: object) -> object:
+    """An ``nsamples`` value: an integer 1-100000 or 'auto' (a clear message for anything else,
+    checked before pydantic's union would report one error per member)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer (1-100000) or 'auto' (got {value!r})")
+    if value < 1:
+        raise ValueError(f"must be >= 1 (got {value})")
+    if value > 100_000:
+        raise ValueError(f"must be <= 100000 (got {value})")
+    return value
+
+
 class ExplainerSettings(BaseModel):
     """Base for each explainer's ``explainer.*`` keys; unknown keys are errors."""
 

@@ -65,11 +65,11 @@ shap's in expectation, not draw for draw.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from explain_cli import metrics
 from explain_cli.explainers import _precision, _utils
@@ -89,7 +89,7 @@ class Settings(ExplainerSettings):
     """``explainer.*`` keys of the gradient (expected gradients) explainer."""
 
     name: Literal["gradient"] = "gradient"
-    nsamples: Union[Annotated[int, Field(ge=1, le=100_000)], Literal["auto"]] = Field(
+    nsamples: Union[int, Literal["auto"]] = Field(
         200, description="Monte-Carlo samples per image (shap's nsamples), or 'auto': sample in rounds until the "
                          "map's split-half stability reaches target_stability (at most max_nsamples)")
     local_smoothing: float = Field(
@@ -102,6 +102,11 @@ class Settings(ExplainerSettings):
                                   "reference; 'random': independent draws as shap (same expectation, more noise)")
     target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
     max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many samples per image")
+
+    @field_validator("nsamples", mode="before")
+    @classmethod
+    def _nsamples(cls, v: Any) -> Any:
+        return base.sample_count(v)
 
 
 def round_sizes(settings: Settings) -> list[int]:

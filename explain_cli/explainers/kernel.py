@@ -66,7 +66,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -97,11 +97,16 @@ class Settings(ExplainerSettings):
 
     name: Literal["kernel"] = "kernel"
     segments: SegmentSettings = Field(default_factory=SegmentSettings)
-    nsamples: Union[Annotated[int, Field(ge=1, le=100_000)], Literal["auto"]] = Field(
+    nsamples: Union[int, Literal["auto"]] = Field(
         1000, description="model evaluations (coalitions) per image (shap's nsamples), at most 2**M - 2 are used; "
                           "or 'auto': draw in rounds until the map's split-half stability reaches target_stability")
     target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
     max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many coalitions")
+
+    @field_validator("nsamples", mode="before")
+    @classmethod
+    def _nsamples(cls, v: Any) -> Any:
+        return base.sample_count(v)
     fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
                                           "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
 
