@@ -23,7 +23,10 @@ reader sees how far the reference itself can be trusted. shap's own 8192-sample 
 
 Models: ``demo`` is configs/demo.yaml's EfficientNet-Lite0 (ImageNet weights) with its 3 sample
 images as background; ``resnet18`` is torchvision's resnet18 with random weights (seed 0) at
---size pixels (default 112, to fit a 2-core machine), the same images and background.
+--size pixels (default 112, to fit a 2-core machine), the same images and background, explained at
+``layer3.0`` (a whole residual block: its input feeds both branches inside it). At a layer *inside*
+a block (``layer3.0.conv1``) shap differs from both our paths: its gradient with respect to the
+captured input tensor also flows through the block's identity branch, which reads the same tensor.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from explain_cli.explainers import gradient  # noqa: E402
 from explain_cli.explainers.base import ExplainContext  # noqa: E402
 
 
-def load(model_name: str, n_images: int, size: int):
+def load(model_name: str, n_images: int, size: int, layer_name: str | None):
     """(model, layer name for --target layer, images, background, mean, std)."""
     from explain_cli.config import load_config
     from explain_cli.images import load_preprocessed
@@ -62,12 +65,13 @@ def load(model_name: str, n_images: int, size: int):
     images = torch.from_numpy(np.stack([load_preprocessed(source_path(prep.input_dir, rel), config.preprocess)[1]
                                         for rel in prep.images[:n_images]]))
     if model_name == "demo":
-        return prep.model, config.model.layer, images, background, config.preprocess
+        return prep.model, layer_name or config.model.layer, images, background, config.preprocess
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
-    return model, "layer3.0.conv1", images, background, config.preprocess
+    layer_name = layer_name or "layer3.0"
+    return model, layer_name, images, background, config.preprocess
 
 
 def midpoint_design(n: int, n_refs: int, generator: torch.Generator, stratified: bool):
@@ -119,6 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["demo", "resnet18"], default="demo")
     parser.add_argument("--target", choices=["input", "layer"], default="layer")
+    parser.add_argument("--layer", default=None, help="layer for --target layer (default: the demo's blocks.3, "
+                        "resnet18's layer3.0)")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--size", type=int, default=112, help="resnet18 input size")
     parser.add_argument("--budgets", default="16,64,256")
@@ -128,12 +134,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(True)
 
-    model, layer_name, images, background, preprocess = load(args.model, args.images, args.size)
+    model, layer_name, images, background, preprocess = load(args.model, args.images, args.size, args.layer)
     layer = None if args.target == "input" else model.get_submodule(layer_name)
     name = "input" if layer is None else layer_name
     budgets = [int(b) for b in args.budgets.split(",")]
     arms = args.arms.split(",")
-    print(f"# bench/accuracy.py --model {args.model} --target {args.target} --images {args.images} "
+    print(f"# bench/accuracy.py --model {args.model} --target {args.target} --layer {args.layer} --images {args.images} "
           f"--budgets {args.budgets} --seeds {args.seeds} --reference {args.reference}")
     print(f"# {platform.node()} torch {torch.__version__} threads {torch.get_num_threads()}; "
           f"background {background.shape[0]} images; explained: {name}")
