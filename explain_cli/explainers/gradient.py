@@ -221,6 +221,7 @@ class Explainer(base.Explainer):
         super().__init__(context)
         self._background_outputs: torch.Tensor | None = None
         self._background_layer: torch.Tensor | None = None
+        self._warned_layers: set[str] = set()  # layers whose map cancels, warned about
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class Explainer(base.Explainer):
                 self._run_round(images, classes_dev, targets, draws, active, size, sums)
                 still = []
                 for i in active:
-                    stability[i] = self._stability(sums[0], i, draws[i].used)
+                    stability[i] = self._stability(sums[0], i, draws[i].used, images.shape[-1])
                     asked = stability[i][selection.valid[i]]  # the batch's padding slots do not count
                     finite = asked[np.isfinite(asked)]
                     reached = finite.size == 0 or float(finite.min()) >= settings.target_stability
@@ -329,7 +330,8 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / used.view((-1,) + (1,) * (halves.dim() - 2))).contiguous()
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, ctx.layer, size=images.shape[-1])  # (N, k, C, H, W)
+        _utils.warn_if_cancelling(values, ctx.layer_name, "gradient", self._warned_layers)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             **selection.attribution_fields(),
@@ -341,12 +343,12 @@ class Explainer(base.Explainer):
             nsamples_capped=capped if auto else None,
         )
 
-    def _stability(self, phi: torch.Tensor, i: int, used: list[int]) -> np.ndarray:
+    def _stability(self, phi: torch.Tensor, i: int, used: list[int], size: int) -> np.ndarray:
         """(k,) split-half stability of image ``i`` from its two half sums (NaN with an empty half)."""
         if min(used) < 1:
             return np.full(phi.shape[0], np.nan)
-        half_maps = [_utils.layer_map(phi[:, 2 * i + h][None], self.context.model, self.context.layer_name)
-                     for h in (0, 1)]
+        half_maps = [_utils.layer_map(phi[:, 2 * i + h][None], self.context.model, self.context.layer_name,
+                                      self.context.layer, size=size) for h in (0, 1)]
         return metrics.split_half_stability(*half_maps, (used[0], used[1]))[0]
 
     def _run_round(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets, draws: list[_Draws],
@@ -390,17 +392,22 @@ class Explainer(base.Explainer):
             row_classes = classes[img]  # (rows, k)
             t_rows = t_all[start:stop]
 
+            # a single row runs as two copies (_utils.two_rows: torch's CPU batch-norm backward is
+            # wrong for one row); only the first copy is used
+            rows = stop - start
+            if rows == 1:
+                x, ref, t_rows = _utils.two_rows(x), _utils.two_rows(ref), _utils.two_rows(t_rows)
             if ctx.layer is None:
                 delta = x - ref
                 target = (ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * delta).requires_grad_(True)
                 out = _utils.as_2d(ctx.model(target))
-                multiplier = delta
+                multiplier = delta[:rows]
             elif settings.path == "input":
                 z = ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * (x - ref)
                 with _utils.capture_layer_input(ctx.layer, make_leaf=True) as captured:
                     out = _utils.as_2d(ctx.model(z))
                 target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                multiplier = target.detach()
+                multiplier = target.detach()[:rows]
             else:
                 differences: list[torch.Tensor] = []
 
@@ -414,12 +421,13 @@ class Explainer(base.Explainer):
                 with _utils.replace_layer_input(ctx.layer, interpolate) as captured:
                     out = _utils.as_2d(ctx.model(x))
                 target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                multiplier = differences[-1]
+                multiplier = differences[-1][:rows]
 
-            explained = targets.explained(out, row_classes)  # (rows, k)
+            explained = targets.explained(out[:rows], row_classes)  # (rows, k)
             for r in range(k):
                 selected = explained[:, r].sum()
                 (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                grad = grad[:rows]
                 _precision.check_gradient(grad, scale)
                 contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                 if sums[0] is None:
