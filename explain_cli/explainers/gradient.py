@@ -268,10 +268,19 @@ class Explainer(base.Explainer):
                 ref = refs[rows - img * n_refs]
                 with _utils.replace_layer_input(ctx.layer, lambda h: ref.to(h.dtype)):
                     out = _utils.as_2d(ctx.model(images[img]))
+                _utils.count_evaluations(stop - start)
                 sums.index_add_(0, img, targets.explained(out.float(), classes[img]).double())
         return (sums / n_refs).float()
 
     # -- main ------------------------------------------------------------------------------
+
+    def evaluations_per_image(self) -> int | None:
+        """The samples, the ranking forward and (path layer) one forward per background image;
+        None for ``nsamples: auto`` (the count is decided per image as it runs)."""
+        if self.settings.nsamples == "auto":
+            return None
+        starts = self.context.background.shape[0] if self.layer_path else 0
+        return int(self.settings.nsamples) + 1 + starts
 
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
@@ -423,6 +432,7 @@ class Explainer(base.Explainer):
                 target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                 multiplier = differences[-1][:rows]
 
+            _utils.count_evaluations(rows)
             explained = targets.explained(out[:rows], row_classes)  # (rows, k)
             for r in range(k):
                 selected = explained[:, r].sum()
