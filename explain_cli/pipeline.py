@@ -321,6 +321,14 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    values_path=None if values_path is None else str(values_path), classes=classes,
                    style=prep.config.output.style, caption=overlay_caption(prep, rel))
     err = attribution.additivity_error[j]
+    used = getattr(attribution, "nsamples_used", None)
+    used_cell = None if used is None else int(used[j])
+    capped = getattr(attribution, "nsamples_capped", None)
+    if capped is not None and bool(capped[j]):
+        log.warning("%s: the map did not reach explainer.target_stability %s within max_nsamples %d "
+                    "(stability %s); raise max_nsamples or accept a noisier map", rel,
+                    getattr(prep.config.explainer_settings, "target_stability", "?"), used_cell,
+                    ", ".join("-" if v is None else f"{v:.2f}" for v in (_cell(attribution.stability, j, r) for r in slots)))
     own = prep.truth.of(rel) if prep.truth is not None else None
     label = ";".join(prep.labels[c] for c in own) if own else None
     predicted = prep.labels[int(attribution.top_class[j])] if attribution.top_class is not None else None
@@ -328,7 +336,7 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
     rows = [[rel, attribution.rank(j, r), int(c), name, float(probs[i]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
              _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
-             _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted]
+             _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted, used_cell]
             for i, (r, c, name) in enumerate(zip(slots, classes, names))]
     return job, rows
 

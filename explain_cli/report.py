@@ -64,6 +64,8 @@ _KNOWN = [
      "removed first (area under the curve): lower is more faithful", "fixed3", "low"),
     ("insertion_auc", "Insertion AUC", "probability of the class as the most-attributed pixels are "
      "added first to the baseline (area under the curve): higher is more faithful", "fixed3", "high"),
+    ("nsamples_used", "Samples", "model evaluations the map took (explainer.nsamples; with 'auto', until "
+     "the map reached target_stability): marked when the image hit max_nsamples first", "auto", ""),
 ]
 
 
@@ -181,6 +183,17 @@ def _list_overlays(output_dir: Path) -> set[str]:
     return found
 
 
+def _sample_cap(outputs: RunOutputs) -> float | None:
+    """``explainer.max_nsamples`` when the run sampled with ``nsamples: auto`` (a row that used that
+    many samples stopped at the cap, not at the target stability), else None."""
+    run = outputs.run or (outputs.shards[0][1] if outputs.shards else {})
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    explainer = config.get("explainer") if isinstance(config.get("explainer"), dict) else {}
+    if explainer.get("nsamples") != "auto":
+        return None
+    return _number(explainer.get("max_nsamples"))
+
+
 def _columns(outputs: RunOutputs) -> list[dict[str, Any]]:
     """The numeric per-class columns to show: the known ones present, then any other numeric column."""
     cols = []
@@ -188,7 +201,14 @@ def _columns(outputs: RunOutputs) -> list[dict[str, Any]]:
     for key, label, title, fmt, better in _KNOWN:
         if key in present and (key in ("probability", "additivity_error")
                                or any(_number(r.get(key)) is not None for r in outputs.topk)):
+            if key == "nsamples_used":  # shown for nsamples auto, or when the counts differ
+                cap = _sample_cap(outputs)
+                counts = {_number(r.get(key)) for r in outputs.topk} - {None}
+                if cap is None and len(counts) < 2:
+                    continue
             cols.append({"key": key, "label": label, "title": title, "fmt": fmt, "better": better})
+            if key == "nsamples_used" and cap is not None:
+                cols[-1]["warn_at"] = cap
     known = {k for k, *_ in _KNOWN} | _HIDDEN
     for key in outputs.topk_columns:
         if key not in known and any(_number(r.get(key)) is not None for r in outputs.topk):
@@ -406,6 +426,16 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
     ref = _random_reference(outputs)
     for col in columns:
         key = col["key"]
+        if key == "nsamples_used" and col.get("warn_at") is not None:
+            i = columns.index(col)
+            used = [img["v"][i][0] for img in images if img["v"][i] and img["v"][i][0] is not None]
+            hit = sum(1 for v in used if v >= col["warn_at"])
+            if used:
+                cards.append(_card("Samples (auto)", f"{statistics.median(used):.0f}",
+                                   f"median per image; {hit} image(s) hit max_nsamples {col['warn_at']:.0f} before "
+                                   "target_stability" if hit else "median per image; every map reached target_stability",
+                                   "warn" if hit else ""))
+            continue
         if key not in ("stability", "deletion_auc", "insertion_auc"):
             continue
         i = columns.index(col)
@@ -730,7 +760,8 @@ _SCRIPT = """
     cols.forEach(function (col, i) {
       var td = make("td", "num");
       (im.v[i] || []).forEach(function (v) {
-        td.appendChild(make("div", col.key === "stability" && v !== null && v < 0.5 ? "low" : "", fmt(v, col.fmt)));
+        var low = v !== null && ((col.key === "stability" && v < 0.5) || (col.warn_at != null && v >= col.warn_at));
+        td.appendChild(make("div", low ? "low" : "", fmt(v, col.fmt)));
       });
       tr.appendChild(td);
     });

@@ -478,3 +478,19 @@ def test_sigint_stops_with_130(tiny_project):
     assert info["status"] == "interrupted" and info["interrupted_by"] == "SIGINT"
     result = invoke("merge", out)  # an interrupted shard is not merged
     assert result.exit_code == 2 and "interrupted by SIGINT" in result.output
+
+
+def test_merge_pads_a_shard_of_an_earlier_version(tmp_path):
+    """A shard CSV written before a column was added (nsamples_used) is read with blank cells for it,
+    as CsvLog pads on resume; a foreign header is still refused."""
+    from explain_cli.errors import UserError
+    from explain_cli.merge import _read_csv
+
+    old = tmp_path / "topk.shard-0-of-2.csv"
+    old.write_text(",".join(TOPK_COLUMNS[:-1]) + "\n" + ",".join(["a.png", "1"] + ["0"] * (len(TOPK_COLUMNS) - 3)) + "\n")
+    rows = _read_csv(old, TOPK_COLUMNS)
+    assert len(rows) == 1 and len(rows[0]) == len(TOPK_COLUMNS) and rows[0][-1] == ""
+    foreign = tmp_path / "topk.shard-1-of-2.csv"
+    foreign.write_text("image,score\na.png,1\n")
+    with pytest.raises(UserError, match="not an explain-cli CSV"):
+        _read_csv(foreign, TOPK_COLUMNS)

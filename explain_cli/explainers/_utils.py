@@ -405,6 +405,30 @@ def capture_layer_input(layer: torch.nn.Module, make_leaf: bool = False) -> Iter
 
 
 @contextmanager
+def replace_layer_input(layer: torch.nn.Module,
+                        replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[LayerInput]:
+    """Replace the first positional input ``h`` of ``layer`` by ``replace(h)`` on every forward; the
+    captured value is the replacement (or the input itself when it is not a tensor, for
+    ``captured_feature_map`` to refuse). The rest of the model, skip connections that bypass the
+    layer included, runs on what it was given."""
+    captured = LayerInput()
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+        first = args[0]
+        if not isinstance(first, torch.Tensor):
+            captured.value = first
+            return None
+        captured.value = replace(first)
+        return (captured.value,) + tuple(args[1:])
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Turn off parameter gradients for the duration (we only need input/layer gradients)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
