@@ -75,7 +75,7 @@ runs, TF32 is switched off (cuDNN uses it for float32 convolutions by default on
 would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences).
 
 DeepSHAP is deterministic: the per-image ``seeds`` are not used. The sums over the first and the
-second half of the background are kept apart, for ``stability`` (``metrics.split_half_stability``):
+second half of the background are kept apart, for ``stability`` (``explain_cli.stability``):
 how much the map would change with another background of the same size.
 """
 
@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.overrides import TorchFunctionMode
 
-from explain_cli import metrics
+from explain_cli.stability import split_half_stability
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
@@ -1428,7 +1428,7 @@ class Explainer(base.Explainer):
         stability = None
         if n_refs >= 2:
             half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
-            stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
+            stability = split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),

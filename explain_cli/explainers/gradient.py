@@ -42,7 +42,7 @@ How it is computed (this is what makes it fast):
 * no parameter gradients; for a layer target the layer's input is captured as a fresh leaf, so the
   part of the network in front of the layer builds no autograd graph;
 * the per-(image, class) sums are accumulated on the device, the first and the second half of each
-  image's samples apart, so ``stability`` (``metrics.split_half_stability``) costs no evaluation.
+  image's samples apart, so ``stability`` (``explain_cli.stability``) costs no evaluation.
 
 Random numbers: image ``i``'s draws come only from ``seeds[i]`` (its own generators, drawn in sample
 order; the smoothing noise in fixed blocks of samples), so the numbers do not depend on which images
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from explain_cli import metrics
+from explain_cli.stability import split_half_stability
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
@@ -223,7 +223,7 @@ class Explainer(base.Explainer):
         stability = None
         if nsamples >= 2:
             half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
-            stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
+            stability = split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             classes=classes.cpu().numpy().astype(np.int64),
