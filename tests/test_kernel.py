@@ -158,6 +158,37 @@ def test_exact_shapley_values_when_all_coalitions_fit(model):
         np.testing.assert_allclose(result.base_values[n], f(np.zeros((1, m)))[0], atol=1e-5)
 
 
+def test_grid_players_give_exact_shapley_values(model):
+    """segments: {grid: G}: the same G x G patches for every image; with nsamples >= 2**(G*G) - 2
+    the values are the exact Shapley values over those patches."""
+    labels = masking.grid_labels(10, 10, 3)
+    np.testing.assert_array_equal(labels[:, 0], [0] * 4 + [3] * 3 + [6] * 3)  # bands of 4, 3, 3 rows
+    np.testing.assert_array_equal(labels[0], [0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    net = TinyNet().double().eval()
+    net.load_state_dict(model.state_dict())
+    x = smooth_images(2, seed=9).double()
+    result = make(net, segments={"grid": 3}, nsamples=600).explain(x, 2, [1, 2])
+    grid = masking.grid_labels(32, 32, 3)
+    for n in range(2):
+        np.testing.assert_array_equal(result.segments[n], grid)
+        f = game(net, x[n], grid, "mean", result.classes[n])
+        expected = exact_shapley(f, 9)
+        assert np.abs(expected).max() > 0.05  # not vacuous
+        np.testing.assert_allclose(superpixel_values(result, n), expected, atol=1e-5)
+
+
+def test_grid_and_slic_keys_are_exclusive():
+    assert kernel.Settings(segments={"grid": 4}).segments.grid == 4
+    dumped = kernel.Settings(segments={"grid": 4}).model_dump(mode="json")
+    assert kernel.Settings.model_validate(dumped).segments.grid == 4  # run.json round trip
+    with pytest.raises(ConfigError) as info:
+        validate_explainer({"name": "kernel", "segments": {"grid": 4, "n_segments": 10}}, "cfg.yaml")
+    assert info.value.key.startswith("explainer.segments") and "grid" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        validate_explainer({"name": "kernel", "segments": {"grid": 0}}, "cfg.yaml")
+    assert info.value.key == "explainer.segments.grid"
+
+
 # -- agreement with shap -------------------------------------------------------------------------
 
 def test_agrees_with_shap_kernel_explainer(model, images):
