@@ -147,6 +147,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
+    check_run = getattr(explainer_class, "check_run", None)
+    if check_run is not None:  # an explainer trained for one model and config (amortized) refuses others
+        check_run(config, model, num_outputs)
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
                     num_outputs, shard, explainer_class, layer_tokens)
