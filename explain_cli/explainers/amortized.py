@@ -206,10 +206,10 @@ def mismatches(data: dict[str, Any], *, model_fingerprint: str | None = None, ou
     return problems
 
 
-def refuse(path: Path | str, problems: list[str]) -> None:
+def refuse(path: Path | str, problems: list[str], source: str | None = None) -> None:
     if problems:
         raise ConfigError("explainer.checkpoint", f"{path} does not match this config: " + "; ".join(problems)
-                          + " (train an explainer for this config with explain-cli train)")
+                          + " (train an explainer for this config with explain-cli train)", source)
 
 
 class Explainer(base.Explainer):
@@ -234,7 +234,7 @@ class Explainer(base.Explainer):
         refuse(path, mismatches(data, model_fingerprint=fingerprint(model), outputs=num_outputs,
                                 arch=config.model.arch, preprocess=preprocess_record(config.preprocess),
                                 grid=None if settings.segments is None else settings.segments.grid,
-                                fill=settings.fill))
+                                fill=settings.fill), config._source)
         settings.checkpoint = str(path)
 
     def __init__(self, context: base.ExplainContext) -> None:
