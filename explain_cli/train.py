@@ -274,9 +274,10 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
             lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            loss = _loss(net, x, fills, torch.from_numpy(masks).float().to(dev), v_all, v_none, v_s)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.enable_grad():  # also when the caller has switched autograd off
+                loss = _loss(net, x, fills, torch.from_numpy(masks).float().to(dev), v_all, v_none, v_s)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
             if time.monotonic() - last_line > 30:
