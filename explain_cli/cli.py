@@ -146,6 +146,12 @@ def _int_or_text(value: Optional[str]):
         return value
 
 
+def _classes(values: List[str]) -> list | None:
+    """--class values as targets.classes entries (None: keep the config's); a name or an index
+    (digits), resolved against the labels like the config's entries."""
+    return list(values) or None
+
+
 def _load(config: Path, overrides: List[str], extra: dict | None = None):
     from explain_cli.config import load_config
 
@@ -161,6 +167,7 @@ def run(
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
@@ -183,6 +190,7 @@ def run(
             "output.dir": str(output_dir.resolve()) if output_dir else None,
             "device": device,
             "workers": _int_or_text(workers),
+            "targets.classes": _classes(classes),
         })
         if not shard:
             check_slurm_env()
@@ -260,6 +268,7 @@ def train(
 def validate(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
@@ -274,7 +283,7 @@ def validate(
         from explain_cli.pipeline import RunOptions, prepare
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
-                                   "device": device})
+                                   "device": device, "targets.classes": _classes(classes)})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
@@ -283,6 +292,14 @@ def validate(
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    from explain_cli.pipeline import describe_targets
+
+    asked = describe_targets(prep)
+    classes = ", ".join(c if isinstance(c, str) else f"{c['name']} ({c['index']})" for c in asked["classes"])
+    line = f"# explained: {classes}; values sum to {asked['explained']} (activation {asked['activation']})"
+    if asked["truth_csv"]:
+        line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
+    print(line)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)

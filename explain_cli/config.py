@@ -17,6 +17,7 @@ import errno
 import math
 import os
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from explain_cli.errors import ConfigError
+from explain_cli.targets import TargetsConfig
 
 DEFAULT_INCLUDE = ["*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.bmp", "*.webp"]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -126,6 +128,8 @@ class Config(_Section):
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig, description="which classes are explained "
+                                   "and which output quantity (explain_cli/targets.py)")
     batch_size: int | Literal["auto"] = Field(
         default="auto",
         description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
@@ -224,7 +228,8 @@ def _fields_of(model_cls: type[BaseModel], path: tuple) -> list[str]:
         if info is None:
             return []
         ann = info.annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        members = typing.get_args(ann) or (ann,)  # an optional section (X | None) names X's keys
+        cls = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
         if cls is None:
             return []
     return list(getattr(cls, "model_fields", {}))
@@ -484,7 +489,7 @@ def validate_explainer(section: dict[str, Any], source: str = ""):
 
 def resolved_dict(config: Config) -> dict[str, Any]:
     """The resolved config (defaults filled, explainer settings validated) as plain data."""
-    data = config.model_dump(mode="json")
+    data = config.model_dump(mode="json", by_alias=True)
     data["explainer"] = config.explainer_settings.model_dump(mode="json")
     return data
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from explain_cli import __version__
 from explain_cli import names as _names
-from explain_cli import resume
+from explain_cli import resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
@@ -35,6 +35,7 @@ from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
+from explain_cli.targets import BatchTargets, TargetSpec, Truth
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, nonfinite_result, read_csv_images,
                                write_json)
 
@@ -71,6 +72,8 @@ class Prepared:
     shard: Shard | None
     explainer_class: Any  # the registered Explainer subclass of explainer.name
     layer_tokens: dict | None = None  # a token layer's mapping onto the patch grid (run.json)
+    targets: TargetSpec = field(default_factory=TargetSpec)  # which classes, which quantity (targets.py)
+    truth: Truth | None = None  # each image's labels, from targets.from_csv
 
 
 @dataclass
@@ -150,9 +153,18 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     check_run = getattr(explainer_class, "check_run", None)
     if check_run is not None:  # an explainer trained for one model and config (amortized) refuses others
         check_run(config, model, num_outputs)
+    spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source)
+    truth = None
+    if config.targets.from_csv is not None:
+        truth = targets.load_truth(config.targets.from_csv, config.resolve(config.targets.from_csv.path), labels,
+                                   all_images, config._source)
+        missing = sum(1 for rel in images if truth.of(rel) is None)
+        log.info("truth labels: %d of %d images have a label in %s%s", len(images) - missing, len(images),
+                 truth.path.name, f" ({truth.unmatched_rows} CSV rows name no image of the input)"
+                 if truth.unmatched_rows else "")
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens)
+                    num_outputs, shard, explainer_class, layer_tokens, spec, truth)
 
 
 def load_background(prep: Prepared):
@@ -216,25 +228,29 @@ def make_explainer(prep: Prepared, background):
     return prep.explainer_class(context)
 
 
-def explain_with_backoff(explainer, batch, top_k: int, seeds: list[int]):
+def explain_with_backoff(explainer, batch, batch_targets: BatchTargets, seeds: list[int]):
     """Explain a batch; on out-of-memory halve the model batch size and retry (explain_cli.autobatch)."""
     from explain_cli.autobatch import explain_with_backoff as explain
 
-    return explain(explainer, batch, top_k, seeds)
+    return explain(explainer, batch, batch_targets, seeds)
 
 
-def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, top_k: int,
-                 seed: int) -> list[tuple[list[tuple[str, np.ndarray, np.ndarray]], Any]]:
+def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, spec: TargetSpec,
+                 seed: int, truth: Truth | None = None) -> list[tuple[list[tuple[str, np.ndarray, np.ndarray]], Any]]:
     """The explain stage for one step: [(images, Attribution or the exception)]. A batch that
     fails is retried image by image, so one bad image costs only itself."""
     import torch
 
     if not good:
         return []
+
+    def asked(items: list) -> BatchTargets:
+        return spec.for_batch(None if truth is None else [truth.of(rel) for rel, _, _ in items])
+
     batch = torch.from_numpy(np.stack([t for _, _, t in good])).to(device)
     seeds = [image_seed(seed, rel) for rel, _, _ in good]
     try:
-        return [(good, explain_with_backoff(explainer, batch, top_k, seeds))]
+        return [(good, explain_with_backoff(explainer, batch, asked(good), seeds))]
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - isolate the failing image(s), keep the run going
@@ -245,7 +261,7 @@ def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], devi
     for one, one_seed in zip(good, seeds):
         try:
             single = torch.from_numpy(one[2][None]).to(device)
-            results.append(([one], explain_with_backoff(explainer, single, top_k, [one_seed])))
+            results.append(([one], explain_with_backoff(explainer, single, asked([one]), [one_seed])))
         except UserError:
             raise
         except Exception as one_exc:  # noqa: BLE001
@@ -258,22 +274,45 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
     """Image ``j`` of an explained batch as a write job (files) and its topk.csv rows."""
     from explain_cli.render import format_title
 
-    classes = attribution.classes[j]
+    spec = prep.targets
+    slots = attribution.slots(j)  # the asked classes, without the batch's padding
+    classes = attribution.classes[j][slots]
     names = [prep.labels[int(c)] for c in classes]
-    probs = attribution.probabilities[j]
+    probs = attribution.probabilities[j][slots]
+    reasons = [attribution.reason(j, r) for r in slots]
+    contrast = None if spec.contrast is None else prep.labels[spec.contrast]
     segments = attribution.segments
-    job = WriteJob(rel=rel, pixels=pixels, values=attribution.values[j],
-                   titles=[format_title(n, float(p)) for n, p in zip(names, probs)],
+    job = WriteJob(rel=rel, pixels=pixels, values=attribution.values[j][slots],
+                   titles=[format_title(n, float(p), label="label" in why.split("+"), contrast=contrast)
+                           for n, p, why in zip(names, probs, reasons)],
                    overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
                    segments=None if segments is None else segments[j],
                    values_path=None if values_path is None else str(values_path), classes=classes)
     err = attribution.additivity_error[j]
-    rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
+    own = prep.truth.of(rel) if prep.truth is not None else None
+    label = ";".join(prep.labels[c] for c in own) if own else None
+    predicted = prep.labels[int(attribution.top_class[j])] if attribution.top_class is not None else None
+    explained = spec.describe()
+    rows = [[rel, attribution.rank(j, r), int(c), name, float(probs[i]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
              _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
-             _cell(attribution.insertion_auc, j, r)]
-            for r, c in enumerate(classes)]
+             _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted]
+            for i, (r, c, name) in enumerate(zip(slots, classes, names))]
     return job, rows
+
+
+def describe_targets(prep: Prepared) -> dict[str, Any]:
+    """run.json's ``targets``: the question the run answered, with names resolved."""
+    spec = prep.targets
+    return {
+        "classes": [e if isinstance(e, str) else {"index": e, "name": prep.labels[e]} for e in spec.entries],
+        "top_k": spec.top_k, "output": spec.output,
+        "activation": targets.activation_for(spec.activation, prep.num_outputs),
+        "contrast": None if spec.contrast is None else {"index": spec.contrast, "name": prep.labels[spec.contrast]},
+        "explained": spec.describe(),
+        "truth_csv": None if prep.truth is None else str(prep.truth.path),
+        "images_with_label": None if prep.truth is None else sum(1 for rel in prep.images if prep.truth.of(rel)),
+    }
 
 
 def _cell(values, j: int, r: int) -> float | None:
@@ -305,14 +344,21 @@ def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer
            run_metrics: RunMetrics, overlay_path, values_path) -> None:
     """decode -> explain -> write, a step at a time, until done or a signal."""
     cfg = prep.config
-    top_k = min(cfg.output.top_k, prep.num_outputs)
+    spec, truth = prep.targets, prep.truth
     with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess,
                                           stop=lambda: stop.signal_name is not None)) as steps:
         for decoded in steps:  # decode: a thread, one step ahead
             for rel, exc in decoded.failed:
                 writer.failed(rel, str(exc))
+            good = decoded.good
+            if spec.uses_labels and truth is not None:  # asked for its label, an image needs one
+                for rel, _, _ in good:
+                    if truth.of(rel) is None:
+                        writer.failed(rel, f"no label in {truth.path.name} (targets.classes asks for "
+                                           f"the image's label)")
+                good = [item for item in good if truth.of(item[0]) is not None]
             # explain: on the device, in this thread
-            for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
+            for items, result in explain_step(explainer, good, prep.device, spec, cfg.seed, truth):
                 if not isinstance(result, Exception):
                     score_step(run_metrics, explainer, items, result, prep.device, cfg.seed)
                 for j, (rel, pixels, _) in enumerate(items):  # write: here or in the workers
@@ -358,7 +404,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         from explain_cli.models import checkpoint_path
 
         ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
-        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json))
+        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
+                                         None if prep.truth is None else prep.truth.path)
         if listed or read_csv_images(errors_path):
             resume.check_resume(run_json, fingerprint, out_dir)
             _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
@@ -377,6 +424,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
             "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
+            "targets": describe_targets(prep),
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
@@ -384,7 +432,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         failure: str | None = None
 
         progress = Progress(len(todo), enabled=options.progress)
-        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
+        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline,
+                                 targets.activation_for(prep.targets.activation, prep.num_outputs))
         stop = StopFlag()
         writer = None
         explainer = None

@@ -33,7 +33,12 @@ from explain_cli.errors import UserError
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
                 "output.format", "output.save_values", "model.checkpoint", "model.trust_checkpoint",
-                "labels"}
+                "labels", "targets.classes", "targets.contrast", "targets.from_csv.path"}
+#: Keys added after fingerprints existed, with the value that reproduces the older behaviour: an older
+#: run.json lacks them, and that is no difference when the new value is this one.
+NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "targets.from_csv": None,
+                    "targets.from_csv.image": None, "targets.from_csv.class": None,
+                    "targets.from_csv.separator": None}
 #: Config paths compared as absolute paths.
 PATH_KEYS = {"input.dir", "background.dir"}
 
@@ -79,17 +84,25 @@ def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> di
     return {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The result-affecting settings of ``config`` (see the module docstring)."""
+def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None = None,
+                targets: Any = None, truth_csv: Path | None = None) -> dict[str, Any]:
+    """The result-affecting settings of ``config`` (see the module docstring). ``targets`` (the resolved
+    ``targets.TargetSpec``) is compared by class index, so ``--class 3`` and ``targets.classes: [3]``
+    or a name and its index are the same question; the truth CSV by content."""
     from explain_cli.config import resolved_dict
 
     previous = previous or {}
     labels = config.resolve(config.labels) if config.labels else None
-    return {
+    result = {
         "settings": _settings(resolved_dict(config), config._base_dir),
         "labels": file_digest(labels, previous.get("labels")),
         "checkpoint": file_digest(checkpoint, previous.get("checkpoint")),
     }
+    if targets is not None:
+        result["targets"] = {"classes": list(targets.entries), "contrast": targets.contrast}
+    if truth_csv is not None:
+        result["truth_csv"] = file_digest(truth_csv, previous.get("truth_csv"))
+    return result
 
 
 def stored_fingerprint(run_json: Path) -> dict[str, Any] | None:
@@ -116,8 +129,16 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = []
     a, b = old.get("settings") or {}, new.get("settings") or {}
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in NEW_KEY_DEFAULTS and b.get(key) == NEW_KEY_DEFAULTS[key]:
+            continue  # a run.json from before the key existed: its behaviour was this default
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             diffs.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    default_targets = {"classes": ["top_k"], "contrast": None}
+    if (old.get("targets") or default_targets) != (new.get("targets") or default_targets):
+        diffs.append(f"targets: {old.get('targets') or default_targets} -> {new.get('targets') or default_targets}")
+    if (old.get("truth_csv") or {}).get("sha256") != (new.get("truth_csv") or {}).get("sha256"):
+        diffs.append("truth CSV (targets.from_csv) content changed" if old.get("truth_csv") and new.get("truth_csv")
+                     else "targets.from_csv added or removed")
     for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content")):
         if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
             diffs.append(f"{label} changed")

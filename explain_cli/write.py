@@ -31,6 +31,7 @@ TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
     "stability", "deletion_auc", "insertion_auc",
+    "target", "explained", "label", "predicted",
 ]
 ERROR_COLUMNS = ["image", "error"]
 

@@ -30,14 +30,6 @@ def forward_in_chunks(model: torch.nn.Module, inputs: torch.Tensor, batch_size: 
         return torch.cat([as_2d(model(inputs[a:b])) for a, b in chunk_ranges(inputs.shape[0], size)])
 
 
-def rank_outputs(outputs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k classes on the raw model output (as shap's ranked_outputs) and their softmax probabilities."""
-    k = min(top_k, outputs.shape[1])
-    classes = torch.argsort(outputs, dim=1, descending=True, stable=True)[:, :k]
-    probabilities = torch.softmax(outputs.float(), dim=1).gather(1, classes)
-    return classes, probabilities
-
-
 class LayerInput:
     """Holds the input of a target layer captured during a forward pass (a tensor, or whatever the
     layer was given, e.g. a list, for ``captured_feature_map`` to refuse)."""

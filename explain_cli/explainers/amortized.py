@@ -10,7 +10,10 @@ Per batch of images: the model runs on the images (``v(all)``) and on their fill
 (``v(none)``), the explainer network runs once, and its values are shifted additively so that each
 class's values sum exactly to ``v(all) - v(none)`` (FastSHAP's additive efficiency normalisation,
 the same as in training): ``phi = raw + (v(all) - v(none) - sum(raw)) / M``. The network outputs
-all of the model's classes, so any class selection works. Values are painted per patch like
+all of the model's classes, so any class selection (``targets``: top-k, named classes, labels from a
+CSV) works, and a contrast too (Shapley values are linear: the values of ``logit(c) -
+logit(contrast)`` are the difference of the two classes' values); the explained quantity must be
+the logit, the game it was trained on. Values are painted per patch like
 kernel's (``masking.paint``) and ``segments`` is the grid, so overlays, topk.csv (additivity exact
 up to float rounding) and the faithfulness metrics work as for kernel. The method is deterministic:
 ``stability`` is blank and ``seeds`` are not used.
@@ -37,6 +40,7 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils, base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 from explain_cli.masking import SegmentSettings
+from explain_cli.targets import BatchTargets, as_targets
 
 FORMAT = "explain-cli amortized explainer"
 VERSION = 1
@@ -229,6 +233,9 @@ class Explainer(base.Explainer):
             raise ConfigError("explainer.checkpoint", "required: the explainer.pt written by "
                                                       "explain-cli train CONFIG --input DIR --output explainer.pt",
                               config._source)
+        if config.targets.output != "logit":
+            raise ConfigError("targets.output", "the amortized explainer is trained on the model's logits: "
+                                                "use targets.output: logit (a contrast class is fine)", config._source)
         path = config.resolve(settings.checkpoint)
         data = load_checkpoint(path)
         refuse(path, mismatches(data, model_fingerprint=fingerprint(model), outputs=num_outputs,
@@ -264,8 +271,14 @@ class Explainer(base.Explainer):
     def images_per_step(self) -> int:
         return max(1, int(self.context.batch_size) // 2)
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
+        """Explain the selected classes of each image; ``seeds`` are not used (deterministic)."""
         ctx = self.context
+        targets = as_targets(targets)
+        spec = targets.spec
+        if spec.output != "logit":
+            raise ConfigError("targets.output", f"the amortized explainer was trained on the model's logits and "
+                                                f"cannot explain the {spec.output}; use targets.output: logit")
         n_images, channels, height, width = images.shape
         if len(seeds) != n_images:
             raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
@@ -278,17 +291,19 @@ class Explainer(base.Explainer):
             fills = masking.fill_images(images, self.fill, ctx.mean, ctx.std)
             out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
             raw, none = out[:n_images], out[n_images:]
-            classes, probabilities = _utils.rank_outputs(raw, top_k)
-            fx = raw.gather(1, classes).double()
-            fnull = none.gather(1, classes).double()
-            values = self.net(images.float(), fills.float())  # (N, outputs, M)
+            selection = targets.select(raw)
+            classes = selection.classes
+            fx = targets.explained(raw, classes).double()
+            fnull = targets.explained(none, classes).double()
+            values = self.net(images.float(), fills.float())  # (N, outputs, M): every class's values
             picked = values.gather(1, classes[:, :, None].expand(-1, -1, values.shape[-1])).double()
+            if spec.contrast is not None:  # Shapley values are linear: logit(c) - logit(contrast)
+                picked = picked - values[:, spec.contrast:spec.contrast + 1].double()
             phi = efficient(picked, fx - fnull).cpu().numpy()  # (N, k, M)
         maps = np.stack([masking.paint(phi[i].T, labels, channels) for i in range(n_images)])
         return Attribution(
             values=maps,
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=fx.cpu().numpy().astype(np.float32),
             base_values=fnull.cpu().numpy().astype(np.float32),
             shap_sum=phi.sum(-1).astype(np.float32),

@@ -98,8 +98,10 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.targets import BatchTargets, TargetSpec, activation_for, as_targets, expected_explained, others
 
 log = logging.getLogger("explain_cli")
+
 
 
 class Settings(ExplainerSettings):
@@ -656,7 +658,12 @@ def _softmax_core(tape: _Tape, u: torch.Tensor, dim: int, log_space: bool) -> to
     refs = tape.site("softmax", (u,))
     if tape.phase == "record":
         return torch.log_softmax(u, dim) if log_space else torch.softmax(u, dim)
-    u_r = refs[0]
+    return softmax_against(u, refs[0], dim, log_space)
+
+
+def softmax_against(u: torch.Tensor, u_r: torch.Tensor, dim: int, log_space: bool = False) -> torch.Tensor:
+    """softmax / log_softmax of ``u`` whose backward gives exact DeepLIFT multipliers against the
+    reference input ``u_r`` (see :func:`_softmax_core`)."""
     v = u - _RowMax.apply(u, u_r, dim)
     v_r = u_r - u_r.amax(dim, keepdim=True)
     e_r = torch.exp(v_r)
@@ -1263,6 +1270,44 @@ def _full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+
+# -- the explained output (targets.output: probability, log-odds) -----------------------------------
+
+def logsumexp_against(u: torch.Tensor, u_r: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp over ``dim`` (dropped) with exact multipliers against ``u_r``: each row shifted by its
+    own maximum (:class:`_RowMax`), exp and log by the rescale rule, the sum linear."""
+    m = _RowMax.apply(u, u_r, dim)
+    v = u - m
+    v_r = u_r - u_r.amax(dim, keepdim=True)
+    s = _Rescale.apply(v, v_r, torch.exp).sum(dim, keepdim=True)
+    s_r = torch.exp(v_r).sum(dim, keepdim=True)
+    return (m + _Rescale.apply(s, s_r, torch.log)).squeeze(dim)
+
+
+def explained_deep(spec: TargetSpec, out: torch.Tensor, out_r: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``spec.explained(out, classes)`` whose backward gives exact DeepLIFT multipliers against the
+    references' outputs ``out_r`` (rows, C): the sigmoid by the rescale rule, the softmax and the
+    log-sum-exp of the other classes (softmax log-odds) decomposed as in :func:`_softmax_core`. The
+    logit, and a contrast of logits, are linear: plain gradients."""
+    def quantity(cls: torch.Tensor) -> torch.Tensor:
+        z, z_r = out.gather(1, cls), out_r.gather(1, cls)
+        if spec.output == "logit":
+            return z
+        sigmoid = activation_for(spec.activation, out.shape[1]) == "sigmoid"
+        if spec.output == "probability":
+            if sigmoid:
+                return _Rescale.apply(z, z_r, torch.sigmoid)
+            return softmax_against(out, out_r, 1).gather(1, cls)
+        if sigmoid:  # log-odds of a sigmoid: the logit
+            return z
+        return z - logsumexp_against(others(out, cls), others(out_r, cls), 2)
+
+    value = quantity(classes)
+    if spec.contrast is not None:
+        value = value - quantity(classes.new_full((classes.shape[0], 1), spec.contrast))
+    return value
+
+
 class Explainer(base.Explainer):
     """DeepSHAP (DeepLIFT rescale, averaged over the background) at the input or at a layer's input."""
 
@@ -1272,7 +1317,7 @@ class Explainer(base.Explainer):
         super().__init__(context)
         self._rules = _build_rules()
         self._tape: _Tape | None = None
-        self._background_mean: torch.Tensor | None = None  # (outputs,) float64
+        self._reference_outputs: torch.Tensor | None = None  # (references, outputs) float64
         self._layer_reference: torch.Tensor | None = None  # (B, ...) layer input of the background
         self._warned: set[str] = set()
 
@@ -1327,7 +1372,7 @@ class Explainer(base.Explainer):
                     layer_parts.append(layer_value)
             del out
         tape.finish_record()
-        self._background_mean = torch.cat(outputs).mean(0)
+        self._reference_outputs = torch.cat(outputs)
         self._layer_reference = torch.cat(layer_parts) if layer is not None else None
         self._tape = tape
 
@@ -1346,8 +1391,8 @@ class Explainer(base.Explainer):
         """Mean model output over the references (float64), computed once per explainer."""
         with _utils.frozen_parameters(self.context.model), _full_float32():
             self._ensure_record()
-        assert self._background_mean is not None
-        return self._background_mean
+        assert self._reference_outputs is not None
+        return self._reference_outputs.mean(0)
 
     def _warn_unsupported(self, tape: _Tape) -> None:
         new = sorted(set(tape.unsupported) - self._warned)
@@ -1358,8 +1403,9 @@ class Explainer(base.Explainer):
 
     # -- main ------------------------------------------------------------------------------
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
+        targets = as_targets(targets)
         model, layer = ctx.model, ctx.layer
         device = images.device
         n_images = images.shape[0]
@@ -1369,15 +1415,17 @@ class Explainer(base.Explainer):
         with _utils.frozen_parameters(model), _full_float32():
             self._ensure_record()
             tape = self._tape
-            assert tape is not None and self._background_mean is not None
+            assert tape is not None and self._reference_outputs is not None
             refs = self.references()
             n_refs = refs.shape[0]
 
             raw = _utils.forward_in_chunks(self.context.model, images, self.context.batch_size)
-            classes, probabilities = _utils.rank_outputs(raw, top_k)
+            selection = targets.select(raw)
+            classes = selection.classes
             k = classes.shape[1]
-            outputs = raw.gather(1, classes).to(torch.float64)
-            base_values = self._background_mean.to(device)[classes]
+            outputs = targets.explained(raw.to(torch.float64), classes)
+            ref_outputs = self._reference_outputs.to(device)
+            base_values = expected_explained(targets, ref_outputs, classes)
             classes_dev = classes.to(device)
 
             acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
@@ -1403,10 +1451,10 @@ class Explainer(base.Explainer):
                         delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
                 row_classes = classes_dev[img]
-                rank_rows = torch.arange(stop - start, device=device)
+                explained = explained_deep(targets.spec, out, ref_outputs[ref].to(out.dtype), row_classes)
                 half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
                 for r in range(k):
-                    selected = out[rank_rows, row_classes[:, r]].sum()
+                    selected = explained[:, r].sum()
                     (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k,
                                                   allow_unused=True)
                     if grad is None:
@@ -1417,7 +1465,7 @@ class Explainer(base.Explainer):
                         phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
                                           device=device)
                     phi[r].index_add_(0, half, contribution)
-                del out, target, delta
+                del out, explained, target, delta
             self._warn_unsupported(tape)
 
         assert phi is not None
@@ -1431,8 +1479,7 @@ class Explainer(base.Explainer):
             stability = split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=outputs.cpu().numpy(),
             base_values=base_values.cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),

@@ -62,6 +62,7 @@ from explain_cli.stability import split_half_stability
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 # Smoothing noise is generated per image in blocks of this many samples, independent of batch_size,
 # so that the random stream (and hence the result) does not depend on how the rows are chunked.
@@ -122,22 +123,24 @@ class Explainer(base.Explainer):
 
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
-        self._background_mean: torch.Tensor | None = None
+        self._background_outputs: torch.Tensor | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def background_mean(self) -> torch.Tensor:
-        """Mean model output over the background, computed once per explainer (lazily)."""
-        if self._background_mean is None:
+    def background_outputs(self) -> torch.Tensor:
+        """Model outputs (B, C) of the background, computed once per explainer (lazily): the base
+        value of a class is the mean of its explained quantity over them."""
+        if self._background_outputs is None:
             with _utils.frozen_parameters(self.context.model):
                 outputs = _utils.forward_in_chunks(self.context.model, self.context.background, self.context.batch_size)
-            self._background_mean = outputs.float().mean(0)
-        return self._background_mean
+            self._background_outputs = outputs.float()
+        return self._background_outputs
 
     # -- main ------------------------------------------------------------------------------
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
+        targets = as_targets(targets)
         settings: Settings = self.settings  # type: ignore[assignment]
         model = ctx.model
         layer = ctx.layer
@@ -154,10 +157,11 @@ class Explainer(base.Explainer):
         with _utils.frozen_parameters(model):
             # Rank on the raw output of the un-noised images.
             raw = _utils.forward_in_chunks(model, images, ctx.batch_size)
-            classes, probabilities = _utils.rank_outputs(raw, top_k)
+            selection = targets.select(raw)
+            classes = selection.classes
             k = classes.shape[1]
-            outputs = raw.gather(1, classes).float()
-            base_values = self.background_mean().to(device)[classes]
+            outputs = targets.explained(raw.float(), classes).float()
+            base_values = expected_explained(targets, self.background_outputs().to(device), classes.to(device))
 
             # Per-image random draws, each from its own seed, in sample order.
             rinds, ts, noise_streams = [], [], []
@@ -190,7 +194,6 @@ class Explainer(base.Explainer):
                 delta = x - ref
                 z = ref + t * delta  # = t * x_s + (1 - t) * background[rind]
                 row_classes = classes_dev[img]  # (rows, k)
-                rank_rows = torch.arange(stop - start, device=device)
 
                 if layer is None:
                     z.requires_grad_(True)
@@ -204,8 +207,9 @@ class Explainer(base.Explainer):
 
                 # each image's first and second half of samples are summed apart (for stability)
                 half = img * 2 + (rows - img * nsamples >= nsamples // 2)
+                explained = targets.explained(out, row_classes)  # (rows, k)
                 for r in range(k):
-                    selected = out[rank_rows, row_classes[:, r]].sum()
+                    selected = explained[:, r].sum()
                     (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
                     _precision.check_gradient(grad, scale)
                     contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
@@ -213,7 +217,7 @@ class Explainer(base.Explainer):
                         phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
                     phi[r].index_add_(0, half, contribution)
-                del out, target, multiplier, z, delta
+                del out, explained, target, multiplier, z, delta
 
         assert phi is not None
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
@@ -226,8 +230,7 @@ class Explainer(base.Explainer):
             stability = split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
