@@ -161,6 +161,28 @@ def test_efficiency_is_exact(project):
     assert attribution.stability is None
 
 
+def test_targets_choose_classes_and_a_contrast(project):
+    """Any class can be explained (the network outputs all of them); a contrast is the difference of
+    two classes' values, still exactly efficient; a quantity other than the logit is refused."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.targets import TargetSpec
+
+    root, _, _ = project
+    cfg, x, top = held_out_run(root)
+    from explain_cli.pipeline import RunOptions, empty_background, make_explainer, prepare
+
+    prep = prepare(load_config(root / "run.yaml"), RunOptions())
+    explainer = make_explainer(prep, empty_background(prep))
+    chosen = explainer.explain(x, TargetSpec(entries=(2, 0)).for_batch(), [0] * x.shape[0])
+    assert (chosen.classes == [2, 0]).all()
+    contrast = explainer.explain(x, TargetSpec(entries=(2,), contrast=0).for_batch(), [0] * x.shape[0])
+    np.testing.assert_allclose(contrast.values[:, 0], chosen.values[:, 0] - chosen.values[:, 1], atol=1e-5)
+    np.testing.assert_allclose(contrast.shap_sum, contrast.outputs - contrast.base_values, atol=1e-5)
+    with pytest.raises(ConfigError) as info:
+        explainer.explain(x, TargetSpec(output="probability").for_batch(), [0] * x.shape[0])
+    assert info.value.key == "targets.output"
+
+
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)]), "OMP_NUM_THREADS": "1",
                **(env or {})}
