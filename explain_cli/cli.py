@@ -20,8 +20,9 @@ from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
-    "3 the run finished but at least one image failed (see errors.csv); 1 a full disk or anything unexpected; "
-    "130 / 143 stopped by SIGINT / SIGTERM (rerun the same command to resume)."
+    "3 the run finished but at least one image failed (see errors.csv); 4 nothing selected (no file "
+    "matches input.include/exclude); 1 a full disk, an unwritable --log-file or anything unexpected; "
+    "129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM (rerun the same command to resume)."
 )
 
 app = typer.Typer(
@@ -36,10 +37,31 @@ app = typer.Typer(
 log = logging.getLogger("explain_cli")
 
 
+class _LogFile(logging.FileHandler):
+    """--log-file: the first failed write (a full disk) detaches the handler and is kept in
+    ``failure`` instead of logging's "--- Logging error ---" traceback on every later line; the
+    run goes on (its outputs do not depend on the log) and ``run`` exits 1 saying why."""
+
+    failure: Optional[str] = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if _LogFile.failure is None:
+            why = getattr(exc, "strerror", None) or exc
+            _LogFile.failure = f"cannot write the log file {self.baseFilename}: {why}"
+            print(f"error: {_LogFile.failure}; the run goes on without it", file=sys.stderr)
+        logging.getLogger("explain_cli").removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
 def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     root = logging.getLogger("explain_cli")
     root.handlers.clear()
+    _LogFile.failure = None
     root.setLevel(logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
@@ -51,7 +73,7 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
         check_log_file(log_file)
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+            fh = _LogFile(log_file, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:
             raise UserError(f"--log-file: cannot open {log_file}: {exc.strerror or exc}") from None
         fh.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -198,7 +220,7 @@ def run(
         summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
                                                overwrite=overwrite, shard=chosen))
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
@@ -219,6 +241,8 @@ def run(
         line += " (see errors.csv)"
     if not quiet or summary.failed or summary.interrupted:
         print(line, file=sys.stderr)
+    if _LogFile.failure and summary.exit_code == 0:
+        raise _fail(f"{_LogFile.failure}; the run itself finished (its outputs are complete)", EXIT_UNEXPECTED)
     raise typer.Exit(summary.exit_code)
 
 
@@ -286,12 +310,17 @@ def validate(
                                    "device": device, "targets.classes": _classes(classes)})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    if prep.layer_tokens:
+        print(f"# layer input: {_layer_input_line(prep.layer_tokens)}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    if prep.walk_errors:
+        print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
+              + (f" and {len(prep.walk_errors) - 5} more" if len(prep.walk_errors) > 5 else ""))
     from explain_cli.pipeline import describe_targets
 
     asked = describe_targets(prep)
@@ -300,6 +329,15 @@ def validate(
     if asked["truth_csv"]:
         line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
     print(line)
+
+
+def _layer_input_line(found: dict) -> str:
+    """validate's line on how the layer input becomes the (C, h, w) map (``check_layer_input``)."""
+    if "layout" in found:
+        return f"{found['layout']} maps, saved and drawn as (C, H, W) ({found['from']})"
+    h, w = found["grid"]
+    return (f"{found['prefix_tokens_dropped']} prefix token(s) dropped, the rest on a {h}x{w} patch grid "
+            f"({found['from']}{'; assumed' if found['assumed'] else ''})")
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)
@@ -330,6 +368,10 @@ def layers(
             model = build_model(model_cfg, lambda p: Path(p))
             side = size or 224
         rows = list_layers(model, side)
+        try:  # the same at twice the size: which dimensions of a 4-D map are spatial
+            probe = {name: shape for name, _, shape in list_layers(model, 2 * side)}
+        except ConfigError:  # a model of one input size
+            probe = {}
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
@@ -338,7 +380,21 @@ def layers(
     print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
     for name, kind, shape in rows:
         if name:
-            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
+            note = _layout_note(shape, probe.get(name)) if shape else ""
+            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}{note}")
+
+
+def _layout_note(shape: tuple, probe: tuple | None) -> str:
+    """For the ``layers`` listing: a 4-D map whose channels come last, or whose layout cannot be told."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import _utils
+
+    if len(shape) != 4:
+        return ""
+    try:
+        return "  (N, H, W, C): channels last" if _utils.map_layout(tuple(shape), probe, "").channels_last else ""
+    except ConfigError:
+        return "  (N, C, H, W) or (N, H, W, C)? a layer taking it is refused"
 
 
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"

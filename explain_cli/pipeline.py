@@ -27,7 +27,7 @@ from explain_cli import names as _names
 from explain_cli import resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
-from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
+from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, NothingSelected, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
                              share_cpus, versions)
@@ -37,10 +37,11 @@ from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.targets import BatchTargets, TargetSpec, Truth
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, nonfinite_result, read_csv_images,
-                               write_json)
+                               remove_files, write_json)
 
 log = logging.getLogger("explain_cli")
 
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -74,6 +75,7 @@ class Prepared:
     layer_tokens: dict | None = None  # a token layer's mapping onto the patch grid (run.json)
     targets: TargetSpec = field(default_factory=TargetSpec)  # which classes, which quantity (targets.py)
     truth: Truth | None = None  # each image's labels, from targets.from_csv
+    walk_errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): errors.csv rows
 
 
 @dataclass
@@ -93,6 +95,8 @@ class RunSummary:
             return EXIT_SIGINT
         if self.interrupted == "SIGTERM":
             return EXIT_SIGTERM
+        if self.interrupted == "SIGHUP":
+            return EXIT_SIGHUP
         return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
 
 
@@ -125,8 +129,19 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         raise ConfigError("input.dir", f"not a folder: {input_dir}", config._source)
     output_dir = config.resolve(config.output.dir)
     check_output_dir(output_dir, input_dir, config._source)
+    check_output_files(output_dir, options.shard.suffix if options.shard else "", config.output.save_values)
+    if config.background.dir is not None and not config.resolve(config.background.dir).is_dir():
+        from explain_cli.errors import ConfigError
+
+        raise ConfigError("background.dir", f"not a folder: {config.resolve(config.background.dir)}",
+                          config._source)
+    walk_errors: list[tuple[str, str]] = []
     all_images = discover_images(input_dir, config.input.include, config.input.exclude,
-                                 skip_dirs=[output_dir])
+                                 skip_dirs=[output_dir], problems=walk_errors)
+    if not all_images and not walk_errors:
+        raise NothingSelected(f"nothing selected: no file under {input_dir} matches input.include "
+                              f"{config.input.include} and not input.exclude {config.input.exclude} "
+                              f"(hidden files and folders holding an explain-cli run.json are skipped)")
     shard = options.shard
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
@@ -164,7 +179,23 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
                  if truth.unmatched_rows else "")
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens, spec, truth)
+                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors)
+
+
+def check_output_files(output_dir: Path, suffix: str, save_values: bool) -> None:
+    """Refuse, before any work, output paths of the wrong kind (exit 2 naming the path): a
+    folder where a run file goes, a file where an output folder goes."""
+    from explain_cli.errors import ConfigError
+
+    for name in (f"topk{suffix}.csv", f"errors{suffix}.csv", f"run{suffix}.json", ".explain-cli.lock",
+                 f".explain-cli{suffix}.lock"):
+        path = output_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError("output.dir", f"{path} exists and is not a file: move it away, or use another output.dir")
+    for name in ("overlays", "values") if save_values else ("overlays",):
+        path = output_dir / name
+        if path.exists() and not path.is_dir():
+            raise ConfigError("output.dir", f"{path} exists and is not a folder: move it away, or use another output.dir")
 
 
 def load_background(prep: Prepared):
@@ -175,11 +206,7 @@ def load_background(prep: Prepared):
     cfg = prep.config
     bg_cfg = cfg.background
     if bg_cfg.dir is not None:
-        root = cfg.resolve(bg_cfg.dir)
-        if not root.is_dir():
-            from explain_cli.errors import ConfigError
-
-            raise ConfigError("background.dir", f"not a folder: {root}", cfg._source)
+        root = cfg.resolve(bg_cfg.dir)  # a folder: checked by prepare
         pool = [source_path(root, p) for p in discover_images(root, cfg.input.include, [])]
         want = bg_cfg.count
     else:
@@ -383,7 +410,9 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     cfg = prep.config
     out_dir = prep.output_dir
     suffix = prep.shard.suffix if prep.shard else ""
-    summary = RunSummary(selected=len(prep.images), output_dir=out_dir)
+    # walk errors are reported once: by the unsharded run or shard 0
+    walk_errors = prep.walk_errors if prep.shard is None or prep.shard.index == 0 else []
+    summary = RunSummary(selected=len(prep.images) + len(walk_errors), output_dir=out_dir)
     names: dict[str, str] = {}
 
     def overlay_path(rel: str) -> Path:
@@ -400,13 +429,16 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         if options.overwrite:
             for p in (topk_path, errors_path):
                 p.unlink(missing_ok=True)
+            other = "png" if cfg.output.format == "svg" else "svg"  # stale overlays of the other format
+            remove_files(out_dir / "overlays" / f"{names[rel]}.{other}" for rel in prep.images)
         listed = read_csv_images(topk_path)
+        failed_before = read_csv_images(errors_path)
         from explain_cli.models import checkpoint_path
 
         ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
         fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
                                          None if prep.truth is None else prep.truth.path)
-        if listed or read_csv_images(errors_path):
+        if listed or failed_before:
             resume.check_resume(run_json, fingerprint, out_dir)
             _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
                                           [("overlays", cfg.output.format), ("values", "npz")])
@@ -417,13 +449,22 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         if done:
             log.info("resuming: %d of %d images already done", len(done), len(prep.images))
         topk_log = CsvLog(topk_path, TOPK_COLUMNS, drop_images=set(todo) & listed)
-        errors_log = CsvLog(errors_path, ERROR_COLUMNS, drop_images=set(todo))
+        # errors.csv lists exactly the images of this input that still fail: rows of images
+        # retried now, already done, removed or excluded go; those this run did not select
+        # (--limit) stay
+        errors_log = CsvLog(errors_path, ERROR_COLUMNS,
+                            drop_images=failed_before - (set(prep.all_images) - set(prep.images)))
+        for rel, reason in walk_errors:
+            log.warning("%s: %s", rel, reason)
+        errors_log.append([list(problem) for problem in walk_errors])
+        summary.failed += len(walk_errors)
         run_info: dict[str, Any] = {
             "explain_cli": __version__, "status": "running", "started": now(),
             "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
-            "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
+            # a walk error is an entry too (errors.csv): merge checks every entry is listed once
+            "images_found": len(prep.all_images) + len(prep.walk_errors), "limit": options.limit, "layer_tokens": prep.layer_tokens,
             "targets": describe_targets(prep),
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,

@@ -16,8 +16,14 @@ where the outputs go (``output.dir``) and which files are written besides the CS
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
 ``model.checkpoint`` and ``labels`` are compared by content, not by path.
 
-Not covered: the source code of a ``python:`` model factory, and images replaced by other
-images under the same name.
+A ``python:`` factory's code decides the model as much as a checkpoint does (without one, its
+weights come from the code, e.g. its ``manual_seed``): the fingerprint also holds the SHA-256 of
+the factory's source file and of every module it imported from the config's folder. Editing any
+of them refuses the resume like a changed checkpoint. A folder that holds results but no readable
+run.json (deleted, say) is refused too: its settings cannot be checked.
+
+Not covered: installed packages a factory imports (their versions are in run.json), and images
+replaced by other images under the same name.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +91,28 @@ def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> di
     return {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def model_code_files(config) -> list[Path]:
+    """The source files that define a ``python:`` model: the factory's module and every module
+    loaded from the config's folder (what the factory imported there). Call after the model is
+    built. Empty for torchvision, timm and torchscript."""
+    if not config.model.arch.startswith("python:"):
+        return []
+    module_name = config.model.arch.split(":", 1)[1].rpartition(":")[0]
+    base = os.path.realpath(config._base_dir)
+    own = os.path.dirname(os.path.realpath(__file__)) + os.sep  # explain-cli itself (a config at a repo root)
+    files = set()
+    factory_file = getattr(sys.modules.get(module_name), "__file__", None)
+    if factory_file:
+        files.add(os.path.realpath(factory_file))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(".py"):
+            real = os.path.realpath(path)
+            if real.startswith(base + os.sep) and not real.startswith(own) and "site-packages" not in real:
+                files.add(real)
+    return [Path(f) for f in sorted(files)]
+
+
 def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None = None,
                 targets: Any = None, truth_csv: Path | None = None) -> dict[str, Any]:
     """The result-affecting settings of ``config`` (see the module docstring). ``targets`` (the resolved
@@ -93,10 +122,12 @@ def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None
 
     previous = previous or {}
     labels = config.resolve(config.labels) if config.labels else None
+    old_code = previous.get("model_code") or {}
     result = {
         "settings": _settings(resolved_dict(config), config._base_dir),
         "labels": file_digest(labels, previous.get("labels")),
         "checkpoint": file_digest(checkpoint, previous.get("checkpoint")),
+        "model_code": {str(p): file_digest(p, old_code.get(str(p))) for p in model_code_files(config)},
     }
     if targets is not None:
         result["targets"] = {"classes": list(targets.entries), "contrast": targets.contrast}
@@ -142,6 +173,13 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content")):
         if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
             diffs.append(f"{label} changed")
+    if "model_code" in old:
+        a, b = old.get("model_code") or {}, new.get("model_code") or {}
+        changed = sorted(f for f in set(a) | set(b)
+                         if (a.get(f) or {}).get("sha256") != (b.get(f) or {}).get("sha256"))
+        if changed:
+            diffs.append(f"model code changed ({', '.join(Path(f).name for f in changed[:4])}"
+                         f"{', ...' if len(changed) > 4 else ''})")
     return diffs
 
 
@@ -150,7 +188,9 @@ def check_resume(run_json: Path, current: dict[str, Any], output_dir: Path) -> N
     Call only when the folder already holds results (rows in topk/errors CSV)."""
     old = stored_fingerprint(run_json)
     if old is None:
-        return
+        raise UserError(f"{output_dir} holds results but {run_json.name} is missing or unreadable, so the "
+                        f"settings that made them cannot be checked and resuming could mix them. Use "
+                        f"--overwrite to redo every image, or another output.dir")
     diffs = differences(old, current)
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")

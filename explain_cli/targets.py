@@ -14,7 +14,7 @@ Every explainer works through this module, so all four answer the same question 
   each was chosen);
 * ``BatchTargets.explained(raw_rows, row_classes)`` maps model outputs to the explained quantity,
   differentiably (gradient), on masked images (partition, kernel) or on references (base values).
-  Deep applies the same function through its exact rules (``explainers.deep.explained_deep``).
+  Deep applies the same function through its exact rules (``explainers/deep/head.py``).
 
 Images of one batch may be asked different numbers of classes (``[label, top_k]`` is one class when
 the label is the top class and two otherwise): the selection is padded to the batch's largest count

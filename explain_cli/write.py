@@ -237,6 +237,12 @@ class CsvLog:
             self._fd = -1
 
 
+def remove_files(paths: Iterable[Path]) -> None:
+    """Unlink each path that exists (e.g. overlays of the other format on --overwrite)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def read_csv_images(path: Path) -> set[str]:
     """The distinct values of the first column (the image) of a CSV we wrote; empty if missing."""
     if not path.exists():

@@ -220,8 +220,9 @@ def test_deep_is_additive_for_probability_and_log_odds(build, question):
         e_r = batch.explained(fr, cls.expand(fr.shape[0], -1)).numpy()
         diffs = e_x[None] - e_r
         scale[i] = np.maximum(np.abs(diffs.mean(0)), np.abs(diffs).mean(0))
-        np.testing.assert_allclose(result.outputs[i], e_x, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(result.base_values[i], e_r.mean(0), rtol=1e-6, atol=1e-9)
+        # (float32 forward passes of other batch compositions: rounding of logits ~20 apart)
+        np.testing.assert_allclose(result.outputs[i], e_x, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.base_values[i], e_r.mean(0), rtol=1e-4, atol=1e-6)
     same = result.classes == (question.get("contrast", -1))  # a class contrasted with itself: all zero
     assert np.all(result.additivity_error[same] <= 1e-9) and np.all(result.values[same] == 0)
     assert scale[~same].min() > 1e-4, "degenerate test: the explained quantity hardly differs"

@@ -58,10 +58,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from explain_cli.stability import split_half_stability
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 # Smoothing noise is generated per image in blocks of this many samples, independent of batch_size,
@@ -124,6 +124,7 @@ class Explainer(base.Explainer):
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
         self._background_outputs: torch.Tensor | None = None
+        self._warned_layers: set[str] = set()  # layers whose map cancels, warned about
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -197,20 +198,21 @@ class Explainer(base.Explainer):
 
                 if layer is None:
                     z.requires_grad_(True)
-                    out = _utils.as_2d(model(z))
+                    out = _utils.as_2d(model(_utils.two_rows(z)))
                     target, multiplier = z, delta
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                        out = _utils.as_2d(model(z))
+                        out = _utils.as_2d(model(_utils.two_rows(z)))
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                    multiplier = target.detach()
+                    multiplier = target.detach()[: stop - start]
 
                 # each image's first and second half of samples are summed apart (for stability)
                 half = img * 2 + (rows - img * nsamples >= nsamples // 2)
-                explained = targets.explained(out, row_classes)  # (rows, k)
+                explained = targets.explained(out[: stop - start], row_classes)  # (rows, k)
                 for r in range(k):
                     selected = explained[:, r].sum()
                     (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                    grad = grad[: stop - start]  # (a single row ran twice)
                     _precision.check_gradient(grad, scale)
                     contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                     if phi is None:
@@ -223,10 +225,12 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, layer, size=images.shape[-1])  # (N, k, C, H, W)
+        _utils.warn_if_cancelling(values, ctx.layer_name, "gradient", self._warned_layers)
         stability = None
         if nsamples >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name, layer,
+                                         size=images.shape[-1]) for h in (0, 1)]
             stability = split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
