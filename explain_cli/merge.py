@@ -340,6 +340,7 @@ def merge(output_dir: Path) -> MergeSummary:
             "shards": count,
             "config_file": first.get("config_file"),
             "config": first.get("config"),
+            "weights": first.get("weights"),
             "counts": {"images": summary.images, "explained": summary.explained,
                        "failed": summary.failed, "topk_rows": summary.topk_rows},
             "started": min(started) if started else None,
@@ -348,6 +349,9 @@ def merge(output_dir: Path) -> MergeSummary:
             "versions": first.get("versions"),
             "metrics": _merged_metrics(infos, topk),
             "per_shard": per_shard,
+            # every shard's run records (reruns included), oldest first
+            "runs": sorted((r for info in infos.values() for r in (info.get("runs") or []) if isinstance(r, dict)),
+                           key=lambda r: str(r.get("started"))),
         }
         _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
         _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)

@@ -119,6 +119,11 @@ class Explainer(ABC):
         self.context = context
         self.settings = context.settings
 
+    def evaluations_per_image(self) -> int | None:
+        """Model evaluations (rows through the model) one image costs, as ``count_evaluations``
+        reports them: the total of the progress heartbeat. None when unknown."""
+        return None
+
     @abstractmethod
     def explain(self, images: "torch.Tensor", targets: "BatchTargets | int",  # noqa: F821
                 seeds: Sequence[int]) -> Attribution:

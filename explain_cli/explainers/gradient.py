@@ -139,6 +139,9 @@ class Explainer(base.Explainer):
 
     # -- main ------------------------------------------------------------------------------
 
+    def evaluations_per_image(self) -> int:
+        return int(self.settings.nsamples) + 1  # the samples and the ranking forward
+
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
         targets = as_targets(targets)
@@ -205,6 +208,7 @@ class Explainer(base.Explainer):
                         out = _utils.as_2d(model(_utils.two_rows(z)))
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
                     multiplier = target.detach()[: stop - start]
+                _utils.count_evaluations(stop - start)
 
                 # each image's first and second half of samples are summed apart (for stability)
                 half = img * 2 + (rows - img * nsamples >= nsamples // 2)

@@ -309,6 +309,9 @@ class Explainer(base.Explainer):
         item.nfixed = nfixed
         return item
 
+    def evaluations_per_image(self) -> int:
+        return int(self.settings.nsamples) + 2  # coalitions (fewer for few superpixels), all hidden, ranking
+
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
         targets = as_targets(targets)
@@ -357,6 +360,7 @@ class Explainer(base.Explainer):
                     parts.append(masking.compose(item.rows_dev[r0:r1], item.labels_dev, images[i], item.fill_dev))
                 batch = parts[0] if len(parts) == 1 else torch.cat(parts)
                 out = _utils.as_2d(model(batch))
+                _utils.count_evaluations(count)
                 offset = 0
                 for i, r0, r1 in pieces:
                     piece = out[offset:offset + r1 - r0]
