@@ -71,10 +71,10 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from explain_cli import metrics
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 # Smoothing noise is generated per image in blocks of this many samples, independent of batch_size,
