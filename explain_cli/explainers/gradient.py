@@ -175,8 +175,7 @@ class Explainer(base.Explainer):
             phi: torch.Tensor | None = None  # (k, N, *explained shape), float32 sums
             scale = _precision.grad_scale(model)
             total = n_images * nsamples
-            size = max(1, int(ctx.batch_size))
-            for start, stop in _utils.chunk_ranges(total, size):
+            for start, stop in _utils.model_chunks(ctx, total):
                 rows = torch.arange(start, stop, device=device)
                 img = torch.div(rows, nsamples, rounding_mode="floor")
                 x = images[img]
