@@ -283,7 +283,7 @@ def test_probe_times_each_candidate_twice_interleaved_then_keeps_the_fastest(cap
     assert calls[:6] == [8, 16, 32, 8, 16, 32]  # the plan: the candidates, two rounds
     assert probe.choice == 16 and ctx.batch_size == 16
     assert set(calls[6:]) == {16}  # after the choice every call is 16 rows (208 = 112 + 6 x 16 = 13 x 16)
-    assert probe.per_row == pytest.approx({8: [0.03, 0.03], 16: [0.02, 0.02], 32: [0.025, 0.025]})
+    assert {size: pytest.approx(t) for size, t in probe.per_row.items()} == {8: [0.03] * 2, 16: [0.02] * 2, 32: [0.025] * 2}
     assert "batch_size auto: 16 rows per model call" in caplog.text
     assert probe.summary()["ms_per_row"] == {"8": 30.0, "16": 20.0, "32": 25.0}
 
