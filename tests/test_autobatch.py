@@ -354,7 +354,7 @@ def test_activation_bytes_per_row_counts_in_place_outputs_once():
     x = torch.zeros(1, 3, 8, 8)
     conv1, conv2 = 4 * 8 * 8 * 4, 2 * 8 * 8 * 4  # the ReLU writes into conv1's output
     assert autobatch.activation_bytes_per_row(net, x, backward=True) == conv1 + conv2
-    assert autobatch.activation_bytes_per_row(net, x, backward=False) == 3 * conv1
+    assert autobatch.activation_bytes_per_row(net, x, backward=False) == 4 * conv1
     assert autobatch.activation_bytes_per_row(net, torch.zeros(2, 3, 8, 8), backward=True) == conv1 + conv2
     assert not any(m._forward_hooks for m in net.modules())  # hooks removed
 
