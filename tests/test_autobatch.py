@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -449,3 +450,67 @@ def test_memory_headroom_takes_the_tightest_known_limit(tmp_path):
     proc.write_text("0::/job\n")
     assert memory_headroom({}, meminfo, root, proc) == 2 * gib
     assert memory_headroom({}, tmp_path / "none", none, none) is None  # nothing known
+
+
+# ------------------------------------------------------------------ the allocator
+
+
+RSS_AFTER_FREE = """
+import os, sys
+import numpy as np
+from explain_cli import job
+tuned = job.keep_freed_memory() if sys.argv[1] == "keep" else False
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+block = np.ones(3 * 2**20)  # 24 MB, written: below the 32 MB threshold, so it comes from the heap
+held = rss() - before
+del block
+print(tuned, held, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or not hasattr(os, "confstr")
+                    or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"),
+                    reason="glibc on Linux only: other C libraries are left alone")
+def test_keep_freed_memory_keeps_a_freed_block_for_the_next_call():
+    """With glibc's defaults a freed 24 MB block goes back to the system (the next model call
+    page-faults it in again); after keep_freed_memory() it stays in the process."""
+    import subprocess
+    import sys
+
+    out = {}
+    for arm in ("glibc", "keep"):
+        done = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE, arm], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+        tuned, held, kept = done.stdout.split()
+        out[arm] = (tuned == "True", int(held), int(kept))
+    mb = 2**20
+    assert out["keep"][0] and out["glibc"][1] > 20 * mb and out["keep"][1] > 20 * mb
+    assert out["glibc"][2] < 4 * mb  # returned on free
+    assert out["keep"][2] > 20 * mb  # kept
+
+
+def test_keep_freed_memory_calls_mallopt_once_and_only_with_glibc(monkeypatch):
+    import ctypes
+
+    from explain_cli import job
+
+    calls = []
+
+    class Mallopt:  # ctypes' function object: attributes argtypes and restype, then calls
+        def __call__(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    class FakeLibc:
+        mallopt = Mallopt()
+
+    monkeypatch.setattr(job, "_allocator_tuned", False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(os, "confstr", lambda name: "musl")
+    assert job.keep_freed_memory() is False and calls == []
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
+    assert job.keep_freed_memory() is True
+    assert calls == [(-3, job.MMAP_THRESHOLD), (-1, job.TRIM_THRESHOLD)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert job.keep_freed_memory() is True and len(calls) == 2  # once per process
