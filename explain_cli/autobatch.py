@@ -222,7 +222,7 @@ def is_oom(exc: BaseException, searching: bool = False) -> bool:
     return any(t in text for t in _OOM_TEXT) or (searching and any(t in text for t in _TOO_LARGE_TEXT))
 
 
-def explain_with_backoff(explainer, batch, top_k: int, seeds: Sequence[int]):
+def explain_with_backoff(explainer, batch, targets, seeds: Sequence[int]):
     """Explain a batch; on out-of-memory halve the model batch size and retry, down to 1.
 
     While an ``auto`` search is on, halvings are part of the plan (logged at info level); the
@@ -232,7 +232,7 @@ def explain_with_backoff(explainer, batch, top_k: int, seeds: Sequence[int]):
     while True:
         searching = bool(getattr(ctx, "batch_size_auto", False))
         try:
-            result = explainer.explain(batch, top_k, seeds)
+            result = explainer.explain(batch, targets, seeds)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled here
             if not is_oom(exc, searching) or ctx.batch_size <= 1:
                 raise

@@ -20,8 +20,9 @@ from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
-    "3 the run finished but at least one image failed (see errors.csv); 1 a full disk or anything unexpected; "
-    "130 / 143 stopped by SIGINT / SIGTERM (rerun the same command to resume)."
+    "3 the run finished but at least one image failed (see errors.csv); 4 nothing selected (no file "
+    "matches input.include/exclude); 1 a full disk, an unwritable --log-file or anything unexpected; "
+    "129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM (rerun the same command to resume)."
 )
 
 app = typer.Typer(
@@ -36,10 +37,31 @@ app = typer.Typer(
 log = logging.getLogger("explain_cli")
 
 
+class _LogFile(logging.FileHandler):
+    """--log-file: the first failed write (a full disk) detaches the handler and is kept in
+    ``failure`` instead of logging's "--- Logging error ---" traceback on every later line; the
+    run goes on (its outputs do not depend on the log) and ``run`` exits 1 saying why."""
+
+    failure: Optional[str] = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if _LogFile.failure is None:
+            why = getattr(exc, "strerror", None) or exc
+            _LogFile.failure = f"cannot write the log file {self.baseFilename}: {why}"
+            print(f"error: {_LogFile.failure}; the run goes on without it", file=sys.stderr)
+        logging.getLogger("explain_cli").removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
 def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     root = logging.getLogger("explain_cli")
     root.handlers.clear()
+    _LogFile.failure = None
     root.setLevel(logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
@@ -51,7 +73,7 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
         check_log_file(log_file)
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+            fh = _LogFile(log_file, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:
             raise UserError(f"--log-file: cannot open {log_file}: {exc.strerror or exc}") from None
         fh.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -146,6 +168,12 @@ def _int_or_text(value: Optional[str]):
         return value
 
 
+def _classes(values: List[str]) -> list | None:
+    """--class values as targets.classes entries (None: keep the config's); a name or an index
+    (digits), resolved against the labels like the config's entries."""
+    return list(values) or None
+
+
 def _load(config: Path, overrides: List[str], extra: dict | None = None):
     from explain_cli.config import load_config
 
@@ -161,6 +189,7 @@ def run(
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
@@ -186,6 +215,7 @@ def run(
             "output.dir": str(output_dir.resolve()) if output_dir else None,
             "device": device,
             "workers": _int_or_text(workers),
+            "targets.classes": _classes(classes),
         })
         if not shard:
             check_slurm_env()
@@ -193,7 +223,7 @@ def run(
         summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
                                                overwrite=overwrite, shard=chosen))
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
@@ -214,6 +244,8 @@ def run(
         line += " (see errors.csv)"
     if not quiet or summary.failed or summary.interrupted:
         print(line, file=sys.stderr)
+    if _LogFile.failure and summary.exit_code == 0:
+        raise _fail(f"{_LogFile.failure}; the run itself finished (its outputs are complete)", EXIT_UNEXPECTED)
     raise typer.Exit(summary.exit_code)
 
 
@@ -221,6 +253,7 @@ def run(
 def validate(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
@@ -235,15 +268,37 @@ def validate(
         from explain_cli.pipeline import RunOptions, prepare
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
-                                   "device": device})
+                                   "device": device, "targets.classes": _classes(classes)})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
-        raise _fail(exc, EXIT_USAGE)
+        raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    if prep.layer_tokens:
+        print(f"# layer input: {_layer_input_line(prep.layer_tokens)}")
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    if prep.walk_errors:
+        print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
+              + (f" and {len(prep.walk_errors) - 5} more" if len(prep.walk_errors) > 5 else ""))
+    from explain_cli.pipeline import describe_targets
+
+    asked = describe_targets(prep)
+    classes = ", ".join(c if isinstance(c, str) else f"{c['name']} ({c['index']})" for c in asked["classes"])
+    line = f"# explained: {classes}; values sum to {asked['explained']} (activation {asked['activation']})"
+    if asked["truth_csv"]:
+        line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
+    print(line)
+
+
+def _layer_input_line(found: dict) -> str:
+    """validate's line on how the layer input becomes the (C, h, w) map (``check_layer_input``)."""
+    if "layout" in found:
+        return f"{found['layout']} maps, saved and drawn as (C, H, W) ({found['from']})"
+    h, w = found["grid"]
+    return (f"{found['prefix_tokens_dropped']} prefix token(s) dropped, the rest on a {h}x{w} patch grid "
+            f"({found['from']}{'; assumed' if found['assumed'] else ''})")
 
 
 @app.command(epilog="Examples:\n\n  explain-cli layers configs/demo.yaml\n\n  explain-cli layers --arch torchvision:vgg16\n\n" + EXIT_CODES_HELP)
@@ -274,6 +329,10 @@ def layers(
             model = build_model(model_cfg, lambda p: Path(p))
             side = size or 224
         rows = list_layers(model, side)
+        try:  # the same at twice the size: which dimensions of a 4-D map are spatial
+            probe = {name: shape for name, _, shape in list_layers(model, 2 * side)}
+        except ConfigError:  # a model of one input size
+            probe = {}
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
@@ -282,7 +341,21 @@ def layers(
     print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
     for name, kind, shape in rows:
         if name:
-            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}")
+            note = _layout_note(shape, probe.get(name)) if shape else ""
+            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}{note}")
+
+
+def _layout_note(shape: tuple, probe: tuple | None) -> str:
+    """For the ``layers`` listing: a 4-D map whose channels come last, or whose layout cannot be told."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import _utils
+
+    if len(shape) != 4:
+        return ""
+    try:
+        return "  (N, H, W, C): channels last" if _utils.map_layout(tuple(shape), probe, "").channels_last else ""
+    except ConfigError:
+        return "  (N, C, H, W) or (N, H, W, C)? a layer taking it is refused"
 
 
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"

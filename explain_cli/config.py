@@ -16,7 +16,9 @@ import difflib
 import errno
 import math
 import os
+import re
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from explain_cli.errors import ConfigError
+from explain_cli.targets import TargetsConfig
 
 DEFAULT_INCLUDE = ["*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.bmp", "*.webp"]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -50,6 +53,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _path_given(v: Any) -> Any:
+    """A path key set to '' (e.g. ``--set input.dir=``) would silently mean the config's folder."""
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("is empty: give a path")
+    return v
+
+
 class ModelConfig(_Section):
     arch: str = Field(description="torchvision:NAME | timm:NAME | python:pkg.module:factory | torchscript")
     num_classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES, description="outputs of the classifier head; default: the architecture's own")
@@ -58,6 +68,8 @@ class ModelConfig(_Section):
     key_match: Literal["name", "order"] = Field(default="name", description="map checkpoint keys by name, or by order when names differ but shapes match")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the model factory")
     layer: str = Field(default="input", description="dotted module path to explain at (features.7, layer4.1.conv2) or 'input'")
+
+    _checkpoint_given = field_validator("checkpoint")(_path_given)
 
     @field_validator("arch")
     @classmethod
@@ -95,11 +107,15 @@ class InputConfig(_Section):
     include: list[str] = Field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = Field(default_factory=list)
 
+    _dir_given = field_validator("dir")(_path_given)
+
 
 class BackgroundConfig(_Section):
     from_input: int | None = Field(default=None, ge=1, le=MAX_BACKGROUND, description="sample this many images of input.dir")
     dir: str | None = Field(default=None, description="folder of background images")
     count: int = Field(default=50, ge=1, le=MAX_BACKGROUND, description="images sampled from background.dir")
+
+    _dir_given = field_validator("dir")(_path_given)
 
     @model_validator(mode="after")
     def _one_source(self) -> "BackgroundConfig":
@@ -117,6 +133,8 @@ class OutputConfig(_Section):
     save_values: bool = False
     dpi: int = Field(default=100, ge=10, le=1200)
 
+    _dir_given = field_validator("dir")(_path_given)
+
 
 class Config(_Section):
     model: ModelConfig
@@ -126,6 +144,8 @@ class Config(_Section):
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig, description="which classes are explained "
+                                   "and which output quantity (explain_cli/targets.py)")
     batch_size: int | Literal["auto"] = Field(
         default="auto",
         description="model evaluations per forward pass; auto: on CPU timed among sizes that fit a "
@@ -140,6 +160,8 @@ class Config(_Section):
     metrics_steps: int = Field(default=20, ge=2, le=1000, description="steps of the deletion/insertion curves")
     metrics_baseline: Any = Field(default="blur(32,32)", description="what deleted pixels become: "
                                   "blur(KX,KY), a grey level or an [r, g, b] colour (0-255)")
+
+    _labels_given = field_validator("labels")(_path_given)
 
     @field_validator("metrics")
     @classmethod
@@ -225,7 +247,8 @@ def _fields_of(model_cls: type[BaseModel], path: tuple) -> list[str]:
         if info is None:
             return []
         ann = info.annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        members = typing.get_args(ann) or (ann,)  # an optional section (X | None) names X's keys
+        cls = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
         if cls is None:
             return []
     return list(getattr(cls, "model_fields", {}))
@@ -263,7 +286,8 @@ def _message(err: dict, root_cls: type[BaseModel], prefix: str = "") -> tuple[st
 
 
 def _raise_validation(exc: ValidationError, root_cls: type[BaseModel], source: str, prefix: str = "") -> None:
-    errors = exc.errors()
+    # an unknown key first: a typo ('modle:') also makes its intended key missing, and the typo is the fix
+    errors = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")
     key, msg = _message(errors[0], root_cls, prefix)
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     raise ConfigError(key, msg + more, source) from None
@@ -308,6 +332,25 @@ class _StrictLoader(yaml.SafeLoader):
                     raise _YamlRefusal(f"duplicate key {key!r} (line {line}; first on line {first})")
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e3, 1e-300 and 1.5e3 as strings (it wants a dot and a signed exponent);
+# YAML 1.2 and every user read them as numbers. An integer mantissa with a small non-negative
+# exponent is an integer (nsamples: 1e3 -> 1000), anything else a float.
+_SCI_TAG = "tag:explain-cli,2024:scientific"
+_SCI = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+def _construct_scientific(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
+    text = node.value.replace("_", "")
+    mantissa, _, exponent = text.lower().partition("e")
+    if "." not in mantissa and 0 <= int(exponent) <= 18:
+        return int(mantissa) * 10 ** int(exponent)
+    return float(text)
+
+
+_StrictLoader.add_implicit_resolver(_SCI_TAG, _SCI, list("-+0123456789."))
+_StrictLoader.add_constructor(_SCI_TAG, _construct_scientific)
 
 
 class _YamlRefusal(Exception):
@@ -440,15 +483,20 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError("", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config file", source)
-        data = safe_yaml(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = safe_yaml(raw.decode("utf-8"))
     except _YamlRefusal as exc:
         raise ConfigError("", f"refused: {exc}", source) from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML: {exc}", source) from None
-    except UnicodeDecodeError:
-        raise ConfigError("", "not a text file", source) from None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}); "
+                              f"save the file as UTF-8", source) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read: {exc.strerror or exc}", source) from None
+    if data is None and not overrides:
+        raise ConfigError("", "config is empty: it needs at least model.arch and input.dir", source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -485,7 +533,7 @@ def validate_explainer(section: dict[str, Any], source: str = ""):
 
 def resolved_dict(config: Config) -> dict[str, Any]:
     """The resolved config (defaults filled, explainer settings validated) as plain data."""
-    data = config.model_dump(mode="json")
+    data = config.model_dump(mode="json", by_alias=True)
     data["explainer"] = config.explainer_settings.model_dump(mode="json")
     return data
 

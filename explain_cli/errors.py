@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_IMAGES_FAILED = 3
+EXIT_NOTHING_SELECTED = 4
 
 
 class UserError(Exception):
@@ -23,6 +24,13 @@ class ConfigError(UserError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
+
+
+class NothingSelected(UserError):
+    """No file under input.dir matches the include/exclude patterns (a typo'd pattern, an empty
+    folder): exit 4, so that a cron job notices. An input whose images are all done exits 0."""
+
+    exit_code = EXIT_NOTHING_SELECTED
 
 
 class ImageError(Exception):

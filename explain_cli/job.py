@@ -84,15 +84,20 @@ def resolve_device(name: str):
     return torch.device("cpu")
 
 
+#: Signals that stop a run cleanly (finish the step, record "interrupted", resumable). SIGHUP is
+#: what a dropped ssh session sends: a hang-up is a stop request like any other.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class StopFlag:
-    """SIGTERM/SIGINT set a flag checked between steps; a second signal stops at once."""
+    """SIGTERM/SIGINT/SIGHUP set a flag checked between steps; a second signal stops at once."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+        name = signal.Signals(signum).name
         if self.signal_name is not None:
             raise KeyboardInterrupt
         self.signal_name = name
@@ -105,7 +110,7 @@ class StopFlag:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
         try:
             yield self
@@ -114,27 +119,72 @@ class StopFlag:
                 signal.signal(sig, handler)
 
 
+def _holder(path: Path) -> str:
+    """' (pid N)' from a lock file (the run that wrote it), or '' when there is none."""
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _running_shards(output_dir: Path) -> list[str]:
+    """'shard I/N (pid P)' for each shard whose lock is held now."""
+    import fcntl
+
+    held = []
+    for path in sorted(output_dir.glob(".explain-cli.shard-*-of-*.lock")):
+        try:
+            with open(path, "r") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    i, n = path.name[len(".explain-cli.shard-"):-len(".lock")].split("-of-")
+                    held.append(f"shard {i}/{n}{_holder(path)}")
+        except (OSError, ValueError):
+            continue
+    return held
+
+
 @contextlib.contextmanager
 def output_lock(output_dir: Path, suffix: str) -> Iterator[None]:
-    """One run per shard and output folder: a second one exits 2 instead of interleaving."""
+    """One run per shard and output folder: a second one exits 2 instead of interleaving.
+
+    ``.explain-cli.lock`` is taken exclusively by an unsharded run (and by merge) and shared by
+    every shard run, so an unsharded run and shard runs never write into one folder together;
+    each shard also holds its own lock. The refusal names the run that holds the folder.
+    """
     import fcntl
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f".explain-cli{suffix}.lock"
-    fh = open(path, "a+")
+    main_path = output_dir / ".explain-cli.lock"
+    main = open(main_path, "a+")
+    own = open(output_dir / f".explain-cli{suffix}.lock", "a+") if suffix else main
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(main, (fcntl.LOCK_SH if suffix else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(f"another explain-cli run is writing to {output_dir} "
-                            f"(lock {path.name} is held); wait for it or use another output.dir") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+            if suffix:
+                other = f"an unsharded run or a merge{_holder(main_path)}"
+            else:
+                other = ", ".join(_running_shards(output_dir)) or f"another run or merge{_holder(main_path)}"
+            raise UserError(f"another explain-cli run is writing to {output_dir}: {other}; sharded and "
+                            f"unsharded runs cannot share an output folder: wait for it or use another "
+                            f"output.dir") from None
+        try:
+            fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another explain-cli run is writing to {output_dir} (lock {Path(own.name).name} "
+                            f"is held{_holder(Path(own.name))}); wait for it or use another output.dir") from None
+        own.seek(0)
+        own.truncate()
+        own.write(f"{os.getpid()}\n")
+        own.flush()
         yield
     finally:
-        fh.close()
+        if own is not main:
+            own.close()
+        main.close()
 
 
 # --- CPUs: what the job may use, and how it is shared ----------------------------------------

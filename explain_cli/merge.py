@@ -324,7 +324,7 @@ def merge(output_dir: Path) -> MergeSummary:
             raise _refuse(output_dir, [f"the shards list {len(owner)} images but the input folder had "
                                        f"{next(iter(found_total))}; some shard files do not belong to this run"])
 
-        topk.sort(key=lambda r: (r[0], _rank(r[1])))
+        topk.sort(key=lambda r: r[0])  # stable: an image's rows keep the asked order (targets.classes)
         errors.sort(key=lambda r: r[0])
         summary = MergeSummary(output_dir=output_dir, shards=count, images=len(owner),
                                explained=len({r[0] for r in topk}), failed=len({r[0] for r in errors}),

@@ -147,8 +147,12 @@ def evaluations_per_image(metrics: Sequence[str], steps: int, k: int) -> int:
 def faithfulness(model: "torch.nn.Module", images: "torch.Tensor", values: np.ndarray,  # noqa: F821
                  classes: np.ndarray, seeds: Sequence[int], metrics: Sequence[str], steps: int,
                  baseline: Union[str, list[float]], mean: Sequence[float], std: Sequence[float],
-                 batch_size: int, segments: np.ndarray | None = None) -> Faithfulness:
+                 batch_size: int, segments: np.ndarray | None = None,
+                 activation: str = "softmax") -> Faithfulness:
     """Deletion/insertion AUCs of the maps ``values`` (N, k, C, h, w) for ``classes`` (N, k).
+
+    The curves read each class's probability under ``activation`` (softmax, or sigmoid for a
+    one-logit or multi-label model: ``targets.activation``).
 
     ``images`` (N, C, H, W) are the preprocessed images on the model's device; see the module
     docstring for the definitions.
@@ -203,7 +207,10 @@ def faithfulness(model: "torch.nn.Module", images: "torch.Tensor", values: np.nd
             keep_image = (affected ^ deleting_dev[a:b, None]).view(b - a, 1, height, width)
             batch = torch.where(keep_image, images[rows_img], base_dev[rows_img])
             out = _utils.as_2d(model(batch))
-            probs.append(torch.softmax(out.float(), dim=1).gather(1, classes_dev[rows_img]))
+            if activation == "sigmoid":
+                probs.append(torch.sigmoid(out.float().gather(1, classes_dev[rows_img])))
+            else:
+                probs.append(torch.softmax(out.float(), dim=1).gather(1, classes_dev[rows_img]))
     p = torch.cat(probs).double().cpu().numpy().reshape(n_images, per_image, k)
 
     full, empty = p[:, 0], p[:, 1]  # (N, k): the image, the baseline
@@ -270,8 +277,10 @@ UNSTABLE = 0.5  # the run warns when its median stability is below this
 class RunMetrics:
     """Scores each explained batch and keeps the run's totals for run.json's ``metrics`` entry."""
 
-    def __init__(self, names: Sequence[str], steps: int, baseline: Union[str, list[float]]) -> None:
+    def __init__(self, names: Sequence[str], steps: int, baseline: Union[str, list[float]],
+                 activation: str = "softmax") -> None:
         self.names = [m for m in METRICS if m in names]
+        self.activation = activation
         self.steps = int(steps)
         self.baseline = baseline
         self.evaluations = 0
@@ -283,21 +292,25 @@ class RunMetrics:
               seeds: Sequence[int], mean: Sequence[float], std: Sequence[float], batch_size: int) -> None:
         """Fill ``attribution.deletion_auc``/``insertion_auc`` (when asked; ``images`` may be None
         otherwise) and add to the totals."""
+        # padding slots (images asked fewer classes than others in the batch) are not counted
+        valid = np.ones(np.shape(attribution.classes), bool) if attribution.valid is None \
+            else np.asarray(attribution.valid, bool)
         if attribution.stability is not None:
-            self.stabilities.extend(float(s) for s in np.asarray(attribution.stability).reshape(-1)
+            self.stabilities.extend(float(s) for s in np.asarray(attribution.stability)[valid]
                                     if np.isfinite(s))
         if not self.names:
             return
         result = faithfulness(model, images, attribution.values, attribution.classes, seeds, self.names,
-                              self.steps, self.baseline, mean, std, batch_size, attribution.segments)
+                              self.steps, self.baseline, mean, std, batch_size, attribution.segments,
+                              self.activation)
         attribution.deletion_auc = result.deletion
         attribution.insertion_auc = result.insertion
         self.evaluations += result.evaluations
-        self.rows += int(np.asarray(attribution.classes).size)
+        self.rows += int(valid.sum())
         for key in self.sums:
             value = getattr(result, key)
             if value is not None:
-                self.sums[key] += float(np.sum(value))
+                self.sums[key] += float(np.sum(np.asarray(value)[valid]))
 
     def median_stability(self) -> float | None:
         return float(np.median(self.stabilities)) if self.stabilities else None

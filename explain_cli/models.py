@@ -223,21 +223,59 @@ def _read_checkpoint(path: Path, cfg: ModelConfig) -> "OrderedDict[str, torch.Te
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not cfg.trust_checkpoint)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if cfg.trust_checkpoint or found is None:
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x
+        # is blocked"; an old-format (plain pickle) file fails earlier: its opcodes are read instead
+        found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(exc), re.IGNORECASE)
+        code = found.group(1) if found else (None if cfg.trust_checkpoint else _pickled_call(path))
+        if cfg.trust_checkpoint or code is None:
             detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
             reason = detail.group(1) if detail else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError("model.checkpoint", f"cannot read {path}: not a PyTorch checkpoint, or a damaged "
                                                   f"one ({reason})") from None
         raise ConfigError(
             "model.trust_checkpoint",
-            f"{path} holds pickled Python objects, not only tensors ({found.group(1)}; typically a whole "
-            "nn.Module saved with torch.save(model)). Loading it would run code from the file, so it is refused. "
-            "Best: re-save the weights alone with torch.save(model.state_dict(), 'weights.pt'); or, only if you "
-            "trust the file, set model.trust_checkpoint: true.") from None
+            f"{path} holds code, not only tensors: pickled Python objects that call {code} when loaded "
+            "(typically a whole nn.Module saved with torch.save(model); or a malicious file). Loading it would "
+            "run code from the file, so it is refused. Best: re-save the weights alone with "
+            "torch.save(model.state_dict(), 'weights.pt'); or, only if you trust the file, set "
+            "model.trust_checkpoint: true, which runs that code.") from None
     except Exception as exc:  # noqa: BLE001 - truncated files, wrong formats, missing classes
         raise ConfigError("model.checkpoint", f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     return _state_dict_of(obj, path)
+
+
+def _pickled_call(path: Path, limit: int = 1 << 26) -> str | None:
+    """The first module.name outside torch and collections that a pickle in ``path`` would import
+    (GLOBAL / STACK_GLOBAL), without running it; None when there is none or no pickle. Reads the data.pkl of a zip
+    checkpoint, else the file itself (at most ``limit`` bytes)."""
+    import io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(name)[:limit] if name else b""
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(limit)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            name = None
+            if op.name == "GLOBAL":
+                name = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if name and not name.startswith(("torch.", "collections.")):  # what a state_dict needs
+                return name
+    except Exception:  # noqa: BLE001 - not a pickle, or a damaged one: no call to name
+        return None
+    return None
 
 
 def _state_dict_of(obj: Any, path: Path) -> "OrderedDict[str, torch.Tensor]":
@@ -439,8 +477,10 @@ def count_outputs(model: nn.Module, size: int) -> int:
 
 def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: int) -> dict | None:
     """Check, with one dummy (1, 3, size, size) forward, that a layer target takes what gradient and
-    deep explain: a 4-D (N, C, H, W) feature map (returns None) or a (N, tokens, C) token sequence
-    that maps onto the patch grid (returns the mapping, for run.json). ConfigError otherwise, e.g.
+    deep explain: a 4-D (N, C, H, W) feature map (returns None), an (N, H, W, C) one (returns its
+    layout, for run.json) or a (N, tokens, C) token sequence that maps onto the patch grid (returns
+    the mapping, for run.json). ConfigError otherwise (also for a 4-D map whose channel dimension
+    cannot be told), e.g.
     for a layer that takes a list of tensors (HRNet stages), naming submodules that take one tensor."""
     from explain_cli.explainers import _utils
 
@@ -476,7 +516,10 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
         suggestions = shallow[:4] + ([f"... ({len(shallow) - 4} more)"] if len(shallow) > 4 else [])
         raise ConfigError("model.layer", _utils.not_a_tensor_message(layer_name, value, suggestions))
     if value.dim() == 4:
-        return None
+        layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
+        log.info("layer '%s' takes %s maps, channels %s (%s)", layer_name, tuple(value.shape),
+                 "last: drawn as (C, H, W)" if layout.channels_last else "first", layout.found)
+        return layout.describe() if layout.channels_last else None
     if value.dim() != 3:
         raise ConfigError("model.layer", _utils.wrong_rank_message(layer_name, tuple(value.shape),
                                                                      "gradient or deep"))

@@ -24,10 +24,10 @@ import numpy as np
 
 from explain_cli import __version__
 from explain_cli import names as _names
-from explain_cli import resume
+from explain_cli import resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
-from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, UserError
+from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, NothingSelected, UserError
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
                              share_cpus, versions)
@@ -35,11 +35,13 @@ from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
+from explain_cli.targets import BatchTargets, TargetSpec, Truth
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, nonfinite_result, read_csv_images,
-                               write_json)
+                               remove_files, write_json)
 
 log = logging.getLogger("explain_cli")
 
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -71,6 +73,9 @@ class Prepared:
     shard: Shard | None
     explainer_class: Any  # the registered Explainer subclass of explainer.name
     layer_tokens: dict | None = None  # a token layer's mapping onto the patch grid (run.json)
+    targets: TargetSpec = field(default_factory=TargetSpec)  # which classes, which quantity (targets.py)
+    truth: Truth | None = None  # each image's labels, from targets.from_csv
+    walk_errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): errors.csv rows
 
 
 @dataclass
@@ -90,6 +95,8 @@ class RunSummary:
             return EXIT_SIGINT
         if self.interrupted == "SIGTERM":
             return EXIT_SIGTERM
+        if self.interrupted == "SIGHUP":
+            return EXIT_SIGHUP
         return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
 
 
@@ -122,8 +129,19 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         raise ConfigError("input.dir", f"not a folder: {input_dir}", config._source)
     output_dir = config.resolve(config.output.dir)
     check_output_dir(output_dir, input_dir, config._source)
+    check_output_files(output_dir, options.shard.suffix if options.shard else "", config.output.save_values)
+    if config.background.dir is not None and not config.resolve(config.background.dir).is_dir():
+        from explain_cli.errors import ConfigError
+
+        raise ConfigError("background.dir", f"not a folder: {config.resolve(config.background.dir)}",
+                          config._source)
+    walk_errors: list[tuple[str, str]] = []
     all_images = discover_images(input_dir, config.input.include, config.input.exclude,
-                                 skip_dirs=[output_dir])
+                                 skip_dirs=[output_dir], problems=walk_errors)
+    if not all_images and not walk_errors:
+        raise NothingSelected(f"nothing selected: no file under {input_dir} matches input.include "
+                              f"{config.input.include} and not input.exclude {config.input.exclude} "
+                              f"(hidden files and folders holding an explain-cli run.json are skipped)")
     shard = options.shard
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
@@ -147,9 +165,34 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
+    spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source)
+    truth = None
+    if config.targets.from_csv is not None:
+        truth = targets.load_truth(config.targets.from_csv, config.resolve(config.targets.from_csv.path), labels,
+                                   all_images, config._source)
+        missing = sum(1 for rel in images if truth.of(rel) is None)
+        log.info("truth labels: %d of %d images have a label in %s%s", len(images) - missing, len(images),
+                 truth.path.name, f" ({truth.unmatched_rows} CSV rows name no image of the input)"
+                 if truth.unmatched_rows else "")
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens)
+                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors)
+
+
+def check_output_files(output_dir: Path, suffix: str, save_values: bool) -> None:
+    """Refuse, before any work, output paths of the wrong kind (exit 2 naming the path): a
+    folder where a run file goes, a file where an output folder goes."""
+    from explain_cli.errors import ConfigError
+
+    for name in (f"topk{suffix}.csv", f"errors{suffix}.csv", f"run{suffix}.json", ".explain-cli.lock",
+                 f".explain-cli{suffix}.lock"):
+        path = output_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError("output.dir", f"{path} exists and is not a file: move it away, or use another output.dir")
+    for name in ("overlays", "values") if save_values else ("overlays",):
+        path = output_dir / name
+        if path.exists() and not path.is_dir():
+            raise ConfigError("output.dir", f"{path} exists and is not a folder: move it away, or use another output.dir")
 
 
 def load_background(prep: Prepared):
@@ -160,11 +203,7 @@ def load_background(prep: Prepared):
     cfg = prep.config
     bg_cfg = cfg.background
     if bg_cfg.dir is not None:
-        root = cfg.resolve(bg_cfg.dir)
-        if not root.is_dir():
-            from explain_cli.errors import ConfigError
-
-            raise ConfigError("background.dir", f"not a folder: {root}", cfg._source)
+        root = cfg.resolve(bg_cfg.dir)  # a folder: checked by prepare
         pool = [source_path(root, p) for p in discover_images(root, cfg.input.include, [])]
         want = bg_cfg.count
     else:
@@ -221,25 +260,29 @@ def make_explainer(prep: Prepared, background):
     return prep.explainer_class(context)
 
 
-def explain_with_backoff(explainer, batch, top_k: int, seeds: list[int]):
+def explain_with_backoff(explainer, batch, batch_targets: BatchTargets, seeds: list[int]):
     """Explain a batch; on out-of-memory halve the model batch size and retry (explain_cli.autobatch)."""
     from explain_cli.autobatch import explain_with_backoff as explain
 
-    return explain(explainer, batch, top_k, seeds)
+    return explain(explainer, batch, batch_targets, seeds)
 
 
-def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, top_k: int,
-                 seed: int) -> list[tuple[list[tuple[str, np.ndarray, np.ndarray]], Any]]:
+def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], device, spec: TargetSpec,
+                 seed: int, truth: Truth | None = None) -> list[tuple[list[tuple[str, np.ndarray, np.ndarray]], Any]]:
     """The explain stage for one step: [(images, Attribution or the exception)]. A batch that
     fails is retried image by image, so one bad image costs only itself."""
     import torch
 
     if not good:
         return []
+
+    def asked(items: list) -> BatchTargets:
+        return spec.for_batch(None if truth is None else [truth.of(rel) for rel, _, _ in items])
+
     batch = torch.from_numpy(np.stack([t for _, _, t in good])).to(device)
     seeds = [image_seed(seed, rel) for rel, _, _ in good]
     try:
-        return [(good, explain_with_backoff(explainer, batch, top_k, seeds))]
+        return [(good, explain_with_backoff(explainer, batch, asked(good), seeds))]
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - isolate the failing image(s), keep the run going
@@ -250,7 +293,7 @@ def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], devi
     for one, one_seed in zip(good, seeds):
         try:
             single = torch.from_numpy(one[2][None]).to(device)
-            results.append(([one], explain_with_backoff(explainer, single, top_k, [one_seed])))
+            results.append(([one], explain_with_backoff(explainer, single, asked([one]), [one_seed])))
         except UserError:
             raise
         except Exception as one_exc:  # noqa: BLE001
@@ -263,22 +306,45 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
     """Image ``j`` of an explained batch as a write job (files) and its topk.csv rows."""
     from explain_cli.render import format_title
 
-    classes = attribution.classes[j]
+    spec = prep.targets
+    slots = attribution.slots(j)  # the asked classes, without the batch's padding
+    classes = attribution.classes[j][slots]
     names = [prep.labels[int(c)] for c in classes]
-    probs = attribution.probabilities[j]
+    probs = attribution.probabilities[j][slots]
+    reasons = [attribution.reason(j, r) for r in slots]
+    contrast = None if spec.contrast is None else prep.labels[spec.contrast]
     segments = attribution.segments
-    job = WriteJob(rel=rel, pixels=pixels, values=attribution.values[j],
-                   titles=[format_title(n, float(p)) for n, p in zip(names, probs)],
+    job = WriteJob(rel=rel, pixels=pixels, values=attribution.values[j][slots],
+                   titles=[format_title(n, float(p), label="label" in why.split("+"), contrast=contrast)
+                           for n, p, why in zip(names, probs, reasons)],
                    overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
                    segments=None if segments is None else segments[j],
                    values_path=None if values_path is None else str(values_path), classes=classes)
     err = attribution.additivity_error[j]
-    rows = [[rel, r + 1, int(c), names[r], float(probs[r]), float(attribution.outputs[j, r]),
+    own = prep.truth.of(rel) if prep.truth is not None else None
+    label = ";".join(prep.labels[c] for c in own) if own else None
+    predicted = prep.labels[int(attribution.top_class[j])] if attribution.top_class is not None else None
+    explained = spec.describe()
+    rows = [[rel, attribution.rank(j, r), int(c), name, float(probs[i]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
              _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
-             _cell(attribution.insertion_auc, j, r)]
-            for r, c in enumerate(classes)]
+             _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted]
+            for i, (r, c, name) in enumerate(zip(slots, classes, names))]
     return job, rows
+
+
+def describe_targets(prep: Prepared) -> dict[str, Any]:
+    """run.json's ``targets``: the question the run answered, with names resolved."""
+    spec = prep.targets
+    return {
+        "classes": [e if isinstance(e, str) else {"index": e, "name": prep.labels[e]} for e in spec.entries],
+        "top_k": spec.top_k, "output": spec.output,
+        "activation": targets.activation_for(spec.activation, prep.num_outputs),
+        "contrast": None if spec.contrast is None else {"index": spec.contrast, "name": prep.labels[spec.contrast]},
+        "explained": spec.describe(),
+        "truth_csv": None if prep.truth is None else str(prep.truth.path),
+        "images_with_label": None if prep.truth is None else sum(1 for rel in prep.images if prep.truth.of(rel)),
+    }
 
 
 def _cell(values, j: int, r: int) -> float | None:
@@ -310,14 +376,21 @@ def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer
            run_metrics: RunMetrics, overlay_path, values_path) -> None:
     """decode -> explain -> write, a step at a time, until done or a signal."""
     cfg = prep.config
-    top_k = min(cfg.output.top_k, prep.num_outputs)
+    spec, truth = prep.targets, prep.truth
     with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess,
                                           stop=lambda: stop.signal_name is not None)) as steps:
         for decoded in steps:  # decode: a thread, one step ahead
             for rel, exc in decoded.failed:
                 writer.failed(rel, str(exc))
+            good = decoded.good
+            if spec.uses_labels and truth is not None:  # asked for its label, an image needs one
+                for rel, _, _ in good:
+                    if truth.of(rel) is None:
+                        writer.failed(rel, f"no label in {truth.path.name} (targets.classes asks for "
+                                           f"the image's label)")
+                good = [item for item in good if truth.of(item[0]) is not None]
             # explain: on the device, in this thread
-            for items, result in explain_step(explainer, decoded.good, prep.device, top_k, cfg.seed):
+            for items, result in explain_step(explainer, good, prep.device, spec, cfg.seed, truth):
                 if not isinstance(result, Exception):
                     score_step(run_metrics, explainer, items, result, prep.device, cfg.seed)
                 for j, (rel, pixels, _) in enumerate(items):  # write: here or in the workers
@@ -342,7 +415,9 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     cfg = prep.config
     out_dir = prep.output_dir
     suffix = prep.shard.suffix if prep.shard else ""
-    summary = RunSummary(selected=len(prep.images), output_dir=out_dir)
+    # walk errors are reported once: by the unsharded run or shard 0
+    walk_errors = prep.walk_errors if prep.shard is None or prep.shard.index == 0 else []
+    summary = RunSummary(selected=len(prep.images) + len(walk_errors), output_dir=out_dir)
     names: dict[str, str] = {}
 
     def overlay_path(rel: str) -> Path:
@@ -359,12 +434,16 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         if options.overwrite:
             for p in (topk_path, errors_path):
                 p.unlink(missing_ok=True)
+            other = "png" if cfg.output.format == "svg" else "svg"  # stale overlays of the other format
+            remove_files(out_dir / "overlays" / f"{names[rel]}.{other}" for rel in prep.images)
         listed = read_csv_images(topk_path)
+        failed_before = read_csv_images(errors_path)
         from explain_cli.models import checkpoint_path
 
         ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
-        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json))
-        if listed or read_csv_images(errors_path):
+        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
+                                         None if prep.truth is None else prep.truth.path)
+        if listed or failed_before:
             resume.check_resume(run_json, fingerprint, out_dir)
             _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
                                           [("overlays", cfg.output.format), ("values", "npz")])
@@ -375,13 +454,23 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         if done:
             log.info("resuming: %d of %d images already done", len(done), len(prep.images))
         topk_log = CsvLog(topk_path, TOPK_COLUMNS, drop_images=set(todo) & listed)
-        errors_log = CsvLog(errors_path, ERROR_COLUMNS, drop_images=set(todo))
+        # errors.csv lists exactly the images of this input that still fail: rows of images
+        # retried now, already done, removed or excluded go; those this run did not select
+        # (--limit) stay
+        errors_log = CsvLog(errors_path, ERROR_COLUMNS,
+                            drop_images=failed_before - (set(prep.all_images) - set(prep.images)))
+        for rel, reason in walk_errors:
+            log.warning("%s: %s", rel, reason)
+        errors_log.append([list(problem) for problem in walk_errors])
+        summary.failed += len(walk_errors)
         run_info: dict[str, Any] = {
             "explain_cli": __version__, "status": "running", "started": now(),
             "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
             "config": resolved_dict(cfg), "shard": None if prep.shard is None else
             {"index": prep.shard.index, "count": prep.shard.count},
-            "images_found": len(prep.all_images), "limit": options.limit, "layer_tokens": prep.layer_tokens,
+            # a walk error is an entry too (errors.csv): merge checks every entry is listed once
+            "images_found": len(prep.all_images) + len(prep.walk_errors), "limit": options.limit, "layer_tokens": prep.layer_tokens,
+            "targets": describe_targets(prep),
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
@@ -389,7 +478,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         failure: str | None = None
 
         progress = Progress(len(todo), enabled=options.progress)
-        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline)
+        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline,
+                                 targets.activation_for(prep.targets.activation, prep.num_outputs))
         stop = StopFlag()
         writer = None
         explainer = None

@@ -1,6 +1,7 @@
 """One overlay figure per image, in the visual language of ``shap.image_plot``.
 
-Layout: the image, then one panel per top-k class (titled "name (probability)") showing the
+Layout: the image, then one panel per explained class (titled "name: p = probability", see
+``format_title``) showing the
 attribution summed over channels in red (positive) / blue (negative) over a faded grayscale
 copy of the image, all panels on one symmetric colour scale, and a horizontal "SHAP value"
 colour bar below. Unlike ``shap.image_plot`` it works for any k (shap raises for some k, e.g. 3),
@@ -85,8 +86,8 @@ _FONT_FAMILY = "DejaVu Sans, Bitstream Vera Sans, Arial, Helvetica, sans-serif"
 # from JSON ("\ud800") or surrogateescape'd bytes and cannot even be encoded as UTF-8.
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 _SPACE_CHARS = re.compile("[\t\n\r]+")
-# format_title's " (0.91)": kept whole when a title is cut
-_PROB_SUFFIX = re.compile(r" \([^()]*\)$")
+# format_title's ": p = 0.91" (or an older " (0.91)"): kept whole when a title is cut
+_PROB_SUFFIX = re.compile(r"(: p = [^:]*| \([^()]*\))$")
 
 
 def clean_text(text: object) -> str:
@@ -95,10 +96,15 @@ def clean_text(text: object) -> str:
     return _BAD_CHARS.sub("\ufffd", _SPACE_CHARS.sub(" ", str(text)))
 
 
-def format_title(name: str, probability: float) -> str:
-    """``"Egyptian cat (0.91)"``. Text is drawn literally (no mathtext: ``$`` is a character);
-    :func:`clean_text` makes any name safe to draw and to write into SVG."""
-    return f"{clean_text(name)} ({float(probability):.2f})"
+def format_title(name: str, probability: float, label: bool = False, contrast: str | None = None) -> str:
+    """``"Egyptian cat: p = 0.91"``; ``"normal (label): p = 0.48"`` for the image's own label;
+    ``"Egyptian cat rather than tiger cat: p = 0.91"`` for a contrast (p is the explained class's).
+    Text is drawn literally (no mathtext: ``$`` is a character); :func:`clean_text` makes any name
+    safe to draw and to write into SVG."""
+    head = clean_text(name) + (" (label)" if label else "")
+    if contrast is not None:
+        head += f" rather than {clean_text(contrast)}"
+    return f"{head}: p = {float(probability):.2f}"
 
 
 # --- fonts and text -----------------------------------------------------------------------------
@@ -144,7 +150,7 @@ def text_width_pt(text: str, size_pt: float) -> float:
 
 def fit_title(title: str, width_pt: float) -> tuple[str, float]:
     """Fit a title on one line over its panel: shrink long ones (down to 6 pt) and cut what
-    still does not fit with an ellipsis, keeping the " (0.91)" probability, so neighbouring
+    still does not fit with an ellipsis, keeping the ": p = 0.91" probability, so neighbouring
     titles never overlap. Returns (text, size in points)."""
     title = clean_text(title)
     width_pt *= 0.97  # room for hinting: glyphs drawn at a small pixel size can come out wider

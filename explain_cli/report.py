@@ -50,7 +50,8 @@ REPORT_NAME = "report.html"
 _SHARD = re.compile(r"^(topk|errors|run)\.shard-(\d+)-of-(\d+)\.(csv|json)$")
 
 # topk.csv columns that are not shown as their own column (identity or raw model numbers).
-_HIDDEN = {"image", "rank", "class_index", "class_name", "output", "base_value", "shap_sum"}
+_HIDDEN = {"image", "rank", "class_index", "class_name", "output", "base_value", "shap_sum", "target",
+           "explained", "label", "predicted"}
 
 # Known numeric columns: (key, label, tooltip, number format, which direction is better).
 _KNOWN = [
@@ -204,7 +205,9 @@ def _rank(text: str) -> int:
 
 
 def _table_data(outputs: RunOutputs, fmt: str) -> dict[str, Any]:
-    """One entry per image: file, overlay URL, classes in rank order, and each column's values."""
+    """One entry per image: file, overlay URL, the explained classes in the asked order (topk.csv's
+    order) with their ranks and why each was explained, the image's label and predicted class (when the
+    run has them), and each column's values."""
     cols = _columns(outputs)
     overlays = _list_overlays(outputs.output_dir)
     by_image: dict[str, list[dict[str, str]]] = {}
@@ -213,14 +216,23 @@ def _table_data(outputs: RunOutputs, fmt: str) -> dict[str, Any]:
         if image:
             by_image.setdefault(image, []).append(row)
     images = []
+    has_targets = "target" in outputs.topk_columns
     for image, rows in by_image.items():
-        rows.sort(key=lambda r: _rank(r.get("rank", "")))
-        images.append({
+        if not has_targets:  # an older run: its rows are the top k, in rank order
+            rows.sort(key=lambda r: _rank(r.get("rank", "")))
+        entry = {
             "f": image,
             "u": _overlay_url(image, fmt, overlays),
             "c": [r.get("class_name") or f"class {r.get('class_index', '?')}" for r in rows],
+            "r": [_rank(r.get("rank", "")) if r.get("rank") else None for r in rows],
+            "t": [r.get("target") or "" for r in rows],
             "v": [[_number(r.get(c["key"])) for r in rows] for c in cols],
-        })
+        }
+        if rows[0].get("label"):
+            entry["l"] = rows[0]["label"]
+        if rows[0].get("predicted"):
+            entry["p"] = rows[0]["predicted"]
+        images.append(entry)
     return {"columns": cols, "images": images}
 
 
@@ -522,6 +534,8 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 .pager button{font:inherit;padding:4px 12px;border:1px solid #cbd2d9;border-radius:6px;background:#fff;cursor:pointer}
 .pager button:disabled{opacity:.4;cursor:default}
 .empty{padding:30px;text-align:center;color:var(--muted)}
+.confusion td,.confusion th{text-align:center}.confusion td.agree{background:#eaf6ef}.confusion button{font:inherit;border:0;background:none;color:var(--accent);cursor:pointer;text-decoration:underline}
+td.lbl .ok{color:var(--ok)}td.lbl .bad{color:var(--bad)}.cls .tag{margin-left:6px;font-size:11px;padding:0 4px;border-radius:3px;background:#eef2f7;color:var(--muted)}
 @media (max-width:1000px){.tablewrap{overflow-x:auto}}
 @media (max-width:700px){main{padding:12px}.controls input{min-width:0;flex:1}#images td.thumb img{height:56px}}
 """
@@ -531,7 +545,7 @@ _SCRIPT = """
 (function () {
   var data = JSON.parse(document.getElementById("report-data").textContent);
   var cols = data.columns, images = data.images, ref = data.reference || {};
-  var state = {sort: "file", dir: 1, cls: "", text: "", page: 0, size: 100};
+  var state = {sort: "file", dir: 1, cls: "", label: "", text: "", page: 0, size: 100};
   var el = function (id) { return document.getElementById(id); };
   function make(tag, cls, text) {
     var n = document.createElement(tag);
@@ -557,7 +571,7 @@ _SCRIPT = """
     b.type = "button";
     b.addEventListener("click", function () {
       if (state.sort === key) state.dir = -state.dir;
-      else { state.sort = key; state.dir = (key === "file" || key === "class") ? 1 : -1; }
+      else { state.sort = key; state.dir = (key === "file" || key === "class" || key === "label") ? 1 : -1; }
       state.page = 0; render();
     });
     cell.appendChild(b);
@@ -566,29 +580,66 @@ _SCRIPT = """
   }
   head.appendChild(make("th", "", ""));
   th("file", "Image", "file name (relative to input.dir)");
-  th("class", "Top-k classes", "classes in rank order; sorts by the top-1 class");
+  var hasLabels = images.some(function (im) { return im.l !== undefined; });
+  if (hasLabels) th("label", "Label", "the image's label (targets.from_csv); \u2713 when the model's top class is the label");
+  th("class", "Explained classes", "the explained classes in the asked order, each with its rank among all outputs (1 = the model's top class); sorts by the first");
   cols.forEach(function (c, i) {
     var extra = ref[c.key] !== undefined ? "random " + fmt(ref[c.key], c.fmt) : "";
     th(String(i), c.label, c.title + (c.better ? " (" + c.better + "er is better)" : "") + "; sorts by the top-1 class", extra, "num");
   });
+  function predicted(im) { return im.p !== undefined ? im.p : im.c[0]; }
   // class filter: predicted (top-1) classes with their counts
   var counts = {};
-  images.forEach(function (im) { var c = im.c[0]; counts[c] = (counts[c] || 0) + 1; });
+  images.forEach(function (im) { var c = predicted(im); counts[c] = (counts[c] || 0) + 1; });
   var select = el("cls");
   Object.keys(counts).sort(function (a, b) { return counts[b] - counts[a] || (a < b ? -1 : a > b ? 1 : 0); })
     .forEach(function (c) { var o = make("option", "", c + " (" + counts[c] + ")"); o.value = c; select.appendChild(o); });
-  select.addEventListener("change", function () { state.cls = select.value; state.page = 0; render(); });
+  select.addEventListener("change", function () { state.cls = select.value; state.label = ""; state.page = 0; render(); });
   var text = el("q");
   text.addEventListener("input", function () { state.text = text.value.trim().toLowerCase(); state.page = 0; render(); });
   var size = el("size");
   size.addEventListener("change", function () { state.size = +size.value; state.page = 0; render(); });
   el("prev").addEventListener("click", function () { state.page--; render(); });
   el("next").addEventListener("click", function () { state.page++; render(); });
-  images.forEach(function (im) { im.s = (im.f + "\\n" + im.c.join("\\n")).toLowerCase(); });
+  images.forEach(function (im) { im.s = (im.f + "\\n" + im.c.join("\\n") + "\\n" + (im.l || "")).toLowerCase(); });
+  // label x predicted class: counts, each cell filters the table to its images
+  if (hasLabels) {
+    var labels = {}, preds = {}, cell = {};
+    images.forEach(function (im) {
+      if (im.l === undefined) return;
+      labels[im.l] = 1; preds[predicted(im)] = 1;
+      var k = im.l + "\\u0000" + predicted(im); cell[k] = (cell[k] || 0) + 1;
+    });
+    var lk = Object.keys(labels).sort(), pk = Object.keys(preds).sort();
+    var table = make("table", "grid confusion"), hr = make("tr");
+    hr.appendChild(make("th", "", "label \\u2193 / top class \\u2192"));
+    pk.forEach(function (p) { hr.appendChild(make("th", "", p)); });
+    table.appendChild(hr);
+    lk.forEach(function (l) {
+      var tr = make("tr"); tr.appendChild(make("th", "", l));
+      pk.forEach(function (p) {
+        var td = make("td", l === p ? "agree" : ""), n = cell[l + "\\u0000" + p] || 0;
+        if (n) {
+          var b = make("button", "", String(n)); b.type = "button";
+          b.title = "show the " + n + " image(s) labelled " + l + " whose top class is " + p;
+          b.addEventListener("click", function () { state.label = l; state.cls = p; select.value = p; state.page = 0; render(); });
+          td.appendChild(b);
+        } else td.textContent = "0";
+        tr.appendChild(td);
+      });
+      table.appendChild(tr);
+    });
+    var box = el("confusion");
+    box.appendChild(make("h2", "", "Label and top class"));
+    box.appendChild(make("p", "muted", "Images per label (rows) and the model's top class (columns); click a count to list those images."));
+    box.appendChild(table);
+    box.hidden = false;
+  }
 
   function value(im, key) {
     if (key === "file") return im.f;
     if (key === "class") return im.c[0];
+    if (key === "label") return im.l === undefined ? null : im.l;
     var v = im.v[+key];
     return v && v.length ? v[0] : null;
   }
@@ -616,8 +667,19 @@ _SCRIPT = """
     if (im.u) { var fa = make("a", "", im.f); fa.href = im.u; fa.target = "_blank"; fa.rel = "noopener"; f.appendChild(fa); }
     else f.textContent = im.f;
     tr.appendChild(f);
+    if (hasLabels) {
+      var lt = make("td", "lbl", im.l === undefined ? "" : im.l);
+      if (im.l !== undefined) lt.appendChild(make("span", predicted(im) === im.l ? "ok" : "bad", predicted(im) === im.l ? " \\u2713" : " \\u2717 " + predicted(im)));
+      tr.appendChild(lt);
+    }
     var c = make("td", "cls");
-    im.c.forEach(function (name, r) { var d = make("div"); d.appendChild(make("span", "rk", String(r + 1))); d.appendChild(document.createTextNode(name)); c.appendChild(d); });
+    im.c.forEach(function (name, r) {
+      var d = make("div"), rank = im.r && im.r[r] !== null && im.r[r] !== undefined ? im.r[r] : r + 1;
+      var rk = make("span", "rk", String(rank)); rk.title = "rank " + rank + " among all outputs" + (im.t && im.t[r] ? "; explained as " + im.t[r] : "");
+      d.appendChild(rk); d.appendChild(document.createTextNode(name));
+      if (im.t && im.t[r] && im.t[r].indexOf("label") >= 0) d.appendChild(make("span", "tag", "label"));
+      c.appendChild(d);
+    });
     tr.appendChild(c);
     cols.forEach(function (col, i) {
       var td = make("td", "num");
@@ -630,7 +692,8 @@ _SCRIPT = """
   }
   function render() {
     var shown = images.filter(function (im) {
-      return (!state.cls || im.c[0] === state.cls) && (!state.text || im.s.indexOf(state.text) >= 0);
+      return (!state.cls || predicted(im) === state.cls) && (!state.label || im.l === state.label) &&
+        (!state.text || im.s.indexOf(state.text) >= 0);
     });
     shown.sort(compare);
     var pages = Math.max(1, Math.ceil(shown.length / state.size));
@@ -676,6 +739,7 @@ _PAGE = """<!DOCTYPE html>
 <main>
 {summary}
 {errors}
+<section id="confusion" hidden></section>
 <section id="browse">
 <h2>Images</h2>
 <div class="controls">

@@ -16,8 +16,14 @@ where the outputs go (``output.dir``) and which files are written besides the CS
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
 ``model.checkpoint`` and ``labels`` are compared by content, not by path.
 
-Not covered: the source code of a ``python:`` model factory, and images replaced by other
-images under the same name.
+A ``python:`` factory's code decides the model as much as a checkpoint does (without one, its
+weights come from the code, e.g. its ``manual_seed``): the fingerprint also holds the SHA-256 of
+the factory's source file and of every module it imported from the config's folder. Editing any
+of them refuses the resume like a changed checkpoint. A folder that holds results but no readable
+run.json (deleted, say) is refused too: its settings cannot be checked.
+
+Not covered: installed packages a factory imports (their versions are in run.json), and images
+replaced by other images under the same name.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,12 @@ from explain_cli.errors import UserError
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
                 "output.format", "output.save_values", "model.checkpoint", "model.trust_checkpoint",
-                "labels"}
+                "labels", "targets.classes", "targets.contrast", "targets.from_csv.path"}
+#: Keys added after fingerprints existed, with the value that reproduces the older behaviour: an older
+#: run.json lacks them, and that is no difference when the new value is this one.
+NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "targets.from_csv": None,
+                    "targets.from_csv.image": None, "targets.from_csv.class": None,
+                    "targets.from_csv.separator": None}
 #: Config paths compared as absolute paths.
 PATH_KEYS = {"input.dir", "background.dir"}
 
@@ -79,17 +91,49 @@ def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> di
     return {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The result-affecting settings of ``config`` (see the module docstring)."""
+def model_code_files(config) -> list[Path]:
+    """The source files that define a ``python:`` model: the factory's module and every module
+    loaded from the config's folder (what the factory imported there). Call after the model is
+    built. Empty for torchvision, timm and torchscript."""
+    if not config.model.arch.startswith("python:"):
+        return []
+    module_name = config.model.arch.split(":", 1)[1].rpartition(":")[0]
+    base = os.path.realpath(config._base_dir)
+    own = os.path.dirname(os.path.realpath(__file__)) + os.sep  # explain-cli itself (a config at a repo root)
+    files = set()
+    factory_file = getattr(sys.modules.get(module_name), "__file__", None)
+    if factory_file:
+        files.add(os.path.realpath(factory_file))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(".py"):
+            real = os.path.realpath(path)
+            if real.startswith(base + os.sep) and not real.startswith(own) and "site-packages" not in real:
+                files.add(real)
+    return [Path(f) for f in sorted(files)]
+
+
+def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None = None,
+                targets: Any = None, truth_csv: Path | None = None) -> dict[str, Any]:
+    """The result-affecting settings of ``config`` (see the module docstring). ``targets`` (the resolved
+    ``targets.TargetSpec``) is compared by class index, so ``--class 3`` and ``targets.classes: [3]``
+    or a name and its index are the same question; the truth CSV by content."""
     from explain_cli.config import resolved_dict
 
     previous = previous or {}
     labels = config.resolve(config.labels) if config.labels else None
-    return {
+    old_code = previous.get("model_code") or {}
+    result = {
         "settings": _settings(resolved_dict(config), config._base_dir),
         "labels": file_digest(labels, previous.get("labels")),
         "checkpoint": file_digest(checkpoint, previous.get("checkpoint")),
+        "model_code": {str(p): file_digest(p, old_code.get(str(p))) for p in model_code_files(config)},
     }
+    if targets is not None:
+        result["targets"] = {"classes": list(targets.entries), "contrast": targets.contrast}
+    if truth_csv is not None:
+        result["truth_csv"] = file_digest(truth_csv, previous.get("truth_csv"))
+    return result
 
 
 def stored_fingerprint(run_json: Path) -> dict[str, Any] | None:
@@ -116,11 +160,26 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = []
     a, b = old.get("settings") or {}, new.get("settings") or {}
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in NEW_KEY_DEFAULTS and b.get(key) == NEW_KEY_DEFAULTS[key]:
+            continue  # a run.json from before the key existed: its behaviour was this default
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             diffs.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    default_targets = {"classes": ["top_k"], "contrast": None}
+    if (old.get("targets") or default_targets) != (new.get("targets") or default_targets):
+        diffs.append(f"targets: {old.get('targets') or default_targets} -> {new.get('targets') or default_targets}")
+    if (old.get("truth_csv") or {}).get("sha256") != (new.get("truth_csv") or {}).get("sha256"):
+        diffs.append("truth CSV (targets.from_csv) content changed" if old.get("truth_csv") and new.get("truth_csv")
+                     else "targets.from_csv added or removed")
     for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content")):
         if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
             diffs.append(f"{label} changed")
+    if "model_code" in old:
+        a, b = old.get("model_code") or {}, new.get("model_code") or {}
+        changed = sorted(f for f in set(a) | set(b)
+                         if (a.get(f) or {}).get("sha256") != (b.get(f) or {}).get("sha256"))
+        if changed:
+            diffs.append(f"model code changed ({', '.join(Path(f).name for f in changed[:4])}"
+                         f"{', ...' if len(changed) > 4 else ''})")
     return diffs
 
 
@@ -129,7 +188,9 @@ def check_resume(run_json: Path, current: dict[str, Any], output_dir: Path) -> N
     Call only when the folder already holds results (rows in topk/errors CSV)."""
     old = stored_fingerprint(run_json)
     if old is None:
-        return
+        raise UserError(f"{output_dir} holds results but {run_json.name} is missing or unreadable, so the "
+                        f"settings that made them cannot be checked and resuming could mix them. Use "
+                        f"--overwrite to redo every image, or another output.dir")
     diffs = differences(old, current)
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")

@@ -46,63 +46,131 @@ class DecodedStep:
     failed: list[tuple[str, ImageError]]
 
 
+def decode_one(input_dir: Path, rel: str, preprocess) -> tuple[str, np.ndarray, np.ndarray]:
+    """(rel, display pixels, model input) of one image; ImageError when it cannot be read."""
+    pixels, tensor = load_preprocessed(source_path(input_dir, rel), preprocess)
+    return rel, pixels, tensor
+
+
 def decode_step(input_dir: Path, rels: Sequence[str], preprocess) -> DecodedStep:
     step = DecodedStep([], [])
     for rel in rels:
         try:
-            pixels, tensor = load_preprocessed(source_path(input_dir, rel), preprocess)
-            step.good.append((rel, pixels, tensor))
+            step.good.append(decode_one(input_dir, rel, preprocess))
         except ImageError as exc:
             step.failed.append((rel, exc))
     return step
 
 
+#: Longest one image may take to read and decode before it becomes an errors.csv row (a read that
+#: hangs on a stalled network file system never returns). Far above a real decode: the largest
+#: image Pillow accepts (its decompression-bomb limit, ~179 Mpx) decodes in seconds.
+DECODE_TIMEOUT_S = 120.0
+
+
+class _ChunkDecode:
+    """One decode thread's work on one step, from image ``position`` on; the consumer may
+    abandon it (a hung image), taking over what it decoded so far."""
+
+    def __init__(self, index: int, position: int, step: DecodedStep) -> None:
+        self.index = index
+        self.position = position
+        self.started = time.monotonic()  # of the image at ``position``
+        self.step = step
+        self.abandoned = False
+        self.lock = threading.Lock()
+
+    def run(self, input_dir: Path, rels: Sequence[str], preprocess, results: queue.Queue) -> None:
+        try:
+            for pos in range(self.position, len(rels)):
+                with self.lock:
+                    if self.abandoned:
+                        return
+                    self.position, self.started = pos, time.monotonic()
+                try:
+                    item, bad = decode_one(input_dir, rels[pos], preprocess), None
+                except ImageError as exc:
+                    item, bad = None, (rels[pos], exc)
+                with self.lock:
+                    if self.abandoned:
+                        return
+                    if bad is None:
+                        self.step.good.append(item)
+                    else:
+                        self.step.failed.append(bad)
+            with self.lock:
+                self.position = len(rels)
+            results.put((self, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            results.put((self, exc))
+
+    def take_over_if_hung(self, rels: Sequence[str], timeout: float) -> DecodedStep | None:
+        """When the current image has taken longer than ``timeout``: abandon this thread and
+        return what it decoded, the hung image as failed, for the next thread to continue."""
+        with self.lock:
+            if self.abandoned or self.position >= len(rels) or time.monotonic() - self.started <= timeout:
+                return None
+            self.abandoned = True
+            rel = rels[self.position]
+            reason = ImageError(f"reading and decoding took longer than {timeout:g} s (a hung read, "
+                                f"e.g. a stalled network file system?); skipped")
+            return DecodedStep(list(self.step.good), list(self.step.failed) + [(rel, reason)])
+
+
 def decoded_steps(input_dir: Path, todo: list[str], step: int, preprocess,
-                  stop: Callable[[], bool] = lambda: False, poll: float = 0.25) -> Iterator[DecodedStep]:
+                  stop: Callable[[], bool] = lambda: False, poll: float = 0.25,
+                  timeout: float | None = None) -> Iterator[DecodedStep]:
     """Decode ``todo`` in steps of ``step`` images, one step ahead of the consumer (a thread:
     Pillow's decoding and numpy release the GIL).
 
     The consumer never waits on the decoder blindly: while a step is not ready it checks
     ``stop()`` every ``poll`` seconds and ends the iteration when it says so, so a stop request
-    ends the run within seconds even if a read hangs (a stalled network file system). The
-    decoder is a daemon thread for the same reason: a hung read cannot keep the process alive.
+    ends the run within seconds even if a read hangs (a stalled network file system). An image
+    that takes longer than ``timeout`` (default DECODE_TIMEOUT_S) becomes a failed image of its
+    step and a new thread goes on with the next one; the hung thread is a daemon, abandoned (a
+    hung read cannot be cancelled, and cannot keep the process alive).
     """
+    timeout = DECODE_TIMEOUT_S if timeout is None else timeout
     chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
     if not chunks:
         return
-    requests: queue.Queue = queue.Queue()
     results: queue.Queue = queue.Queue()
-    closed = threading.Event()
 
-    def decoder() -> None:
-        while True:
-            index = requests.get()
-            if index is None or closed.is_set():
-                return
-            try:
-                results.put((index, decode_step(input_dir, chunks[index], preprocess), None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                results.put((index, None, exc))
+    def start(index: int, position: int, partial: DecodedStep) -> _ChunkDecode:
+        work = _ChunkDecode(index, position, partial)
+        threading.Thread(target=work.run, args=(input_dir, chunks[index], preprocess, results),
+                         name="decode", daemon=True).start()
+        return work
 
-    thread = threading.Thread(target=decoder, name="decode", daemon=True)
-    thread.start()
-    requests.put(0)
+    work = start(0, 0, DecodedStep([], []))
     try:
         for i in range(len(chunks)):
-            while True:
+            current = None
+            while current is None:
                 try:
-                    index, current, error = results.get(timeout=poll)
-                    break
+                    done, error = results.get(timeout=poll)
                 except queue.Empty:
                     if stop():
                         return
-            if error is not None:
-                raise error
-            requests.put(i + 1 if i + 1 < len(chunks) else None)
+                    partial = work.take_over_if_hung(chunks[i], timeout)
+                    if partial is not None:
+                        resume_at = len(partial.good) + len(partial.failed)
+                        if resume_at < len(chunks[i]):
+                            work = start(i, resume_at, partial)
+                        else:
+                            current = partial
+                    continue
+                if done is not work:
+                    continue  # an abandoned thread whose read came back after all
+                if error is not None:
+                    raise error
+                current = done.step
+            if i + 1 < len(chunks):
+                work = start(i + 1, 0, DecodedStep([], []))
             yield current
     finally:
-        closed.set()
-        requests.put(None)
+        with work.lock:
+            work.abandoned = True
 
 
 # --- write ------------------------------------------------------------------------------------
@@ -140,8 +208,8 @@ def _worker_init(parent_pid: int) -> None:
     Slurm's SIGTERM reach every process of the job; the main process finishes the writes in
     flight, then shuts the pool down), and exit if the main process disappears (SIGKILL, OOM
     kill), so no worker is ever orphaned."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent while it spawned us
 
     def watch() -> None:
@@ -294,12 +362,12 @@ class Writer:
         return None
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a worker may be spawned: the child inherits the blocked mask,
+    """Hold SIGINT/SIGTERM/SIGHUP while a worker may be spawned: the child inherits the blocked mask,
     so a signal arriving before its initializer has set them to 'ignore' cannot kill it (that
     would break the pool). The main process gets the held signals right after."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

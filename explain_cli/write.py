@@ -31,6 +31,7 @@ TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
     "stability", "deletion_auc", "insertion_auc",
+    "target", "explained", "label", "predicted",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
@@ -91,9 +92,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomically; on a full disk, overwrite the existing file in place when the new text fits
-    (run.json is padded to a whole 4 KiB block, so its final status can always be recorded)."""
+    (run.json is padded to whole 4 KiB blocks with at least 2 KiB to spare, so its final status,
+    counts and metrics can always be recorded)."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
-    pad = -(len(text.encode("utf-8")) + 1) % 4096
+    pad = -(len(text.encode("utf-8")) + 1 + 2048) % 4096 + 2048
     body = (text + " " * pad + "\n").encode("utf-8")
     try:
         atomic_write_bytes(path, body)
@@ -233,6 +235,12 @@ class CsvLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def remove_files(paths: Iterable[Path]) -> None:
+    """Unlink each path that exists (e.g. overlays of the other format on --overwrite)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def read_csv_images(path: Path) -> set[str]:

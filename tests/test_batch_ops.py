@@ -46,10 +46,13 @@ def read_rows(path: Path) -> list[list[str]]:
 def assert_rows_close(got: list[list[str]], want: list[list[str]], rel: float = 1e-4, abs_: float = 1e-6) -> None:
     """topk rows equal: image, rank, class exactly; the floats up to the last printed digits
     (a batch of other images can change float32 round-off, not the seeded draws)."""
-    assert [r[:4] for r in got] == [r[:4] for r in want]
+    numeric = slice(4, TOPK_COLUMNS.index("insertion_auc") + 1)  # probability .. insertion_auc
+    text = slice(numeric.stop, None)  # target, explained, label, predicted
+    assert [r[:4] + r[text] for r in got] == [r[:4] + r[text] for r in want]
     for g, w in zip(got, want):
-        assert [x == "" for x in g[4:]] == [x == "" for x in w[4:]], (g, w)  # blank: not computed
-        assert [float(x) for x in g[4:] if x] == pytest.approx([float(x) for x in w[4:] if x], rel=rel, abs=abs_), (g, w)
+        assert [x == "" for x in g[numeric]] == [x == "" for x in w[numeric]], (g, w)  # blank: not computed
+        assert [float(x) for x in g[numeric] if x] == pytest.approx([float(x) for x in w[numeric] if x],
+                                                                    rel=rel, abs=abs_), (g, w)
 
 
 def images_of(path: Path) -> set[str]:

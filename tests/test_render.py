@@ -79,12 +79,21 @@ def _box(lay, i: int, dpi: int) -> tuple[int, int, int, int]:
 # --- titles -----------------------------------------------------------------------------------
 
 def test_format_title_is_literal_and_cleaned():
-    assert format_title("Egyptian cat", 0.9134) == "Egyptian cat (0.91)"
-    assert format_title("fish $x$", 0.5) == "fish $x$ (0.50)"  # no mathtext: nothing escaped
-    assert format_title("50% off_\\path", 0.5) == "50% off_\\path (0.50)"
+    assert format_title("Egyptian cat", 0.9134) == "Egyptian cat: p = 0.91"
+    assert format_title("fish $x$", 0.5) == "fish $x$: p = 0.50"  # no mathtext: nothing escaped
+    assert format_title("50% off_\\path", 0.5) == "50% off_\\path: p = 0.50"
     # characters XML cannot hold, lone surrogates and line breaks never reach the SVG
-    assert format_title("a\x01b\nc\r\n\td", 0.5) == "a\ufffdb c d (0.50)"
-    assert format_title("x\ud800y\udfff", 0.5) == "x\ufffdy\ufffd (0.50)"
+    assert format_title("a\x01b\nc\r\n\td", 0.5) == "a\ufffdb c d: p = 0.50"
+    assert format_title("x\ud800y\udfff", 0.5) == "x\ufffdy\ufffd: p = 0.50"
+    # the image's own label, and a contrast (targets)
+    assert format_title("normal", 0.48, label=True) == "normal (label): p = 0.48"
+    assert format_title("Egyptian cat", 0.37, contrast="tiger\ncat") == "Egyptian cat rather than tiger cat: p = 0.37"
+
+
+def test_long_title_keeps_its_probability_when_cut():
+    title = format_title("a very long class name " * 8, 0.25, contrast="another long class name " * 4)
+    text, size = fit_title(title, 120.0)
+    assert text.endswith("\u2026: p = 0.25") and size == 6.0
 
 
 def test_svg_parses_and_holds_class_names_literally(tmp_path):
@@ -94,7 +103,7 @@ def test_svg_parses_and_holds_class_names_literally(tmp_path):
     raw = path.read_text(encoding="utf-8")
     texts = _texts(_svg_root(path))
     for name in TRICKY:
-        assert f"{name} (0.50)" in texts, (name, texts)  # one <text> each, drawn literally
+        assert f"{name}: p = 0.50" in texts, (name, texts)  # one <text> each, drawn literally
     assert "SHAP value" in texts
     assert "cat &amp; dog" in raw and "&lt;bird&gt;" in raw and "fish $x$" in raw
 
@@ -444,7 +453,7 @@ def test_hostile_titles_give_valid_files(tmp_path):
             expected = "".join(c if _xml_char(c) and not 0x7F <= ord(c) <= 0x9F else "\ufffd"
                                for c in re.sub("[\t\n\r]+", " ", title))
             assert text == expected or (text.endswith("\u2026") and expected.startswith(text[:-1].rstrip())) \
-                or (text.endswith(")") and "\u2026 (" in text), (title, text)
+                or (text.endswith(")") and "\u2026 (" in text) or "\u2026: p = " in text, (title, text)
         _png(tmp_path / f"h{attempt}.png")
     # the case: a lone surrogate from JSON kills nothing and reads as U+FFFD
     render_overlay(_image(), _values(1), ["\ud800 (0.50)"], tmp_path / "s.svg")
@@ -456,16 +465,16 @@ def test_long_titles_are_cut_to_their_panel(tmp_path):
     titles = [format_title(long_name, 0.5), format_title("short", 0.25)]
     lay = layout(2, (16, 16))
     text, size = fit_title(titles[0], lay.title_width)
-    assert text.endswith("\u2026 (0.50)") and text.startswith("very long class name")
+    assert text.endswith("\u2026: p = 0.50") and text.startswith("very long class name")
     assert len(text) < 60 and text_width_pt(text, size) <= lay.title_width
-    assert fit_title(titles[1], lay.title_width) == ("short (0.25)", 9.0)
+    assert fit_title(titles[1], lay.title_width) == ("short: p = 0.25", 9.0)
     # a bit too long for 9 pt: shrunk, not cut
     medium = format_title("a rather long but still reasonable name", 0.5)
     text, size = fit_title(medium, lay.title_width)
     assert text == medium and 6.0 <= size < 9.0
 
     root = ET.fromstring(overlay_bytes(_image(), _values(2), titles, fmt="svg"))
-    assert [t for t in _texts(root) if "(0.50)" in t] == [fit_title(titles[0], lay.title_width)[0]]
+    assert [t for t in _texts(root) if "p = 0.50" in t] == [fit_title(titles[0], lay.title_width)[0]]
     (tooltip,) = [e.text for e in root.iter(f"{SVG}title")]  # the long name as a tooltip, bounded
     assert tooltip.startswith(long_name[:3000]) and len(tooltip) <= 4001
 

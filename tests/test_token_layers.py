@@ -221,6 +221,12 @@ def mixer():
     (mixer, "blocks.1", SIZE, 0, [4, 4], False),
     (lambda: timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=5), "stages.1", 64, 0, [4, 4], True),
     (lambda: timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=5), "stages.2", 64, 0, [2, 2], True),
+    # the class token joins only in the late class-attention blocks: none at the early blocks (issue 21)
+    (lambda: timm.create_model("cait_xxs24_224", pretrained=False, img_size=SIZE, patch_size=8, depth=2,
+                               embed_dim=32, num_heads=2, depth_token_only=1, num_classes=5), "blocks.1", SIZE, 0,
+     [4, 4], False),
+    (lambda: timm.create_model("xcit_nano_12_p8_224", pretrained=False, img_size=SIZE, depth=2, embed_dim=32,
+                               num_heads=2, cls_attn_layers=1, num_classes=5), "blocks.1", SIZE, 0, [4, 4], True),
 ])
 def test_token_grid_of_each_family(factory, layer_name, size, prefix, grid, assumed, caplog):
     model = factory().eval()
@@ -406,3 +412,61 @@ def test_layer_of_a_torchscript_model_is_refused():
     layer = resolve_layer(mixed, "0.1")
     with pytest.raises(ConfigError, match="TorchScript"):
         check_layer_input(mixed, layer, "0.1", 8)
+
+
+CHANNELS_LAST_NET = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Stage(nn.Module):
+        """Takes (N, H, W, C) maps, as the stages of timm's Swin, MambaOut or VOLO do."""
+
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return x + torch.nn.functional.gelu(self.mix(x))
+
+
+    class Net(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 4, stride=4)
+            self.stage = Stage()
+            self.head = nn.Linear(6, num_classes)
+
+        def forward(self, x):
+            return self.head(self.stage(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+    def make(num_classes=3):
+        torch.manual_seed(0)
+        return Net(num_classes)
+''')
+
+
+def test_validate_and_run_at_a_channels_last_layer(tiny_project):
+    """validate says the layer takes (H, W, C) maps; run saves them as (C, H, W) and records the layout."""
+    (tiny_project / "nhwc.py").write_text(CHANNELS_LAST_NET)
+    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
+    config["model"].update({"arch": "python:nhwc:make", "checkpoint": None, "layer": "stage"})
+    config["explainer"] = {"name": "deep"}
+    config["output"]["save_values"] = True
+    path = tiny_project / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "# layer input: (H, W, C) maps, saved and drawn as (C, H, W)" in result.output
+    result = runner.invoke(app, ["layers", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "channels last" in lines["stage"] and "channels last" not in lines["stem"]
+    result = runner.invoke(app, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    out = tiny_project / "out"
+    assert json.loads((out / "run.json").read_text())["layer_tokens"]["layout"] == "(H, W, C)"
+    with np.load(out / "values" / "three.bmp.npz") as npz:
+        assert npz["values"].shape == (2, 6, 4, 4)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+log = logging.getLogger("explain_cli")
 
 
 def chunk_ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -44,12 +48,12 @@ def forward_in_chunks(model: torch.nn.Module, inputs: torch.Tensor, batch_size: 
         return torch.cat([as_2d(model(inputs[a:b])) for a, b in chunk_ranges(inputs.shape[0], size)])
 
 
-def rank_outputs(outputs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k classes on the raw model output (as shap's ranked_outputs) and their softmax probabilities."""
-    k = min(top_k, outputs.shape[1])
-    classes = torch.argsort(outputs, dim=1, descending=True, stable=True)[:, :k]
-    probabilities = torch.softmax(outputs.float(), dim=1).gather(1, classes)
-    return classes, probabilities
+def two_rows(x: torch.Tensor) -> torch.Tensor:
+    """A batch of one row as two copies of it (others unchanged), for passes that take gradients: in
+    torch 2.14 the CPU batch-norm backward is wrong for a batch of one when the incoming gradient is
+    strided (after ``flatten(2).transpose(1, 2)`` and a strided slice, as in LeViT and XCiT): gradients
+    off by ~100% at ``batch_size: 1`` or in a last chunk of one row. The caller uses the first row."""
+    return torch.cat([x, x]) if x.shape[0] == 1 else x
 
 
 class LayerInput:
@@ -105,11 +109,14 @@ class TokenGrid:
     grid: tuple[int, int]
     found: str  # where the numbers come from, for the log and run.json
     assumed: bool = False  # True when inferred from the token count alone
+    order: tuple[int, ...] | None = None  # the patch token of each grid cell (row-major), when not in order
 
     def to_map(self, tokens: torch.Tensor) -> torch.Tensor:
         """(..., tokens, C) -> (..., C, h, w), prefix tokens dropped."""
         h, w = self.grid
         patches = tokens[..., self.prefix:, :]
+        if self.order is not None:
+            patches = patches[..., torch.tensor(self.order, device=tokens.device), :]
         return patches.reshape(*tokens.shape[:-2], h, w, tokens.shape[-1]).movedim(-1, -3)
 
     def describe(self) -> dict:
@@ -154,12 +161,51 @@ def _prefix_of(module: torch.nn.Module) -> tuple[int, str] | None:
     return None
 
 
+def _unrolled_order(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGrid | None:
+    """Hiera (timm) keeps its tokens in "unrolled" order (mask units interleaved) until its last
+    stage; its ``reroll`` module knows, per block, how to put them back. The input of ``blocks.K``
+    is the output of ``blocks.K-1`` (of the unrolling for K = 0): reroll a token index through that
+    block's schedule to get the token of each grid cell. None for other models; ConfigError for a
+    Hiera layer that is not a block's input."""
+    from explain_cli.errors import ConfigError
+
+    for name, module in _ancestors(model, layer_name):
+        reroll = getattr(module, "reroll", None)
+        if not (isinstance(getattr(reroll, "schedule", None), dict) and hasattr(module, "unroll")):
+            continue
+        inner = layer_name[len(name) + 1:] if name else layer_name
+        parts = inner.split(".")
+        if len(parts) != 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ConfigError("model.layer", f"layer '{layer_name}' holds {type(module).__name__}'s tokens in its "
+                                             "\"unrolled\" order (mask units interleaved), which only a block's "
+                                             "input can be put back into grid order from: choose 'blocks.K', or "
+                                             "'input'")
+        block = max(int(parts[1]) - 1, 0)
+        _, size = reroll.schedule[block]
+        if len(size) != 2 or size[0] * size[1] != tokens:
+            raise ConfigError("model.layer", f"layer '{layer_name}' takes {tokens} tokens but "
+                                             f"{type(module).__name__}'s schedule expects a {size} grid there")
+        index = torch.arange(tokens, dtype=torch.float64).view(1, tokens, 1)
+        with torch.no_grad():
+            order = reroll(index, block).reshape(-1).round().long().tolist()
+        return TokenGrid(0, (int(size[0]), int(size[1])), f"{type(module).__name__} unrolled token order, put back "
+                         f"by its reroll schedule of block {block}", order=tuple(order))
+    return None
+
+
 def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGrid:
     """Map the ``tokens`` of the input of ``layer_name`` onto the patch grid, from what the model
     (or the nearest module containing the layer) declares; otherwise, if the token count minus the
-    known prefix is a perfect square, that square (``assumed``). ConfigError when neither works."""
+    known prefix is a perfect square, that square (``assumed``). ConfigError when neither works.
+
+    The prefix is counted per layer: XCiT and CaiT add their class token only in the late
+    class-attention blocks, so an early block holds the patch tokens alone although the model
+    declares one prefix token (the token count equals the grid there)."""
     from explain_cli.errors import ConfigError
 
+    unrolled = _unrolled_order(model, layer_name, tokens)
+    if unrolled is not None:
+        return unrolled
     prefix: tuple[int, str] | None = None
     grid: tuple[tuple[int, int], str] | None = None
     for _, module in _ancestors(model, layer_name):
@@ -172,13 +218,21 @@ def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGri
         if prefix is not None and grid is not None:
             break
     count = prefix[0] if prefix is not None else 0
-    if grid is not None and count + grid[0][0] * grid[0][1] == tokens:
-        return TokenGrid(count, grid[0], f"{prefix[1] if prefix else 'no prefix'}, {grid[1]}")
-    side = math.isqrt(max(tokens - count, 0))
-    if side > 0 and side * side == tokens - count:
-        why = prefix[1] if prefix is not None else "none declared by the model"
-        return TokenGrid(count, (side, side), f"prefix tokens: {why}; square grid from the token count",
-                         assumed=True)
+    if grid is not None:
+        cells = grid[0][0] * grid[0][1]
+        if count + cells == tokens:
+            return TokenGrid(count, grid[0], f"{prefix[1] if prefix else 'no prefix'}, {grid[1]}")
+        if count and cells == tokens:
+            return TokenGrid(0, grid[0], f"no prefix tokens at this layer ({tokens} tokens = the grid; "
+                                         f"{prefix[1]} counts tokens added by later blocks), {grid[1]}")
+    for candidate in ((count, 0) if count else (0,)):
+        side = math.isqrt(max(tokens - candidate, 0))
+        if side > 0 and side * side == tokens - candidate:
+            why = prefix[1] if prefix is not None else "none declared by the model"
+            if candidate != count:
+                why = f"none at this layer ({tokens} tokens are a square; {why} counts tokens added later)"
+            return TokenGrid(candidate, (side, side), f"prefix tokens: {why}; square grid from the token count",
+                             assumed=True)
     declared = (f"the model declares {count} prefix token(s) ({prefix[1]})" if prefix is not None
                 else "the model declares no prefix-token count")
     if grid is not None:
@@ -189,13 +243,130 @@ def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGri
                                      "(N, C, H, W) feature map or a ViT block, or 'input'")
 
 
-def layer_map(values: torch.Tensor, model: torch.nn.Module, layer_name: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class MapLayout:
+    """Where the channels of a 4-D layer input sit: ``(C, H, W)`` (``channels_last`` False) or
+    ``(H, W, C)`` (timm's Swin, MambaOut, Sequencer2d, VOLO and torchvision's swin_t stages)."""
+
+    channels_last: bool
+    found: str  # the evidence, for the log and run.json
+
+    def to_map(self, values: torch.Tensor) -> torch.Tensor:
+        """(..., C, H, W) or (..., H, W, C) -> (..., C, H, W)."""
+        return values.movedim(-1, -3) if self.channels_last else values
+
+    def describe(self) -> dict:
+        """The run.json entry ``layer_layout``."""
+        return {"layout": "(H, W, C)" if self.channels_last else "(C, H, W)", "from": self.found}
+
+
+def map_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, layer_name: str) -> MapLayout:
+    """The channel dimension of a 4-D layer input ``shape`` (batch first, from a square image),
+    from evidence, not the rank alone: ``probe`` is its shape for an image of another size (None
+    when the model refuses other sizes), whose changed dimensions are the spatial ones; without it,
+    the two spatial dimensions are the equal pair (a square image gives a square map). ConfigError
+    when neither tells the layouts apart (e.g. (N, 8, 8, 8) from a model of one fixed input size)."""
+    from explain_cli.errors import ConfigError
+
+    _, a, b, c = shape
+    if probe is not None and len(probe) == 4:
+        changed = [d for d in (1, 2, 3) if probe[d] != shape[d]]
+        if changed == [2, 3]:
+            return MapLayout(False, f"dimensions 2, 3 follow the input size (probe: {tuple(probe)})")
+        if changed == [1, 2]:
+            return MapLayout(True, f"dimensions 1, 2 follow the input size (probe: {tuple(probe)})")
+    first, last = b == c, a == b
+    if first and not last:
+        return MapLayout(False, "dimensions 2, 3 are the equal (square) pair")
+    if last and not first:
+        return MapLayout(True, "dimensions 1, 2 are the equal (square) pair")
+    why = "all three are equal" if first else "no two spatial dimensions are equal"
+    raise ConfigError("model.layer", f"the input of layer '{layer_name}' has shape {tuple(shape)}: (N, C, H, W) or "
+                                     f"(N, H, W, C) cannot be told apart ({why}, and the model does not run at "
+                                     "another input size to show which dimensions are spatial); choose another "
+                                     "layer, or 'input'")
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def layer_layout(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str, shape: tuple[int, ...],
+                 size: int) -> MapLayout:
+    """:func:`map_layout` of ``layer``'s 4-D input ``shape`` (seen at ``size`` px), probing the model
+    once at twice that size; cached per layer module, shape and size (validate and every explainer
+    ask the same question)."""
+    key = (tuple(shape[1:]), int(size))
+    cache = _LAYOUTS.setdefault(layer, {})
+    if key not in cache:
+        cache[key] = map_layout(tuple(shape), _probe_shape(model, layer, 2 * size), layer_name)
+    return cache[key]
+
+
+def _probe_shape(model: torch.nn.Module, layer: torch.nn.Module, size: int) -> tuple[int, ...] | None:
+    """The shape of ``layer``'s first input for one zero image of ``size`` px (None: the model fails)."""
+    seen: list[tuple[int, ...]] = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if not seen and args and isinstance(args[0], torch.Tensor):
+            seen.append(tuple(args[0].shape))
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+    except Exception:  # noqa: BLE001 - a model of one fixed input size: no evidence from this probe
+        return None
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
+def layer_map(values: torch.Tensor, model: torch.nn.Module, layer_name: str,
+              layer: torch.nn.Module | None = None, size: int | None = None) -> torch.Tensor:
     """Per-image attributions (N, k, *layer input shape) as (N, k, C, h, w): a token layer's
-    (N, k, tokens, C) goes onto the patch grid, its prefix tokens dropped; a feature map's or the
-    input's (N, k, C, H, W) is returned as it is."""
-    if values.dim() != 4:
+    (N, k, tokens, C) goes onto the patch grid, its prefix tokens dropped; a feature map is put in
+    (C, H, W) order by :func:`layer_layout` (given ``layer`` and the input ``size``); the input's
+    (N, k, C, H, W) is returned as it is."""
+    if values.dim() == 4:
+        return token_grid(model, layer_name, values.shape[2]).to_map(values).contiguous()
+    if layer is None or size is None:
         return values
-    return token_grid(model, layer_name, values.shape[2]).to_map(values).contiguous()
+    layout = layer_layout(model, layer, layer_name, (1,) + tuple(values.shape[2:]), size)
+    return layout.to_map(values).contiguous()
+
+
+CANCELLING = 1e-3  # channel sums below this fraction of the values: the map cancels (rounding is ~1e-6)
+
+
+def warn_if_cancelling(values: torch.Tensor, layer_name: str, explainer: str, warned: set[str]) -> None:
+    """Warn once per layer when every map of a (N, k, C, H, W) batch cancels across its channels: the
+    overlay (the channel sum) would be blank although the per-channel values are not zero."""
+    if layer_name == "input" or layer_name in warned:
+        return
+    ratio = cancelling_channels(values)
+    if ratio < CANCELLING:
+        warned.add(layer_name)
+        log.warning("%s at layer '%s': the map cancels across channels (channel sums are %.1e of the values), "
+                    "so the overlay is blank. shap's layer attribution (%s) sums to zero over the channels of "
+                    "an input that is normalised over its channels next (a LayerNorm at the start of the layer "
+                    "is scale-invariant); explain a layer after that normalisation (e.g. a submodule of the "
+                    "first block)%s", explainer, layer_name, ratio,
+                    "gradient x layer input" if explainer == "gradient" else "multiplier x difference",
+                    ", or use the deep explainer" if explainer == "gradient" else "")
+
+
+def cancelling_channels(values: torch.Tensor) -> float:
+    """How much of a (N, k, C, H, W) map survives the channel sum the overlay draws: the largest
+    ``sum |sum_c v| / sum |v|`` over the maps (1: no cancellation; ~1e-6: rounding of an exact zero,
+    as shap's gradient-times-input gives right after a normalisation over the channels)."""
+    total = values.abs().sum(2).flatten(2).sum(2)
+    summed = values.sum(2).abs().flatten(2).sum(2)
+    ratio = summed / total.clamp_min(torch.finfo(values.dtype).tiny)
+    ratio = torch.where(total > 0, ratio, torch.ones_like(ratio))
+    return float(ratio.max()) if ratio.numel() else 1.0
 
 
 @contextmanager

@@ -68,6 +68,13 @@ class Attribution:
         for explainers with random draws; None for deterministic ones (partition).
     deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
         ``metrics`` asks for it (``metrics.faithfulness``).
+    ranks, reasons, valid, top_class: from the class selection (``targets.Selection``): each class's
+        rank among all outputs (1 = top), why it was chosen ("top_k", "label", "class", joined by
+        "+"), which of the k slots are real (images of a batch may be asked fewer classes: the rest
+        is padding the writers skip), and each image's top class. None: the k slots are the top k.
+
+    With ``targets.output`` other than logit, or a contrast, ``outputs``, ``base_values`` and
+    ``shap_sum`` are in the explained quantity (``targets.TargetSpec.explained``).
     """
 
     values: np.ndarray
@@ -80,6 +87,21 @@ class Attribution:
     stability: np.ndarray | None = None
     deletion_auc: np.ndarray | None = None
     insertion_auc: np.ndarray | None = None
+    ranks: np.ndarray | None = None
+    reasons: list[list[str]] | None = None
+    valid: np.ndarray | None = None
+    top_class: np.ndarray | None = None
+
+    def slots(self, j: int) -> list[int]:
+        """The real (not padding) class slots of image ``j``, in the asked order."""
+        k = self.classes.shape[1]
+        return [r for r in range(k) if self.valid is None or bool(self.valid[j, r])]
+
+    def rank(self, j: int, r: int) -> int:
+        return int(self.ranks[j, r]) if self.ranks is not None else r + 1
+
+    def reason(self, j: int, r: int) -> str:
+        return self.reasons[j][r] if self.reasons is not None else "top_k"
 
     @property
     def additivity_error(self) -> np.ndarray:
@@ -102,8 +124,10 @@ class Explainer(ABC):
         self.settings = context.settings
 
     @abstractmethod
-    def explain(self, images: "torch.Tensor", top_k: int, seeds: Sequence[int]) -> Attribution:  # noqa: F821
-        """Explain the top-k classes of each image.
+    def explain(self, images: "torch.Tensor", targets: "BatchTargets | int",  # noqa: F821
+                seeds: Sequence[int]) -> Attribution:
+        """Explain the classes ``targets`` selects for each image (``targets.as_targets``: an
+        integer k means the top k, as logits).
 
         images: (N, C, H, W) preprocessed batch on ``context.device``.
         seeds: one integer per image; an image's numbers depend only on its seed, never on

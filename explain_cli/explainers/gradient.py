@@ -62,6 +62,7 @@ from explain_cli import metrics
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 # Smoothing noise is generated per image in blocks of this many samples, independent of batch_size,
 # so that the random stream (and hence the result) does not depend on how the rows are chunked.
@@ -122,22 +123,25 @@ class Explainer(base.Explainer):
 
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
-        self._background_mean: torch.Tensor | None = None
+        self._background_outputs: torch.Tensor | None = None
+        self._warned_layers: set[str] = set()  # layers whose map cancels, warned about
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def background_mean(self) -> torch.Tensor:
-        """Mean model output over the background, computed once per explainer (lazily)."""
-        if self._background_mean is None:
+    def background_outputs(self) -> torch.Tensor:
+        """Model outputs (B, C) of the background, computed once per explainer (lazily): the base
+        value of a class is the mean of its explained quantity over them."""
+        if self._background_outputs is None:
             with _utils.frozen_parameters(self.context.model):
                 outputs = _utils.forward_in_chunks(self.context.model, self.context.background, self.context.batch_size)
-            self._background_mean = outputs.float().mean(0)
-        return self._background_mean
+            self._background_outputs = outputs.float()
+        return self._background_outputs
 
     # -- main ------------------------------------------------------------------------------
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
+        targets = as_targets(targets)
         settings: Settings = self.settings  # type: ignore[assignment]
         model = ctx.model
         layer = ctx.layer
@@ -154,10 +158,11 @@ class Explainer(base.Explainer):
         with _utils.frozen_parameters(model):
             # Rank on the raw output of the un-noised images.
             raw = _utils.forward_in_chunks(model, images, ctx.batch_size)
-            classes, probabilities = _utils.rank_outputs(raw, top_k)
+            selection = targets.select(raw)
+            classes = selection.classes
             k = classes.shape[1]
-            outputs = raw.gather(1, classes).float()
-            base_values = self.background_mean().to(device)[classes]
+            outputs = targets.explained(raw.float(), classes).float()
+            base_values = expected_explained(targets, self.background_outputs().to(device), classes.to(device))
 
             # Per-image random draws, each from its own seed, in sample order.
             rinds, ts, noise_streams = [], [], []
@@ -189,44 +194,46 @@ class Explainer(base.Explainer):
                 delta = x - ref
                 z = ref + t * delta  # = t * x_s + (1 - t) * background[rind]
                 row_classes = classes_dev[img]  # (rows, k)
-                rank_rows = torch.arange(stop - start, device=device)
 
                 if layer is None:
                     z.requires_grad_(True)
-                    out = _utils.as_2d(model(z))
+                    out = _utils.as_2d(model(_utils.two_rows(z)))
                     target, multiplier = z, delta
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                        out = _utils.as_2d(model(z))
+                        out = _utils.as_2d(model(_utils.two_rows(z)))
                     target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                    multiplier = target.detach()
+                    multiplier = target.detach()[: stop - start]
 
                 # each image's first and second half of samples are summed apart (for stability)
                 half = img * 2 + (rows - img * nsamples >= nsamples // 2)
+                explained = targets.explained(out[: stop - start], row_classes)  # (rows, k)
                 for r in range(k):
-                    selected = out[rank_rows, row_classes[:, r]].sum()
+                    selected = explained[:, r].sum()
                     (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                    grad = grad[: stop - start]  # (a single row ran twice)
                     _precision.check_gradient(grad, scale)
                     contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
                     if phi is None:
                         phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
                                           dtype=torch.float32, device=device)
                     phi[r].index_add_(0, half, contribution)
-                del out, target, multiplier, z, delta
+                del out, explained, target, multiplier, z, delta
 
         assert phi is not None
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name)  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, layer, size=images.shape[-1])  # (N, k, C, H, W)
+        _utils.warn_if_cancelling(values, ctx.layer_name, "gradient", self._warned_layers)
         stability = None
         if nsamples >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name) for h in (0, 1)]
+            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name, layer,
+                                         size=images.shape[-1]) for h in (0, 1)]
             stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),

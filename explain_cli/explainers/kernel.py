@@ -72,6 +72,7 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.targets import BatchTargets, as_targets
 
 _BLUR = re.compile(r"^\s*blur\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
 _FILL_HELP = "must be 'mean', a colour ([r, g, b] or one grey level, 0-255) or 'blur(KX,KY)'"
@@ -393,8 +394,9 @@ class Explainer(base.Explainer):
         item.nfixed = nfixed
         return item
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
+        targets = as_targets(targets)
         model = ctx.model
         device = images.device
         if images.dim() != 4 or images.shape[1] != len(ctx.mean) or images.shape[1] != len(ctx.std):
@@ -409,8 +411,9 @@ class Explainer(base.Explainer):
 
         with torch.no_grad():
             raw = _utils.forward_in_chunks(model, images, size)
-            classes, probabilities = _utils.rank_outputs(raw, top_k)
-            fx_dev = raw.gather(1, classes)
+            selection = targets.select(raw)
+            classes = selection.classes
+            fx_dev = targets.explained(raw, classes)
 
             # Rows of all images, in order: each image's all-hidden row, then its coalitions. They are
             # evaluated in model calls of `size` rows (a call can span images). Image i+1 is prepared
@@ -442,7 +445,9 @@ class Explainer(base.Explainer):
                 out = _utils.as_2d(model(batch))
                 offset = 0
                 for i, r0, r1 in pieces:
-                    prepared[i].outputs.append(out[offset:offset + r1 - r0].index_select(1, classes[i]).double())
+                    piece = out[offset:offset + r1 - r0]
+                    prepared[i].outputs.append(
+                        targets.explained(piece, classes[i].expand(piece.shape[0], -1)).double())
                     offset += r1 - r0
 
             for i in range(n_images):
@@ -479,8 +484,7 @@ class Explainer(base.Explainer):
 
         return Attribution(
             values=values,
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=fx.astype(np.float32),
             base_values=base_values.astype(np.float32),
             shap_sum=shap_sum.astype(np.float32),

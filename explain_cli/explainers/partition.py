@@ -96,6 +96,7 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.targets import BatchTargets, as_targets
 
 _NAMED_MASKS = ("inpaint_telea", "inpaint_ns")
 _BLUR = re.compile(r"^blur\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
@@ -450,10 +451,11 @@ class Explainer(base.Explainer):
         std = torch.tensor(ctx.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return mean, std
 
-    def _evaluate(self, rows: list[Row], masker, row_classes: torch.Tensor | None = None) -> torch.Tensor:
+    def _evaluate(self, rows: list[Row], masker, row_classes: torch.Tensor | None = None,
+                  targets: BatchTargets | None = None) -> torch.Tensor:
         """Model outputs of the masked images of ``rows``, in chunks of ``context.batch_size``.
 
-        With ``row_classes`` (rows, k) only those outputs are kept. The results stay on the device
+        With ``row_classes`` (rows, k) only the explained quantity of those classes is kept. The results stay on the device
         until all chunks are queued, so the device works while the next chunk is being masked.
         """
         model = self.context.model
@@ -462,7 +464,8 @@ class Explainer(base.Explainer):
         for a, b in _utils.model_chunks(self.context, len(rows)):
             out = _utils.as_2d(model(masker.batch(rows[a:b], items[a:b])))
             if row_classes is not None:
-                out = out.gather(1, row_classes[a:b])
+                assert targets is not None
+                out = targets.explained(out, row_classes[a:b])
             parts.append(out)
         return torch.cat(parts)
 
@@ -499,9 +502,10 @@ class Explainer(base.Explainer):
 
     # -- main ------------------------------------------------------------------------------
 
-    def explain(self, images: torch.Tensor, top_k: int, seeds: Sequence[int]) -> Attribution:
-        """Explain the top-k classes of each image; ``seeds`` are not used (the method is deterministic)."""
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
+        """Explain the selected classes of each image; ``seeds`` are not used (the method is deterministic)."""
         ctx = self.context
+        targets = as_targets(targets)
         settings: Settings = self.settings  # type: ignore[assignment]
         if ctx.layer is not None:
             raise ConfigError("model.layer", f"the partition explainer masks input pixels and cannot explain "
@@ -528,11 +532,11 @@ class Explainer(base.Explainer):
                     rows += [(i, ()), (i, (tree.root,))]
                 first = self._evaluate(rows, masker).float()
                 f_masked, f_image = first[0::2], first[1::2]
-                classes, probabilities = _utils.rank_outputs(f_image, top_k)
+                selection = targets.select(f_image)
+                classes = selection.classes.to(device)
                 k = classes.shape[1]
-                classes = classes.to(device)
-                base_values = f_masked.gather(1, classes).double().cpu().numpy()
-                outputs = f_image.gather(1, classes).double().cpu().numpy()
+                base_values = targets.explained(f_masked, classes).double().cpu().numpy()
+                outputs = targets.explained(f_image, classes).double().cpu().numpy()
                 states = [_Owen(tree, base_values[i], outputs[i], settings.max_evals, settings.batch_size)
                           for i in range(n_images)]
 
@@ -546,7 +550,7 @@ class Explainer(base.Explainer):
                     if not rows:
                         break
                     owner = torch.tensor([i for i, _ in rows], device=device)
-                    fout = self._evaluate(rows, masker, classes[owner])
+                    fout = self._evaluate(rows, masker, classes[owner], targets)
                     fout = fout.double().cpu().numpy()
                     pos = 0
                     for state, count in zip(states, counts):
@@ -562,8 +566,7 @@ class Explainer(base.Explainer):
         shap_sum = values.reshape(n_images, k, -1).sum(2)
         return Attribution(
             values=np.ascontiguousarray(values, dtype=np.float32),
-            classes=classes.cpu().numpy().astype(np.int64),
-            probabilities=probabilities.float().cpu().numpy(),
+            **selection.attribution_fields(),
             outputs=outputs,
             base_values=base_values,
             shap_sum=shap_sum,

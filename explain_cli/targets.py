@@ -1,0 +1,405 @@
+"""Which classes are explained, and which quantity of the model's output the values explain.
+
+The ``targets`` config section asks the question: ``classes`` lists what to explain, in order
+(class names or indices, ``top_k`` = the ``output.top_k`` highest, ``label`` = the image's own
+classes from a truth CSV), ``contrast`` turns every question into "c rather than that class",
+``output`` picks the explained quantity (the logit, the probability under ``activation``, or the
+log-odds) and ``activation`` says how probabilities are computed (``auto``: sigmoid for a model with
+one output, softmax otherwise; ``sigmoid`` for multi-label models).
+
+Every explainer works through this module, so all four answer the same question the same way:
+
+* ``BatchTargets.select(raw_logits)`` picks each image's classes (a :class:`Selection`: classes in
+  the asked order, each distinct class once, their rank among all outputs, their probability, why
+  each was chosen);
+* ``BatchTargets.explained(raw_rows, row_classes)`` maps model outputs to the explained quantity,
+  differentiably (gradient), on masked images (partition, kernel) or on references (base values).
+  Deep applies the same function through its exact rules (``explainers/deep/head.py``).
+
+Images of one batch may be asked different numbers of classes (``[label, top_k]`` is one class when
+the label is the top class and two otherwise): the selection is padded to the batch's largest count
+by repeating the image's first class, and ``valid`` marks the slots that are real. Writers skip
+padded slots.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from explain_cli.errors import ConfigError
+
+log = logging.getLogger("explain_cli")
+
+TOP_K = "top_k"
+LABEL = "label"
+MAX_TARGET_CLASSES = 100  # entries of targets.classes (each may be top_k: up to output.top_k classes)
+
+
+class TruthCsvConfig(BaseModel):
+    """``targets.from_csv``: where each image's own class (``label``) comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="CSV file with a header row (relative to the config file)")
+    image: str = Field(default="file", description="column holding the image: its path relative to input.dir, "
+                                                    "or its file name when that is unique in the folder")
+    # 'class' is a Python keyword, hence the alias
+    class_column: str = Field(default="label", alias="class",
+                              description="column holding the class name (or index); several rows per image "
+                                          "give several labels")
+    separator: str | None = Field(default=None, min_length=1, max_length=4,
+                                  description="split a cell into several labels (e.g. ';'); default: one label per cell")
+
+
+class TargetsConfig(BaseModel):
+    """The ``targets`` config section (README "Which class is explained")."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    classes: list[int | str] = Field(default_factory=lambda: [TOP_K], min_length=1, max_length=MAX_TARGET_CLASSES)
+    from_csv: TruthCsvConfig | None = None
+    contrast: int | str | None = None
+    output: Literal["logit", "probability", "log_odds"] = "logit"
+    activation: Literal["auto", "softmax", "sigmoid"] = "auto"
+
+    @field_validator("classes")
+    @classmethod
+    def _entries(cls, v: list[int | str]) -> list[int | str]:
+        for item in v:
+            if isinstance(item, str) and not item.strip():
+                raise ValueError("an empty class name")
+            if isinstance(item, int) and item < 0:
+                raise ValueError(f"class index {item} is negative")
+        return v
+
+    @model_validator(mode="after")
+    def _label_needs_csv(self) -> "TargetsConfig":
+        if LABEL in self.classes and self.from_csv is None:
+            raise ValueError("'label' in targets.classes needs targets.from_csv (the CSV with each image's class)")
+        return self
+
+
+def activation_for(activation: str, num_outputs: int) -> str:
+    """``auto``: sigmoid for one output (binary model, class 0 = the positive class), else softmax."""
+    if activation == "auto":
+        return "sigmoid" if num_outputs == 1 else "softmax"
+    return activation
+
+
+# -- names -> indices ------------------------------------------------------------------------------
+
+def class_index(value: int | str, labels: Sequence[str], key: str, source: str | None = None) -> int:
+    """A class given by index or name: the name matches exactly, else case-insensitively; a string of
+    digits that names no class is an index. ConfigError (naming the nearest names) otherwise."""
+    n = len(labels)
+    if isinstance(value, int):
+        if not 0 <= value < n:
+            raise ConfigError(key, f"class index {value} is out of range: the model has {n} output(s) (0..{n - 1})",
+                              source)
+        return value
+    text = str(value).strip()
+    if text in labels:
+        return labels.index(text)
+    folded = [i for i, name in enumerate(labels) if name.casefold() == text.casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    if text.lstrip("-").isdigit():
+        return class_index(int(text), labels, key, source)
+    close = difflib.get_close_matches(text, list(labels), n=3, cutoff=0.5)
+    if not close:  # substring matches help with long ImageNet names ("cat" -> "tiger cat")
+        close = [name for name in labels if text.casefold() in name.casefold()][:3]
+    hint = f"; nearest: {', '.join(repr(c) for c in close)}" if close else ""
+    if len(folded) > 1:
+        hint = f"; it matches {len(folded)} names when case is ignored: give the exact name or an index"
+    raise ConfigError(key, f"unknown class {text!r}{hint} (a class is a name from the label file or an index "
+                           f"0..{n - 1})", source)
+
+
+# -- the truth CSV -------------------------------------------------------------------------------------
+
+@dataclass
+class Truth:
+    """Each image's labels (class indices, CSV order) and what the CSV file was."""
+
+    labels: dict[str, tuple[int, ...]]
+    path: Path
+    unmatched_rows: int = 0
+
+    def of(self, rel: str) -> tuple[int, ...] | None:
+        return self.labels.get(rel)
+
+
+def _match_keys(rel: str) -> list[str]:
+    """The CSV spellings that name an image: its path relative to input.dir and its file name, each
+    with and without the extension."""
+    name = rel.rsplit("/", 1)[-1]
+    keys = [rel, name]
+    for k in (rel, name):
+        stem, dot, _ = k.rpartition(".")
+        if dot and stem and not stem.endswith("/"):
+            keys.append(stem)
+    return keys
+
+
+def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: Sequence[str],
+               source: str | None = None) -> Truth:
+    """Read the truth CSV. A row's image is matched to an image of the run by its path relative to
+    input.dir, else by its file name (or either without the extension) when that names exactly one
+    image. A label that names no class is a ConfigError naming the CSV line; rows that match no image
+    are counted (the folder may hold fewer images than the CSV)."""
+    key = "targets.from_csv"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{key}.path", f"file not found: {path}", source) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}.path", f"{path} is not a UTF-8 text file", source) from None
+    except OSError as exc:
+        raise ConfigError(f"{key}.path", f"cannot read {path}: {exc.strerror or exc}", source) from None
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise ConfigError(f"{key}.path", f"{path} is not valid CSV: {exc}", source) from None
+    if not header:
+        raise ConfigError(f"{key}.path", f"{path} is empty (a header row naming the columns is needed)", source)
+    header = [h.strip() for h in header]
+    columns = {}
+    for what, name in (("image", cfg.image), ("class", cfg.class_column)):
+        if name not in header:
+            close = difflib.get_close_matches(name, header, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key}.{what}", f"{path} has no column {name!r}{hint}; its columns: "
+                                               f"{', '.join(header)}", source)
+        columns[what] = header.index(name)
+
+    by_key: dict[str, list[str]] = {}
+    for rel in images:
+        for k in dict.fromkeys(_match_keys(rel)):
+            by_key.setdefault(k.casefold() if os.name == "nt" else k, []).append(rel)
+    found: dict[str, list[int]] = {}
+    unmatched = 0
+    for line, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(columns.values()):
+            raise ConfigError(key, f"{path}, line {line}: {len(row)} column(s), the header has {len(header)}", source)
+        image = row[columns["image"]].strip().replace("\\", "/").lstrip("./") if row[columns["image"]].strip() \
+            else ""
+        cell = row[columns["class"]].strip()
+        names = [c.strip() for c in cell.split(cfg.separator)] if cfg.separator else [cell]
+        indices = []
+        for name in names:
+            if not name:
+                raise ConfigError(key, f"{path}, line {line}: the {cfg.class_column!r} cell is empty", source)
+            try:
+                indices.append(class_index(name, labels, key, source))
+            except ConfigError as exc:
+                raise ConfigError(key, f"{path}, line {line}: {exc.message}", source) from None
+        hits = by_key.get(image, [])
+        if len(hits) != 1:
+            unmatched += 1
+            continue
+        found.setdefault(hits[0], [])
+        for i in indices:
+            if i not in found[hits[0]]:
+                found[hits[0]].append(i)
+    return Truth({rel: tuple(v) for rel, v in found.items()}, path, unmatched)
+
+
+# -- what an explainer is asked ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The resolved ``targets`` section: class entries as indices, contrast as an index.
+
+    ``entries`` holds ``"top_k"``, ``"label"`` or a class index, in the asked order.
+    """
+
+    entries: tuple[int | str, ...] = (TOP_K,)
+    top_k: int = 2
+    contrast: int | None = None
+    output: str = "logit"
+    activation: str = "auto"
+    names: tuple[str, ...] = ()  # class names, for descriptions
+
+    @property
+    def uses_labels(self) -> bool:
+        return LABEL in self.entries
+
+    def describe(self) -> str:
+        """What the values explain, for the CSV column ``explained`` (e.g. ``logit``, ``probability -
+        probability(tiger cat)``)."""
+        if self.contrast is None:
+            return self.output
+        other = self.names[self.contrast] if self.contrast < len(self.names) else f"class {self.contrast}"
+        return f"{self.output} - {self.output}({other})"
+
+    def for_batch(self, labels: Sequence[tuple[int, ...] | None] | None = None) -> "BatchTargets":
+        return BatchTargets(self, list(labels) if labels is not None else None)
+
+    # The explained quantity ------------------------------------------------------------------
+
+    def probability(self, raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """(rows, k) probability of each class under the activation (float32)."""
+        import torch
+
+        raw = raw.float()
+        if activation_for(self.activation, raw.shape[1]) == "sigmoid":
+            return torch.sigmoid(raw.gather(1, classes))
+        return torch.softmax(raw, dim=1).gather(1, classes)
+
+    def _quantity(self, raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        import torch
+
+        if self.output == "logit":
+            return raw.gather(1, classes)
+        sigmoid = activation_for(self.activation, raw.shape[1]) == "sigmoid"
+        if self.output == "probability":
+            if sigmoid:
+                return torch.sigmoid(raw.gather(1, classes))
+            return torch.softmax(raw, dim=1).gather(1, classes)
+        # log-odds log(p / (1 - p)): the logit itself under a sigmoid; z_c - logsumexp(z_others) under a
+        # softmax, computed on the other classes directly (stable however confident the model is)
+        if sigmoid:
+            return raw.gather(1, classes)
+        return raw.gather(1, classes) - torch.logsumexp(others(raw, classes), dim=2)
+
+    def explained(self, raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """(rows, k): the quantity the values explain for each row's classes (rows, k), differentiable;
+        with a contrast, minus the same quantity of the contrast class."""
+        value = self._quantity(raw, classes)
+        if self.contrast is not None:
+            other = classes.new_full((classes.shape[0], 1), self.contrast)
+            value = value - self._quantity(raw, other)
+        return value
+
+
+def others(raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """(rows, k, C - 1): each row's outputs without class ``classes[row, j]`` (for log-odds)."""
+    import torch
+
+    n_classes = raw.shape[1]
+    rest = torch.arange(n_classes - 1, device=raw.device)
+    # the index of the j-th "other" class of c: j below c, j + 1 from c on
+    index = rest.view(1, 1, -1) + (rest.view(1, 1, -1) >= classes.unsqueeze(2)).long()
+    return raw.unsqueeze(1).expand(-1, classes.shape[1], -1).gather(2, index)
+
+
+@dataclass
+class Selection:
+    """The classes chosen for a batch of N images (k slots each, padded; see the module docstring)."""
+
+    classes: "torch.Tensor"  # (N, k) long, on the device of the outputs  # noqa: F821
+    probabilities: np.ndarray  # (N, k) float32, under the activation
+    ranks: np.ndarray  # (N, k) int64, 1 = the model's top class
+    reasons: list[list[str]]  # (N, k) why each slot was chosen: "top_k", "label", "class" joined by "+"
+    valid: np.ndarray  # (N, k) bool
+    top_class: np.ndarray  # (N,) int64, each image's top class
+
+    def attribution_fields(self) -> dict[str, Any]:
+        return {"classes": self.classes.cpu().numpy().astype(np.int64), "probabilities": self.probabilities,
+                "ranks": self.ranks, "reasons": self.reasons, "valid": self.valid, "top_class": self.top_class}
+
+
+@dataclass
+class BatchTargets:
+    """A :class:`TargetSpec` and the labels of one batch's images (None without a truth CSV)."""
+
+    spec: TargetSpec
+    labels: list[tuple[int, ...] | None] | None = field(default=None)
+
+    def select(self, raw: "torch.Tensor") -> Selection:  # noqa: F821
+        """Each image's classes in the asked order, each distinct class once, from its raw outputs."""
+        import torch
+
+        raw = raw.detach().float()
+        n_images, n_classes = raw.shape
+        order = torch.argsort(raw, dim=1, descending=True, stable=True)
+        ranks_all = torch.empty_like(order)
+        ranks_all.scatter_(1, order, torch.arange(1, n_classes + 1, device=raw.device).expand(n_images, -1))
+        order_np = order.cpu().numpy()
+        chosen: list[list[int]] = []
+        why: list[list[str]] = []
+        for i in range(n_images):
+            picks: dict[int, list[str]] = {}
+            for entry in self.spec.entries:
+                if entry == TOP_K:
+                    items, reason = order_np[i, :min(self.spec.top_k, n_classes)].tolist(), TOP_K
+                elif entry == LABEL:
+                    own = self.labels[i] if self.labels is not None else None
+                    if own is None:
+                        raise ValueError("an image without a label was asked for its label")
+                    items, reason = list(own), LABEL
+                else:
+                    items, reason = [int(entry)], "class"
+                for c in items:
+                    if reason not in picks.setdefault(c, []):
+                        picks[c].append(reason)
+            chosen.append(list(picks))
+            why.append(["+".join(r) for r in picks.values()])
+        k = max(len(c) for c in chosen)
+        valid = np.zeros((n_images, k), dtype=bool)
+        padded = np.zeros((n_images, k), dtype=np.int64)
+        for i, c in enumerate(chosen):
+            valid[i, :len(c)] = True
+            padded[i] = c + [c[0]] * (k - len(c))
+            why[i] += [""] * (k - len(c))
+        classes = torch.from_numpy(padded).to(raw.device)
+        return Selection(
+            classes=classes,
+            probabilities=self.spec.probability(raw, classes).cpu().numpy().astype(np.float32),
+            ranks=ranks_all.gather(1, classes).cpu().numpy().astype(np.int64),
+            reasons=why, valid=valid, top_class=order_np[:, 0].astype(np.int64))
+
+    def explained(self, raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        return self.spec.explained(raw, classes)
+
+
+def as_targets(targets: "BatchTargets | TargetSpec | int", n_images: int | None = None) -> BatchTargets:
+    """An explainer's ``targets`` argument: a plain integer means "the top k, logits" (the explainers'
+    long-standing call ``explain(images, k, seeds)``)."""
+    if isinstance(targets, BatchTargets):
+        return targets
+    if isinstance(targets, TargetSpec):
+        return targets.for_batch()
+    return TargetSpec(top_k=int(targets)).for_batch()
+
+
+def expected_explained(spec: BatchTargets | TargetSpec, raw_references: "torch.Tensor",  # noqa: F821
+                       classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """(N, k): the mean over the references (B, C) of the explained quantity of each image's classes
+    (the base value of gradient and deep)."""
+    import torch
+
+    spec = spec.spec if isinstance(spec, BatchTargets) else spec
+    flat = classes.reshape(-1)
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    means = torch.stack([spec.explained(raw_references, c.expand(raw_references.shape[0], 1)).mean()
+                         for c in unique.view(-1, 1)])
+    return means[inverse].view(classes.shape)
+
+
+def resolve(cfg: TargetsConfig, labels: Sequence[str], top_k: int, source: str | None = None) -> TargetSpec:
+    """Names and indices checked against the model's outputs (ConfigError naming the key otherwise)."""
+    entries: list[int | str] = []
+    for item in cfg.classes:
+        if item in (TOP_K, LABEL):
+            entries.append(item)
+        else:
+            entries.append(class_index(item, labels, "targets.classes", source))
+    contrast = None if cfg.contrast is None else class_index(cfg.contrast, labels, "targets.contrast", source)
+    if cfg.activation == "softmax" and len(labels) == 1:
+        raise ConfigError("targets.activation", "a softmax over one output is always 1: use sigmoid "
+                                                "(or auto) for a model with one output", source)
+    return TargetSpec(entries=tuple(dict.fromkeys(entries)), top_k=top_k, contrast=contrast, output=cfg.output,
+                      activation=cfg.activation, names=tuple(labels))
