@@ -38,8 +38,9 @@ _OOM_TEXT = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_
 _TOO_LARGE_TEXT = ("cudnn_status_not_supported", "32-bit index", "canuse32bitindexmath")
 
 #: Activation bytes one CPU model call may use (the estimate of :func:`activation_bytes_per_row`
-#: times its rows). Measured on 2 cores (bench/cpu_batch.py, docs/performance.md): beyond it a
-#: larger batch was no faster per row, only larger and slower to page in.
+#: times its rows). For the demo model that is 16 rows with a backward pass: peak RSS 1.9 GB and
+#: 2-3% system time, against 3.8 GB and 15% at the former 64 (2 cores, docs/performance.md); on a
+#: quiet machine 16 was also the fastest fixed size, on a loaded one larger batches were faster.
 CPU_CALL_BYTES = 2**30
 #: At most this share of the memory the job may still use goes to one model call's activations.
 MEMORY_SHARE = 0.25
