@@ -177,7 +177,7 @@ def our_explainer(args, model, layer_name, background, device):
 
 def explainer_settings(args) -> dict:
     if args.explainer == "gradient":
-        return {"name": "gradient", "nsamples": args.nsamples}
+        return {"name": "gradient", "nsamples": args.nsamples, "path": "input"}  # shap's quantity
     if args.explainer == "deep":
         return {"name": "deep"}
     if args.explainer == "partition":

@@ -66,6 +66,7 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.addFilter(lambda record: not getattr(record, "summary_line", False))  # printed plainly instead
     root.addHandler(handler)
     if log_file is not None:
         from explain_cli.config import check_log_file
@@ -96,6 +97,8 @@ def _unexpected(exc: BaseException, verbose: int) -> "typer.Exit":
 
 
 _VERBOSE_HELP = "More log output; -v also prints the traceback of an unexpected error."
+_EXPLAINER_HELP = ("gradient | deep | partition | kernel: use this explainer instead of the config's (its "
+                   "explainer.* keys the new one lacks are dropped, with a note; add its own with --set).")
 
 
 class _PipeSafe:
@@ -189,6 +192,7 @@ def run(
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output", help="Override output.dir."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted, YAML value). Repeatable."),
+    explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
     classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Explain at most N images (after sharding)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
@@ -198,7 +202,8 @@ def run(
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: explain every N-th image starting at I (0-based). Default: from SLURM_ARRAY_TASK_* when set."),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors: no progress, and the "
+                               "summary line only when an image failed or the run was stopped."),
 ) -> None:
     """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json
     and report.html."""
@@ -215,12 +220,13 @@ def run(
             "output.dir": str(output_dir.resolve()) if output_dir else None,
             "device": device,
             "workers": _int_or_text(workers),
+            "explainer.name": explainer,
             "targets.classes": _classes(classes),
         })
         if not shard:
             check_slurm_env()
         chosen = Shard.parse(shard) if shard else Shard.from_slurm()
-        summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not no_progress,
+        summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not (no_progress or quiet),
                                                overwrite=overwrite, shard=chosen))
     except UserError as exc:
         raise _fail(exc, exc.exit_code)
@@ -235,8 +241,9 @@ def run(
                         f"folder, then rerun the same command to resume", EXIT_UNEXPECTED)
         raise _unexpected(exc, verbose)
     done = summary.skipped + summary.explained
+    excluded = f" ({summary.excluded} more skipped by input.exclude)" if summary.excluded else ""
     line = (f"explained {summary.explained}, already done {summary.skipped}, failed {summary.failed} "
-            f"of {summary.selected} images in {summary.seconds:.1f} s; outputs in {summary.output_dir}")
+            f"of {summary.selected} images{excluded} in {summary.seconds:.1f} s; outputs in {summary.output_dir}")
     if summary.interrupted:
         line = (f"stopped by {summary.interrupted} after {done} of {summary.selected} images; "
                 f"rerun the same command to resume. {line}")
@@ -244,6 +251,9 @@ def run(
         line += " (see errors.csv)"
     if not quiet or summary.failed or summary.interrupted:
         print(line, file=sys.stderr)
+    # the --log-file gets it too, so a cron log says what happened
+    log.log(logging.WARNING if summary.failed or summary.interrupted else logging.INFO, "%s", line,
+            extra={"summary_line": True})
     if _LogFile.failure and summary.exit_code == 0:
         raise _fail(f"{_LogFile.failure}; the run itself finished (its outputs are complete)", EXIT_UNEXPECTED)
     raise typer.Exit(summary.exit_code)
@@ -253,6 +263,7 @@ def run(
 def validate(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
     classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
@@ -268,17 +279,21 @@ def validate(
         from explain_cli.pipeline import RunOptions, prepare
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
-                                   "device": device, "targets.classes": _classes(classes)})
+                                   "device": device, "targets.classes": _classes(classes),
+                                   "explainer.name": explainer})
         prep = prepare(cfg, RunOptions())
     except UserError as exc:
         raise _fail(exc, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
-    print(f"# model outputs: {prep.num_outputs}; layer: {cfg.model.layer}; device: {prep.device}")
+    weights = cfg.model.weights or "the factory's own"
+    print(f"# model outputs: {prep.num_outputs}; weights: {weights}; layer: {cfg.model.layer}; device: {prep.device}")
     if prep.layer_tokens:
         print(f"# layer input: {_layer_input_line(prep.layer_tokens)}")
-    print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir})")
+    excluded = prep.left_out.get("excluded", 0)
+    print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir}"
+          + (f"; {excluded} more skipped by input.exclude" if excluded else "") + ")")
     if prep.walk_errors:
         print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
               + (f" and {len(prep.walk_errors) - 5} more" if len(prep.walk_errors) > 5 else ""))
@@ -308,12 +323,14 @@ def layers(
     size: Optional[int] = typer.Option(None, "--size", help="Input size of the dummy forward (default: preprocess.size or 224)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
-    """Print every module as a dotted name with its output shape, to choose model.layer."""
+    """Print every module as a dotted name with the shape gradient and deep explain (its input),
+    the resolution of the map it gives, and its output shape; layers that cannot be explained
+    are marked, to choose model.layer."""
     _setup_logging(verbose, False, None)
     try:
         from explain_cli.config import ModelConfig
         from explain_cli.errors import ConfigError
-        from explain_cli.models import build_model, list_layers
+        from explain_cli.models import build_model, layer_table
 
         if (config is None) == (arch is None):
             raise UserError("give a CONFIG or --arch NAME (one of them)")
@@ -323,39 +340,79 @@ def layers(
             side = size or cfg.preprocess.size
         else:
             try:
-                model_cfg = ModelConfig(arch=arch)
+                library = arch.startswith(("torchvision:", "timm:"))  # shapes only: weights do not matter
+                model_cfg = ModelConfig(arch=arch, weights="random" if library else None)
             except Exception as exc:  # noqa: BLE001 - pydantic's message names the problem
                 raise ConfigError("--arch", str(exc).splitlines()[-1]) from None
             model = build_model(model_cfg, lambda p: Path(p))
             side = size or 224
-        rows = list_layers(model, side)
-        try:  # the same at twice the size: which dimensions of a 4-D map are spatial
-            probe = {name: shape for name, _, shape in list_layers(model, 2 * side)}
-        except ConfigError:  # a model of one input size
-            probe = {}
+        rows = layer_table(model, side)
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
-    width = max((len(name) for name, _, _ in rows), default=5)
-    print(f"{'input':<{width}}  {'(pixels)':<24} (1, 3, {side}, {side})")
-    for name, kind, shape in rows:
-        if name:
-            note = _layout_note(shape, probe.get(name)) if shape else ""
-            print(f"{name:<{width}}  {kind:<24} {tuple(shape) if shape else '(not called)'}{note}")
+    print(format_layer_table(rows))
 
 
-def _layout_note(shape: tuple, probe: tuple | None) -> str:
-    """For the ``layers`` listing: a 4-D map whose channels come last, or whose layout cannot be told."""
-    from explain_cli.errors import ConfigError
-    from explain_cli.explainers import _utils
+def _shape(shape: Optional[tuple]) -> str:
+    return "x".join(str(d) for d in shape[1:]) if shape else "-"
 
-    if len(shape) != 4:
-        return ""
+
+def format_layer_table(rows: list) -> str:
+    """The `layers` listing: name, type, explained (input) shape, map, output shape, and a mark."""
+    width = max((len(r.name) for r in rows), default=5)
+    kind_w = max((len(r.kind) for r in rows), default=8)
+    lines = [f"{'layer':<{width}}  {'type':<{kind_w}}  {'explained (input)':<18} {'map':<9} output"]
+    for r in rows:
+        mapped = f"{r.map_size[0]}x{r.map_size[1]}" if r.map_size else "-"
+        mark = f"   (cannot be explained: {r.problem})" if r.problem else ""
+        mark += "   (input is (N, H, W, C): channels last)" if r.channels_last else ""
+        lines.append(f"{r.name:<{width}}  {r.kind:<{kind_w}}  {_shape(r.input_shape):<18} {mapped:<9} "
+                     f"{_shape(r.output_shape)}{mark}")
+    explainable = sum(1 for r in rows if not r.problem)
+    lines.append(f"# {explainable} of {len(rows)} rows can be model.layer (gradient, deep); the map is "
+                 f"upsampled onto the image; partition and kernel explain 'input' only")
+    return "\n".join(lines)
+
+
+@app.command(epilog="Examples:\n\n  explain-cli init torchvision:resnet50 --input photos/\n\n"
+             "  explain-cli init timm:convnext_tiny -o convnext.yaml\n\n"
+             "  explain-cli init runs/best.pt --arch torchvision:resnet18 --input crops/\n\n" + EXIT_CODES_HELP)
+def init(
+    model: str = typer.Argument(..., help="torchvision:NAME | timm:NAME | python:pkg.module:factory | a checkpoint file (with --arch)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="The architecture of a checkpoint file (torchvision:NAME, timm:NAME, python:...)."),
+    output: Path = typer.Option(Path("explain.yaml"), "--output", "-o", help="The config file to write."),
+    input_dir: Path = typer.Option(Path("images"), "--input", help="The image folder the config names (input.dir)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classifier outputs (default: from the checkpoint, or the architecture's)."),
+    weights: str = typer.Option("pretrained", "--weights", help="pretrained | random, for torchvision:/timm: architectures."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
+) -> None:
+    """Write a commented starter config for MODEL: sensible defaults, the preprocessing of its
+    pretrained weights, and the layers that can be explained listed as comments. It validates as
+    written (given the weights are in the local cache and the input folder exists)."""
+    _setup_logging(verbose, False, None)
     try:
-        return "  (N, H, W, C): channels last" if _utils.map_layout(tuple(shape), probe, "").channels_last else ""
-    except ConfigError:
-        return "  (N, C, H, W) or (N, H, W, C)? a layer taking it is refused"
+        from explain_cli.config import load_config
+        from explain_cli.init import starter_config
+
+        if weights not in ("pretrained", "random"):
+            raise UserError(f"--weights: pretrained or random, got {weights!r}")
+        if output.exists() and not force:
+            raise UserError(f"{output} exists; choose another --output or add --force")
+        text, notes = starter_config(model, arch, output.absolute(), input_dir, num_classes, weights)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        load_config(output)  # the schema accepts what was written
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001
+        raise _unexpected(exc, verbose)
+    print(f"wrote {output}; next: explain-cli validate {output}", file=sys.stderr)
+    if not input_dir.is_dir():
+        print(f"note: {input_dir} does not exist yet: put your images there or edit input.dir", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli merge out/\n\n"

@@ -64,6 +64,11 @@ class ModelConfig(_Section):
     arch: str = Field(description="torchvision:NAME | timm:NAME | python:pkg.module:factory | torchscript")
     num_classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES, description="outputs of the classifier head; default: the architecture's own")
     checkpoint: str | None = Field(default=None, description="weights file (path relative to the config, or pkg:package/path/in/package)")
+    weights: Literal["checkpoint", "pretrained", "random"] | None = Field(
+        default=None, description="checkpoint: model.checkpoint (implied when it is set); pretrained: the "
+        "library's own pretrained weights from the local torch hub / Hugging Face cache (never downloaded); "
+        "random: untrained (tests). Required for torchvision:/timm: without a checkpoint; python: "
+        "factories and torchscript archives hold their own weights")
     trust_checkpoint: bool = Field(default=False, description="allow unpickling arbitrary objects (a whole nn.Module)")
     key_match: Literal["name", "order"] = Field(default="name", description="map checkpoint keys by name, or by order when names differ but shapes match")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the model factory")
@@ -82,6 +87,28 @@ class ModelConfig(_Section):
         if source == "python" and ":" not in name:
             raise ValueError("python sources are written python:pkg.module:factory")
         return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> "ModelConfig":
+        """No silent random weights: a library architecture says where its weights come from."""
+        library = self.arch.partition(":")[0] in ("torchvision", "timm")
+        if self.checkpoint is not None:
+            if self.weights in ("pretrained", "random"):
+                raise ValueError(f"model.weights: {self.weights} and model.checkpoint exclude each other: "
+                                 "remove one (weights: checkpoint is implied by a checkpoint)")
+            self.weights = "checkpoint"
+        elif self.weights == "checkpoint":
+            raise ValueError("model.weights: checkpoint needs model.checkpoint (the weights file)")
+        elif library and self.weights is None:
+            raise ValueError(f"model.weights: {self.arch} has no model.checkpoint, so its weights would be "
+                             "random: set model.weights: pretrained (the library's own pretrained weights, "
+                             "from the local cache), give model.checkpoint, or set model.weights: random "
+                             "(untrained, for tests)")
+        elif not library and self.weights is not None:
+            raise ValueError(f"model.weights: {self.weights} applies to torchvision: and timm: architectures; "
+                             f"{self.arch.partition(':')[0]} models hold their own weights (leave "
+                             "model.weights unset, or give model.checkpoint)")
+        return self
 
 
 class PreprocessConfig(_Section):
@@ -132,6 +159,11 @@ class OutputConfig(_Section):
     top_k: int = Field(default=2, ge=1, le=MAX_TOP_K)
     save_values: bool = False
     dpi: int = Field(default=100, ge=10, le=1200)
+    style: Literal["gray", "heat", "shap"] = Field(
+        default="gray", description="what the class panels show under the map: gray (the image in gray at 45% "
+        "opacity, 2nd-98th percentile contrast stretch), heat (the colour image at 80%), shap "
+        "(shap.image_plot's faint 15% gray)")
+    caption: bool = Field(default=True, description="a line under the overlay: image, explainer, layer")
 
     _dir_given = field_validator("dir")(_path_given)
 
@@ -280,6 +312,9 @@ def _message(err: dict, root_cls: type[BaseModel], prefix: str = "") -> tuple[st
         msg = f"must be one of {expected} (got {err.get('input')!r}){hint}"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+        head, sep, rest = msg.partition(": ")
+        if sep and key and head.startswith(key + ".") and " " not in head:
+            key, msg = head, rest  # a section's check names the key inside it (model.weights)
     elif kind.endswith("_type") or kind.endswith("_parsing"):
         msg = f"{msg} (got {err.get('input')!r})"
     return key, msg
@@ -502,10 +537,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping of keys", source)
     check_values(data, source)
+    in_file = data.get("explainer")
+    in_file = dict(in_file) if isinstance(in_file, dict) else None
     apply_overrides(data, list(overrides or []))
     for dotted, value in (extra or {}).items():
         if value is not None:
             set_key(data, dotted.split("."), value)
+    if in_file is not None:
+        _switch_explainer(data, in_file, list(overrides or []), source)
     try:
         config = Config.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -514,6 +553,36 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     config._source = source
     config._explainer_settings = validate_explainer(config.explainer, source)
     return config
+
+
+def _switch_explainer(data: dict, in_file: dict[str, Any], overrides: list[str], source: str) -> None:
+    """``--explainer NAME`` / ``--set explainer.name=NAME`` on a config written for another
+    explainer: the file's ``explainer.*`` keys the new one does not have are dropped, with a note
+    (keys given on the command line are kept, so a wrong one is still an error)."""
+    from explain_cli import explainers
+
+    section = data.get("explainer")
+    new, old = (section or {}).get("name", "gradient"), in_file.get("name", "gradient")
+    if not isinstance(section, dict) or new == old or not isinstance(new, str) or new not in explainers.names():
+        return
+    given = {keys[1] for keys in (parse_override(o)[0] for o in overrides) if len(keys) == 2 and keys[0] == "explainer"}
+    fields = explainers.get(new).Settings.model_fields
+    dropped = [k for k in in_file if k not in fields and k not in given and k in section]
+    for key in dropped:
+        del section[key]
+    if dropped:
+        import logging
+
+        logging.getLogger("explain_cli").info(
+            "note: explainer.name %s -> %s: dropped the %s key(s) of %s (%s has no such keys)",
+            old, new, ", ".join(f"explainer.{k}" for k in dropped), source, new)
+
+
+def _other_explainers_key(key: str, name: str) -> list[str]:
+    """The explainers other than ``name`` that have an ``explainer.KEY``."""
+    from explain_cli import explainers
+
+    return [n for n in explainers.names() if n != name and key in explainers.get(n).Settings.model_fields]
 
 
 def validate_explainer(section: dict[str, Any], source: str = ""):
@@ -528,6 +597,14 @@ def validate_explainer(section: dict[str, Any], source: str = ""):
     try:
         return module.Settings.model_validate({**section, "name": name}, strict=True)
     except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first.get("loc", ()))
+        owners = _other_explainers_key(str(loc[-1]), name) if first.get("type") == "extra_forbidden" and loc else []
+        if owners:  # a key of another explainer: say so rather than suggest a look-alike key
+            which = " and ".join(owners) + (" explainers" if len(owners) > 1 else " explainer")
+            raise ConfigError(f"explainer.{loc[-1]}", f"a key of the {which}, not of "
+                              f"{name}; remove it (switching explainers with --explainer {name} drops such keys); "
+                              f"{name}'s keys: {', '.join(module.Settings.model_fields)}", source) from None
         _raise_validation(exc, module.Settings, source, prefix="explainer.")
 
 

@@ -52,7 +52,8 @@ def _reason(exc: OSError) -> str:
 
 def discover_images(root: Path, include: list[str], exclude: list[str],
                     skip_dirs: list[Path] | None = None,
-                    problems: list[tuple[str, str]] | None = None) -> list[str]:
+                    problems: list[tuple[str, str]] | None = None,
+                    skipped: dict[str, int] | None = None) -> list[str]:
     """Relative POSIX paths of the matching regular files under ``root``, sorted.
 
     Names are read as bytes and decoded as UTF-8 with surrogateescape (``names.from_fs``), so a
@@ -66,7 +67,11 @@ def discover_images(root: Path, include: list[str], exclude: list[str],
     A folder that cannot be listed or a matching file that cannot be stat'ed (permissions, a path
     longer than PATH_MAX) is not silently dropped: ``(relative path, reason)`` is appended to
     ``problems`` (the run makes it an errors.csv row), unless its path is excluded.
+
+    ``skipped``, when given, receives how many files the patterns left out (by name, before any
+    stat): ``excluded`` (matched include and exclude) and ``not_included`` (matched no include).
     """
+    counts = {"excluded": 0, "not_included": 0}
     root_b = os.fsencode(Path(root))
     skip = {os.path.realpath(os.fsencode(p)) for p in (skip_dirs or [])}
     seen: set[tuple[int, int]] = set()
@@ -108,7 +113,11 @@ def discover_images(root: Path, include: list[str], exclude: list[str],
                 continue
             rel_b = name if rel_dir == b"." else os.path.join(rel_dir, name)
             rel = from_fs(rel_b.replace(os.sep.encode(), b"/"))
-            if not matches(rel, include) or matches(rel, exclude):
+            if not matches(rel, include):
+                counts["not_included"] += 1
+                continue
+            if matches(rel, exclude):
+                counts["excluded"] += 1
                 continue
             try:
                 if not stat.S_ISREG(os.stat(os.path.join(dirpath, name)).st_mode):
@@ -121,6 +130,8 @@ def discover_images(root: Path, include: list[str], exclude: list[str],
             found.append(rel)
     if problems is not None:
         problems.extend(sorted(issues))
+    if skipped is not None:
+        skipped.update(counts)
     return sorted(found)
 
 

@@ -410,3 +410,36 @@ def device_info(device) -> dict[str, Any]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+#: run.json keeps the records of at most this many runs into a folder (newest last).
+MAX_RUN_RECORDS = 200
+
+
+def earlier_runs(run_json: Path) -> list[dict[str, Any]]:
+    """The run records of an earlier run.json in this folder (``runs``, newest last); a run.json
+    written before records existed becomes one record. [] when there is none or it is unreadable."""
+    import json
+
+    try:
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(info, dict) or info.get("merged"):
+        return []
+    runs = info.get("runs")
+    if isinstance(runs, list):
+        return [r for r in runs if isinstance(r, dict)][-(MAX_RUN_RECORDS - 1):]
+    if info.get("started"):
+        return [run_record(info, None)]
+    return []
+
+
+def run_record(info: Mapping[str, Any], exit_code: int | None) -> dict[str, Any]:
+    """One run's entry in run.json ``runs``: when, how it ended, what it did, where."""
+    shard = info.get("shard")
+    return {"started": info.get("started"), "finished": info.get("finished"), "seconds": info.get("seconds"),
+            "status": info.get("status"), "exit_code": exit_code, "counts": info.get("counts"),
+            "host": info.get("host"),
+            "shard": f"{shard['index']}/{shard['count']}" if isinstance(shard, dict) else None}
+

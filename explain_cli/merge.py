@@ -114,10 +114,12 @@ def _read_csv(path: Path, columns: list[str]) -> list[list[str]]:
     """Rows (without the header) of a shard CSV; a torn last record (a killed run) is dropped.
     Cells stay escaped as written (names.escape): merge copies them unchanged."""
     rows = parse_csv(read_csv_text(path))
-    if not rows or rows[0] != columns:
+    if not rows or len(rows[0]) < 2 or rows[0] != columns[:len(rows[0])]:
         got = ",".join(rows[0]) if rows else "(empty file)"
         raise UserError(f"{path}: not an explain-cli CSV (header {got!r}, expected {','.join(columns)!r})")
-    return [r for r in rows[1:] if r]
+    # a shard written by an earlier version has fewer trailing columns: blank cells, as CsvLog pads
+    pad = [""] * (len(columns) - len(rows[0]))
+    return [r + pad for r in rows[1:] if r]
 
 
 def _flatten(data: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -340,6 +342,7 @@ def merge(output_dir: Path) -> MergeSummary:
             "shards": count,
             "config_file": first.get("config_file"),
             "config": first.get("config"),
+            "weights": first.get("weights"),
             "counts": {"images": summary.images, "explained": summary.explained,
                        "failed": summary.failed, "topk_rows": summary.topk_rows},
             "started": min(started) if started else None,
@@ -348,6 +351,9 @@ def merge(output_dir: Path) -> MergeSummary:
             "versions": first.get("versions"),
             "metrics": _merged_metrics(infos, topk),
             "per_shard": per_shard,
+            # every shard's run records (reruns included), oldest first
+            "runs": sorted((r for info in infos.values() for r in (info.get("runs") or []) if isinstance(r, dict)),
+                           key=lambda r: str(r.get("started"))),
         }
         _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
         _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)

@@ -5,8 +5,10 @@ another model, a layer name with a typo) becomes a ConfigError naming the ``mode
 with the nearest valid names where there are any: a failed run on a cluster should say what to
 change, not print a traceback.
 
-Nothing here downloads anything: torchvision and timm models are built without pretrained
-weights (``weights=None`` / ``pretrained=False``); weights only ever come from ``model.checkpoint``.
+Nothing here downloads anything: weights come from ``model.checkpoint``, or with
+``model.weights: pretrained`` from the file the library would have downloaded, found in the local
+torch hub / Hugging Face cache (a missing file is a ConfigError naming where it was looked for);
+``model.weights: random`` builds the untrained model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import difflib
 import importlib
 import importlib.resources
 import logging
+import os
 import pickle
 import re
 import sys
@@ -23,6 +26,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -56,10 +60,11 @@ def build_model(cfg: ModelConfig, resolve_path: Callable[[str], Path]) -> nn.Mod
     source, _, name = cfg.arch.partition(":")
     base_dir = resolve_path(".")
     with _importable(base_dir):
+        pretrained = pretrained_file(cfg.arch) if cfg.weights == "pretrained" else None
         if source == "torchvision":
-            model = _build_torchvision(name, cfg)
+            model = _build_torchvision(name, cfg, pretrained)
         elif source == "timm":
-            model = _build_timm(name, cfg)
+            model = _build_timm(name, cfg, pretrained)
         else:
             model = _build_python(name, cfg, base_dir)
         if cfg.checkpoint is not None:
@@ -87,30 +92,139 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], what: str
     except TypeError as exc:
         key = "model.num_classes" if "num_classes" in str(exc) else "model.kwargs"
         raise ConfigError(key, f"{what} rejected the arguments {sorted(kwargs)}: {exc}") from None
+    except ValueError as exc:  # torchvision: num_classes other than the pretrained weights' classes
+        if "num_classes" not in str(exc):
+            raise
+        raise ConfigError("model.num_classes", f"{what} with pretrained weights: {exc}; the pretrained "
+                                               "classifier fixes the class count (leave num_classes unset)") from None
     if not isinstance(model, nn.Module):
         raise ConfigError("model.arch", f"{what} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _build_torchvision(name: str, cfg: ModelConfig) -> nn.Module:
+def _check_torchvision_name(name: str) -> None:
     import torchvision.models
 
     names = torchvision.models.list_models()
     if name not in names:
         raise ConfigError("model.arch", f"torchvision has no model '{name}'{_did_you_mean(name, names)}; "
                                         "see torchvision.models.list_models()")
-    return _call_factory(lambda **kw: torchvision.models.get_model(name, weights=None, **kw),
-                         _kwargs(cfg), f"torchvision:{name}")
 
 
-def _build_timm(name: str, cfg: ModelConfig) -> nn.Module:
+def _check_timm_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
         raise ConfigError("model.arch", f"timm has no model '{name}'{_did_you_mean(name, timm.list_models())}; "
                                         "see timm.list_models()")
-    return _call_factory(lambda **kw: timm.create_model(name, pretrained=False, **kw),
-                         _kwargs(cfg), f"timm:{name}")
+
+
+def _build_torchvision(name: str, cfg: ModelConfig, pretrained: Path | None) -> nn.Module:
+    import torchvision.models
+
+    _check_torchvision_name(name)
+    # with the file in the hub cache, torchvision loads it from there (load_state_dict_from_url)
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained is not None else None
+    return _guard_read(pretrained, lambda: _call_factory(
+        lambda **kw: torchvision.models.get_model(name, weights=weights, **kw), _kwargs(cfg), f"torchvision:{name}"))
+
+
+def _build_timm(name: str, cfg: ModelConfig, pretrained: Path | None) -> nn.Module:
+    import timm
+
+    _check_timm_name(name)
+    if pretrained is None:
+        return _call_factory(lambda **kw: timm.create_model(name, pretrained=False, **kw),
+                             _kwargs(cfg), f"timm:{name}")
+    classes = getattr(timm.models.get_pretrained_cfg(name), "num_classes", None)
+    if cfg.num_classes is not None and classes and cfg.num_classes != classes:
+        log.warning("model.num_classes %d differs from the %d classes of timm:%s's pretrained head: timm "
+                    "gives it a new, untrained classifier", cfg.num_classes, classes, name)
+    # 'file' makes timm read this file instead of asking the Hugging Face hub or a URL
+    overlay = {"file": str(pretrained)}
+    return _guard_read(pretrained, lambda: _call_factory(
+        lambda **kw: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kw),
+        _kwargs(cfg), f"timm:{name}"))
+
+
+def _guard_read(path: Path | None, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build; a damaged pretrained file becomes a ConfigError naming it."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated downloads, wrong formats
+        if path is None:
+            raise
+        raise ConfigError("model.weights", f"cannot load the pretrained weights {path}: "
+                                           f"{type(exc).__name__}: {exc} (delete the file and fetch it again)") from None
+
+
+def pretrained_file(arch: str) -> Path:
+    """The local file of a torchvision/timm architecture's pretrained weights: the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints``) for torchvision and timm's URL weights, the Hugging Face cache
+    for timm's hub weights. Nothing is downloaded: a missing file is a ConfigError naming the
+    path(s) looked at and where the file comes from."""
+    from urllib.parse import urlparse
+
+    source, _, name = arch.partition(":")
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    looked: list[str] = []
+    if source == "torchvision":
+        import torchvision.models
+
+        _check_torchvision_name(name)
+        try:
+            url = torchvision.models.get_model_weights(name).DEFAULT.url
+        except (ValueError, KeyError, AttributeError):
+            raise ConfigError("model.weights", f"torchvision has no pretrained weights for '{name}'") from None
+        path = hub / os.path.basename(urlparse(url).path)
+        if path.is_file():
+            return path
+        looked.append(str(path))
+        where = url
+    else:
+        import timm.models
+
+        _check_timm_name(name)
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+        if not hub_id and not url:
+            raise ConfigError("model.weights", f"timm has no pretrained weights for '{name}'")
+        if hub_id:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from huggingface_hub import constants, try_to_load_from_cache
+
+            repo, _, revision = hub_id.partition("@")
+            wanted = cfg.hf_hub_filename or "pytorch_model.bin"
+            for filename in ([wanted] if wanted.endswith(".safetensors") else ["model.safetensors", wanted]):
+                found = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE,
+                                               revision=revision or None)
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+                looked.append(str(Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+                                  / "snapshots" / "REVISION" / filename))
+        if url:
+            path = hub / os.path.basename(urlparse(url).path)
+            if path.is_file():
+                return path
+            looked.append(str(path))
+        where = f"https://huggingface.co/{hub_id}" if hub_id else url
+    raise ConfigError("model.weights", f"pretrained weights of {arch} are not in the local cache (nothing is "
+                                       f"downloaded): looked for {' and '.join(looked)}. Fetch the file on a "
+                                       f"machine with network ({where}) and copy it there, or give "
+                                       "model.checkpoint")
+
+
+def weights_info(cfg: ModelConfig, resolve_path: Callable[[str], Path]) -> dict[str, Any]:
+    """Which weights a run used, for run.json and the report: {'kind', 'file'}."""
+    if cfg.checkpoint is not None:
+        return {"kind": "checkpoint", "file": str(checkpoint_path(cfg.checkpoint, resolve_path))}
+    if cfg.weights == "pretrained":
+        return {"kind": "pretrained", "file": str(pretrained_file(cfg.arch))}
+    if cfg.weights == "random":
+        return {"kind": "random", "file": None}
+    return {"kind": "factory", "file": None}  # a python: factory's own weights
 
 
 @contextlib.contextmanager
@@ -551,6 +665,82 @@ def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | Non
 
     _forward_with_hooks(model, size, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
     return [(name, type(module).__name__, shapes.get(name)) for name, module in modules]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``explain-cli layers``: gradient and deep explain a layer's *input*, so that is
+    the shape shown, with the resolution of the map it gives (a token layer's patch grid)."""
+
+    name: str
+    kind: str
+    input_shape: tuple | None  # the explained tensor, batch first; None: not a single tensor / not called
+    output_shape: tuple | None
+    map_size: tuple[int, int] | None  # (h, w) of the attribution map; None when not explainable
+    problem: str | None = None  # why the layer cannot be explained (None: it can)
+    channels_last: bool = False  # a 4-D input laid out (N, H, W, C) (Swin, MambaOut stages)
+
+
+def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
+    """Every module with its input (explained) shape, output shape and map resolution, from one
+    dummy (1, 3, size, size) forward (and one at twice the size, which tells the spatial
+    dimensions of a 4-D input from its channels: ``_utils.map_layout``); the model itself is the
+    'input' row (pixels)."""
+    from explain_cli.explainers import _utils
+
+    modules = list(model.named_modules())
+
+    def shapes_at(side: int) -> tuple[dict[str, Any], dict[str, tuple | None]]:
+        inputs: dict[str, Any] = {}
+        outputs: dict[str, tuple | None] = {}
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple, output: Any) -> None:
+                if name not in inputs:
+                    inputs[name] = args[0] if args else None
+                    tensor = _first_tensor(output)
+                    outputs[name] = tuple(tensor.shape) if tensor is not None else None
+            return hook
+
+        _forward_with_hooks(model, side, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
+        return inputs, outputs
+
+    inputs, outputs = shapes_at(size)
+    try:
+        probe = {name: tuple(v.shape) for name, v in shapes_at(2 * size)[0].items() if isinstance(v, torch.Tensor)}
+    except ConfigError:  # a model of one input size: the square pair decides
+        probe = {}
+    rows = [LayerInfo("input", "(pixels)", (1, 3, size, size), None, (size, size))]
+    for name, module in modules:
+        if not name:
+            continue
+        value = inputs.get(name)
+        out = outputs.get(name)
+        kind = type(module).__name__
+        if name not in inputs:
+            rows.append(LayerInfo(name, kind, None, None, None, "not called in the forward pass"))
+        elif not isinstance(value, torch.Tensor):
+            what = f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
+            rows.append(LayerInfo(name, kind, None, out, None, f"takes {what}, not one tensor"))
+        elif value.dim() == 4:
+            shape = tuple(value.shape)
+            try:
+                last = _utils.map_layout(shape, probe.get(name), name).channels_last
+            except ConfigError:
+                rows.append(LayerInfo(name, kind, shape, out, None, "(N, C, H, W) or (N, H, W, C) cannot be told apart"))
+                continue
+            rows.append(LayerInfo(name, kind, shape, out, (shape[1], shape[2]) if last else (shape[2], shape[3]),
+                                  channels_last=last))
+        elif value.dim() == 3:
+            try:
+                grid = _utils.token_grid(model, name, int(value.shape[1])).grid
+                rows.append(LayerInfo(name, kind, tuple(value.shape), out, grid))
+            except ConfigError:
+                rows.append(LayerInfo(name, kind, tuple(value.shape), out, None, "tokens not on a patch grid"))
+        else:
+            rows.append(LayerInfo(name, kind, tuple(value.shape), out, None,
+                                  f"takes a {value.dim()}-D tensor, not a feature map or tokens"))
+    return rows
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

@@ -27,10 +27,10 @@ from explain_cli import names as _names
 from explain_cli import resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
-from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, ImageError, NothingSelected, UserError
+from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ImageError, NothingSelected, UserError
 from explain_cli.images import load_preprocessed
-from explain_cli.job import (Shard, StopFlag, device_info, now, output_lock, resolve_device,  # noqa: F401  (Shard, resolve_device: public here too)
-                             share_cpus, versions)
+from explain_cli.job import (Shard, StopFlag, device_info, earlier_runs, now, output_lock,  # noqa: F401
+                             resolve_device, run_record, share_cpus, versions)  # (Shard, resolve_device: public here too)
 from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.report import write_report_or_warn
@@ -76,6 +76,7 @@ class Prepared:
     targets: TargetSpec = field(default_factory=TargetSpec)  # which classes, which quantity (targets.py)
     truth: Truth | None = None  # each image's labels, from targets.from_csv
     walk_errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): errors.csv rows
+    left_out: dict[str, int] = field(default_factory=dict)  # files the patterns left out: excluded, not_included
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RunSummary:
     skipped: int = 0
     explained: int = 0
     failed: int = 0
+    excluded: int = 0  # images input.exclude left out (of the whole folder, before sharding)
     interrupted: str | None = None
     seconds: float = 0.0
     output_dir: Path | None = None
@@ -136,12 +138,14 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
         raise ConfigError("background.dir", f"not a folder: {config.resolve(config.background.dir)}",
                           config._source)
     walk_errors: list[tuple[str, str]] = []
+    left_out: dict[str, int] = {}
     all_images = discover_images(input_dir, config.input.include, config.input.exclude,
-                                 skip_dirs=[output_dir], problems=walk_errors)
+                                 skip_dirs=[output_dir], problems=walk_errors, skipped=left_out)
     if not all_images and not walk_errors:
         raise NothingSelected(f"nothing selected: no file under {input_dir} matches input.include "
                               f"{config.input.include} and not input.exclude {config.input.exclude} "
-                              f"(hidden files and folders holding an explain-cli run.json are skipped)")
+                              f"({left_out['excluded']} excluded by name; hidden files and folders holding an "
+                              f"explain-cli run.json are skipped)")
     shard = options.shard
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
@@ -153,6 +157,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     _precision.check(config.precision, dev)  # so `validate` refuses a precision this device cannot run
     torch.manual_seed(config.seed)
     model = build_model(config.model, lambda p: config.resolve(p))
+    if config.model.weights == "random":
+        log.warning("model.weights: random: %s is untrained, its maps explain noise (meant for tests)",
+                    config.model.arch)
     layer = resolve_layer(model, config.model.layer)
     explainer_class = explainers.get(config.explainer_settings.name).Explainer
     if layer is not None and explainer_class.input_only:
@@ -176,7 +183,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
                  if truth.unmatched_rows else "")
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors)
+                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors, left_out)
 
 
 def check_output_files(output_dir: Path, suffix: str, save_values: bool) -> None:
@@ -319,8 +326,17 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                            for n, p, why in zip(names, probs, reasons)],
                    overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
                    segments=None if segments is None else segments[j],
-                   values_path=None if values_path is None else str(values_path), classes=classes)
+                   values_path=None if values_path is None else str(values_path), classes=classes,
+                   style=prep.config.output.style, caption=overlay_caption(prep, rel))
     err = attribution.additivity_error[j]
+    used = getattr(attribution, "nsamples_used", None)
+    used_cell = None if used is None else int(used[j])
+    capped = getattr(attribution, "nsamples_capped", None)
+    if capped is not None and bool(capped[j]):
+        log.warning("%s: the map did not reach explainer.target_stability %s within max_nsamples %d "
+                    "(stability %s); raise max_nsamples or accept a noisier map", rel,
+                    getattr(prep.config.explainer_settings, "target_stability", "?"), used_cell,
+                    ", ".join("-" if v is None else f"{v:.2f}" for v in (_cell(attribution.stability, j, r) for r in slots)))
     own = prep.truth.of(rel) if prep.truth is not None else None
     label = ";".join(prep.labels[c] for c in own) if own else None
     predicted = prep.labels[int(attribution.top_class[j])] if attribution.top_class is not None else None
@@ -328,9 +344,17 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
     rows = [[rel, attribution.rank(j, r), int(c), name, float(probs[i]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
              _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
-             _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted]
+             _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted, used_cell]
             for i, (r, c, name) in enumerate(zip(slots, classes, names))]
     return job, rows
+
+
+def overlay_caption(prep: Prepared, rel: str) -> str:
+    """The overlay's bottom line: which image, explainer and layer made the map."""
+    cfg = prep.config
+    if not cfg.output.caption:
+        return ""
+    return f"{rel}  \u00b7  {cfg.explainer_settings.name} explainer  \u00b7  layer {cfg.model.layer}"
 
 
 def describe_targets(prep: Prepared) -> dict[str, Any]:
@@ -417,7 +441,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
     suffix = prep.shard.suffix if prep.shard else ""
     # walk errors are reported once: by the unsharded run or shard 0
     walk_errors = prep.walk_errors if prep.shard is None or prep.shard.index == 0 else []
-    summary = RunSummary(selected=len(prep.images) + len(walk_errors), output_dir=out_dir)
+    summary = RunSummary(selected=len(prep.images) + len(walk_errors), output_dir=out_dir,
+                         excluded=prep.left_out.get("excluded", 0))
     names: dict[str, str] = {}
 
     def overlay_path(rel: str) -> Path:
@@ -438,9 +463,10 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             remove_files(out_dir / "overlays" / f"{names[rel]}.{other}" for rel in prep.images)
         listed = read_csv_images(topk_path)
         failed_before = read_csv_images(errors_path)
-        from explain_cli.models import checkpoint_path
+        from explain_cli.models import checkpoint_path, weights_info
 
         ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
+        weights = weights_info(cfg.model, cfg.resolve)
         fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
                                          None if prep.truth is None else prep.truth.path)
         if listed or failed_before:
@@ -470,12 +496,16 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             {"index": prep.shard.index, "count": prep.shard.count},
             # a walk error is an entry too (errors.csv): merge checks every entry is listed once
             "images_found": len(prep.all_images) + len(prep.walk_errors), "limit": options.limit, "layer_tokens": prep.layer_tokens,
+            "weights": weights,
             "targets": describe_targets(prep),
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
+        runs = earlier_runs(run_json)  # every run into this folder keeps its record, newest last
+        run_info["runs"] = runs + [run_record(run_info, None)]
         write_json(run_json, run_info)
         failure: str | None = None
+        exit_code: int | None = None
 
         progress = Progress(len(todo), enabled=options.progress)
         run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline,
@@ -497,7 +527,12 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     explainer = make_explainer(prep, background)
                     step = getattr(explainer, "images_per_step", 8)
                     writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
-                    stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path, values_path)
+                    per_image = getattr(explainer, "evaluations_per_image", lambda: None)()
+                    progress.set_evaluations_per_image(per_image)
+                    from explain_cli.explainers._utils import counting_evaluations
+
+                    with counting_evaluations(progress.evaluated):
+                        stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path, values_path)
                     summary.interrupted = stop.signal_name  # also when the decoder was waited on
                     writer.drain()
         except KeyboardInterrupt:
@@ -506,6 +541,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 writer.close(force=True)
         except BaseException as exc:
             failure = str(exc) or type(exc).__name__
+            exit_code = EXIT_USAGE if isinstance(exc, UserError) else 1
             raise
         finally:
             if writer is not None:
@@ -519,7 +555,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 "status": "failed" if failure else "interrupted" if summary.interrupted else "complete",
                 "finished": now(), "seconds": round(summary.seconds, 3),
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
-                           "explained": summary.explained, "failed": summary.failed},
+                           "explained": summary.explained, "failed": summary.failed,
+                           "excluded": summary.excluded, "not_included": prep.left_out.get("not_included", 0)},
             })
             run_info["metrics"] = run_metrics.summary()
             median = run_metrics.median_stability()
@@ -537,6 +574,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     run_info["batch_size_auto"] = explainer.context.batch_probe.summary()
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
+            run_info["runs"] = runs + [run_record(run_info, summary.exit_code if failure is None else exit_code)]
             write_json(run_json, run_info)
             write_report_or_warn(out_dir)
     return summary

@@ -1,10 +1,11 @@
 """One overlay figure per image, in the visual language of ``shap.image_plot``.
 
 Layout: the image, then one panel per explained class (titled "name: p = probability", see
-``format_title``) showing the
-attribution summed over channels in red (positive) / blue (negative) over a faded grayscale
-copy of the image, all panels on one symmetric colour scale, and a horizontal "SHAP value"
-colour bar below. Unlike ``shap.image_plot`` it works for any k (shap raises for some k, e.g. 3),
+``format_title``) showing the attribution summed over channels in red (positive) / blue
+(negative) over a copy of the image (``output.style``, see STYLES: by default a
+contrast-stretched grayscale at 45 % opacity, more visible than shap's 15 %), all panels on one
+symmetric colour scale, a horizontal "SHAP value" colour bar below, and a one-line caption
+(image, explainer, layer) at the bottom. Unlike ``shap.image_plot`` it works for any k (shap raises for some k, e.g. 3),
 for layer-sized attributions (upsampled to the image) and for superpixel explainers
 (each segment filled with its value, boundaries drawn faintly).
 
@@ -49,7 +50,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from explain_cli.write import atomic_write_bytes
 
-__all__ = ["Layout", "channel_map", "clean_text", "colorbar_ticks", "colormap", "compose_panels",
+__all__ = ["Layout", "STYLES", "Style", "channel_map", "fit_caption", "clean_text", "colorbar_ticks", "colormap", "compose_panels",
            "fit_title", "format_title", "layout", "overlay_bytes", "render_overlay", "segment_fill",
            "symmetric_limit", "RED_TRANSPARENT_BLUE_LUT"]
 
@@ -75,10 +76,29 @@ RED_TRANSPARENT_BLUE_LUT = _red_transparent_blue_lut()
 PANEL_INCHES = 2.2
 #: shap.image_plot draws the grayscale image with this alpha under the attribution map.
 GRAY_ALPHA = 0.15
+
+
+@dataclass(frozen=True)
+class Style:
+    """What the class panels show under the map: the image in ``base`` ('gray' luma or 'color'),
+    faded to ``opacity`` over white, its levels stretched between the ``stretch`` percentiles."""
+
+    base: str
+    opacity: float
+    stretch: tuple[float, float] | None
+
+
+#: ``output.style``: gray (default) is shap's look made readable: the gray image at 45 % opacity
+#: with its 2nd-98th percentile stretched to full range (one glint does not flatten the rest);
+#: shap is shap.image_plot's exact look (15 %, min-max stretch); heat is the map over the
+#: colour image itself (80 %).
+STYLES = {"gray": Style("gray", 0.45, (2.0, 98.0)), "shap": Style("gray", GRAY_ALPHA, (0.0, 100.0)),
+          "heat": Style("color", 0.8, None)}
+DEFAULT_STYLE = "gray"
 #: Limit used when every attribution is zero (or not finite): keeps the colour scale valid.
 MIN_LIMIT = 1e-8
 
-TITLE_PT, MIN_TITLE_PT, TICK_PT, LABEL_PT = 9.0, 6.0, 7.0, 8.0
+TITLE_PT, MIN_TITLE_PT, TICK_PT, LABEL_PT, CAPTION_PT = 9.0, 6.0, 7.0, 8.0, 6.5
 _FONT_FAMILY = "DejaVu Sans, Bitstream Vera Sans, Arial, Helvetica, sans-serif"
 
 # XML 1.0 cannot hold C0 controls (except tab/newline/return), lone surrogates or U+FFFE/FFFF,
@@ -270,29 +290,31 @@ def _lut_index(maps: np.ndarray, limit: float) -> np.ndarray:
     return index
 
 
-def _blend_table() -> np.ndarray:
-    """Every panel colour: (colour-map bin 0..256 with 256 = NaN) x (image gray level 0..255)
-    -> RGB uint8, the colour map's RGBA over the faded gray (shap draws the gray image at alpha
-    0.15 on white, then the map on top). A panel is then one table look-up per pixel."""
+@functools.lru_cache(maxsize=8)
+def _blend_table(opacity: float = GRAY_ALPHA) -> np.ndarray:
+    """Every panel colour: (colour-map bin 0..256 with 256 = NaN) x (image level 0..255)
+    -> RGB uint8, the colour map's RGBA over the image level faded to ``opacity`` on white
+    (shap draws the gray image at alpha 0.15 on white, then the map on top). A panel is then
+    one table look-up per pixel (per channel for a colour base)."""
     lut = np.concatenate([RED_TRANSPARENT_BLUE_LUT, np.zeros((1, 4))])
-    faded = 1.0 - GRAY_ALPHA + GRAY_ALPHA * np.arange(256) / 255.0
+    faded = 1.0 - opacity + opacity * np.arange(256) / 255.0
     alpha = lut[:, None, 3:4]
     rgb = lut[:, None, :3] * alpha + faded[None, :, None] * (1.0 - alpha)
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).reshape(-1, 3)
 
 
-_BLEND = _blend_table()
-
-
-def _gray_levels(pixels: np.ndarray) -> np.ndarray:
-    """The grayscale image as shap draws it under the map (luma, stretched to the image's own
-    range like the gray colormap does), as 0..255 levels. (H, W) intp."""
+def _gray_levels(pixels: np.ndarray, stretch: tuple[float, float] = (0.0, 100.0)) -> np.ndarray:
+    """The grayscale image drawn under the map (luma, its ``stretch`` percentiles stretched to
+    0..255; (0, 100) is the image's own range, as shap's gray colormap does). (H, W) intp."""
     rgb = pixels[..., :3].astype(np.float32)
     gray = 0.2989 * rgb[..., 0] + 0.5870 * rgb[..., 1] + 0.1140 * rgb[..., 2]
-    lo, hi = float(gray.min()), float(gray.max())
+    if stretch == (0.0, 100.0):
+        lo, hi = float(gray.min()), float(gray.max())
+    else:
+        lo, hi = (float(v) for v in np.percentile(gray, stretch))
     if not hi > lo:
         return np.zeros(gray.shape, dtype=np.intp)
-    return ((gray - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.intp)
+    return np.clip((gray - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.intp)
 
 
 def _boundaries(segments: np.ndarray) -> np.ndarray:
@@ -305,14 +327,18 @@ def _boundaries(segments: np.ndarray) -> np.ndarray:
     return b
 
 
-def _panel_rgb(gray: np.ndarray, smap: np.ndarray, limit: float,
-               boundary: np.ndarray | None) -> np.ndarray:
-    """Composite one class panel: the colour map (with its alpha) over the faded image, then
-    the faint boundaries. Returns (H, W, 3) uint8."""
+def _panel_rgb(base: np.ndarray, smap: np.ndarray, limit: float,
+               boundary: np.ndarray | None, opacity: float = GRAY_ALPHA) -> np.ndarray:
+    """Composite one class panel: the colour map (with its alpha) over the faded image (``base``
+    (H, W) gray levels, or (H, W, 3) colour), then the faint boundaries. Returns (H, W, 3) uint8."""
+    table = _blend_table(opacity)
     index = _lut_index(smap, limit)
     index *= 256
-    index += gray
-    out = np.take(_BLEND, index, axis=0)
+    if base.ndim == 2:
+        index += base
+        out = np.take(table, index, axis=0)
+    else:
+        out = np.stack([np.take(table[:, c], index + base[..., c]) for c in range(3)], axis=-1)
     if boundary is not None:  # toward dark gray, faintly
         out[boundary] = (out[boundary] * 0.65 + (0.35 * 0.3 * 255 + 0.5)).astype(np.uint8)
     return out
@@ -330,7 +356,7 @@ def _as_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def compose_panels(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None, *,
-                   segments: np.ndarray | None = None) -> tuple[list[np.ndarray], float]:
+                   segments: np.ndarray | None = None, style: str = DEFAULT_STYLE) -> tuple[list[np.ndarray], float]:
     """The k+1 panels of the figure at the image's resolution, and the colour limit.
 
     ``pixels`` is the (H, W, 3) uint8 image fed to the model, ``values`` the (k, C, h, w)
@@ -354,8 +380,9 @@ def compose_panels(pixels: np.ndarray, values: np.ndarray, n_titles: int | None 
         maps = segment_fill(maps, seg)
         boundary = _boundaries(seg)
     limit = symmetric_limit(maps)
-    gray = _gray_levels(pixels)
-    return [pixels] + [_panel_rgb(gray, maps[i], limit, boundary) for i in range(k)], limit
+    look = STYLES[style]
+    base = _gray_levels(pixels, look.stretch) if look.base == "gray" else pixels.astype(np.intp)
+    return [pixels] + [_panel_rgb(base, maps[i], limit, boundary, look.opacity) for i in range(k)], limit
 
 
 # --- layout -------------------------------------------------------------------------------------
@@ -379,18 +406,21 @@ class Layout:
     tick_len: float
     tick_label_y: float
     label_y: float
+    caption_y: float = 0.0  # top of the caption line (0: no caption)
 
 
-def layout(k: int, image_size: tuple[int, int]) -> Layout:
+def layout(k: int, image_size: tuple[int, int], caption: bool = False) -> Layout:
     """The figure layout for k classes and an (H, W) image: panels side by side in
-    ``PANEL_INCHES`` cells, titles above, the colour bar centred below (as image_plot)."""
+    ``PANEL_INCHES`` cells, titles above, the colour bar centred below (as image_plot), and
+    with ``caption`` one more line at the bottom."""
     H, W = image_size
     pt = 72.0
     pw = PANEL_INCHES * pt
     ph = pw * min(max(H / W, 0.5), 2.0)
     gap, title_h, bar_gap, bar_h, bottom = 0.08 * pt, 0.32 * pt, 0.12 * pt, 0.12 * pt, 0.42 * pt
     width = (k + 1) * pw + gap
-    height = title_h + ph + bar_gap + bar_h + bottom
+    caption_h = 0.16 * pt if caption else 0.0
+    height = title_h + ph + bar_gap + bar_h + bottom + caption_h
     cell_w = pw - gap
     scale = min(cell_w / W, ph / H)
     iw, ih = W * scale, H * scale
@@ -402,7 +432,23 @@ def layout(k: int, image_size: tuple[int, int]) -> Layout:
     return Layout(width=width, height=height, panels=panels, title_x=title_x,
                   title_y=title_h - 0.06 * pt, title_width=cell_w,
                   bar=((width - bar_w) / 2, bar_y, bar_w, bar_h), tick_len=0.03 * pt,
-                  tick_label_y=bar_y + bar_h + 0.05 * pt, label_y=bar_y + bar_h + 0.2 * pt)
+                  tick_label_y=bar_y + bar_h + 0.05 * pt, label_y=bar_y + bar_h + 0.2 * pt,
+                  caption_y=bar_y + bar_h + bottom - 0.02 * pt if caption else 0.0)
+
+
+def fit_caption(text: str, width_pt: float) -> str:
+    """The caption cut with an ellipsis to ``width_pt`` at CAPTION_PT (never shrunk)."""
+    text = clean_text(text)[:_MAX_CHARS]
+    if text_width_pt(text, CAPTION_PT) <= width_pt:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text_width_pt(text[:mid].rstrip() + "\u2026", CAPTION_PT) <= width_pt:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "\u2026"
 
 
 def colorbar_ticks(limit: float) -> list[float]:
@@ -463,7 +509,7 @@ def _png(rgb: np.ndarray, dpi: int | None = None) -> bytes:
 
 
 def _png_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], limit: float,
-                lay: Layout, dpi: int) -> bytes:
+                lay: Layout, dpi: int, caption: str = "") -> bytes:
     s = dpi / 72.0
 
     def px(v: float) -> int:
@@ -493,6 +539,9 @@ def _png_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], limit
                   font=_font(TICK_PT * s), anchor="ma")
     draw.text((lay.width / 2 * s, lay.label_y * s), "SHAP value", fill=(0, 0, 0),
               font=_font(LABEL_PT * s), anchor="ma")
+    if caption:
+        draw.text((lay.panels[0][0] * s, lay.caption_y * s), caption, fill=(85, 85, 85),
+                  font=_font(CAPTION_PT * s), anchor="la")
     return _png(np.asarray(image), dpi)
 
 
@@ -509,7 +558,7 @@ def _num(v: float) -> str:
 
 
 def _svg_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], full_titles: list[str],
-                limit: float, lay: Layout, dpi: int) -> bytes:
+                limit: float, lay: Layout, dpi: int, caption: str = "") -> bytes:
     # width/height in pixels at ``dpi`` (the size of the PNG at that dpi); content in points
     s = dpi / 72.0
     # SVG places text by its baseline; the PNG (Pillow anchors) by its ascender/descender line
@@ -550,40 +599,51 @@ def _svg_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], full_
                    f'text-anchor="middle">{_tick_label(t)}</text>\n')
     out.append(f'<text id="colorbar-label" x="{_num(lay.width / 2)}" '
                f'y="{_num(lay.label_y + ascent * LABEL_PT)}" font-size="{_num(LABEL_PT)}" '
-               f'text-anchor="middle">SHAP value</text>\n</g>\n</svg>\n')
+               f'text-anchor="middle">SHAP value</text>\n')
+    if caption:
+        out.append(f'<text id="caption" x="{_num(lay.panels[0][0])}" y="{_num(lay.caption_y + ascent * CAPTION_PT)}" '
+                   f'font-size="{_num(CAPTION_PT)}" fill="#555555">{_xml(caption)}</text>\n')
+    out.append('</g>\n</svg>\n')
     return "".join(out).encode("utf-8")
 
 
 # --- entry point --------------------------------------------------------------------------------
 
 def overlay_bytes(pixels: np.ndarray, values: np.ndarray, titles: Sequence[str], *,
-                  fmt: str = "svg", dpi: int = 100, segments: np.ndarray | None = None) -> bytes:
+                  fmt: str = "svg", dpi: int = 100, segments: np.ndarray | None = None,
+                  style: str = DEFAULT_STYLE, caption: str = "") -> bytes:
     """The overlay file's content (see :func:`render_overlay`)."""
     if fmt not in ("svg", "png"):
         raise ValueError(f"unsupported overlay format {fmt!r} (svg or png)")
+    if style not in STYLES:
+        raise ValueError(f"unknown overlay style {style!r} ({', '.join(STYLES)})")
     dpi = int(dpi)
     if dpi < 1:
         raise ValueError(f"dpi must be positive, got {dpi}")
-    panels, limit = compose_panels(pixels, values, len(titles), segments=segments)
-    lay = layout(len(panels) - 1, panels[0].shape[:2])
+    panels, limit = compose_panels(pixels, values, len(titles), segments=segments, style=style)
+    lay = layout(len(panels) - 1, panels[0].shape[:2], caption=bool(caption))
     full = [clean_text(t) for t in titles]
     fitted = [fit_title(t, lay.title_width) for t in full]
+    text = fit_caption(caption, lay.width - 2 * lay.panels[0][0]) if caption else ""
     if fmt == "png":
-        return _png_figure(panels, fitted, limit, lay, dpi)
-    return _svg_figure(panels, fitted, full, limit, lay, dpi)
+        return _png_figure(panels, fitted, limit, lay, dpi, text)
+    return _svg_figure(panels, fitted, full, limit, lay, dpi, text)
 
 
 def render_overlay(pixels: np.ndarray, values: np.ndarray, titles: Sequence[str], path: Path, *,
-                   fmt: str = "svg", dpi: int = 100, segments: np.ndarray | None = None) -> None:
+                   fmt: str = "svg", dpi: int = 100, segments: np.ndarray | None = None,
+                   style: str = DEFAULT_STYLE, caption: str = "") -> None:
     """Render the overlay of one image and write it atomically to ``path`` (folders created).
 
     ``pixels`` is the (H, W, 3) uint8 image fed to the model, ``values`` the (k, C, h, w)
     attributions in rank order, ``titles`` k strings (see :func:`format_title`; any str is
     safe), ``segments`` an optional (H, W) superpixel label map. ``dpi`` is pixels per inch:
     the PNG's resolution, and the SVG's nominal size (its panels always embed the image at its
-    own resolution). The file is built in memory and written with ``atomic_write_bytes``, so a
+    own resolution). ``style`` is one of STYLES (``output.style``); ``caption`` a line at the
+    bottom (image, explainer, layer), none when empty. The file is built in memory and written with ``atomic_write_bytes``, so a
     killed run never leaves a half-written overlay (the pipeline treats an existing overlay as
     done); identical inputs give byte-identical files (no dates or ids from a clock).
     """
-    data = overlay_bytes(pixels, values, titles, fmt=fmt, dpi=dpi, segments=segments)
+    data = overlay_bytes(pixels, values, titles, fmt=fmt, dpi=dpi, segments=segments, style=style,
+                         caption=caption)
     atomic_write_bytes(Path(path), data)

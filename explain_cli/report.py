@@ -64,6 +64,8 @@ _KNOWN = [
      "removed first (area under the curve): lower is more faithful", "fixed3", "low"),
     ("insertion_auc", "Insertion AUC", "probability of the class as the most-attributed pixels are "
      "added first to the baseline (area under the curve): higher is more faithful", "fixed3", "high"),
+    ("nsamples_used", "Samples", "model evaluations the map took (explainer.nsamples; with 'auto', until "
+     "the map reached target_stability): marked when the image hit max_nsamples first", "auto", ""),
 ]
 
 
@@ -181,6 +183,17 @@ def _list_overlays(output_dir: Path) -> set[str]:
     return found
 
 
+def _sample_cap(outputs: RunOutputs) -> float | None:
+    """``explainer.max_nsamples`` when the run sampled with ``nsamples: auto`` (a row that used that
+    many samples stopped at the cap, not at the target stability), else None."""
+    run = outputs.run or (outputs.shards[0][1] if outputs.shards else {})
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    explainer = config.get("explainer") if isinstance(config.get("explainer"), dict) else {}
+    if explainer.get("nsamples") != "auto":
+        return None
+    return _number(explainer.get("max_nsamples"))
+
+
 def _columns(outputs: RunOutputs) -> list[dict[str, Any]]:
     """The numeric per-class columns to show: the known ones present, then any other numeric column."""
     cols = []
@@ -188,7 +201,14 @@ def _columns(outputs: RunOutputs) -> list[dict[str, Any]]:
     for key, label, title, fmt, better in _KNOWN:
         if key in present and (key in ("probability", "additivity_error")
                                or any(_number(r.get(key)) is not None for r in outputs.topk)):
+            if key == "nsamples_used":  # shown for nsamples auto, or when the counts differ
+                cap = _sample_cap(outputs)
+                counts = {_number(r.get(key)) for r in outputs.topk} - {None}
+                if cap is None and len(counts) < 2:
+                    continue
             cols.append({"key": key, "label": label, "title": title, "fmt": fmt, "better": better})
+            if key == "nsamples_used" and cap is not None:
+                cols[-1]["warn_at"] = cap
     known = {k for k, *_ in _KNOWN} | _HIDDEN
     for key in outputs.topk_columns:
         if key not in known and any(_number(r.get(key)) is not None for r in outputs.topk):
@@ -307,6 +327,44 @@ def _random_reference(outputs: RunOutputs) -> dict[str, float]:
     return {k: s / w for k, (s, w) in sums.items() if w}
 
 
+def _runs(run: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = run.get("runs")
+    return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+
+
+def _runs_note(run: dict[str, Any]) -> str:
+    """'the last of 3 runs (4.2 s in all); ' when run.json holds several run records."""
+    runs = _runs(run)
+    if len(runs) < 2:
+        return ""
+    total = sum(s for s in (_number(r.get("seconds")) for r in runs) if s is not None)
+    return f"the last of {len(runs)} runs ({_fmt_seconds(total)} in all); "
+
+
+def _runs_table(run: dict[str, Any]) -> str:
+    """Every run into this folder (run.json ``runs``), newest last."""
+    runs = _runs(run)
+    if not runs:
+        return ""
+    head = ("<tr><th>started</th><th>finished</th><th>status</th><th>exit</th><th>explained</th>"
+            "<th>already done</th><th>failed</th><th>excluded</th><th>time</th><th>host</th><th>shard</th></tr>")
+    body = []
+    for r in runs:
+        counts = r.get("counts") if isinstance(r.get("counts"), dict) else {}
+        body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
+            r.get("started"), r.get("finished"), r.get("status"), r.get("exit_code"), counts.get("explained"),
+            counts.get("already_done"), counts.get("failed"), counts.get("excluded"),
+            _fmt_seconds(r.get("seconds")), r.get("host"), r.get("shard"))) + "</tr>")
+    return f'<h3>Runs into this folder</h3><table class="grid runs">{head}{"".join(body)}</table>'
+
+
+def _weights_note(run: dict[str, Any]) -> str:
+    """Which weights ran (run.json ``weights``): 'pretrained weights', 'random weights', ..."""
+    weights = run.get("weights") if isinstance(run.get("weights"), dict) else {}
+    kind = weights.get("kind")
+    return {"factory": "the factory's weights"}.get(kind, f"{kind} weights") if kind else "weights not recorded"
+
+
 def _status(outputs: RunOutputs) -> tuple[str, str]:
     """(badge text, tone) for the header."""
     run = outputs.run
@@ -349,18 +407,35 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
     device_note = ", ".join(sorted({str(i.get("device")) for i in infos if i.get("device")}))
     already = sum(int(_number((i.get("counts") or {}).get("already_done")) or 0) for i in infos
                   if isinstance(i.get("counts"), dict))
+    # input.exclude applies to the whole folder: every shard counts the same files
+    excluded = max((int(_number((i.get("counts") or {}).get("excluded")) or 0) for i in infos
+                    if isinstance(i.get("counts"), dict)), default=0)
     cards = [
-        _card("Images explained", f"{len(images):,}", f"{already:,} of them from an earlier run" if already else ""),
+        _card("Images explained", f"{len(images):,}", "; ".join(n for n in (
+            f"{already:,} of them from an earlier run" if already else "",
+            f"{excluded:,} skipped by input.exclude" if excluded else "") if n)),
         _card("Failed", f"{failed:,}", "see Failed images below" if failed else "", "bad" if failed else ""),
-        _card("Time", _fmt_seconds(total_s), ("summed over shards; " if len(infos) > 1 else "") + rate),
+        _card("Time", _fmt_seconds(total_s), ("summed over shards; " if len(infos) > 1 else "")
+              + _runs_note(run) + rate),
         _card("Device", ", ".join(devices) or "-", device_note),
         _card("Explainer", str(explainer.get("name", "-")),
               ", ".join(f"{k} {v}" for k, v in explainer.items() if k != "name" and not isinstance(v, dict))),
-        _card("Model", str(model.get("arch", "-")), f"layer {model.get('layer', 'input')}"),
+        _card("Model", str(model.get("arch", "-")), f"layer {model.get('layer', 'input')}; {_weights_note(run)}",
+              "warn" if _weights_note(run) == "random weights" else ""),
     ]
     ref = _random_reference(outputs)
     for col in columns:
         key = col["key"]
+        if key == "nsamples_used" and col.get("warn_at") is not None:
+            i = columns.index(col)
+            used = [img["v"][i][0] for img in images if img["v"][i] and img["v"][i][0] is not None]
+            hit = sum(1 for v in used if v >= col["warn_at"])
+            if used:
+                cards.append(_card("Samples (auto)", f"{statistics.median(used):.0f}",
+                                   f"median per image; {hit} image(s) hit max_nsamples {col['warn_at']:.0f} before "
+                                   "target_stability" if hit else "median per image; every map reached target_stability",
+                                   "warn" if hit else ""))
+            continue
         if key not in ("stability", "deletion_auc", "insertion_auc"):
             continue
         i = columns.index(col)
@@ -407,6 +482,7 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
                 counts.get("explained"), counts.get("failed"), _fmt_seconds(info.get("seconds")),
                 info.get("finished"))) + "</tr>")
         shard_rows = f'<h3>Shards</h3><table class="grid">{head}{"".join(body)}</table>'
+    shard_rows += _runs_table(run)
     details = (
         '<details class="more"><summary>Run details, settings and versions</summary><div class="cols">'
         f'<div><h3>Run</h3>{_kv_table(about)}{shard_rows}</div>'
@@ -684,7 +760,8 @@ _SCRIPT = """
     cols.forEach(function (col, i) {
       var td = make("td", "num");
       (im.v[i] || []).forEach(function (v) {
-        td.appendChild(make("div", col.key === "stability" && v !== null && v < 0.5 ? "low" : "", fmt(v, col.fmt)));
+        var low = v !== null && ((col.key === "stability" && v < 0.5) || (col.warn_at != null && v >= col.warn_at));
+        td.appendChild(make("div", low ? "low" : "", fmt(v, col.fmt)));
       });
       tr.appendChild(td);
     });

@@ -11,7 +11,8 @@ Keys that never change an image's numbers or files do not block a resume: where 
 executes (``device``; like ``merge``, we accept its float-rounding differences), how it batches
 (``batch_size``) and how many processes write its overlays (``workers``), which images it selects (``input.include/exclude``: the selection may grow),
 where the outputs go (``output.dir``) and which files are written besides the CSV rows
-(``output.format``, ``output.save_values``: missing files are simply redone), and
+(``output.format``, ``output.save_values``: missing files are simply redone), how overlays look
+(``output.style``, ``output.caption``: overlays already written keep their look), and
 ``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
 ``model.checkpoint`` and ``labels`` are compared by content, not by path.
@@ -39,7 +40,7 @@ from explain_cli.errors import UserError
 
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
-                "output.format", "output.save_values", "model.checkpoint", "model.trust_checkpoint",
+                "output.format", "output.save_values", "output.style", "output.caption", "model.checkpoint", "model.trust_checkpoint",
                 "labels", "targets.classes", "targets.contrast", "targets.from_csv.path"}
 #: Keys added after fingerprints existed, with the value that reproduces the older behaviour: an older
 #: run.json lacks them, and that is no difference when the new value is this one.
@@ -65,6 +66,8 @@ def _settings(config_dict: dict[str, Any], base_dir: Path | None) -> dict[str, A
     for key, value in flat.items():
         if key in IGNORED_KEYS:
             continue
+        if key == "model.weights" and value in (None, "checkpoint"):
+            continue  # implied by the checkpoint (compared by content) or the factory; older run.json lack it
         if key in PATH_KEYS and isinstance(value, str) and base_dir is not None:
             p = Path(os.path.expanduser(value))
             value = os.path.normpath(str(p if p.is_absolute() else base_dir / p))

@@ -189,6 +189,8 @@ class WriteJob:
     segments: np.ndarray | None = None
     values_path: str | None = None  # values/<image>.npz when output.save_values
     classes: np.ndarray | None = None
+    style: str = "gray"             # output.style
+    caption: str = ""               # the overlay's bottom line (image, explainer, layer)
 
 
 def write_files(job: WriteJob) -> None:
@@ -198,9 +200,9 @@ def write_files(job: WriteJob) -> None:
     from explain_cli.write import save_values
 
     if job.values_path is not None:
-        save_values(Path(job.values_path), job.values, job.classes)
+        save_values(Path(job.values_path), job.values, job.classes, job.segments)
     render_overlay(job.pixels, job.values, job.titles, Path(job.overlay_path), fmt=job.fmt,
-                   dpi=job.dpi, segments=job.segments)
+                   dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption)
 
 
 def _worker_init(parent_pid: int) -> None:

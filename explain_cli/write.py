@@ -31,7 +31,7 @@ TOPK_COLUMNS = [
     "image", "rank", "class_index", "class_name", "probability",
     "output", "base_value", "shap_sum", "additivity_error",
     "stability", "deletion_auc", "insertion_auc",
-    "target", "explained", "label", "predicted",
+    "target", "explained", "label", "predicted", "nsamples_used",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
@@ -121,10 +121,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def save_values(path: Path, values: np.ndarray, classes: np.ndarray) -> None:
-    """values/<image>.npz: ``values`` float32 (k, C, H, W) and ``classes`` (k,) int64, rank order."""
+def save_values(path: Path, values: np.ndarray, classes: np.ndarray, segments: np.ndarray | None = None) -> None:
+    """values/<image>.npz: ``values`` float32 (k, C, H, W) and ``classes`` (k,) int64, rank order;
+    for a superpixel explainer (kernel) also ``segments`` (H, W) int32, the label map it used, and
+    ``superpixels``, how many superpixels that is (SLIC may give fewer than explainer.segments)."""
+    arrays = {"values": values.astype(np.float32), "classes": classes.astype(np.int64)}
+    if segments is not None:
+        arrays["segments"] = np.asarray(segments).astype(np.int32)
+        arrays["superpixels"] = np.int64(len(np.unique(segments)))
     buf = io.BytesIO()
-    np.savez_compressed(buf, values=values.astype(np.float32), classes=classes.astype(np.int64))
+    np.savez_compressed(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
 
 

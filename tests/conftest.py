@@ -15,16 +15,60 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = textwrap.dedent('''
+    import os
+    import time
+    from pathlib import Path
+
     import torch
     from torch import nn
 
     def make(num_classes=3):
         torch.manual_seed(0)
-        return nn.Sequential(
+        model = nn.Sequential(
             nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+        if os.environ.get("TINY_GATE"):  # tests that signal a run: see conftest.gated_env
+            model.register_forward_pre_hook(_gate(Path(os.environ["TINY_GATE"]), Path(os.environ["TINY_GATE_CSV"])))
+        return model
+
+    def _gate(hold, csv):
+        # Once csv has rows (a step is written), every forward waits while hold exists, after
+        # creating hold.waiting: the run is then mid-step, with images left to do.
+        def hook(module, args):
+            if not hold.exists() or not csv.exists() or len(csv.read_text().splitlines()) < 2:
+                return None
+            Path(str(hold) + ".waiting").touch()
+            while hold.exists():
+                time.sleep(0.01)
+            return None
+        return hook
 ''')
+
+
+def gated_env(project: Path, csv: Path) -> tuple[dict[str, str], Path]:
+    """Environment that makes the tiny model of ``project`` stop in the step after the first
+    rows of ``csv`` are written, until the returned hold file is removed: a test that signals a
+    run then knows it is mid-run (neither finished nor before its first step) however loaded
+    the machine is. Remove the hold file after sending the signal."""
+    hold = project / "gate.hold"
+    hold.touch()
+    return {"TINY_GATE": str(hold), "TINY_GATE_CSV": str(csv)}, hold
+
+
+def wait_for_gate(proc, hold: Path, timeout: float = 300) -> None:
+    """Wait until the gated run is held mid-run (see gated_env); fail if it ended first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    marker = Path(str(hold) + ".waiting")
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it was held: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run was not held in time")
+        time.sleep(0.02)
 
 
 def write_images(root: Path, names: list[str], size: int = 24, seed: int = 0) -> None:

@@ -181,7 +181,7 @@ def test_initial_batch_size():
 # ------------------------------------------------------------------ config and run
 
 
-BASE = {"model": {"arch": "torchvision:resnet18", "num_classes": 3}, "input": {"dir": "imgs"}}
+BASE = {"model": {"arch": "torchvision:resnet18", "num_classes": 3, "weights": "random"}, "input": {"dir": "imgs"}}
 
 
 def load(tmp_path, **top):

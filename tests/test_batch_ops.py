@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, write_images
+from conftest import REPO, gated_env, wait_for_gate, write_images
 from explain_cli.cli import app
 from explain_cli.pipeline import Shard
 from explain_cli.write import TOPK_COLUMNS
@@ -406,25 +406,14 @@ def test_oom_in_a_run_backs_off_then_gives_the_same_numbers(tiny_project, monkey
 
 # --- signals and resume ---------------------------------------------------------------------
 
-def _start(project: Path, out: Path, *extra) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), str(REPO)]), "MPLBACKEND": "Agg"}
+def _start(project: Path, out: Path, *extra, gate: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), str(REPO)]), "MPLBACKEND": "Agg",
+           **(gate or {})}
     for name in SLURM_VARS:
         env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "explain_cli", "run", str(project / "config.yaml"),
                              "--output", str(out), *extra], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _wait_for_rows(proc: subprocess.Popen, csv_path: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if csv_path.exists() and len(csv_path.read_text().splitlines()) > 1:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be interrupted: {proc.communicate()}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no topk.csv rows in time")
 
 
 def _check_csv_whole(path: Path) -> list[list[str]]:
@@ -441,10 +430,12 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tiny_project):
     names = add_images(tiny_project, 24)
     out, ref = tiny_project / "out", tiny_project / "ref"
     # in-process writing: rows appear step by step (tests/test_workers.py signals a run with workers)
-    proc = _start(tiny_project, out, "--workers", "0")
-    _wait_for_rows(proc, out / "topk.csv")
+    gate, hold = gated_env(tiny_project, out / "topk.csv")  # held mid-run: the signal cannot come too late
+    proc = _start(tiny_project, out, "--workers", "0", gate=gate)
+    wait_for_gate(proc, hold)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    hold.unlink()
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 143, stderr
     assert "SIGTERM received: finishing the current step" in stderr
     assert "stopped by SIGTERM after" in stderr and "rerun the same command to resume" in stderr
@@ -473,10 +464,12 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tiny_project):
 def test_sigint_stops_with_130(tiny_project):
     add_images(tiny_project, 24)
     out = tiny_project / "out"
-    proc = _start(tiny_project, out, "--shard", "0/1", "--workers", "0")
-    _wait_for_rows(proc, out / "topk.shard-0-of-1.csv")
+    gate, hold = gated_env(tiny_project, out / "topk.shard-0-of-1.csv")
+    proc = _start(tiny_project, out, "--shard", "0/1", "--workers", "0", gate=gate)
+    wait_for_gate(proc, hold)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    hold.unlink()
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr
     assert "stopped by SIGINT" in stderr and "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
@@ -485,3 +478,19 @@ def test_sigint_stops_with_130(tiny_project):
     assert info["status"] == "interrupted" and info["interrupted_by"] == "SIGINT"
     result = invoke("merge", out)  # an interrupted shard is not merged
     assert result.exit_code == 2 and "interrupted by SIGINT" in result.output
+
+
+def test_merge_pads_a_shard_of_an_earlier_version(tmp_path):
+    """A shard CSV written before a column was added (nsamples_used) is read with blank cells for it,
+    as CsvLog pads on resume; a foreign header is still refused."""
+    from explain_cli.errors import UserError
+    from explain_cli.merge import _read_csv
+
+    old = tmp_path / "topk.shard-0-of-2.csv"
+    old.write_text(",".join(TOPK_COLUMNS[:-1]) + "\n" + ",".join(["a.png", "1"] + ["0"] * (len(TOPK_COLUMNS) - 3)) + "\n")
+    rows = _read_csv(old, TOPK_COLUMNS)
+    assert len(rows) == 1 and len(rows[0]) == len(TOPK_COLUMNS) and rows[0][-1] == ""
+    foreign = tmp_path / "topk.shard-1-of-2.csv"
+    foreign.write_text("image,score\na.png,1\n")
+    with pytest.raises(UserError, match="not an explain-cli CSV"):
+        _read_csv(foreign, TOPK_COLUMNS)

@@ -150,7 +150,7 @@ def test_validate_reports_missing_input_dir(tiny_project):
 def test_layers_lists_dotted_names_with_shapes(tiny_project):
     result = invoke("layers", tiny_project / "config.yaml")
     assert result.exit_code == 0, result.output
-    assert "(1, 6, 16, 16)" in result.output  # output of module '0' (first conv)
+    assert "6x16x16" in result.output  # output of module '0' (first conv)
     result = invoke("layers", "--arch", "torchvision:resnet18")
     assert result.exit_code == 0 and "layer4.1.conv2" in result.output
 

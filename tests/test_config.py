@@ -15,7 +15,7 @@ def write(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
     return path
 
 
-BASE = {"model": {"arch": "torchvision:resnet18", "num_classes": 3}, "input": {"dir": "imgs"}}
+BASE = {"model": {"arch": "torchvision:resnet18", "num_classes": 3, "weights": "random"}, "input": {"dir": "imgs"}}
 
 
 def test_minimal_config_fills_defaults_and_resolves_paths(tmp_path):

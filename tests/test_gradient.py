@@ -71,7 +71,7 @@ def test_agrees_with_shap(model, data, target, smoothing):
     layer = None if target == "input" else model.conv2
     nsamples = 2000
 
-    ours = make(model, background, layer, batch_size=500, nsamples=nsamples,
+    ours = make(model, background, layer, batch_size=500, nsamples=nsamples, path="input",
                 local_smoothing=smoothing).explain(x, 2, [11, 12])
 
     torch.manual_seed(5)  # shap draws its smoothing noise from torch's global generator
@@ -170,3 +170,194 @@ def test_layer_input_must_be_4d(model, data):
         explainer.explain(images[:2], 2, [1, 2])
     assert info.value.key == "model.layer"
     assert "4-D" in info.value.message
+
+
+# -- estimators: balanced references, stratified t, unbiasedness ------------------------------------
+
+@pytest.mark.parametrize("n,refs", [(30, 10), (25, 10), (7, 10), (1, 3), (64, 3)])
+def test_stratified_design_is_balanced(n, refs):
+    rind, t = gradient.draw_design(n, refs, torch.Generator().manual_seed(n), stratified=True)
+    assert rind.shape == t.shape == (n,)
+    counts = torch.bincount(rind, minlength=refs)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == n  # every reference equally often (+-1)
+    assert ((t >= 0) & (t < 1)).all()
+    if n >= refs:  # each reference's c draws: one t in each of [j/c, (j+1)/c)
+        for b in range(refs):
+            own = t[rind == b]
+            assert sorted((own * len(own)).floor().long().tolist()) == list(range(len(own)))
+    else:  # distinct references, t stratified over all n
+        assert len(set(rind.tolist())) == n
+        assert sorted((t * n).floor().long().tolist()) == list(range(n))
+
+
+def midpoint_truth(model, background, x, layer=None, path="input", points=200):
+    """Expected gradients by quadrature: every reference with `points` midpoints of t (deterministic)."""
+    original = gradient.draw_design
+
+    def midpoints(n, n_refs, generator, stratified):
+        per = n // n_refs
+        return (torch.arange(n_refs).repeat_interleave(per),
+                ((torch.arange(per, dtype=torch.float64) + 0.5) / per).repeat(n_refs))
+
+    gradient.draw_design = midpoints
+    try:
+        return make(model, background, layer, batch_size=1000, nsamples=2 * points * background.shape[0],
+                    path=path).explain(x, 1, [0] * x.shape[0])
+    finally:
+        gradient.draw_design = original
+
+
+@pytest.mark.parametrize("target", ["input", "layer"])
+def test_stratified_estimator_is_unbiased(model, data, target):
+    """The mean of many small stratified estimates is the quadrature value (an estimator with a bias
+    would stay off it however many seeds are averaged), and it is closer at each seed than shap's
+    independent draws at the same count."""
+    background, images = data
+    x = images[:1]
+    layer = None if target == "input" else model.conv2
+    truth = midpoint_truth(model, background, x, layer).values[0, 0]
+    seeds = 32
+    # 40 samples: each half (20) goes twice round the 10 references, so t is stratified per reference
+    estimates = {s: np.stack([make(model, background, layer, nsamples=40, path="input", sampling=s)
+                              .explain(x, 1, [seed]).values[0, 0] for seed in range(seeds)])
+                 for s in ("stratified", "random")}
+    mean = estimates["stratified"].mean(0)
+    stderr = estimates["stratified"].std(0, ddof=1) / np.sqrt(seeds)
+    z = (mean - truth) / np.maximum(stderr, 1e-12)
+    assert np.abs(z).mean() < 1.2 and np.abs(z).max() < 6  # |N(0,1)| has mean 0.8
+    error = {s: np.mean([np.abs(e - truth).sum() for e in v]) for s, v in estimates.items()}
+    assert error["stratified"] < 0.8 * error["random"], error
+
+
+@pytest.mark.parametrize("target", ["input", "layer"])
+def test_stratified_agrees_with_shap_at_a_large_count(model, data, target):
+    shap = pytest.importorskip("shap")
+    background, images = data
+    x = images[[0, 2]]
+    layer = None if target == "input" else model.conv2
+    ours = make(model, background, layer, batch_size=1000, nsamples=2000, path="input").explain(x, 2, [5, 6])
+    reference = shap.GradientExplainer(model if layer is None else (model, layer), background)
+    values, indexes = reference.shap_values(x, ranked_outputs=2, nsamples=8000, rseed=3)
+    values = np.moveaxis(np.asarray(values), -1, 1)
+    np.testing.assert_array_equal(ours.classes, indexes.numpy())
+    for i in range(2):
+        for r in range(2):
+            assert pearson(ours.values[i, r], values[i, r]) >= 0.99, (i, r)
+
+
+# -- path: layer -------------------------------------------------------------------------------------
+
+class Residual(nn.Module):
+    """conv_a's input h also reaches the output through a skip that bypasses conv_a."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = torch.relu(self.conv_b(torch.relu(self.conv_a(h))) + h)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def residual():
+    torch.manual_seed(3)
+    net = Residual().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(2)
+    return net
+
+
+def with_layer_input(model, layer, x, h):
+    handle = layer.register_forward_pre_hook(lambda module, args: (h,) + tuple(args[1:]))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+def test_layer_path_is_complete_on_a_residual_network(residual, data):
+    background, images = data
+    layer = residual.conv_a
+    result = make(residual, background, layer, batch_size=512, nsamples=512).explain(images, 2, [1, 2, 3, 4])
+    assert result.values.shape == (4, 2, 8, 16, 16)
+
+    # base value: E_b f(x with conv_a's input h(b)), the skip keeping x's h; not E_b f(b) here
+    with torch.no_grad():
+        h_bg = torch.relu(residual.stem(background))
+        f_bg = residual(background).mean(0)
+    for i in range(4):
+        starts = torch.stack([with_layer_input(residual, layer, images[i:i + 1], h_bg[b:b + 1])[0]
+                              for b in range(background.shape[0])]).mean(0)
+        np.testing.assert_allclose(result.base_values[i], starts[result.classes[i]].numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(result.base_values - f_bg[torch.from_numpy(result.classes)].numpy()).max() > 0.05
+
+    # completeness: the values add up to output - base_value (Monte-Carlo error only)
+    expected = result.outputs - result.base_values
+    assert np.abs(expected).max() > 0.5
+    relative = result.additivity_error / np.maximum(np.abs(expected), 0.1)
+    assert relative.max() <= 0.01, relative
+    np.testing.assert_allclose(result.shap_sum, result.values.sum(axis=(2, 3, 4)), rtol=1e-5, atol=1e-5)
+    # shap's convention at the same layer is not complete (the reason for path: layer)
+    shap_style = make(residual, background, layer, batch_size=512, nsamples=512, path="input").explain(
+        images, 2, [1, 2, 3, 4])
+    assert np.median(shap_style.additivity_error) > 0.1 > 100 * np.median(result.additivity_error)
+
+
+def test_layer_path_is_complete_on_resnet18(data):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    background, images = data
+    background = nn.functional.interpolate(background[:4], size=32)
+    images = nn.functional.interpolate(images[:2], size=32)
+    context = ExplainContext(model=net, layer=net.layer2[0].conv1, layer_name="layer2.0.conv1",
+                             background=background, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                             device=torch.device("cpu"), batch_size=256, settings=gradient.Settings(nsamples=256))
+    result = gradient.Explainer(context).explain(images, 2, [1, 2])
+    relative = result.additivity_error / np.abs(result.outputs - result.base_values)
+    assert np.median(relative) <= 0.05, relative
+
+
+# -- nsamples: auto -------------------------------------------------------------------------------------
+
+def test_auto_rounds():
+    assert gradient.round_sizes(gradient.Settings(nsamples=50)) == [50]
+    sizes = gradient.round_sizes(gradient.Settings(nsamples="auto"))
+    assert sizes[:4] == [32, 32, 64, 128] and sum(sizes) == 2000
+    assert gradient.round_sizes(gradient.Settings(nsamples="auto", max_nsamples=20)) == [20]
+    with pytest.raises(ValidationError):
+        gradient.Settings(nsamples="many")
+    with pytest.raises(ValidationError):
+        gradient.Settings(target_stability=1.0)
+
+
+def test_auto_stops_each_image_at_the_target(model, data):
+    background, images = data
+    seeds = [7, 8, 9, 10]
+    settings = dict(nsamples="auto", target_stability=0.995, max_nsamples=1024)
+    result = make(model, background, None, **settings).explain(images, 2, seeds)
+    used = result.nsamples_used
+    assert set(used) <= {32, 64, 128, 256, 512, 1024} and len(set(used)) > 1, used  # per image, not per batch
+    for i in range(4):
+        if result.nsamples_capped[i]:
+            assert used[i] == 1024 and np.nanmin(result.stability[i]) < 0.995
+        else:
+            assert np.nanmin(result.stability[i]) >= 0.995
+            if used[i] > 32:  # one round earlier (same draws: cap it there) it had not reached the target
+                earlier = make(model, background, None, **{**settings, "max_nsamples": int(used[i]) // 2}).explain(
+                    images[i:i + 1], 2, seeds[i:i + 1])
+                assert earlier.nsamples_capped[0] and np.nanmin(earlier.stability[0]) < 0.995
+    # an image's rounds depend only on its own seed: alone it stops where it stopped in the batch
+    alone = make(model, background, None, batch_size=7, **settings).explain(images[2:3], 2, seeds[2:3])
+    assert alone.nsamples_used[0] == used[2]
+    np.testing.assert_allclose(alone.values[0], result.values[2], rtol=1e-4, atol=1e-6)
+
+    fixed = make(model, background, None, nsamples=40).explain(images, 2, seeds)
+    assert list(fixed.nsamples_used) == [40] * 4 and fixed.nsamples_capped is None

@@ -111,7 +111,7 @@ def test_probe_says_this_tmp_folder_is_case_sensitive(tmp_path):
 # -- configs ------------------------------------------------------------------------------------
 
 BASE = {
-    "model": {"arch": "torchvision:resnet18", "num_classes": 3},
+    "model": {"arch": "torchvision:resnet18", "num_classes": 3, "weights": "random"},
     "input": {"dir": "."},
     "preprocess": {"size": 16},
     "explainer": {"name": "gradient", "nsamples": 4},
@@ -176,18 +176,18 @@ def test_huge_integer_literals_and_deep_nesting_fail_fast_naming_the_key(tmp_pat
     for key in ("seed", "model.num_classes", "explainer.nsamples", "model.kwargs.depth"):
         data = _with(key, 0)
         text = yaml.safe_dump(data).replace(f"{key.split('.')[-1]}: 0", f"{key.split('.')[-1]}: {'9' * 5000}")
-        t = time.monotonic()
+        t = time.process_time()  # CPU time: a loaded machine cannot make it fail
         with pytest.raises(ConfigError) as info:
             load_config(_write(tmp_path, text))
         assert key in str(info.value) and "integer" in str(info.value)
-        assert time.monotonic() - t < 2
+        assert time.process_time() - t < 2
     for depth in (40, 5000, 200000):
         text = yaml.safe_dump(BASE) + "labels: " + "[" * depth + "]" * depth + "\n"
-        t = time.monotonic()
+        t = time.process_time()  # CPU time: a loaded machine cannot make it fail
         with pytest.raises(ConfigError) as info:
             load_config(_write(tmp_path, text))
         assert "nested" in str(info.value)
-        assert time.monotonic() - t < 2
+        assert time.process_time() - t < 2
 
 
 def _bomb(levels: int = 9, width: int = 9) -> str:
@@ -211,10 +211,10 @@ def test_alias_bombs_are_refused_fast_wherever_they_are(tmp_path, where):
     top = where.split(".")[0]
     rest = yaml.safe_dump({k: v for k, v in BASE.items() if k != top})
     text = "_anchors:\n" + "".join("  " + line + "\n" for line in _bomb().splitlines()) + rest + BOMB_SITES[where]
-    t = time.monotonic()
+    t = time.process_time()  # CPU time: a loaded machine cannot make it fail
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text))
-    assert time.monotonic() - t < 2
+    assert time.process_time() - t < 2
     assert "expands to more than" in str(info.value)
     assert yaml.safe_load(text)  # plain PyYAML loads it (the blow-up comes when it is walked)
 
@@ -237,7 +237,7 @@ def test_duplicate_keys_are_errors_naming_key_and_line(tmp_path):
     # merge keys are not duplicates
     text = "base: &b {arch: torchvision:resnet18, num_classes: 3}\n"
     load_config(_write(tmp_path, yaml.safe_dump({k: v for k, v in BASE.items() if k != "model"})
-                       + "model:\n  <<: {arch: torchvision:resnet18}\n  num_classes: 3\n"))
+                       + "model:\n  <<: {arch: torchvision:resnet18}\n  num_classes: 3\n  weights: random\n"))
 
 
 def test_non_finite_and_degenerate_preprocessing_is_refused(tmp_path):

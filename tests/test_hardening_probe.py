@@ -414,7 +414,7 @@ def test_a_checkpoint_holding_code_says_so_and_names_trust_checkpoint(tiny_proje
 
 
 def test_scientific_numbers_without_a_dot_are_numbers(tmp_path):
-    base = "model: {arch: 'torchvision:resnet18'}\ninput: {dir: x}\n"
+    base = "model: {arch: 'torchvision:resnet18', weights: random}\ninput: {dir: x}\n"
     message = _config_error(tmp_path / "c.yaml", base + "preprocess: {std: [1e-300, 1, 1]}\n")
     assert "std values must be within [0.001, 10]" in message and "valid number" not in message
     (tmp_path / "ok.yaml").write_text(base + "preprocess: {std: [2.5e-1, 25E-2, 1e0]}\n"

@@ -348,3 +348,46 @@ def test_example_config_validates():
     settings = validate_explainer(data["explainer"], str(path))
     assert settings.name == "kernel" and settings.fill == "mean"
     assert settings.segments.n_segments == 50
+
+
+# -- nsamples: auto -----------------------------------------------------------------------------------
+
+def test_sampler_draws_more_from_the_same_distribution():
+    """Drawing later continues the random part: the first rows stay, the drawn weights are rescaled to
+    the kernel mass left, complements stay paired, and no coalition appears twice."""
+    sampler = kernel.CoalitionSampler(12, 100, np.random.default_rng(0))
+    first = sampler.masks.copy()
+    assert sampler.draw(200) == 200
+    masks, weights = sampler.masks, sampler.weights
+    assert masks.shape == (300, 12) and np.array_equal(masks[:100], first)
+    assert len({m.tobytes() for m in masks}) == 300
+    np.testing.assert_allclose(weights.sum(), 1.0)
+    drawn = masks[sampler.nfixed:]
+    pairs = sum(np.array_equal(drawn[j], ~drawn[j - 1]) for j in range(1, len(drawn)))
+    assert pairs >= 0.4 * len(drawn)  # paired (antithetic) coalitions
+    small = kernel.CoalitionSampler(4, 4, np.random.default_rng(0))  # 2**4 - 2 = 14 coalitions at most
+    assert small.draw(100) <= 10 and small.masks.shape[0] <= 14
+
+
+def test_auto_stops_each_image_at_the_target(model):
+    images = smooth_images(3, size=48)  # about 60 superpixels: 256 coalitions are not enough for 0.99
+    settings = dict(segments={"n_segments": 60, "compactness": 10, "sigma": 1}, nsamples="auto",
+                    target_stability=0.99, max_nsamples=1024)
+    result = make(model, **settings).explain(images, 2, [1, 2, 3])
+    used = result.nsamples_used
+    assert set(used) <= {256, 512, 1024} and used.max() > 256, (used, result.stability)
+    for i in range(3):
+        if result.nsamples_capped[i]:
+            assert used[i] == 1024 and np.nanmin(result.stability[i]) < 0.99
+        else:
+            assert np.nanmin(result.stability[i]) >= 0.99
+            if used[i] > 256:  # capped one round earlier (same draws), it had not reached the target
+                earlier = make(model, **{**settings, "max_nsamples": int(used[i]) // 2}).explain(
+                    images[i:i + 1], 2, [i + 1])
+                assert earlier.nsamples_used[0] == used[i] // 2
+                assert earlier.nsamples_capped[0] and np.nanmin(earlier.stability[0]) < 0.99
+    alone = make(model, batch_size=7, **settings).explain(images[1:2], 2, [2])
+    assert alone.nsamples_used[0] == used[1]
+    np.testing.assert_allclose(alone.values[0], result.values[1], rtol=1e-4, atol=1e-6)
+    fixed = make(model, **{**settings, "nsamples": 300}).explain(images[:1], 2, [1])
+    assert fixed.nsamples_used[0] == 300 and fixed.nsamples_capped is None

@@ -231,12 +231,16 @@ def test_run_writes_metric_columns_and_run_json(tiny_project, settings):
     assert result.exit_code == 0, result.output
     with open(tiny_project / "out" / "topk.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {"stability", "deletion_auc", "insertion_auc"} <= set(rows[0]) and len(rows) == 8
+    assert {"stability", "deletion_auc", "insertion_auc", "nsamples_used"} <= set(rows[0]) and len(rows) == 8
     for row in rows:
         assert 0 <= float(row["deletion_auc"]) <= 1 and 0 <= float(row["insertion_auc"]) <= 1
         if settings["name"] == "partition":
-            assert row["stability"] == ""  # deterministic: no split half
-        else:
+            assert row["stability"] == "" and row["nsamples_used"] == ""  # deterministic: no split half, no count
+        elif settings["name"] == "gradient":
+            assert int(row["nsamples_used"]) == settings["nsamples"]
+        else:  # kernel: at most 2**M - 2 coalitions
+            assert 0 < int(row["nsamples_used"]) <= settings["nsamples"]
+        if settings["name"] != "partition":
             assert -1 <= float(row["stability"]) <= 1
     info = json.loads((tiny_project / "out" / "run.json").read_text())["metrics"]
     assert info["computed"] == ["deletion", "insertion"] and info["steps"] == 4

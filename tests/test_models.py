@@ -75,7 +75,7 @@ def test_torchvision_state_dict_roundtrip(tmp_path):
 
 
 def test_torchvision_without_checkpoint_uses_num_classes(tmp_path):
-    model = build(tmp_path, arch="torchvision:squeezenet1_1", num_classes=4)
+    model = build(tmp_path, arch="torchvision:squeezenet1_1", num_classes=4, weights="random")
     assert count_outputs(model, 32) == 4
 
 
@@ -227,16 +227,16 @@ def test_missing_and_unreadable_checkpoints(tiny):
 
 def test_unknown_arch_suggests(tmp_path):
     with config_error("model.arch", "resnet181", "did you mean", "'resnet18'"):
-        build(tmp_path, arch="torchvision:resnet181")
+        build(tmp_path, arch="torchvision:resnet181", weights="random")
     with config_error("model.arch", "timm has no model", "'tf_efficientnet_lite0'"):
-        build(tmp_path, arch="timm:tf_efficentnet_lite0")
+        build(tmp_path, arch="timm:tf_efficentnet_lite0", weights="random")
 
 
 # ------------------------------------------------------------------ layers
 
 
 def test_resolve_layer(tmp_path):
-    model = build(tmp_path, arch="torchvision:resnet18", num_classes=3)
+    model = build(tmp_path, arch="torchvision:resnet18", num_classes=3, weights="random")
     assert resolve_layer(model, "input") is None
     assert resolve_layer(model, "layer4.1.conv2") is model.layer4[1].conv2
     assert isinstance(resolve_layer(model, "layer3.0"), nn.Module)
@@ -277,7 +277,7 @@ def test_list_layers_and_count_outputs():
 
 
 def test_list_layers_torchvision_shapes(tmp_path):
-    model = build(tmp_path, arch="torchvision:resnet18", num_classes=3)
+    model = build(tmp_path, arch="torchvision:resnet18", num_classes=3, weights="random")
     by_name = {name: shape for name, _, shape in list_layers(model, 64)}
     assert by_name["layer1.0.conv1"] == (1, 64, 16, 16)
     assert by_name["layer4.1.conv2"] == (1, 512, 2, 2)

@@ -257,7 +257,7 @@ def test_bad_numbers_and_config_file(tmp_path):
         validate_explainer({"name": "partition", "max_evals": 1})
     assert info.value.key == "explainer.max_evals" and ">= 2" in str(info.value)
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"model": {"arch": "torchvision:resnet18"}, "input": {"dir": "x"},
+    path.write_text(yaml.safe_dump({"model": {"arch": "torchvision:resnet18", "weights": "random"}, "input": {"dir": "x"},
                                     "explainer": {"name": "partition", "mask": "blur(128,128)"}}))
     assert load_config(path).explainer_settings.mask == "blur(128,128)"
     with pytest.raises(ConfigError) as info:

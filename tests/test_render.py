@@ -211,7 +211,7 @@ def test_png_pixels_red_blue_and_grey(tmp_path):
     pixels = _image(size, value=90)
     pixels[: size // 2] = 200  # the zero column shows the faded image: two gray levels
     path = tmp_path / "look.png"
-    render_overlay(pixels, values, ["pos-neg (0.99)"], path, fmt="png", dpi=100)
+    render_overlay(pixels, values, ["pos-neg (0.99)"], path, fmt="png", dpi=100, style="shap")
     img = _png(path).astype(int)
     x0, y0, x1, y1 = _box(layout(1, (size, size)), 1, 100)
     col = lambda f: x0 + int((x1 - x0) * f)  # noqa: E731
@@ -228,7 +228,7 @@ def test_png_pixels_red_blue_and_grey(tmp_path):
 
 
 def test_panels_match_shap_image_plot():
-    """shap.image_plot of the same maps: same panel count and order, same titles, the same
+    """output.style shap: shap.image_plot of the same maps: same panel count and order, same titles, the same
     colour limit, and each of our panels is shap's colour map over shap's faded gray image."""
     import matplotlib
 
@@ -246,7 +246,7 @@ def test_panels_match_shap_image_plot():
         assert len(fig.axes) == 4  # image, one panel per class, the horizontal colour bar
         assert [ax.get_title() for ax in fig.axes[:3]] == ["", *titles]
         assert fig.axes[3].get_xlabel() == "SHAP value"
-        ours, limit = compose_panels(pixels, values)
+        ours, limit = compose_panels(pixels, values, style="shap")  # shap's exact look
         assert len(ours) == 3
         np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), pixels / 255.0)
         for i in (1, 2):

@@ -218,3 +218,22 @@ def test_a_run_without_explained_images_still_gets_a_page(tmp_path):
     page = build_report(out)
     assert embedded(page)["images"] == [] and "interrupted by SIGTERM" in page
     assert "x.png" in page and "cannot decode image" in page
+
+
+def test_samples_column_marks_images_that_hit_the_cap(tmp_path):
+    out = tmp_path / "out"
+    _write_run(out, {"stability": ["0.95", "0.91", "0.6", "0.5", "0.93", "0.9"],
+                     "nsamples_used": ["64", "64", "500", "500", "128", "128"]},
+               {"config": {"explainer": {"name": "gradient", "nsamples": "auto", "max_nsamples": 500,
+                                         "target_stability": 0.9},
+                           "model": {"arch": "x", "layer": "input"}, "output": {"format": "png"}}})
+    page = build_report(out)
+    data = embedded(page)
+    column = next(c for c in data["columns"] if c["key"] == "nsamples_used")
+    assert column["label"] == "Samples" and column["warn_at"] == 500
+    assert "1 image(s) hit max_nsamples 500 before target_stability" in page
+    assert re.search(r"Samples \(auto\)</div><div class=\"value\">128<", page)
+
+    fixed = tmp_path / "fixed"  # a fixed nsamples: the same count everywhere, no column
+    _write_run(fixed, {"nsamples_used": ["8"] * 6})
+    assert "nsamples_used" not in [c["key"] for c in embedded(build_report(fixed))["columns"]]

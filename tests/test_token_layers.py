@@ -108,7 +108,7 @@ def test_gradient_at_a_token_layer_is_the_direct_computation(data, factory, laye
     model = factory()
     _, images = data
     x = images[:1]
-    result = make(gradient, model, layer_name, x.clone(), nsamples=3).explain(x, 2, [7])
+    result = make(gradient, model, layer_name, x.clone(), nsamples=3, path="input").explain(x, 2, [7])
     assert result.values.shape == (1, 2, 32, 4, 4) and result.values.dtype == np.float32
 
     h = layer_input(model, layer_name, x).detach().requires_grad_(True)
@@ -137,7 +137,7 @@ def test_gradient_at_a_token_layer_agrees_with_shap(data, layer_name):
     model = small_vit()
     _, images = data
     x = images[1:2]
-    ours = make(gradient, model, layer_name, x.clone(), nsamples=4).explain(x, 2, [3])
+    ours = make(gradient, model, layer_name, x.clone(), nsamples=4, path="input").explain(x, 2, [3])
 
     reference = shap.GradientExplainer((model, model.get_submodule(layer_name)), x.clone())
     values, indexes = reference.shap_values(x, ranked_outputs=2, nsamples=4, rseed=3)
@@ -157,8 +157,8 @@ def test_gradient_channel_sums_vanish_behind_layer_norm(data):
     (the overlay is blank) while the per-channel values are not zero. At blocks.0 it is not so."""
     model = small_vit()
     background, images = data
-    last = make(gradient, model, "blocks.1", background, nsamples=16).explain(images, 1, [1, 2])
-    first = make(gradient, model, "blocks.0", background, nsamples=16).explain(images, 1, [1, 2])
+    last = make(gradient, model, "blocks.1", background, nsamples=16, path="input").explain(images, 1, [1, 2])
+    first = make(gradient, model, "blocks.0", background, nsamples=16, path="input").explain(images, 1, [1, 2])
     scale = np.abs(last.values).max()
     assert np.abs(last.values.sum(axis=2)).max() <= 1e-4 * scale
     assert np.abs(first.values.sum(axis=2)).max() > 1e-2 * np.abs(first.values).max()

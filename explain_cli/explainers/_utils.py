@@ -7,11 +7,31 @@ import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 log = logging.getLogger("explain_cli")
+
+# Listeners told how many rows each model call of an explain() evaluated: the progress heartbeat
+# (explain_cli.progress) counts model evaluations inside an image, so a long image is not silence.
+_evaluation_listeners: list[Callable[[int], None]] = []
+
+
+def count_evaluations(rows: int) -> None:
+    """Report ``rows`` model evaluations just done (the explainers' chunk loops call this)."""
+    for listener in _evaluation_listeners:
+        listener(rows)
+
+
+@contextmanager
+def counting_evaluations(listener: Callable[[int], None]) -> Iterator[None]:
+    """Call ``listener(rows)`` after every model call of the explainers while inside."""
+    _evaluation_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _evaluation_listeners.remove(listener)
 
 
 def chunk_ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -44,8 +64,12 @@ def as_2d(out: torch.Tensor) -> torch.Tensor:
 def forward_in_chunks(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Model outputs (rows, outputs) for ``inputs``, ``batch_size`` rows per call, without autograd."""
     size = max(1, int(batch_size))
+    parts = []
     with torch.no_grad():
-        return torch.cat([as_2d(model(inputs[a:b])) for a, b in chunk_ranges(inputs.shape[0], size)])
+        for a, b in chunk_ranges(inputs.shape[0], size):
+            parts.append(as_2d(model(inputs[a:b])))
+            count_evaluations(b - a)
+    return torch.cat(parts)
 
 
 def two_rows(x: torch.Tensor) -> torch.Tensor:
@@ -386,6 +410,30 @@ def capture_layer_input(layer: torch.nn.Module, make_leaf: bool = False) -> Iter
             return (first,) + tuple(args[1:])
         captured.value = first
         return None
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replace_layer_input(layer: torch.nn.Module,
+                        replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[LayerInput]:
+    """Replace the first positional input ``h`` of ``layer`` by ``replace(h)`` on every forward; the
+    captured value is the replacement (or the input itself when it is not a tensor, for
+    ``captured_feature_map`` to refuse). The rest of the model, skip connections that bypass the
+    layer included, runs on what it was given."""
+    captured = LayerInput()
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+        first = args[0]
+        if not isinstance(first, torch.Tensor):
+            captured.value = first
+            return None
+        captured.value = replace(first)
+        return (captured.value,) + tuple(args[1:])
 
     handle = layer.register_forward_pre_hook(hook)
     try:

@@ -14,6 +14,20 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 
+def sample_count(value: object) -> object:
+    """An ``nsamples`` value: an integer 1-100000 or 'auto' (a clear message for anything else,
+    checked before pydantic's union would report one error per member)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer (1-100000) or 'auto' (got {value!r})")
+    if value < 1:
+        raise ValueError(f"must be >= 1 (got {value})")
+    if value > 100_000:
+        raise ValueError(f"must be <= 100000 (got {value})")
+    return value
+
+
 class ExplainerSettings(BaseModel):
     """Base for each explainer's ``explainer.*`` keys; unknown keys are errors."""
 
@@ -68,6 +82,10 @@ class Attribution:
         for explainers with random draws; None for deterministic ones (partition).
     deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
         ``metrics`` asks for it (``metrics.faithfulness``).
+    nsamples_used: optional (N,) samples (model evaluations) each image's map took, for explainers
+        with a sample count (gradient, kernel).
+    nsamples_capped: optional (N,) True where ``nsamples: auto`` stopped at ``max_nsamples`` before
+        the map reached ``target_stability``; None when the count was fixed.
     ranks, reasons, valid, top_class: from the class selection (``targets.Selection``): each class's
         rank among all outputs (1 = top), why it was chosen ("top_k", "label", "class", joined by
         "+"), which of the k slots are real (images of a batch may be asked fewer classes: the rest
@@ -87,6 +105,8 @@ class Attribution:
     stability: np.ndarray | None = None
     deletion_auc: np.ndarray | None = None
     insertion_auc: np.ndarray | None = None
+    nsamples_used: np.ndarray | None = None
+    nsamples_capped: np.ndarray | None = None
     ranks: np.ndarray | None = None
     reasons: list[list[str]] | None = None
     valid: np.ndarray | None = None
@@ -122,6 +142,11 @@ class Explainer(ABC):
     def __init__(self, context: ExplainContext) -> None:
         self.context = context
         self.settings = context.settings
+
+    def evaluations_per_image(self) -> int | None:
+        """Model evaluations (rows through the model) one image costs, as ``count_evaluations``
+        reports them: the total of the progress heartbeat. None when unknown."""
+        return None
 
     @abstractmethod
     def explain(self, images: "torch.Tensor", targets: "BatchTargets | int",  # noqa: F821

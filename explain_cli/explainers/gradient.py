@@ -1,31 +1,38 @@
 """Expected gradients (shap's ``GradientExplainer`` for PyTorch), batched over images x samples.
 
-This computes the same quantity as ``shap.GradientExplainer(model, background)`` (input target) or
-``shap.GradientExplainer((model, layer), background)`` (layer target) with
-``shap_values(x, ranked_outputs=k, nsamples=n)`` and ``local_smoothing``; the definitions below are
+At the input, and at a layer with ``path: input``, this computes the same quantity as
+``shap.GradientExplainer(model, background)`` / ``shap.GradientExplainer((model, layer), background)``
+with ``shap_values(x, ranked_outputs=k, nsamples=n)`` and ``local_smoothing``; those definitions are
 shap's (``shap/explainers/_gradient.py``, ``_PyTorchGradient``), not a variant of ours.
 
-For an image ``x``, an explained class ``c`` and each sample ``s = 1..n``:
+For an image ``x``, an explained class ``c`` and each sample ``s = 1..n``: a background index
+``rind`` and ``t`` in [0, 1] (see "Draws" below); ``x_s = x + N(0, local_smoothing^2)`` noise (only
+when ``local_smoothing > 0``; shap adds the noise to the explained image, not to the background).
 
-* draw a background index ``rind`` uniformly from the background and ``t ~ U(0, 1)``;
-* ``x_s = x + N(0, local_smoothing^2)`` noise (only when ``local_smoothing > 0``; shap adds the
-  noise to the explained image, not to the background);
-* interpolate ``z = t * x_s + (1 - t) * background[rind]``.
-
-Input target (pixel space)::
+Input target (pixel space), ``z = t * x_s + (1 - t) * background[rind]``::
 
     phi = mean_s  grad_z f_c(z) * (x_s - background[rind])
 
-which is the expected-gradients estimate of the path integral: without smoothing its sum is
-approximately ``f_c(x) - E_background[f_c]`` (completeness, up to Monte-Carlo error).
+its sum converges to ``f_c(x) - E_background[f_c]`` (completeness; without smoothing).
 
-Layer target, with ``h`` the layer's *input* (first positional argument of its ``forward``)::
+Layer target, ``path: input`` (shap's convention), with ``h`` the layer's *input* (first positional
+argument of its ``forward``)::
 
     phi = mean_s  [dF_c/dh evaluated at h(z)] * h(z)
 
-i.e. shap multiplies by the layer input at the interpolated point itself, **not** by a difference to
-a background activation, so at a layer the attributions do not sum to ``f_c(x) - E[f_c]``. That is
-shap's definition and we keep it; ``shap_sum`` reports the sum as it is.
+shap multiplies by the layer input at the interpolated point itself, not by a difference to a
+background activation, so these attributions do not sum to ``f_c(x) - E[f_c]``.
+
+Layer target, ``path: layer`` (the default; complete): the path runs in the layer's input space.
+The model runs on ``x_s``; a forward pre-hook replaces the layer's input ``h(x_s)`` by
+``h_s = h(b) + t (h(x_s) - h(b))`` with ``h(b)`` the layer input of ``background[rind]``; anything
+that bypasses the layer (a skip connection around it) keeps the image's values::
+
+    phi = mean_s  [dF_c/dh at h_s] * (h(x_s) - h(b))
+
+an integrated-gradients path per reference, so the sum converges to ``f_c(x) - base_value`` with
+``base_value = E_b f_c(x with the layer input h(b))`` (equal to ``E_b f_c(b)`` when nothing
+bypasses the layer; B forwards without gradients per image).
 
 A token layer (input ``(N, tokens, C)``, a ViT block) is attributed per token and channel; the values
 are then put on the patch grid as ``(C, h, w)`` (``_utils.layer_map``: class/distillation/register
@@ -34,15 +41,21 @@ tokens dropped from the map, their share kept in ``shap_sum``).
 The top-k classes are ranked on the raw model output of the un-noised images (descending, as shap's
 ``ranked_outputs`` with ``output_rank_order="max"``).
 
+Draws (``sampling``): ``random`` draws ``rind`` and ``t`` independently and uniformly, as shap.
+``stratified`` (default) has the same expectation with less variance (``draw_design``): the
+references are used equally often and each reference's ``t`` are stratified (a randomised midpoint
+rule for its integrated gradients). Either way each image's samples form two independent halves
+(two designs of n/2), summed apart, so ``stability`` (``metrics.split_half_stability``) costs no
+evaluation. ``nsamples: auto`` adds rounds (32 samples, then doubling the total) until every class's
+stability reaches ``target_stability`` or ``max_nsamples`` is spent, per image.
+
 How it is computed (this is what makes it fast):
 
-* all ``N * nsamples`` evaluation points of a batch are flattened and pushed through the model in
-  chunks of ``context.batch_size`` rows, so a chunk can span several images;
+* all evaluation points of a round are flattened and pushed through the model in chunks of
+  ``context.batch_size`` rows, so a chunk can span several images;
 * one forward per chunk feeds all k ranked outputs (k ``autograd.grad`` calls on the same graph);
-* no parameter gradients; for a layer target the layer's input is captured as a fresh leaf, so the
-  part of the network in front of the layer builds no autograd graph;
-* the per-(image, class) sums are accumulated on the device, the first and the second half of each
-  image's samples apart, so ``stability`` (``metrics.split_half_stability``) costs no evaluation.
+* no parameter gradients; for a layer target the layer's input is a fresh leaf, so the part of the
+  network in front of the layer builds no autograd graph.
 
 Random numbers: image ``i``'s draws come only from ``seeds[i]`` (its own generators, drawn in sample
 order; the smoothing noise in fixed blocks of samples), so the numbers do not depend on which images
@@ -52,11 +65,11 @@ shap's in expectation, not draw for draw.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from explain_cli import metrics
 from explain_cli.explainers import _precision, _utils
@@ -69,13 +82,73 @@ from explain_cli.targets import BatchTargets, as_targets, expected_explained
 _NOISE_BLOCK = 32
 
 
+_FIRST_ROUND = 32  # nsamples auto: samples of the first round (both halves); each later round doubles the total
+
+
 class Settings(ExplainerSettings):
     """``explainer.*`` keys of the gradient (expected gradients) explainer."""
 
     name: Literal["gradient"] = "gradient"
-    nsamples: int = Field(200, ge=1, le=100_000, description="Monte-Carlo samples per image (shap's nsamples).")
+    nsamples: Union[int, Literal["auto"]] = Field(
+        200, description="Monte-Carlo samples per image (shap's nsamples), or 'auto': sample in rounds until the "
+                         "map's split-half stability reaches target_stability (at most max_nsamples)")
     local_smoothing: float = Field(
         0.0, ge=0, le=100, description="Std of the Gaussian noise added to the explained image (shap's local_smoothing).")
+    path: Literal["layer", "input"] = Field(
+        "layer", description="at a layer: 'layer' interpolates the layer's input (complete: the values add up to "
+                             "output - base_value); 'input' interpolates the image, as shap's GradientExplainer")
+    sampling: Literal["stratified", "random"] = Field(
+        "stratified", description="'stratified': every background image used equally often, t stratified per "
+                                  "reference; 'random': independent draws as shap (same expectation, more noise)")
+    target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
+    max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many samples per image")
+
+    @field_validator("nsamples", mode="before")
+    @classmethod
+    def _nsamples(cls, v: Any) -> Any:
+        return base.sample_count(v)
+
+
+def round_sizes(settings: Settings) -> list[int]:
+    """Samples per image added in each round: one round of ``nsamples``, or for ``auto`` a first round
+    of 32 and then rounds that double the total, the last one cut at ``max_nsamples``."""
+    if settings.nsamples != "auto":
+        return [int(settings.nsamples)]
+    cap = int(settings.max_nsamples)
+    sizes = [min(_FIRST_ROUND, cap)]
+    while sum(sizes) < cap:
+        sizes.append(min(sum(sizes), cap - sum(sizes)))
+    return sizes
+
+
+def draw_design(n: int, n_refs: int, generator: torch.Generator,
+                stratified: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background indices (n,) and path positions t (n,) of ``n`` samples, each sample an unbiased
+    draw of (reference uniform over the background, t uniform on [0, 1]).
+
+    ``random``: independent draws (shap's). ``stratified`` (our own, for lower variance at the same
+    expectation): the references go round the background in full passes (each used ``n // B`` times)
+    plus a random subset without replacement for the rest, so every reference is used equally often
+    in expectation and at most one time more than any other; a reference used ``c`` times gets
+    one ``t`` in each of ``[j/c, (j+1)/c)``, i.e. a randomised midpoint rule for its integrated
+    gradients (expected gradients is the mean over references of integrated gradients). With
+    ``n < B`` (each reference once at most) the t are stratified over all ``n`` samples instead.
+    """
+    if not stratified:
+        return (torch.randint(n_refs, (n,), generator=generator),
+                torch.rand(n, generator=generator, dtype=torch.float64))
+    passes, extra = divmod(n, n_refs)
+    rind = torch.cat([torch.arange(n_refs).repeat(passes), torch.randperm(n_refs, generator=generator)[:extra]])
+    jitter = torch.rand(n, generator=generator, dtype=torch.float64)
+    if passes == 0:
+        return rind, (torch.randperm(n, generator=generator).double() + jitter) / max(n, 1)
+    counts = torch.bincount(rind, minlength=n_refs)
+    starts = torch.cumsum(counts, 0) - counts
+    # a random order within each reference's samples, then its j-th sample gets the j-th stratum
+    order = torch.argsort(rind.double() + torch.rand(n, generator=generator, dtype=torch.float64))
+    stratum = torch.empty(n, dtype=torch.long)
+    stratum[order] = torch.arange(n) - starts[rind[order]]
+    return rind, (stratum.double() + jitter) / counts[rind].double()
 
 
 def _derive_seeds(seed: int) -> tuple[int, int]:
@@ -116,6 +189,29 @@ class _NoiseStream:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+class _Draws:
+    """One image's random draws: its own generators, used in sample order across rounds."""
+
+    def __init__(self, seed: int, n_refs: int, stratified: bool, noise_shape: tuple[int, ...] | None,
+                 device: torch.device) -> None:
+        draw_seed, noise_seed = _derive_seeds(seed)
+        self.generator = torch.Generator().manual_seed(draw_seed)
+        self.n_refs = n_refs
+        self.stratified = stratified
+        self.noise = None if noise_shape is None else _NoiseStream(noise_seed, noise_shape, device)
+        self.used = [0, 0]  # samples so far in each half
+
+    def round(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rind, t, half) of one round: two independent designs of ``size // 2`` and the rest, so
+        the two halves stay independent estimates (what split-half stability needs)."""
+        first = size // 2
+        pieces = [draw_design(n, self.n_refs, self.generator, self.stratified) for n in (first, size - first)]
+        self.used[0] += first
+        self.used[1] += size - first
+        half = torch.cat([torch.zeros(first, dtype=torch.long), torch.ones(size - first, dtype=torch.long)])
+        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]), half
+
+
 class Explainer(base.Explainer):
     """Expected gradients (shap's GradientExplainer) at the input or at a layer's input."""
 
@@ -124,9 +220,15 @@ class Explainer(base.Explainer):
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
         self._background_outputs: torch.Tensor | None = None
+        self._background_layer: torch.Tensor | None = None
         self._warned_layers: set[str] = set()  # layers whose map cancels, warned about
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def layer_path(self) -> bool:
+        """True when the path runs in the layer's input space (a layer target with ``path: layer``)."""
+        return self.context.layer is not None and self.settings.path == "layer"
 
     def background_outputs(self) -> torch.Tensor:
         """Model outputs (B, C) of the background, computed once per explainer (lazily): the base
@@ -137,105 +239,209 @@ class Explainer(base.Explainer):
             self._background_outputs = outputs.float()
         return self._background_outputs
 
+    def background_layer_inputs(self) -> torch.Tensor:
+        """The layer's input h(b) for every background image (B, *layer input shape), computed once."""
+        if self._background_layer is None:
+            ctx = self.context
+            pieces = []
+            with torch.no_grad():
+                for a, b in _utils.chunk_ranges(ctx.background.shape[0], max(1, int(ctx.batch_size))):
+                    with _utils.capture_layer_input(ctx.layer) as captured:
+                        ctx.model(ctx.background[a:b])
+                    pieces.append(_utils.captured_feature_map(captured, ctx.layer_name, "gradient").detach())
+            self._background_layer = torch.cat(pieces)
+        return self._background_layer
+
+    def _layer_base_values(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets) -> torch.Tensor:
+        """(N, k) ``E_b f(x with the layer input h(b))`` in the explained quantity: the path's start,
+        averaged over the background (B forwards per image without gradients; equal to E_b f(b) when
+        nothing bypasses the layer)."""
+        ctx = self.context
+        refs = self.background_layer_inputs()
+        n_refs = refs.shape[0]
+        sums = torch.zeros(classes.shape, dtype=torch.float64, device=images.device)
+        total = images.shape[0] * n_refs
+        with torch.no_grad():
+            for start, stop in _utils.chunk_ranges(total, max(1, int(ctx.batch_size))):
+                rows = torch.arange(start, stop, device=images.device)
+                img = torch.div(rows, n_refs, rounding_mode="floor")
+                ref = refs[rows - img * n_refs]
+                with _utils.replace_layer_input(ctx.layer, lambda h: ref.to(h.dtype)):
+                    out = _utils.as_2d(ctx.model(images[img]))
+                _utils.count_evaluations(stop - start)
+                sums.index_add_(0, img, targets.explained(out.float(), classes[img]).double())
+        return (sums / n_refs).float()
+
     # -- main ------------------------------------------------------------------------------
+
+    def evaluations_per_image(self) -> int | None:
+        """The samples, the ranking forward and (path layer) one forward per background image;
+        None for ``nsamples: auto`` (the count is decided per image as it runs)."""
+        if self.settings.nsamples == "auto":
+            return None
+        starts = self.context.background.shape[0] if self.layer_path else 0
+        return int(self.settings.nsamples) + 1 + starts
 
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
         targets = as_targets(targets)
         settings: Settings = self.settings  # type: ignore[assignment]
         model = ctx.model
-        layer = ctx.layer
         device = images.device
         background = ctx.background
         n_images = images.shape[0]
-        nsamples = int(settings.nsamples)
         smoothing = float(settings.local_smoothing)
+        auto = settings.nsamples == "auto"
         if len(seeds) != n_images:
             raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
         if background.shape[0] < 1:
             raise ValueError("the background is empty")
 
         with _utils.frozen_parameters(model):
-            # Rank on the raw output of the un-noised images.
+            # Class selection and output gathering, each in this one place: rank on the raw output of
+            # the un-noised images.
             raw = _utils.forward_in_chunks(model, images, ctx.batch_size)
             selection = targets.select(raw)
             classes = selection.classes
-            k = classes.shape[1]
             outputs = targets.explained(raw.float(), classes).float()
-            base_values = expected_explained(targets, self.background_outputs().to(device), classes.to(device))
-
-            # Per-image random draws, each from its own seed, in sample order.
-            rinds, ts, noise_streams = [], [], []
-            for seed in seeds:
-                draw_seed, noise_seed = _derive_seeds(seed)
-                gen = torch.Generator().manual_seed(draw_seed)
-                rinds.append(torch.randint(background.shape[0], (nsamples,), generator=gen))
-                ts.append(torch.rand(nsamples, generator=gen, dtype=torch.float64))
-                if smoothing > 0:
-                    noise_streams.append(_NoiseStream(noise_seed, tuple(images.shape[1:]), device))
-            rind_all = torch.cat(rinds).to(device)
-            t_all = torch.cat(ts).to(device=device, dtype=images.dtype)
             classes_dev = classes.to(device)
+            if self.layer_path:
+                base_values = self._layer_base_values(images, classes_dev, targets)
+            else:
+                base_values = expected_explained(targets, self.background_outputs().to(device), classes_dev)
 
-            phi: torch.Tensor | None = None  # (k, N, *explained shape), float32 sums
-            scale = _precision.grad_scale(model)
-            total = n_images * nsamples
-            for start, stop in _utils.model_chunks(ctx, total):
-                rows = torch.arange(start, stop, device=device)
-                img = torch.div(rows, nsamples, rounding_mode="floor")
-                x = images[img]
-                if smoothing > 0:
-                    noise = [noise_streams[i].take(max(start, i * nsamples) - i * nsamples,
-                                                   min(stop, (i + 1) * nsamples) - i * nsamples)
-                             for i in range(start // nsamples, (stop - 1) // nsamples + 1)]
-                    x = x + (torch.cat(noise) * smoothing).to(x.dtype)
-                ref = background[rind_all[start:stop]]
-                t = t_all[start:stop].view((-1,) + (1,) * (images.dim() - 1))
-                delta = x - ref
-                z = ref + t * delta  # = t * x_s + (1 - t) * background[rind]
-                row_classes = classes_dev[img]  # (rows, k)
+            draws = [_Draws(seed, background.shape[0], settings.sampling == "stratified",
+                            tuple(images.shape[1:]) if smoothing > 0 else None, device) for seed in seeds]
+            sums: list[torch.Tensor | None] = [None]  # (k, 2N, *explained shape) float32 per-half sums
+            active = list(range(n_images))
+            stability = np.full((n_images, classes.shape[1]), np.nan)
+            capped = np.zeros(n_images, dtype=bool)
+            for round_index, size in enumerate(round_sizes(settings)):
+                self._run_round(images, classes_dev, targets, draws, active, size, sums)
+                still = []
+                for i in active:
+                    stability[i] = self._stability(sums[0], i, draws[i].used, images.shape[-1])
+                    asked = stability[i][selection.valid[i]]  # the batch's padding slots do not count
+                    finite = asked[np.isfinite(asked)]
+                    reached = finite.size == 0 or float(finite.min()) >= settings.target_stability
+                    if auto and not reached and round_index + 1 == len(round_sizes(settings)):
+                        capped[i] = True
+                    elif auto and not reached:
+                        still.append(i)
+                active = still
+                if not active:
+                    break
 
-                if layer is None:
-                    z.requires_grad_(True)
-                    out = _utils.as_2d(model(_utils.two_rows(z)))
-                    target, multiplier = z, delta
-                else:
-                    with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                        out = _utils.as_2d(model(_utils.two_rows(z)))
-                    target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                    multiplier = target.detach()[: stop - start]
-
-                # each image's first and second half of samples are summed apart (for stability)
-                half = img * 2 + (rows - img * nsamples >= nsamples // 2)
-                explained = targets.explained(out[: stop - start], row_classes)  # (rows, k)
-                for r in range(k):
-                    selected = explained[:, r].sum()
-                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
-                    grad = grad[: stop - start]  # (a single row ran twice)
-                    _precision.check_gradient(grad, scale)
-                    contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
-                    if phi is None:
-                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]),
-                                          dtype=torch.float32, device=device)
-                    phi[r].index_add_(0, half, contribution)
-                del out, explained, target, multiplier, z, delta
-
+        phi = sums[0]
         assert phi is not None
+        k = classes.shape[1]
+        used = torch.tensor([sum(d.used) for d in draws], dtype=torch.float32, device=phi.device)
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
-        values = (halves.sum(2) / nsamples).contiguous()  # (N, k, *explained shape)
+        values = (halves.sum(2) / used.view((-1,) + (1,) * (halves.dim() - 2))).contiguous()
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name, layer, size=images.shape[-1])  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, ctx.layer, size=images.shape[-1])  # (N, k, C, H, W)
         _utils.warn_if_cancelling(values, ctx.layer_name, "gradient", self._warned_layers)
-        stability = None
-        if nsamples >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], model, ctx.layer_name, layer,
-                                         size=images.shape[-1]) for h in (0, 1)]
-            stability = metrics.split_half_stability(*half_maps, (nsamples // 2, nsamples - nsamples // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             **selection.attribution_fields(),
             outputs=outputs.cpu().numpy(),
             base_values=base_values.float().cpu().numpy(),
             shap_sum=shap_sum.cpu().numpy(),
-            stability=stability,
+            stability=stability if min(sum(d.used) for d in draws) >= 2 else None,
+            nsamples_used=np.array([sum(d.used) for d in draws], dtype=np.int64),
+            nsamples_capped=capped if auto else None,
         )
+
+    def _stability(self, phi: torch.Tensor, i: int, used: list[int], size: int) -> np.ndarray:
+        """(k,) split-half stability of image ``i`` from its two half sums (NaN with an empty half)."""
+        if min(used) < 1:
+            return np.full(phi.shape[0], np.nan)
+        half_maps = [_utils.layer_map(phi[:, 2 * i + h][None], self.context.model, self.context.layer_name,
+                                      self.context.layer, size=size) for h in (0, 1)]
+        return metrics.split_half_stability(*half_maps, (used[0], used[1]))[0]
+
+    def _run_round(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets, draws: list[_Draws],
+                   active: list[int], size: int, sums: list[torch.Tensor | None]) -> None:
+        """Evaluate one round of ``size`` samples for each active image and add them to the half sums.
+
+        All rows of the round are flattened (image-major) and pushed through the model in chunks of
+        ``batch_size`` rows, so a chunk can span several images.
+        """
+        ctx = self.context
+        settings: Settings = self.settings  # type: ignore[assignment]
+        device = images.device
+        smoothing = float(settings.local_smoothing)
+        rinds, ts, halves, samples = [], [], [], []
+        for i in active:
+            first_sample = sum(draws[i].used)
+            rind, t, half = draws[i].round(size)
+            rinds.append(rind)
+            ts.append(t)
+            halves.append(half + 2 * i)
+            samples.append(torch.arange(first_sample, first_sample + size))
+        rind_all = torch.cat(rinds).to(device)
+        t_all = torch.cat(ts).to(device=device, dtype=images.dtype)
+        slot_all = torch.cat(halves).to(device)  # image * 2 + half
+        sample_all = torch.cat(samples)
+        image_all = torch.tensor(active).repeat_interleave(size)
+        refs = self.background_layer_inputs() if self.layer_path else ctx.background
+        scale = _precision.grad_scale(ctx.model)
+        k = classes.shape[1]
+
+        for start, stop in _utils.model_chunks(ctx, rind_all.shape[0]):  # CPU auto: the first calls are timed
+            img = image_all[start:stop].to(device)
+            x = images[img]
+            if smoothing > 0:
+                noise = []
+                for i in torch.unique_consecutive(image_all[start:stop]).tolist():
+                    own = sample_all[start:stop][image_all[start:stop] == i]
+                    noise.append(draws[i].noise.take(int(own[0]), int(own[-1]) + 1))
+                x = x + (torch.cat(noise) * smoothing).to(x.dtype)
+            ref = refs[rind_all[start:stop]]
+            row_classes = classes[img]  # (rows, k)
+            t_rows = t_all[start:stop]
+
+            # a single row runs as two copies (_utils.two_rows: torch's CPU batch-norm backward is
+            # wrong for one row); only the first copy is used
+            rows = stop - start
+            if rows == 1:
+                x, ref, t_rows = _utils.two_rows(x), _utils.two_rows(ref), _utils.two_rows(t_rows)
+            if ctx.layer is None:
+                delta = x - ref
+                target = (ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * delta).requires_grad_(True)
+                out = _utils.as_2d(ctx.model(target))
+                multiplier = delta[:rows]
+            elif settings.path == "input":
+                z = ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * (x - ref)
+                with _utils.capture_layer_input(ctx.layer, make_leaf=True) as captured:
+                    out = _utils.as_2d(ctx.model(z))
+                target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
+                multiplier = target.detach()[:rows]
+            else:
+                differences: list[torch.Tensor] = []
+
+                def interpolate(h: torch.Tensor) -> torch.Tensor:
+                    start_point = ref.to(h.dtype)
+                    delta_h = h.detach() - start_point
+                    differences.append(delta_h)
+                    return (start_point + t_rows.to(h.dtype).view((-1,) + (1,) * (h.dim() - 1)) * delta_h
+                            ).requires_grad_(True)
+
+                with _utils.replace_layer_input(ctx.layer, interpolate) as captured:
+                    out = _utils.as_2d(ctx.model(x))
+                target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
+                multiplier = differences[-1][:rows]
+
+            _utils.count_evaluations(rows)
+            explained = targets.explained(out[:rows], row_classes)  # (rows, k)
+            for r in range(k):
+                selected = explained[:, r].sum()
+                (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+                grad = grad[:rows]
+                _precision.check_gradient(grad, scale)
+                contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
+                if sums[0] is None:
+                    sums[0] = torch.zeros((k, 2 * images.shape[0]) + tuple(contribution.shape[1:]),
+                                          dtype=torch.float32, device=device)
+                sums[0][r].index_add_(0, slot_all[start:stop], contribution)
+            del out, explained, target, multiplier

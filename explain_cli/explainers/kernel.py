@@ -24,7 +24,12 @@ For each image ``x``:
   the budget is drawn at random by the remaining kernel weights (a drawn subset and its complement;
   repeats add weight instead of a row), and the random rows' weights are scaled to the kernel mass
   left. With ``nsamples >= 2**M - 2`` every coalition is enumerated and the result is the exact
-  Shapley values of the masking game.
+  Shapley values of the masking game. The random part is paired (a drawn subset and its
+  complement, the antithetic pairs of Covert & Lee 2021), as in shap.
+* **nsamples: auto** draws 256 coalitions first (enumerating what shap enumerates at 256), then
+  more of the random part (``CoalitionSampler.draw``) in rounds that double the total, until the
+  split-half stability of every class's map reaches ``target_stability`` or ``max_nsamples`` is
+  spent, per image.
 * **Model output** ``v(z)``: the raw model output (e.g. logit) of each of the top-k classes (ranked
   on the raw output of the unmasked image, as shap's ``ranked_outputs``) for the masked image.
   ``f(x) = v(all shown)`` is the output of the unmasked image, ``f(all hidden)`` the output of the
@@ -61,7 +66,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -74,6 +79,7 @@ from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 from explain_cli.targets import BatchTargets, as_targets
 
+_FIRST_ROUND = 256  # nsamples auto: coalitions of the first round
 _BLUR = re.compile(r"^\s*blur\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
 _FILL_HELP = "must be 'mean', a colour ([r, g, b] or one grey level, 0-255) or 'blur(KX,KY)'"
 
@@ -92,8 +98,16 @@ class Settings(ExplainerSettings):
 
     name: Literal["kernel"] = "kernel"
     segments: SegmentSettings = Field(default_factory=SegmentSettings)
-    nsamples: int = Field(1000, ge=1, le=100_000, description="model evaluations (coalitions) per image (shap's nsamples), "
-                                                  "at most 2**M - 2 are used")
+    nsamples: Union[int, Literal["auto"]] = Field(
+        1000, description="model evaluations (coalitions) per image (shap's nsamples), at most 2**M - 2 are used; "
+                          "or 'auto': draw in rounds until the map's split-half stability reaches target_stability")
+    target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
+    max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many coalitions")
+
+    @field_validator("nsamples", mode="before")
+    @classmethod
+    def _nsamples(cls, v: Any) -> Any:
+        return base.sample_count(v)
     fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
                                           "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
 
@@ -188,83 +202,119 @@ def sample_coalitions(m: int, nsamples: int, rng: np.random.Generator) -> tuple[
 def sample_coalitions_split(m: int, nsamples: int,
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
     """:func:`sample_coalitions` and the number of its leading rows that were enumerated (not drawn)."""
-    if m <= 30:
-        nsamples = min(nsamples, 2**m - 2)
-    num_subset_sizes = int(np.ceil((m - 1) / 2.0))
-    num_paired_subset_sizes = int(np.floor((m - 1) / 2.0))
-    weight_vector = np.array([(m - 1.0) / (i * (m - i)) for i in range(1, num_subset_sizes + 1)])
-    weight_vector[:num_paired_subset_sizes] *= 2
-    weight_vector /= np.sum(weight_vector)
+    sampler = CoalitionSampler(m, nsamples, rng)
+    return sampler.masks, sampler.weights, sampler.nfixed
 
-    masks: list[np.ndarray] = []
-    weights: list[float] = []
 
-    # Enumerate whole subset sizes (with their complements) while the budget allows.
-    num_full_subsets = 0
-    num_samples_left = nsamples
-    remaining_weight_vector = weight_vector.copy()
-    for subset_size in range(1, num_subset_sizes + 1):
-        nsubsets = math.comb(m, subset_size)
-        if subset_size <= num_paired_subset_sizes:
-            nsubsets *= 2
-        if num_samples_left * remaining_weight_vector[subset_size - 1] / nsubsets >= 1.0 - 1e-8:
-            num_full_subsets += 1
-            num_samples_left -= nsubsets
-            if remaining_weight_vector[subset_size - 1] < 1.0:
-                remaining_weight_vector /= 1 - remaining_weight_vector[subset_size - 1]
-            w = weight_vector[subset_size - 1] / math.comb(m, subset_size)
-            if subset_size <= num_paired_subset_sizes:
-                w /= 2.0
-            for inds in itertools.combinations(range(m), subset_size):
-                mask = np.zeros(m, dtype=bool)
-                mask[list(inds)] = True
-                masks.append(mask)
-                weights.append(w)
-                if subset_size <= num_paired_subset_sizes:
-                    masks.append(~mask)
+class CoalitionSampler:
+    """shap's KernelExplainer coalitions (a port of ``KernelExplainer.explain``'s sampling, shap 0.51,
+    with ``rng`` in place of numpy's global generator), able to draw more rows later
+    (``nsamples: auto``): :meth:`draw` continues the random part with the same distribution (a
+    subset size by the remaining kernel weights, a uniform subset of that size and its complement;
+    a repeat adds weight instead of a row), and :attr:`weights` rescales all drawn rows to the kernel
+    mass left, as shap does once at the end. ``m >= 2``.
+    """
+
+    def __init__(self, m: int, nsamples: int, rng: np.random.Generator) -> None:
+        self.m = m
+        self.rng = rng
+        self.limit = 2**m - 2 if m <= 30 else None
+        if self.limit is not None:
+            nsamples = min(nsamples, self.limit)
+        num_subset_sizes = int(np.ceil((m - 1) / 2.0))
+        self.num_paired = int(np.floor((m - 1) / 2.0))
+        weight_vector = np.array([(m - 1.0) / (i * (m - i)) for i in range(1, num_subset_sizes + 1)])
+        weight_vector[:self.num_paired] *= 2
+        weight_vector /= np.sum(weight_vector)
+
+        masks: list[np.ndarray] = []
+        weights: list[float] = []
+        # Enumerate whole subset sizes (with their complements) while the budget allows.
+        num_full_subsets = 0
+        num_samples_left = nsamples
+        remaining_weight_vector = weight_vector.copy()
+        for subset_size in range(1, num_subset_sizes + 1):
+            nsubsets = math.comb(m, subset_size)
+            if subset_size <= self.num_paired:
+                nsubsets *= 2
+            if num_samples_left * remaining_weight_vector[subset_size - 1] / nsubsets >= 1.0 - 1e-8:
+                num_full_subsets += 1
+                num_samples_left -= nsubsets
+                if remaining_weight_vector[subset_size - 1] < 1.0:
+                    remaining_weight_vector /= 1 - remaining_weight_vector[subset_size - 1]
+                w = weight_vector[subset_size - 1] / math.comb(m, subset_size)
+                if subset_size <= self.num_paired:
+                    w /= 2.0
+                for inds in itertools.combinations(range(m), subset_size):
+                    mask = np.zeros(m, dtype=bool)
+                    mask[list(inds)] = True
+                    masks.append(mask)
                     weights.append(w)
-        else:
-            break
-
-    # Draw the rest of the budget from the remaining subset sizes.
-    nfixed = len(masks)
-    samples_left = nsamples - nfixed
-    if num_full_subsets != num_subset_sizes and samples_left > 0:
+                    if subset_size <= self.num_paired:
+                        masks.append(~mask)
+                        weights.append(w)
+            else:
+                break
+        self._masks = masks
+        self._weights = weights  # enumerated: kernel weights; drawn: counts, rescaled in `weights`
+        self.nfixed = len(masks)
+        self.num_full_subsets = num_full_subsets
+        self.complete = num_full_subsets == num_subset_sizes
+        self.weight_left = float(np.sum(weight_vector[num_full_subsets:]))
         remaining = weight_vector.copy()
-        remaining[:num_paired_subset_sizes] /= 2  # two samples (subset and complement) per draw
+        remaining[:self.num_paired] /= 2  # two samples (subset and complement) per draw
         remaining = remaining[num_full_subsets:]
-        remaining /= np.sum(remaining)
-        ind_set = rng.choice(len(remaining), 4 * samples_left, p=remaining)
-        used: dict[bytes, tuple[int, int | None]] = {}
+        self.remaining = remaining / np.sum(remaining) if remaining.size else remaining
+        self.used: dict[bytes, tuple[int, int | None]] = {}
+        self.draw(nsamples - self.nfixed)
+
+    @property
+    def masks(self) -> np.ndarray:
+        return np.stack(self._masks) if self._masks else np.zeros((0, self.m), dtype=bool)
+
+    @property
+    def weights(self) -> np.ndarray:
+        weights = np.asarray(self._weights, dtype=np.float64)
+        drawn = weights[self.nfixed:]
+        if drawn.size:
+            weights[self.nfixed:] = drawn * (self.weight_left / drawn.sum())
+        return weights
+
+    def draw(self, samples_left: int) -> int:
+        """Up to ``samples_left`` more drawn rows (fewer when every coalition is in); returns how many."""
+        if self.complete or samples_left <= 0:
+            return 0
+        if self.limit is not None:
+            samples_left = min(samples_left, self.limit - len(self._masks))
+        added = 0
+        ind_set = self.rng.choice(len(self.remaining), 4 * samples_left, p=self.remaining)
         for ind in ind_set:
             if samples_left <= 0:
                 break
-            subset_size = int(ind) + num_full_subsets + 1
-            mask = np.zeros(m, dtype=bool)
-            mask[rng.permutation(m)[:subset_size]] = True
+            subset_size = int(ind) + self.num_full_subsets + 1
+            mask = np.zeros(self.m, dtype=bool)
+            mask[self.rng.permutation(self.m)[:subset_size]] = True
             key = mask.tobytes()
-            paired = subset_size <= num_paired_subset_sizes
-            if key not in used:
-                masks.append(mask)
-                weights.append(1.0)
+            paired = subset_size <= self.num_paired
+            if key not in self.used:
+                self._masks.append(mask)
+                self._weights.append(1.0)
                 samples_left -= 1
+                added += 1
                 complement = None
                 if samples_left > 0 and paired:
-                    complement = len(masks)
-                    masks.append(~mask)
-                    weights.append(1.0)
+                    complement = len(self._masks)
+                    self._masks.append(~mask)
+                    self._weights.append(1.0)
                     samples_left -= 1
-                used[key] = (len(masks) - (2 if complement is not None else 1), complement)
+                    added += 1
+                self.used[key] = (len(self._masks) - (2 if complement is not None else 1), complement)
             else:
-                first, complement = used[key]
-                weights[first] += 1.0
+                first, complement = self.used[key]
+                self._weights[first] += 1.0
                 if paired and samples_left > 0 and complement is not None:
-                    weights[complement] += 1.0
-        weight_left = np.sum(weight_vector[num_full_subsets:])
-        random_weights = np.asarray(weights[nfixed:])
-        weights[nfixed:] = list(random_weights * (weight_left / random_weights.sum()))
-
-    return np.stack(masks), np.asarray(weights, dtype=np.float64), nfixed
+                    self._weights[complement] += 1.0
+        return added
 
 
 def solve(masks: np.ndarray, weights: np.ndarray, y: np.ndarray, fx: np.ndarray,
@@ -339,6 +389,8 @@ class _Image:
         self.fill_dev = fill_dev  # (C, H, W) normalised fill image
         self.outputs: list[torch.Tensor] = []  # (rows, k) pieces of the model outputs, in row order
         self.nfixed = 0  # leading rows of ``masks`` that were enumerated, not drawn
+        self.sampler: CoalitionSampler | None = None  # draws more coalitions (nsamples auto)
+        self.capped = False  # nsamples auto: stopped at max_nsamples below target_stability
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -374,8 +426,16 @@ class Explainer(base.Explainer):
         model batches (each image brings nsamples + 1 rows), so a killed run loses little work."""
         if self.context.device.type != "cpu":
             return 8
-        rows = int(self.settings.nsamples) + 1
+        rows = self.first_round() + 1
         return max(1, min(8, math.ceil(4 * max(1, int(self.context.batch_size)) / rows)))
+
+    def first_round(self) -> int:
+        """Coalitions drawn first: ``nsamples``, or for ``auto`` 256 (then rounds that double the total
+        up to ``max_nsamples``; the enumerated subset sizes are those shap enumerates at 256)."""
+        settings: Settings = self.settings  # type: ignore[assignment]
+        if settings.nsamples == "auto":
+            return min(_FIRST_ROUND, int(settings.max_nsamples))
+        return int(settings.nsamples)
 
     def _prepare(self, pixels: np.ndarray, seed: int, device: torch.device, dtype: torch.dtype) -> _Image:
         ctx = self.context
@@ -383,8 +443,10 @@ class Explainer(base.Explainer):
         labels = segment(pixels, settings.segments)
         m = int(labels.max()) + 1
         nfixed = 0
+        sampler = None
         if m >= 2:
-            masks, weights, nfixed = sample_coalitions_split(m, int(settings.nsamples), _rng(seed))
+            sampler = CoalitionSampler(m, self.first_round(), _rng(seed))
+            masks, weights, nfixed = sampler.masks, sampler.weights, sampler.nfixed
         else:  # a single superpixel has the whole effect: only f(all hidden) is needed
             masks, weights = np.zeros((0, 1), dtype=bool), np.zeros(0)
         rows = np.concatenate([np.zeros((1, masks.shape[1]), dtype=bool), masks])
@@ -392,7 +454,13 @@ class Explainer(base.Explainer):
         item = _Image(labels, masks, weights, _to_device(labels.reshape(-1), device), _to_device(rows, device),
                       _to_device(fill.numpy(), device).to(dtype))
         item.nfixed = nfixed
+        item.sampler = sampler
         return item
+
+    def evaluations_per_image(self) -> int | None:
+        if self.settings.nsamples == "auto":
+            return None  # decided per image as it runs
+        return int(self.settings.nsamples) + 2  # coalitions (fewer for few superpixels), all hidden, ranking
 
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
@@ -443,6 +511,7 @@ class Explainer(base.Explainer):
                     parts.append(torch.where(shown, images[i], item.fill_dev))
                 batch = parts[0] if len(parts) == 1 else torch.cat(parts)
                 out = _utils.as_2d(model(batch))
+                _utils.count_evaluations(count)
                 offset = 0
                 for i, r0, r1 in pieces:
                     piece = out[offset:offset + r1 - r0]
@@ -461,10 +530,37 @@ class Explainer(base.Explainer):
             if pending_rows:
                 evaluate(pending_rows)
 
+            fx = fx_dev.double().cpu().numpy()
+            settings: Settings = self.settings  # type: ignore[assignment]
+            active = list(range(n_images)) if settings.nsamples == "auto" else []
+            while active:  # nsamples auto: more coalitions for the images below the target
+                still = []
+                for i in active:
+                    item = prepared[i]
+                    y = torch.cat(item.outputs).cpu().numpy()
+                    reached = self._stability(item, y[1:], fx[i], y[0], channels)
+                    reached = reached[np.isfinite(reached)]
+                    if item.sampler is None or reached.size == 0 or reached.min() >= settings.target_stability:
+                        continue
+                    count = min(item.masks.shape[0], int(settings.max_nsamples) - item.masks.shape[0])
+                    added = item.sampler.draw(count) if count > 0 else 0
+                    if added == 0:
+                        item.capped = count <= 0
+                        continue
+                    item.masks, item.weights = item.sampler.masks, item.sampler.weights
+                    item.rows_dev = _to_device(item.masks[-added:], device)
+                    pending.append((i, 0, added))
+                    pending_rows += added
+                    still.append(i)
+                while pending_rows >= size:
+                    evaluate(size)
+                if pending_rows:
+                    evaluate(pending_rows)
+                active = still
+
             y_dev = [torch.cat(item.outputs) for item in prepared]
 
         # One transfer back, then the regressions on the CPU (float64).
-        fx = fx_dev.double().cpu().numpy()
         y_all = [y.cpu().numpy() for y in y_dev]
         k = classes.shape[1]
         values = np.empty((n_images, k, channels, height, width), dtype=np.float32)
@@ -490,6 +586,8 @@ class Explainer(base.Explainer):
             shap_sum=shap_sum.astype(np.float32),
             segments=np.stack([item.labels for item in prepared]),
             stability=stability,
+            nsamples_used=np.array([item.masks.shape[0] for item in prepared], dtype=np.int64),
+            nsamples_capped=np.array([item.capped for item in prepared]) if self.settings.nsamples == "auto" else None,
         )
 
     @staticmethod

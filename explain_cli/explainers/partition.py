@@ -463,6 +463,7 @@ class Explainer(base.Explainer):
         parts = []
         for a, b in _utils.model_chunks(self.context, len(rows)):
             out = _utils.as_2d(model(masker.batch(rows[a:b], items[a:b])))
+            _utils.count_evaluations(b - a)
             if row_classes is not None:
                 assert targets is not None
                 out = targets.explained(out, row_classes[a:b])
@@ -501,6 +502,9 @@ class Explainer(base.Explainer):
         return _FillMasker(tree, normalise(pixels), normalise(filled))
 
     # -- main ------------------------------------------------------------------------------
+
+    def evaluations_per_image(self) -> int:
+        return int(self.settings.max_evals)  # f00 and f11 included, as shap counts them
 
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         """Explain the selected classes of each image; ``seeds`` are not used (the method is deterministic)."""

@@ -39,10 +39,13 @@ output between image and reference exactly:
   own maximum, so no factor over- or underflows), scaled_dot_product_attention and torch's
   multi_head_attention_forward (masks, causal, scale, key padding, bias_k/v, zero attention, separate
   projections; two bilinear products around the softmax), layer_norm, group_norm, instance_norm,
-  rms_norm, ``F.normalize``, ``baddbmm``/``addmm``/``addcmul`` of two input-dependent factors, and
+  rms_norm, ``F.normalize``, vector norms over given dims (``torch.norm``, ``linalg.vector_norm``:
+  ConvNeXt-V2's GRN), ``baddbmm``/``addmm``/``addcmul`` of two input-dependent factors, and
   ``linear``/``conv`` with an input-dependent weight (CondConv's per-image kernels: bilinear);
-* everything else that is linear (conv, linear, eval-mode batch norm, add, cat, views, average and
-  adaptive-average pooling, eval-mode dropout, interpolate, ...) keeps its plain gradient, which is
+* eval-mode batch norm: written out as a scale and shift (torch 2.14's CPU kernel has a wrong backward
+  for a batch of one row with a strided incoming gradient);
+* everything else that is linear (conv, linear, add, cat, views, average and adaptive-average
+  pooling, eval-mode dropout, interpolate, repeat_interleave, ...) keeps its plain gradient, which is
   exact. Tensors that do not depend on the input (weights: BiT's weight standardisation computes a
   batch norm over its weights, rotary-embedding tables, attention biases) are constants.
 
@@ -72,7 +75,9 @@ block is bypassed by the skip connection, so the sum then misses the skip path's
 The model must be an eager ``nn.Module``: TorchScript runs outside Python, where no call can be
 intercepted (a TorchScript model is refused; scripted submodules are reported). While the explainer
 runs, TF32 is switched off (cuDNN uses it for float32 convolutions by default on recent GPUs; it
-would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences).
+would raise the float32 additivity error from ~1e-6 to ~1e-3 of the output differences). A model
+that amplifies its own float32 rounding (EfficientViT's divisions by near-zero denominators) gets a
+warning when its sums miss; ``float64: true`` runs a float64 copy of it (casts inside kept float64).
 
 DeepSHAP is deterministic: the per-image ``seeds`` are not used. The sums over the first and the
 second half of the background are kept apart, for ``stability`` (``metrics.split_half_stability``):

@@ -193,6 +193,9 @@ class Explainer(base.Explainer):
 
     # -- main ------------------------------------------------------------------------------
 
+    def evaluations_per_image(self) -> int:
+        return int(self.references().shape[0]) + 1  # one row per reference and the ranking forward
+
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
         targets = as_targets(targets)
@@ -243,6 +246,7 @@ class Explainer(base.Explainer):
                         assert self._layer_reference is not None
                         delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
+                _utils.count_evaluations(stop - start)
                 row_classes = classes_dev[img]
                 explained = explained_deep(targets.spec, out[: stop - start], ref_outputs[ref].to(out.dtype),
                                            row_classes)
