@@ -47,7 +47,7 @@ MEMORY_SHARE = 0.25
 #: Candidate sizes: the powers of two up to the memory bound (and PROBE_MAX), at least PROBE_MIN
 #: rows, at most PROBE_SIZES of them (the largest), so that probing stays a small share of a run.
 #: A loop with fewer rows than the planned size is one call anyway and is not a measurement.
-PROBE_MIN = 8
+PROBE_MIN = 16  # 8 rows: 2.25x the wall time of 16 for gradient at load 2 (bench/results-cpu-batch.txt)
 PROBE_MAX = 256
 PROBE_SIZES = 3
 PROBE_ROUNDS = 2

@@ -330,11 +330,12 @@ def test_a_single_candidate_needs_no_probe():
 
 
 def test_candidates_respect_the_memory_bound_and_the_limits():
+    assert autobatch.PROBE_MIN == 16
     assert autobatch.probe_candidates(1000) == [64, 128, 256]  # PROBE_MAX caps a tiny model's bound
     assert autobatch.probe_candidates(100) == [16, 32, 64]
-    assert autobatch.probe_candidates(21) == [8, 16]
-    assert autobatch.probe_candidates(8) == [8]
-    assert autobatch.probe_candidates(5) == [5]  # below PROBE_MIN: the bound itself, no probe
+    assert autobatch.probe_candidates(40) == [16, 32]
+    assert autobatch.probe_candidates(21) == [16]
+    assert autobatch.probe_candidates(9) == [9]  # below PROBE_MIN: the bound itself, no probe
     assert autobatch.probe_candidates(1) == [1]
     for bound in range(1, 600):
         assert max(autobatch.probe_candidates(bound)) <= bound
@@ -373,7 +374,7 @@ class LargestCall(nn.Module):
 
 @pytest.mark.parametrize("name", ["gradient", "deep", "partition", "kernel"])
 def test_cpu_auto_respects_the_memory_bound_and_equals_a_fixed_batch(data, name, monkeypatch, caplog):
-    """A headroom that allows 9 rows: every model call stays at or below 8 (the one candidate),
+    """A headroom that allows 9 rows (below PROBE_MIN: no probe): every model call stays at or below 9,
     and the numbers are those of a fixed batch size."""
     background, images = data
     net = LargestCall(tiny_net())
@@ -383,13 +384,13 @@ def test_cpu_auto_respects_the_memory_bound_and_equals_a_fixed_batch(data, name,
     headroom = int(9.5 * per_row / autobatch.MEMORY_SHARE)
     with caplog.at_level(logging.INFO, logger="explain_cli"):
         probe = autobatch.plan_cpu(ctx, example, get(name).Explainer.backward, headroom)
-    assert probe.candidates == [8] and probe.done and ctx.batch_size == 8
-    assert "batch_size auto: 8 rows per model call on the CPU (memory bound" in caplog.text
+    assert probe.candidates == [9] and probe.done and ctx.batch_size == 9
+    assert "batch_size auto: 9 rows per model call on the CPU (memory bound" in caplog.text
     explainer = get(name).Explainer(ctx)
     seeds = [11, 22, 33]
     net.calls.clear()
     auto = autobatch.explain_with_backoff(explainer, images, 2, seeds)
-    assert net.calls and max(net.calls) <= 8
+    assert net.calls and max(net.calls) <= 9
     fixed = get(name).Explainer(context(tiny_net(), name, background, 64)).explain(images, 2, seeds)
     np.testing.assert_array_equal(auto.classes, fixed.classes)
     np.testing.assert_allclose(auto.values, fixed.values, rtol=1e-4, atol=1e-6)
