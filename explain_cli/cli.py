@@ -97,7 +97,7 @@ def _unexpected(exc: BaseException, verbose: int) -> "typer.Exit":
 
 
 _VERBOSE_HELP = "More log output; -v also prints the traceback of an unexpected error."
-_EXPLAINER_HELP = ("gradient | deep | partition | kernel: use this explainer instead of the config's (its "
+_EXPLAINER_HELP = ("gradient | deep | partition | kernel | amortized: use this explainer instead of the config's (its "
                    "explainer.* keys the new one lacks are dropped, with a note; add its own with --set).")
 
 
@@ -257,6 +257,48 @@ def run(
     if _LogFile.failure and summary.exit_code == 0:
         raise _fail(f"{_LogFile.failure}; the run itself finished (its outputs are complete)", EXIT_UNEXPECTED)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command(epilog="Example:\n\n  explain-cli train configs/amortized.yaml --input photos/ --output explainer.pt\n\n"
+             "Rerun the same command after an interruption to resume from OUTPUT.train.\n\n" + EXIT_CODES_HELP)
+def train(
+    config: Path = typer.Argument(..., help="YAML config file with explainer.name: amortized."),
+    input_dir: Optional[Path] = typer.Option(None, "--input", help="Folder of training images (overrides input.dir)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The explainer file to write (default: explainer.checkpoint)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
+    restart: bool = typer.Option(False, "--restart", help="Ignore a training state left by an interrupted run."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Train an amortized (FastSHAP) explainer for the config's model, players and fill on the images
+    of the input folder; `run` with explainer {name: amortized, checkpoint: FILE} then explains each
+    image in one forward pass."""
+    try:
+        _setup_logging(verbose, quiet, log_file)
+        from explain_cli.errors import ConfigError
+        from explain_cli.train import train as train_explainer
+
+        cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
+                                   "device": device})
+        if output is None:
+            checkpoint = getattr(cfg.explainer_settings, "checkpoint", None)
+            if checkpoint is None:
+                raise ConfigError("--output", "give --output FILE (or explainer.checkpoint in the config)")
+            output = cfg.resolve(checkpoint)
+        result = train_explainer(cfg, output.resolve(), restart=restart)
+    except UserError as exc:
+        raise _fail(exc, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001
+        raise _unexpected(exc, verbose)
+    if not quiet:
+        check = "" if result.kernel_pearson is None else f"; median Pearson r vs Kernel SHAP {result.kernel_pearson:.3f}"
+        print(f"trained {result.epochs} epochs in {result.seconds:.1f} s ({result.model_evaluations} model "
+              f"evaluations){check}; wrote {result.path}", file=sys.stderr)
 
 
 @app.command(epilog="Example:\n\n  explain-cli validate configs/demo.yaml --set model.layer=blocks.3\n\n" + EXIT_CODES_HELP)

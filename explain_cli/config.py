@@ -203,7 +203,7 @@ class Config(_Section):
     @field_validator("metrics_baseline")
     @classmethod
     def _baseline(cls, v: Any) -> Any:
-        from explain_cli.metrics import parse_baseline
+        from explain_cli.masking import parse_baseline
 
         return parse_baseline(v)
 

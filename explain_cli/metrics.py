@@ -6,9 +6,10 @@ channels; a layer map is upsampled to the input the way the overlay shows it, ne
 map ranks its superpixels, whose pixels stay together in the order). In ``metrics_steps`` steps the
 most-attributed pixels are
 
-* **deleted**: replaced by the baseline image (a box blur of the image by default), so the curve
-  starts at the image and ends at the baseline; a faithful map makes the class's probability fall
-  fast: *lower* deletion AUC is better;
+* **deleted**: replaced by the baseline image (a box blur of the image by default, built by
+  ``masking.fill_images`` like the masking explainers' fills), so the curve starts at the image and
+  ends at the baseline; a faithful map makes the class's probability fall fast: *lower* deletion
+  AUC is better;
 * **inserted**: copied from the image onto the baseline image, so the curve starts at the baseline
   and ends at the image; a faithful map makes the probability rise fast: *higher* is better.
 
@@ -26,7 +27,8 @@ built on the model's device.
 the Pearson correlation, over pixels of the channel-summed map in the explained space, between the
 maps estimated from two halves of the explainer's random draws, Spearman-Brown corrected
 (``2r / (1 + r)``): an estimate of the correlation of the map with a rerun at another seed (another
-background set for deep). Nothing is re-evaluated: the explainers keep the two halves' sums apart.
+background set for deep). Nothing is re-evaluated: the explainers keep the two halves' sums apart
+(``explain_cli.stability``).
 """
 
 from __future__ import annotations
@@ -38,43 +40,6 @@ import numpy as np
 
 METRICS = ("deletion", "insertion")
 DEFAULT_BASELINE = "blur(32,32)"
-_BASELINE_HELP = ("must be blur(KX,KY) with positive integer kernel sizes, a grey level 0-255 or an "
-                  "[r, g, b] colour with values 0-255")
-
-
-# -- configuration ---------------------------------------------------------------------------------
-
-def parse_baseline(value: Any) -> Union[str, list[float]]:
-    """The canonical form of ``metrics_baseline`` (partition's mask syntax without inpainting).
-
-    Inpainting is refused: every step of every order would need its own ``cv2.inpaint``.
-    """
-    from explain_cli.explainers.partition import _parse_mask
-
-    if isinstance(value, str) and value.strip().lower().startswith("inpaint"):
-        raise ValueError(f"{_BASELINE_HELP}; inpainting is not available for the metrics (got {value!r})")
-    try:
-        parsed = _parse_mask(value)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("inpaint_telea, inpaint_ns, ", "")) from None
-    if isinstance(parsed, float):
-        return [parsed] * 3
-    return parsed
-
-
-def baseline_images(images: "torch.Tensor", baseline: Union[str, list[float]],  # noqa: F821
-                    mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":  # noqa: F821
-    """The normalised baseline image of each image (N, C, H, W), on the images' device and dtype.
-
-    Built in pixel space (normalisation undone and redone), like the masking explainers' fills.
-    """
-    import torch
-
-    from explain_cli.explainers.kernel import fill_pixels, normalise, to_pixels
-
-    pixels = to_pixels(images, mean, std)
-    filled = [normalise(fill_pixels(p, baseline), mean, std) for p in pixels]
-    return torch.stack(filled).to(device=images.device, dtype=images.dtype)
 
 
 # -- ranking ---------------------------------------------------------------------------------------
@@ -159,6 +124,7 @@ def faithfulness(model: "torch.nn.Module", images: "torch.Tensor", values: np.nd
     """
     import torch
 
+    from explain_cli import masking
     from explain_cli.explainers import _utils
 
     metrics = [m for m in METRICS if m in metrics]
@@ -191,7 +157,7 @@ def faithfulness(model: "torch.nn.Module", images: "torch.Tensor", values: np.nd
     changed = np.tile(row_changed, n_images)
 
     ranks_dev = torch.from_numpy(ranks.astype(np.int32)).to(device)
-    base_dev = baseline_images(images, baseline, mean, std)
+    base_dev = masking.fill_images(images, baseline, mean, std)
     classes_dev = torch.from_numpy(np.asarray(classes, np.int64)).to(device)
     img_dev = torch.from_numpy(img).to(device)
     order_dev = torch.from_numpy(order).to(device)
@@ -227,46 +193,6 @@ def faithfulness(model: "torch.nn.Module", images: "torch.Tensor", values: np.nd
         results["random_" + name] = areas[:, k, :]
     return Faithfulness(results.get("deletion"), results.get("insertion"), results.get("random_deletion"),
                         results.get("random_insertion"), int(img.shape[0]))
-
-
-# -- stability -------------------------------------------------------------------------------------
-
-def spearman_brown(r: np.ndarray, sizes: tuple[int, int] | None = None) -> np.ndarray:
-    """The reliability of the whole from the correlation ``r`` of its two halves.
-
-    Equal halves: ``2r / (1 + r)``. Halves of ``n1`` and ``n2`` draws (odd nsamples, an odd
-    background): the same model (map = truth + noise whose variance falls as 1/draws) solved for
-    the noise-to-signal ratio ``q`` from ``r^2 (1 + q/n1)(1 + q/n2) = 1``, then ``1 / (1 + q/(n1+n2))``;
-    for ``n1 == n2`` this is exactly ``2r / (1 + r)``. A non-positive ``r`` is kept as it is (the map
-    is noise).
-    """
-    r = np.asarray(r, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if sizes is None or sizes[0] == sizes[1]:
-            return np.where(r > 0, 2 * r / (1 + r), r)
-        n1, n2 = float(sizes[0]), float(sizes[1])
-        r2 = r * r
-        a, b, c = r2 / (n1 * n2), r2 * (1 / n1 + 1 / n2), r2 - 1
-        q = np.where(a > 0, (-b + np.sqrt(np.maximum(b * b - 4 * a * c, 0))) / (2 * np.where(a > 0, a, 1)), np.inf)
-        return np.where(r > 0, 1 / (1 + q / (n1 + n2)), r)
-
-
-def split_half_stability(half_a: "torch.Tensor", half_b: "torch.Tensor",  # noqa: F821
-                         sizes: tuple[int, int] | None = None) -> np.ndarray:
-    """(N, k) stability from two (N, k, C, H, W) maps of the two halves (any positive scale each).
-
-    Pearson correlation over the pixels of the channel-summed maps, Spearman-Brown corrected
-    (``sizes``: the draws in each half, when they differ); NaN where a half-map is constant (no
-    correlation is defined).
-    """
-    a = half_a.double().sum(2).flatten(2)
-    b = half_b.double().sum(2).flatten(2)
-    a = a - a.mean(-1, keepdim=True)
-    b = b - b.mean(-1, keepdim=True)
-    denom = (a.square().sum(-1) * b.square().sum(-1)).sqrt()
-    r = ((a * b).sum(-1) / denom).cpu().numpy()
-    r = np.where(denom.cpu().numpy() > 0, np.clip(r, -1.0, 1.0), np.nan)
-    return spearman_brown(r, sizes)
 
 
 # -- per run ---------------------------------------------------------------------------------------

@@ -172,6 +172,9 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
     layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = load_labels(labels_path, num_outputs)
+    check_run = getattr(explainer_class, "check_run", None)
+    if check_run is not None:  # an explainer trained for one model and config (amortized) refuses others
+        check_run(config, model, num_outputs)
     spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source)
     truth = None
     if config.targets.from_csv is not None:

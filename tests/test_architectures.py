@@ -584,19 +584,21 @@ def test_infinity_norm_is_reported(caplog):
 
 
 def test_a_map_that_cancels_across_channels_is_warned_about(caplog):
-    """convnextv2's stages begin with a LayerNorm over channels: shap's gradient x layer input sums to zero
-    over the channels at every position there. After the norm it does not cancel, nor does deep."""
+    """convnextv2's stages begin with a LayerNorm over channels: shap's gradient x layer input (path: input)
+    sums to zero over the channels at every position there. After the norm it does not cancel, nor does
+    deep, nor the complete layer path (gradient x (h(x) - h(b)))."""
     from explain_cli.explainers import gradient
     from explain_cli.explainers.base import ExplainContext
 
     model = family_model("timm convnextv2_atto")
     background, images = arch_data(64)
 
-    def run(name, layer_name):
+    def run(name, layer_name, path="input"):
         context = ExplainContext(model=model, layer=model.get_submodule(layer_name), layer_name=layer_name,
                                  background=background, mean=(0.0,) * 3, std=(1.0,) * 3,
                                  device=torch.device("cpu"), batch_size=64,
-                                 settings=gradient.Settings(nsamples=4) if name == "gradient" else deep_settings())
+                                 settings=gradient.Settings(nsamples=4, path=path) if name == "gradient"
+                                 else deep_settings())
         module = gradient if name == "gradient" else deep_module()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="explain_cli"):
@@ -608,6 +610,7 @@ def test_a_map_that_cancels_across_channels_is_warned_about(caplog):
     assert "'stages.2'" in text and "cancels across channels" in text
     assert "cancels" not in run("gradient", "stages.2.downsample.1")[1]
     assert "cancels" not in run("deep", "stages.2")[1]
+    assert "cancels" not in run("gradient", "stages.2", path="layer")[1]  # the complete layer path
 
 
 def deep_module():

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
+from explain_cli import masking
 from explain_cli.config import validate_explainer
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import kernel
@@ -81,8 +82,8 @@ def superpixel_values(result, n: int) -> np.ndarray:
 def game(model, image: torch.Tensor, labels: np.ndarray, fill, classes: np.ndarray):
     """v(z) for 0/1 coalition rows z (rows, M): the model outputs of ``classes`` for the image with
     the superpixels where z == 0 replaced by the fill image, built with the module's own helpers."""
-    pixels = kernel.to_pixels(image[None], IMAGENET_MEAN, IMAGENET_STD)[0]
-    fill_image = kernel.normalise(kernel.fill_pixels(pixels, fill), IMAGENET_MEAN, IMAGENET_STD).to(image.dtype)
+    pixels = masking.to_pixels(image[None], IMAGENET_MEAN, IMAGENET_STD)[0]
+    fill_image = masking.normalise(masking.fill_pixels(pixels, fill), IMAGENET_MEAN, IMAGENET_STD).to(image.dtype)
     labels_t = torch.from_numpy(labels)
 
     def f(z):
@@ -131,8 +132,8 @@ def test_exact_on_a_linear_model():
         labels = result.segments[n]
         m = int(labels.max()) + 1
         assert 4 <= m <= 12
-        pixels = kernel.to_pixels(x[n:n + 1], IMAGENET_MEAN, IMAGENET_STD)[0]
-        fill = kernel.normalise(kernel.fill_pixels(pixels, [255, 0, 128]), IMAGENET_MEAN, IMAGENET_STD).double()
+        pixels = masking.to_pixels(x[n:n + 1], IMAGENET_MEAN, IMAGENET_STD)[0]
+        fill = masking.normalise(masking.fill_pixels(pixels, [255, 0, 128]), IMAGENET_MEAN, IMAGENET_STD).double()
         weight = linear[1].weight.detach().view(4, 3, 32, 32)[torch.from_numpy(result.classes[n])]
         contribution = (weight * (x[n] - fill)).sum(1).numpy()  # (k, H, W)
         expected = np.stack([np.bincount(labels.ravel(), weights=contribution[r].ravel(), minlength=m)
@@ -155,6 +156,37 @@ def test_exact_shapley_values_when_all_coalitions_fit(model):
         assert np.abs(expected).max() > 0.05  # not vacuous
         np.testing.assert_allclose(superpixel_values(result, n), expected, atol=1e-5)
         np.testing.assert_allclose(result.base_values[n], f(np.zeros((1, m)))[0], atol=1e-5)
+
+
+def test_grid_players_give_exact_shapley_values(model):
+    """segments: {grid: G}: the same G x G patches for every image; with nsamples >= 2**(G*G) - 2
+    the values are the exact Shapley values over those patches."""
+    labels = masking.grid_labels(10, 10, 3)
+    np.testing.assert_array_equal(labels[:, 0], [0] * 4 + [3] * 3 + [6] * 3)  # bands of 4, 3, 3 rows
+    np.testing.assert_array_equal(labels[0], [0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    net = TinyNet().double().eval()
+    net.load_state_dict(model.state_dict())
+    x = smooth_images(2, seed=9).double()
+    result = make(net, segments={"grid": 3}, nsamples=600).explain(x, 2, [1, 2])
+    grid = masking.grid_labels(32, 32, 3)
+    for n in range(2):
+        np.testing.assert_array_equal(result.segments[n], grid)
+        f = game(net, x[n], grid, "mean", result.classes[n])
+        expected = exact_shapley(f, 9)
+        assert np.abs(expected).max() > 0.05  # not vacuous
+        np.testing.assert_allclose(superpixel_values(result, n), expected, atol=1e-5)
+
+
+def test_grid_and_slic_keys_are_exclusive():
+    assert kernel.Settings(segments={"grid": 4}).segments.grid == 4
+    dumped = kernel.Settings(segments={"grid": 4}).model_dump(mode="json")
+    assert kernel.Settings.model_validate(dumped).segments.grid == 4  # run.json round trip
+    with pytest.raises(ConfigError) as info:
+        validate_explainer({"name": "kernel", "segments": {"grid": 4, "n_segments": 10}}, "cfg.yaml")
+    assert info.value.key.startswith("explainer.segments") and "grid" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        validate_explainer({"name": "kernel", "segments": {"grid": 0}}, "cfg.yaml")
+    assert info.value.key == "explainer.segments.grid"
 
 
 # -- agreement with shap -------------------------------------------------------------------------
@@ -196,8 +228,8 @@ def test_efficiency_outputs_and_painting(model, images):
     for n in range(3):
         assert np.all(np.diff(result.outputs[n]) <= 0)
         # base value = output of the all-hidden (mean-colour) image
-        pixels = kernel.to_pixels(images[n:n + 1], IMAGENET_MEAN, IMAGENET_STD)[0]
-        fill = kernel.normalise(kernel.fill_pixels(pixels, "mean"), IMAGENET_MEAN, IMAGENET_STD)
+        pixels = masking.to_pixels(images[n:n + 1], IMAGENET_MEAN, IMAGENET_STD)[0]
+        fill = masking.normalise(masking.fill_pixels(pixels, "mean"), IMAGENET_MEAN, IMAGENET_STD)
         with torch.no_grad():
             hidden = model(fill[None])[0, torch.from_numpy(result.classes[n])].numpy()
         np.testing.assert_allclose(result.base_values[n], hidden, atol=1e-5)
@@ -283,12 +315,12 @@ def test_fill_images():
 
     rng = np.random.default_rng(0)
     pixels = rng.uniform(0, 1, (12, 10, 3)).astype(np.float32)
-    mean_fill = kernel.fill_pixels(pixels, "mean")
+    mean_fill = masking.fill_pixels(pixels, "mean")
     np.testing.assert_allclose(mean_fill, np.broadcast_to(pixels.mean((0, 1)), pixels.shape), atol=1e-6)
-    np.testing.assert_allclose(kernel.fill_pixels(pixels, [255.0, 0.0, 51.0])[3, 4], [1.0, 0.0, 0.2], atol=1e-6)
-    blurred = kernel.fill_pixels(pixels, "blur(5,3)")
+    np.testing.assert_allclose(masking.fill_pixels(pixels, [255.0, 0.0, 51.0])[3, 4], [1.0, 0.0, 0.2], atol=1e-6)
+    blurred = masking.fill_pixels(pixels, "blur(5,3)")
     np.testing.assert_allclose(blurred, cv2.blur(pixels, (5, 3)), atol=1e-6)
-    assert not np.allclose(blurred, kernel.fill_pixels(pixels, "blur(3,5)"))
+    assert not np.allclose(blurred, masking.fill_pixels(pixels, "blur(3,5)"))
 
 
 def test_fill_changes_base_value(model, images):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from explain_cli import metrics
+from explain_cli import masking, metrics
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
@@ -133,7 +133,7 @@ def test_blur_baseline_layer_map_and_batching_match_the_reference():
     model = linear_model(3)
     x = images(3, seed=4)
     classes = top_classes(model, x, 3)
-    blurred = metrics.baseline_images(x, "blur(5,3)", MEAN, STD)
+    blurred = masking.fill_images(x, "blur(5,3)", MEAN, STD)
     # an 8x8 "layer" map, upsampled by 2 to rank the 16x16 pixels
     values = np.random.default_rng(2).normal(size=(3, 3, 5, 8, 8)).astype(np.float32)
     seeds = [1, 2, 3]
@@ -153,7 +153,7 @@ def test_baseline_blur_is_a_box_blur_in_pixel_space():
     import cv2
 
     x = images(1, seed=9)
-    got = metrics.baseline_images(x, "blur(5,3)", MEAN, STD)[0].numpy()
+    got = masking.fill_images(x, "blur(5,3)", MEAN, STD)[0].numpy()
     pixels = np.moveaxis(x[0].numpy() * 0.25 + 0.5, 0, -1)
     want = (np.moveaxis(cv2.blur(pixels, (5, 3)), -1, 0) - 0.5) / 0.25
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -200,13 +200,13 @@ def test_auc_is_the_trapezoid():
 @pytest.mark.parametrize("value, expected", [
     ("blur(32, 32)", "blur(32,32)"), (128, [128.0] * 3), ([1, 2, 3], [1.0, 2.0, 3.0])])
 def test_parse_baseline(value, expected):
-    assert metrics.parse_baseline(value) == expected
+    assert masking.parse_baseline(value) == expected
 
 
 @pytest.mark.parametrize("value", ["inpaint_telea", "blur(0,3)", 300, "mean", [1, 2]])
 def test_parse_baseline_refuses(value):
     with pytest.raises(ValueError):
-        metrics.parse_baseline(value)
+        masking.parse_baseline(value)
 
 
 @pytest.mark.parametrize("settings", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from explain_cli import metrics
+from explain_cli import stability
 from explain_cli.explainers import base, deep, gradient, kernel, partition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,20 +28,20 @@ def test_spearman_brown_predicts_the_correlation_of_two_full_estimates():
     n, sigma = 16, 3.0
     draws = truth + sigma * rng.normal(size=(n, 1, 1, 2, 40, 40))
     half_a, half_b = draws[: n // 2].sum(0), draws[n // 2:].sum(0)
-    got = metrics.split_half_stability(torch.from_numpy(half_a), torch.from_numpy(2.5 * half_b))[0, 0]
+    got = stability.split_half_stability(torch.from_numpy(half_a), torch.from_numpy(2.5 * half_b))[0, 0]
     v = truth.sum(2).var()
     noise = 2 * sigma**2 / n  # variance of the channel sum of a mean of n draws (2 channels)
     assert got == pytest.approx(v / (v + noise), abs=0.03)
-    assert metrics.split_half_stability(torch.from_numpy(half_a), torch.from_numpy(half_a))[0, 0] == pytest.approx(1)
+    assert stability.split_half_stability(torch.from_numpy(half_a), torch.from_numpy(half_a))[0, 0] == pytest.approx(1)
     # unequal halves (3 and 9 draws) predict the whole of 12 draws
-    uneven = metrics.split_half_stability(torch.from_numpy(draws[:3].sum(0)), torch.from_numpy(draws[3:12].sum(0)),
+    uneven = stability.split_half_stability(torch.from_numpy(draws[:3].sum(0)), torch.from_numpy(draws[3:12].sum(0)),
                                           (3, 9))[0, 0]
     assert uneven == pytest.approx(v / (v + 2 * sigma**2 / 12), abs=0.03)
-    np.testing.assert_allclose(metrics.spearman_brown(np.array([0.3, 0.8]), (1000, 1001)),
-                               metrics.spearman_brown(np.array([0.3, 0.8])), rtol=1e-3)
+    np.testing.assert_allclose(stability.spearman_brown(np.array([0.3, 0.8]), (1000, 1001)),
+                               stability.spearman_brown(np.array([0.3, 0.8])), rtol=1e-3)
     constant = torch.ones(1, 1, 2, 4, 4, dtype=torch.float64)
-    assert np.isnan(metrics.split_half_stability(constant, constant)[0, 0])
-    np.testing.assert_allclose(metrics.spearman_brown(np.array([0.5, 0.0, -0.3, 1.0])), [2 / 3, 0, -0.3, 1])
+    assert np.isnan(stability.split_half_stability(constant, constant)[0, 0])
+    np.testing.assert_allclose(stability.spearman_brown(np.array([0.5, 0.0, -0.3, 1.0])), [2 / 3, 0, -0.3, 1])
 
 
 def tiny_model() -> nn.Module:

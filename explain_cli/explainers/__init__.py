@@ -13,6 +13,7 @@ _MODULES = {
     "deep": "explain_cli.explainers.deep",
     "partition": "explain_cli.explainers.partition",
     "kernel": "explain_cli.explainers.kernel",
+    "amortized": "explain_cli.explainers.amortized",
 }
 
 

@@ -379,7 +379,8 @@ def warn_if_cancelling(values: torch.Tensor, layer_name: str, explainer: str, wa
                     "is scale-invariant); explain a layer after that normalisation (e.g. a submodule of the "
                     "first block)%s", explainer, layer_name, ratio,
                     "gradient x layer input" if explainer == "gradient" else "multiplier x difference",
-                    ", or use the deep explainer" if explainer == "gradient" else "")
+                    ", set explainer.path: layer (gradient x (h(x) - h(b)) does not cancel), or use the deep "
+                    "explainer" if explainer == "gradient" else "")
 
 
 def cancelling_channels(values: torch.Tensor) -> float:

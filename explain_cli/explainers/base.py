@@ -78,7 +78,7 @@ class Attribution:
     base_values: (N, k) expected output over the background / fully masked image.
     probabilities: (N, k) softmax of the model output for each class.
     segments: optional (N, H, W) integer label maps, for explainers whose features are segments.
-    stability: optional (N, k) split-half reliability of each map (``metrics.split_half_stability``),
+    stability: optional (N, k) split-half reliability of each map (``explain_cli.stability``),
         for explainers with random draws; None for deterministic ones (partition).
     deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
         ``metrics`` asks for it (``metrics.faithfulness``).

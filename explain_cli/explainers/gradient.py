@@ -45,7 +45,7 @@ Draws (``sampling``): ``random`` draws ``rind`` and ``t`` independently and unif
 ``stratified`` (default) has the same expectation with less variance (``draw_design``): the
 references are used equally often and each reference's ``t`` are stratified (a randomised midpoint
 rule for its integrated gradients). Either way each image's samples form two independent halves
-(two designs of n/2), summed apart, so ``stability`` (``metrics.split_half_stability``) costs no
+(two designs of n/2), summed apart, so ``stability`` (``explain_cli.stability``) costs no
 evaluation. ``nsamples: auto`` adds rounds (32 samples, then doubling the total) until every class's
 stability reaches ``target_stability`` or ``max_nsamples`` is spent, per image.
 
@@ -71,10 +71,10 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from explain_cli import metrics
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 # Smoothing noise is generated per image in blocks of this many samples, independent of batch_size,
@@ -358,7 +358,7 @@ class Explainer(base.Explainer):
             return np.full(phi.shape[0], np.nan)
         half_maps = [_utils.layer_map(phi[:, 2 * i + h][None], self.context.model, self.context.layer_name,
                                       self.context.layer, size=size) for h in (0, 1)]
-        return metrics.split_half_stability(*half_maps, (used[0], used[1]))[0]
+        return split_half_stability(*half_maps, (used[0], used[1]))[0]
 
     def _run_round(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets, draws: list[_Draws],
                    active: list[int], size: int, sums: list[torch.Tensor | None]) -> None:

@@ -1,4 +1,4 @@
-"""Kernel SHAP over SLIC superpixels (shap's ``KernelExplainer`` as used in seed 004), batched.
+"""Kernel SHAP over superpixels or grid patches (shap's ``KernelExplainer`` as in seed 004), batched.
 
 Seed 004 segments the image with ``skimage.segmentation.slic`` and explains a function of a 0/1
 coalition vector (1 = superpixel shown, 0 = superpixel hidden) with
@@ -13,11 +13,14 @@ For each image ``x``:
   ``context.mean``/``context.std`` and the result rounded to 8-bit, i.e. the image as decoded),
   with ``n_segments``, ``compactness``, ``sigma`` and ``start_label=0``. SLIC returns roughly,
   not exactly, ``n_segments`` superpixels; ``M`` is the number it returns (labels ``0..M-1``).
+  With ``segments: {grid: G}`` the players are instead a G x G grid of patches (``M = G*G``, the
+  same for every image; ``masking.grid_labels``), the players of an amortized explainer.
 * **Hidden superpixels** are replaced by the ``fill`` image: ``mean`` (the image's own mean colour,
   the default of seed 004's ``mask_image``), a colour (``[r, g, b]`` or one grey level, 0-255; seed
   004 actually called ``mask_image(..., 255)``, i.e. ``fill: 255``), or ``blur(KX,KY)`` (the image
   blurred with ``cv2.blur`` and a KX-wide, KY-high box kernel, borders reflected). The fill is
-  built in pixel space and normalised like the image, so shown pixels are the input unchanged.
+  built in pixel space and normalised like the image, so shown pixels are the input unchanged
+  (``explain_cli.masking``, shared with partition, the metrics and the amortized explainer).
 * **Coalitions** are chosen exactly as shap's ``KernelExplainer.explain`` does: the number of
   samples is capped at ``2**M - 2``; subset sizes (paired with their complements) are enumerated
   completely, smallest first, while the budget allows, with the Shapley kernel weights; the rest of
@@ -65,32 +68,22 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from explain_cli import autobatch
+from explain_cli import autobatch, masking
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.masking import SegmentSettings
+from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets
 
 _FIRST_ROUND = 256  # nsamples auto: coalitions of the first round
-_BLUR = re.compile(r"^\s*blur\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
-_FILL_HELP = "must be 'mean', a colour ([r, g, b] or one grey level, 0-255) or 'blur(KX,KY)'"
-
-
-class SegmentSettings(BaseModel):
-    """``explainer.segments.*``: the arguments of ``skimage.segmentation.slic``."""
-
-    model_config = ConfigDict(extra="forbid")
-    n_segments: int = Field(50, ge=1, le=2000, description="approximate number of superpixels (SLIC's n_segments)")
-    compactness: float = Field(30.0, gt=0, le=10_000, description="SLIC's compactness (higher: squarer superpixels)")
-    sigma: float = Field(3.0, ge=0, le=100, description="width of SLIC's Gaussian pre-smoothing (0: none)")
 
 
 class Settings(ExplainerSettings):
@@ -115,79 +108,10 @@ class Settings(ExplainerSettings):
     @classmethod
     def _fill(cls, v: Any) -> Any:
         """Canonical form: 'mean', [r, g, b] floats, or 'blur(KX,KY)'."""
-        if isinstance(v, str):
-            text = v.strip()
-            if text == "mean":
-                return "mean"
-            match = _BLUR.match(text)
-            if match:
-                kx, ky = int(match.group(1)), int(match.group(2))
-                if kx < 1 or ky < 1:
-                    raise ValueError(f"blur kernel sizes must be >= 1 (got {v!r})")
-                return f"blur({kx},{ky})"
-            raise ValueError(f"{_FILL_HELP} (got {v!r})")
-        if isinstance(v, bool) or v is None:
-            raise ValueError(f"{_FILL_HELP} (got {v!r})")
-        if isinstance(v, (int, float)):
-            v = [v] * 3
-        if isinstance(v, (list, tuple)):
-            if len(v) == 1:
-                v = list(v) * 3
-            if len(v) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v):
-                raise ValueError(f"{_FILL_HELP}; a colour has 3 numbers (got {v!r})")
-            if not all(0 <= c <= 255 for c in v):
-                raise ValueError(f"colour values must be within 0-255 (got {v!r})")
-            return [float(c) for c in v]
-        raise ValueError(f"{_FILL_HELP} (got {v!r})")
+        return masking.parse_fill(v)
 
 
 # -- the pieces, usable on their own (the tests use them to build shap's reference function) -------
-
-def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(N, C, H, W) normalised -> (N, H, W, C) float32 pixel values in [0, 1] (not clipped)."""
-    x = images.detach().float().cpu().numpy()
-    x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
-    return np.ascontiguousarray(np.moveaxis(x, 1, -1))
-
-
-def segment(pixels: np.ndarray, segments: SegmentSettings) -> np.ndarray:
-    """SLIC label map (H, W) int64 with labels 0..M-1 for one (H, W, C) image in [0, 1]."""
-    from skimage.segmentation import slic
-
-    as_uint8 = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-    labels = slic(as_uint8, n_segments=int(segments.n_segments), compactness=float(segments.compactness),
-                  sigma=float(segments.sigma), start_label=0,
-                  channel_axis=-1 if as_uint8.shape[-1] > 1 else None)
-    # SLIC's labels are normally 0..M-1 already; make sure they are contiguous.
-    _, inverse = np.unique(labels, return_inverse=True)
-    return inverse.reshape(labels.shape).astype(np.int64)
-
-
-def fill_pixels(pixels: np.ndarray, fill: Any) -> np.ndarray:
-    """The (H, W, C) pixel-space image that replaces hidden superpixels (see the module docstring)."""
-    if fill == "mean":
-        return np.broadcast_to(pixels.mean(axis=(0, 1), dtype=np.float64).astype(np.float32),
-                               pixels.shape).copy()
-    if isinstance(fill, str):
-        match = _BLUR.match(fill)
-        if not match:
-            raise ValueError(f"fill {_FILL_HELP} (got {fill!r})")
-        import cv2
-
-        kx, ky = int(match.group(1)), int(match.group(2))
-        blurred = cv2.blur(np.ascontiguousarray(pixels, dtype=np.float32), (kx, ky))
-        return blurred.reshape(pixels.shape)
-    colour = np.asarray(fill, np.float32) / 255.0
-    if colour.shape[0] != pixels.shape[-1]:
-        raise ValueError(f"fill colour has {colour.shape[0]} values for {pixels.shape[-1]} channels")
-    return np.broadcast_to(colour, pixels.shape).copy()
-
-
-def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(H, W, C) pixel values -> (C, H, W) float32 model input."""
-    x = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x.astype(np.float32), -1, 0)))
-
 
 def sample_coalitions(m: int, nsamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """shap's KernelExplainer coalitions for ``m`` features: (rows, m) bool masks and kernel weights.
@@ -365,13 +289,6 @@ def split_half(masks: np.ndarray, weights: np.ndarray, nfixed: int) -> list[np.n
     return halves
 
 
-def paint(phi: np.ndarray, labels: np.ndarray, channels: int) -> np.ndarray:
-    """(M, k) superpixel values -> (k, C, H, W) map: each pixel carries its superpixel's value / C."""
-    painted = (phi / channels)[labels].astype(np.float32)  # (H, W, k)
-    return np.ascontiguousarray(np.broadcast_to(np.moveaxis(painted, -1, 0)[:, None],
-                                                (phi.shape[1], channels) + labels.shape))
-
-
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed) % 2**64))
 
@@ -440,7 +357,7 @@ class Explainer(base.Explainer):
     def _prepare(self, pixels: np.ndarray, seed: int, device: torch.device, dtype: torch.dtype) -> _Image:
         ctx = self.context
         settings: Settings = self.settings  # type: ignore[assignment]
-        labels = segment(pixels, settings.segments)
+        labels = masking.players(pixels, settings.segments)
         m = int(labels.max()) + 1
         nfixed = 0
         sampler = None
@@ -450,7 +367,7 @@ class Explainer(base.Explainer):
         else:  # a single superpixel has the whole effect: only f(all hidden) is needed
             masks, weights = np.zeros((0, 1), dtype=bool), np.zeros(0)
         rows = np.concatenate([np.zeros((1, masks.shape[1]), dtype=bool), masks])
-        fill = normalise(fill_pixels(pixels, settings.fill), ctx.mean, ctx.std)
+        fill = masking.normalise(masking.fill_pixels(pixels, settings.fill), ctx.mean, ctx.std)
         item = _Image(labels, masks, weights, _to_device(labels.reshape(-1), device), _to_device(rows, device),
                       _to_device(fill.numpy(), device).to(dtype))
         item.nfixed = nfixed
@@ -475,7 +392,7 @@ class Explainer(base.Explainer):
             raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
         self._check_layer()
         size = max(1, int(ctx.batch_size))
-        pixels = to_pixels(images, ctx.mean, ctx.std)  # the one device -> host copy before the model calls
+        pixels = masking.to_pixels(images, ctx.mean, ctx.std)  # the one device -> host copy before the model calls
 
         with torch.no_grad():
             raw = _utils.forward_in_chunks(model, images, size)
@@ -507,8 +424,7 @@ class Explainer(base.Explainer):
                 parts = []
                 for i, r0, r1 in pieces:
                     item = prepared[i]
-                    shown = item.rows_dev[r0:r1][:, item.labels_dev].view(r1 - r0, 1, height, width)
-                    parts.append(torch.where(shown, images[i], item.fill_dev))
+                    parts.append(masking.compose(item.rows_dev[r0:r1], item.labels_dev, images[i], item.fill_dev))
                 batch = parts[0] if len(parts) == 1 else torch.cat(parts)
                 out = _utils.as_2d(model(batch))
                 _utils.count_evaluations(count)
@@ -573,7 +489,7 @@ class Explainer(base.Explainer):
                 phi = (fx[i] - fnull)[None, :]
             else:
                 phi = solve(item.masks, item.weights, y, fx[i], fnull)
-            values[i] = paint(phi, item.labels, channels)
+            values[i] = masking.paint(phi, item.labels, channels)
             shap_sum[i] = phi.sum(0)
             base_values[i] = fnull
             stability[i] = self._stability(item, y, fx[i], fnull, channels)
@@ -595,15 +511,13 @@ class Explainer(base.Explainer):
         """(k,) split-half reliability over the drawn coalitions (see :func:`split_half`); 1 when
         every coalition was enumerated (exact values: a rerun gives the same map), NaN when too few
         were drawn to split."""
-        from explain_cli import metrics
-
         k = fx.shape[0]
         if item.masks.shape[0] == 0 or item.nfixed == item.masks.shape[0]:
             return np.ones(k)
         halves = split_half(item.masks, item.weights, item.nfixed)
         if halves is None:
             return np.full(k, np.nan)
-        maps = [torch.from_numpy(paint(solve(item.masks, w, y, fx, fnull), item.labels, channels))[None]
+        maps = [torch.from_numpy(masking.paint(solve(item.masks, w, y, fx, fnull), item.labels, channels))[None]
                 for w in halves]
         sizes = tuple(int((w[item.nfixed:] > 0).sum()) for w in halves)
-        return metrics.split_half_stability(maps[0], maps[1], sizes)[0]
+        return split_half_stability(maps[0], maps[1], sizes)[0]

@@ -78,11 +78,8 @@ stable sort. Model outputs are float32 and may differ in the last bits with the 
 
 from __future__ import annotations
 
-import difflib
 import heapq
-import math
 import os
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -92,50 +89,12 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from explain_cli import masking
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 from explain_cli.targets import BatchTargets, as_targets
-
-_NAMED_MASKS = ("inpaint_telea", "inpaint_ns")
-_BLUR = re.compile(r"^blur\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
-_MASK_HELP = ("must be inpaint_telea, inpaint_ns, blur(KX,KY) with positive integer kernel sizes, "
-              "a grey level 0-255 or an [r, g, b] colour with values 0-255")
-
-
-def _parse_mask(value: Any) -> Union[str, float, list[float]]:
-    """The canonical form of an ``explainer.mask`` value; ValueError with a clear message otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"{_MASK_HELP} (got {value!r})")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value) or not 0 <= value <= 255:
-            raise ValueError(f"a grey level must be between 0 and 255 (got {value!r})")
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"a colour is written [r, g, b] with three numbers 0-255 (got {list(value)!r})")
-        if not all(math.isfinite(v) and 0 <= v <= 255 for v in value):
-            raise ValueError(f"colour values must be between 0 and 255 (got {list(value)!r})")
-        return [float(v) for v in value]
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _NAMED_MASKS:
-            return text
-        match = _BLUR.match(text)
-        if match:
-            kx, ky = int(match.group(1)), int(match.group(2))
-            if kx < 1 or ky < 1:
-                raise ValueError(f"blur kernel sizes must be >= 1 (got {value!r})")
-            return f"blur({kx},{ky})"
-        if text.startswith("blur"):
-            raise ValueError(f"blur is written blur(KX,KY) with two positive integers, e.g. blur(128,128) "
-                             f"(got {value!r})")
-        close = difflib.get_close_matches(text, list(_NAMED_MASKS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"{_MASK_HELP} (got {value!r}){hint}")
-    raise ValueError(f"{_MASK_HELP} (got {value!r})")
-
 
 class Settings(ExplainerSettings):
     """``explainer.*`` keys of the partition (Owen values, shap's PartitionExplainer) explainer."""
@@ -154,7 +113,7 @@ class Settings(ExplainerSettings):
     @field_validator("mask", mode="before")
     @classmethod
     def _check_mask(cls, value: Any) -> Union[str, float, list[float]]:
-        return _parse_mask(value)
+        return masking.parse_mask(value)
 
 
 # -- the partition tree -----------------------------------------------------------------------
@@ -487,10 +446,8 @@ class Explainer(base.Explainer):
             assert pool is not None
             return _InpaintMasker(tree, pixels_hwc, mask.upper(), pool, normalise)
         if isinstance(mask, str):  # blur(KX,KY): once per image, exactly as shap's masker does
-            import cv2
-
-            kx, ky = (int(v) for v in _BLUR.match(mask).groups())  # type: ignore[union-attr]
-            blurred = np.stack([cv2.blur(img, (kx, ky)).reshape(img.shape) for img in pixels_hwc])
+            size = masking.parse_blur(mask)
+            blurred = np.stack([masking.blur(img, size) for img in pixels_hwc])
             filled = torch.from_numpy(blurred).permute(0, 3, 1, 2)
         else:
             colour = torch.tensor(mask, dtype=torch.float64).to(torch.float32)

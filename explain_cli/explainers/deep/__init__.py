@@ -80,7 +80,7 @@ that amplifies its own float32 rounding (EfficientViT's divisions by near-zero d
 warning when its sums miss; ``float64: true`` runs a float64 copy of it (casts inside kept float64).
 
 DeepSHAP is deterministic: the per-image ``seeds`` are not used. The sums over the first and the
-second half of the background are kept apart, for ``stability`` (``metrics.split_half_stability``):
+second half of the background are kept apart, for ``stability`` (``explain_cli.stability``):
 how much the map would change with another background of the same size.
 
 Where things are (one rule family per module, as Zennit keeps its rules; one table, as Captum's

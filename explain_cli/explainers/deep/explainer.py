@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from explain_cli import metrics
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
@@ -20,6 +19,7 @@ from explain_cli.explainers.base import Attribution, ExplainerSettings
 from explain_cli.explainers.deep.dispatch import DeepMode, KeepFloat64, build_rules, float64_rules
 from explain_cli.explainers.deep.head import explained_deep
 from explain_cli.explainers.deep.tape import ModelMismatch, Tape
+from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
 log = logging.getLogger("explain_cli")
@@ -280,7 +280,7 @@ class Explainer(base.Explainer):
         if n_refs >= 2:
             half_maps = [_utils.layer_map(halves[:, :, h], ctx.model, ctx.layer_name, ctx.layer,
                                          size=shown.shape[-1]) for h in (0, 1)]
-            stability = metrics.split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
+            stability = split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
             **selection.attribution_fields(),

@@ -1,0 +1,311 @@
+"""Amortized Shapley values (FastSHAP): a trained explainer network gives a map in one forward pass.
+
+FastSHAP (Jethani, Sudarshan, Covert, Lee, Runge, ICLR 2022) trains a network ``phi(x)`` whose
+optimum is the Shapley values of the masking game ``v(S)`` (the model's outputs with the players
+outside ``S`` hidden). ``explain-cli train`` (``explain_cli.train``) fits it for one model, one set
+of players (a G x G grid, ``masking.grid_labels``) and one fill (``masking.fill_pixels``), and
+writes ``explainer.pt``; this module loads that file and explains with it.
+
+Per batch of images: the model runs on the images (``v(all)``) and on their fill images
+(``v(none)``), the explainer network runs once, and its values are shifted additively so that each
+class's values sum exactly to ``v(all) - v(none)`` (FastSHAP's additive efficiency normalisation,
+the same as in training): ``phi = raw + (v(all) - v(none) - sum(raw)) / M``. The network outputs
+all of the model's classes, so any class selection (``targets``: top-k, named classes, labels from a
+CSV) works, and a contrast too (Shapley values are linear: the values of ``logit(c) -
+logit(contrast)`` are the difference of the two classes' values); the explained quantity must be
+the logit, the game it was trained on. Values are painted per patch like
+kernel's (``masking.paint``) and ``segments`` is the grid, so overlays, topk.csv (additivity exact
+up to float rounding) and the faithfulness metrics work as for kernel. The method is deterministic:
+``stability`` is blank and ``seeds`` are not used.
+
+``explainer.pt`` is data, never code: a dict of tensors, numbers and strings loaded with
+``torch.load(weights_only=True)``. It records what it was trained for (the model's fingerprint,
+its number of outputs, the players, the fill and the preprocessing); a run whose config differs is
+refused (exit 2) with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from explain_cli import masking
+from explain_cli.errors import ConfigError
+from explain_cli.explainers import _utils, base
+from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.masking import SegmentSettings
+from explain_cli.targets import BatchTargets, as_targets
+
+FORMAT = "explain-cli amortized explainer"
+VERSION = 1
+DEFAULT_GRID = 8
+
+
+class TrainSettings(BaseModel):
+    """``explainer.train.*``: how ``explain-cli train`` fits the explainer (not used by ``run``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(30, ge=1, le=100_000, description="passes over the training images")
+    images_per_step: int = Field(8, ge=1, le=4096, description="images per optimiser step")
+    pairs: int = Field(16, ge=1, le=4096, description="coalitions per image per step, each with its "
+                                                      "complement (2 * pairs model evaluations)")
+    learning_rate: float = Field(2e-3, gt=0, le=1, description="Adam's learning rate (cosine decay to 0)")
+    width: int = Field(32, ge=4, le=512, description="channels of the explainer network's first layer")
+    holdout: float = Field(0.2, ge=0, lt=1, description="fraction of the images held out for validation")
+    augment: bool = Field(True, description="random crops (50-100 % of the area) and horizontal flips")
+    validate_nsamples: int = Field(2000, ge=0, le=100_000, description="kernel evaluations per held-out "
+                                   "image for the final check against Kernel SHAP (0: skip it)")
+    validate_images: int = Field(8, ge=1, le=10_000, description="held-out images in that check")
+
+
+class Settings(ExplainerSettings):
+    """``explainer.*`` keys of the amortized (FastSHAP) explainer."""
+
+    name: Literal["amortized"] = "amortized"
+    checkpoint: str | None = Field(None, description="explainer.pt written by explain-cli train (path "
+                                                     "relative to the config); required by run")
+    segments: SegmentSettings | None = Field(None, description="players: {grid: G}; default for train "
+                                                               f"{{grid: {DEFAULT_GRID}}}, for run the checkpoint's")
+    fill: Any = Field(None, description="hidden patches: as kernel's fill; default for train 'mean', "
+                                        "for run the checkpoint's")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @field_validator("fill")
+    @classmethod
+    def _fill(cls, v: Any) -> Any:
+        return None if v is None else masking.parse_fill(v)
+
+    @model_validator(mode="after")
+    def _grid_only(self) -> "Settings":
+        if self.segments is not None and self.segments.grid is None:
+            raise ValueError("segments: the amortized explainer needs grid players, e.g. segments: {grid: 8} "
+                             "(SLIC superpixels differ from image to image)")
+        return self
+
+    def grid(self) -> int:
+        return int(self.segments.grid) if self.segments is not None else DEFAULT_GRID
+
+    def fill_or_default(self) -> Any:
+        return "mean" if self.fill is None else self.fill
+
+
+# -- the explainer network ---------------------------------------------------------------------------
+
+class ExplainerNet(nn.Module):
+    """(image, fill image) -> (outputs, G*G) player values, before the efficiency normalisation.
+
+    Why this shape: a player's value depends on how its patch differs from the fill and on the rest
+    of the image (the class evidence elsewhere), and for most classifiers on where the patch is. So
+    the network sees the image, its fill image and two coordinate channels, resized to 8G x 8G; a
+    small convolutional encoder (no normalisation layers: the contrast between image and fill must
+    keep its scale) downsamples them to one feature vector per patch, a global average of those is
+    appended to each, and 1x1 convolutions map them to every class's value. It costs a few percent
+    of a classifier's forward pass and is trained from scratch, so it works for any model
+    (docs/explainers/amortized.md has the measurements).
+    """
+
+    def __init__(self, channels: int, outputs: int, grid: int, width: int) -> None:
+        super().__init__()
+        self.grid = grid
+        w = width
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU()]
+
+        self.encoder = nn.Sequential(*block(2 * channels + 2, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2),
+                                     *block(4 * w, 4 * w, 2))
+        self.head = nn.Sequential(nn.Conv2d(8 * w, 4 * w, 1), nn.ReLU(), nn.Conv2d(4 * w, outputs, 1))
+
+    def forward(self, x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        side = 8 * self.grid
+        x = torch.cat([x, fill], 1)
+        if tuple(x.shape[-2:]) != (side, side):
+            x = nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
+                                          antialias=True)
+        axis = torch.linspace(-1, 1, side, device=x.device, dtype=x.dtype)
+        coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij")).expand(x.shape[0], -1, -1, -1)
+        f = self.encoder(torch.cat([x, coords], 1))  # (N, 4w, G, G)
+        f = torch.cat([f, f.mean((2, 3), keepdim=True).expand_as(f)], 1)
+        return self.head(f).flatten(2)  # (N, outputs, G*G), players row-major as masking.grid_labels
+
+
+def efficient(raw: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """FastSHAP's additive efficiency normalisation: (N, K, M) values shifted so that each (image,
+    class) sums to ``total`` (N, K) = v(all) - v(none)."""
+    return raw + ((total - raw.sum(-1)) / raw.shape[-1]).unsqueeze(-1)
+
+
+def build_net(meta: dict[str, Any]) -> ExplainerNet:
+    net_meta = meta["network"]
+    return ExplainerNet(int(net_meta["channels"]), int(net_meta["outputs"]), int(net_meta["grid"]),
+                        int(net_meta["width"]))
+
+
+# -- what a checkpoint was trained for -------------------------------------------------------------
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (values, dtypes and shapes, in order; names are
+    left out so a wrapper such as the precision wrapper does not change it)."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def preprocess_record(preprocess: Any) -> dict[str, Any]:
+    return {"size": int(preprocess.size), "resize": str(preprocess.resize),
+            "crop_fraction": float(preprocess.crop_fraction),
+            "mean": [float(v) for v in preprocess.mean], "std": [float(v) for v in preprocess.std]}
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict (weights_only: data, never code); ConfigError when it is not one."""
+    key = "explainer.checkpoint"
+    if not path.is_file():
+        raise ConfigError(key, f"not a file: {path} (write it with explain-cli train)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
+        raise ConfigError(key, f"{path} is not an explainer written by explain-cli train "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(key, f"{path} is not an explainer written by explain-cli train")
+    if data.get("version") != VERSION:
+        raise ConfigError(key, f"{path} has format version {data.get('version')}; this explain-cli reads "
+                               f"version {VERSION}: train it again")
+    return data
+
+
+def mismatches(data: dict[str, Any], *, model_fingerprint: str | None = None, outputs: int | None = None,
+               arch: str | None = None, preprocess: dict[str, Any] | None = None,
+               grid: int | None = None, fill: Any = None) -> list[str]:
+    """Why ``data`` does not fit the run (empty: it fits). Only the given items are compared."""
+    problems = []
+    trained = data["model"]
+    if arch is not None and trained["arch"] != arch:
+        problems.append(f"it was trained for model.arch {trained['arch']!r}, the config has {arch!r}")
+    if model_fingerprint is not None and trained["fingerprint"] != model_fingerprint:
+        problems.append(f"it was trained for other model weights (fingerprint {trained['fingerprint'][:12]}, "
+                        f"this model {model_fingerprint[:12]})")
+    if outputs is not None and int(trained["outputs"]) != int(outputs):
+        problems.append(f"it was trained for a model with {trained['outputs']} outputs, this one has {outputs}")
+    if preprocess is not None:
+        for name, value in preprocess.items():
+            if data["preprocess"].get(name) != value:
+                problems.append(f"preprocess.{name} is {value!r}, it was trained with {data['preprocess'].get(name)!r}")
+    if grid is not None and int(data["players"]["grid"]) != int(grid):
+        problems.append(f"explainer.segments.grid is {grid}, it was trained for grid {data['players']['grid']}")
+    if fill is not None and data["fill"] != fill:
+        problems.append(f"explainer.fill is {fill!r}, it was trained with {data['fill']!r}")
+    return problems
+
+
+def refuse(path: Path | str, problems: list[str], source: str | None = None) -> None:
+    if problems:
+        raise ConfigError("explainer.checkpoint", f"{path} does not match this config: " + "; ".join(problems)
+                          + " (train an explainer for this config with explain-cli train)", source)
+
+
+class Explainer(base.Explainer):
+    """FastSHAP: one explainer forward per batch, plus the model's v(all) and v(none)."""
+
+    name = "amortized"
+    input_only = True
+    uses_background = False
+
+    @classmethod
+    def check_run(cls, config: Any, model: nn.Module, num_outputs: int) -> None:
+        """Refuse (ConfigError, exit 2) a checkpoint that was trained for another model, players,
+        fill or preprocessing; called by the pipeline's prepare (so ``validate`` refuses it too).
+        Resolves ``explainer.checkpoint`` against the config's folder."""
+        settings: Settings = config.explainer_settings
+        if settings.checkpoint is None:
+            raise ConfigError("explainer.checkpoint", "required: the explainer.pt written by "
+                                                      "explain-cli train CONFIG --input DIR --output explainer.pt",
+                              config._source)
+        if config.targets.output != "logit":
+            raise ConfigError("targets.output", "the amortized explainer is trained on the model's logits: "
+                                                "use targets.output: logit (a contrast class is fine)", config._source)
+        path = config.resolve(settings.checkpoint)
+        data = load_checkpoint(path)
+        refuse(path, mismatches(data, model_fingerprint=fingerprint(model), outputs=num_outputs,
+                                arch=config.model.arch, preprocess=preprocess_record(config.preprocess),
+                                grid=None if settings.segments is None else settings.segments.grid,
+                                fill=settings.fill), config._source)
+        settings.checkpoint = str(path)
+
+    def __init__(self, context: base.ExplainContext) -> None:
+        super().__init__(context)
+        settings: Settings = self.settings  # type: ignore[assignment]
+        if context.layer is not None:
+            raise ConfigError("model.layer", "the amortized explainer masks input patches and cannot explain "
+                                             f"layer '{context.layer_name}'; set model.layer: input")
+        if settings.checkpoint is None:
+            raise ConfigError("explainer.checkpoint", "required: the explainer.pt written by explain-cli train")
+        path = Path(settings.checkpoint)
+        self.data = load_checkpoint(path)
+        refuse(path, mismatches(self.data, model_fingerprint=fingerprint(context.model),
+                                preprocess={"mean": [float(v) for v in context.mean],
+                                            "std": [float(v) for v in context.std]},
+                                grid=None if settings.segments is None else settings.segments.grid,
+                                fill=settings.fill))
+        self.grid = int(self.data["players"]["grid"])
+        self.fill = self.data["fill"]
+        self.net = build_net(self.data)
+        self.net.load_state_dict(self.data["state_dict"])
+        self.net.to(context.device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def images_per_step(self) -> int:
+        return max(1, int(self.context.batch_size) // 2)
+
+    def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
+        """Explain the selected classes of each image; ``seeds`` are not used (deterministic)."""
+        ctx = self.context
+        targets = as_targets(targets)
+        spec = targets.spec
+        if spec.output != "logit":
+            raise ConfigError("targets.output", f"the amortized explainer was trained on the model's logits and "
+                                                f"cannot explain the {spec.output}; use targets.output: logit")
+        n_images, channels, height, width = images.shape
+        if len(seeds) != n_images:
+            raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
+        size = int(self.data["preprocess"]["size"])
+        if (height, width) != (size, size):
+            raise ConfigError("preprocess.size", f"the explainer was trained on {size} x {size} images, "
+                                                 f"got {height} x {width}")
+        labels = masking.grid_labels(height, width, self.grid)
+        with torch.no_grad():
+            fills = masking.fill_images(images, self.fill, ctx.mean, ctx.std)
+            out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
+            raw, none = out[:n_images], out[n_images:]
+            selection = targets.select(raw)
+            classes = selection.classes
+            fx = targets.explained(raw, classes).double()
+            fnull = targets.explained(none, classes).double()
+            values = self.net(images.float(), fills.float())  # (N, outputs, M): every class's values
+            picked = values.gather(1, classes[:, :, None].expand(-1, -1, values.shape[-1])).double()
+            if spec.contrast is not None:  # Shapley values are linear: logit(c) - logit(contrast)
+                picked = picked - values[:, spec.contrast:spec.contrast + 1].double()
+            phi = efficient(picked, fx - fnull).cpu().numpy()  # (N, k, M)
+        maps = np.stack([masking.paint(phi[i].T, labels, channels) for i in range(n_images)])
+        return Attribution(
+            values=maps,
+            **selection.attribution_fields(),
+            outputs=fx.cpu().numpy().astype(np.float32),
+            base_values=fnull.cpu().numpy().astype(np.float32),
+            shap_sum=phi.sum(-1).astype(np.float32),
+            segments=np.broadcast_to(labels, (n_images, height, width)).copy(),
+        )

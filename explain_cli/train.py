@@ -1,0 +1,363 @@
+"""``explain-cli train``: fit an amortized (FastSHAP) explainer for a config's model, players and fill.
+
+The loss is FastSHAP's (Jethani et al., ICLR 2022): for an image ``x`` and coalitions ``S`` drawn
+from the Shapley kernel (the size ``s`` with probability proportional to ``(M-1) / (s (M-s))``, then
+``s`` players uniformly; each ``S`` paired with its complement, which halves the variance of the
+estimate), minimise ``(v(S) - v(none) - sum_{j in S} phi_j(x))^2`` where ``phi`` is the explainer's
+output after the additive efficiency normalisation (``amortized.efficient``), so the values sum
+exactly to ``v(all) - v(none)``. Its minimiser is the Shapley values of the masking game.
+
+All classes are in the loss: the cost of a step is the model evaluations (``2 + 2 * pairs`` per
+image), and each one returns every class's output anyway; the loss over C outputs is a (rows, C)
+subtraction, negligible next to the forward pass even for 1000 classes. So one explainer serves any
+class selection (top-k or chosen classes) at run time.
+
+The user's model is frozen (no gradients) and evaluated in batches of the config's ``batch_size``
+rows. After each epoch the training state (explainer, optimiser, epoch, history) is written
+atomically to ``OUTPUT.train``; a rerun of the same command (after a crash or ``kill -9``) resumes
+from it, and gives the same explainer as an uninterrupted run (every epoch's random numbers come
+from the seed and the epoch number only). Progress lines give the loss, the held-out loss and its
+R^2, and an ETA. At the end the held-out images are explained by Kernel SHAP with many samples over
+the same players and fill, and the median Pearson correlation of the two maps is printed and stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from explain_cli import masking
+from explain_cli.config import Config
+from explain_cli.errors import ConfigError, ImageError, UserError
+from explain_cli.explainers import _utils, amortized
+
+log = logging.getLogger("explain_cli")
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    epochs: int
+    seconds: float
+    model_evaluations: int
+    val_loss: float | None
+    val_r2: float | None
+    kernel_pearson: float | None
+
+
+def shapley_masks(rng: np.random.Generator, n: int, pairs: int, m: int) -> np.ndarray:
+    """(n, 2 * pairs, m) bool coalitions from the Shapley kernel, each followed (after the first
+    ``pairs``) by its complement: sizes 1..m-1 with p(s) ~ (m-1)/(s(m-s)), players uniform."""
+    sizes = np.arange(1, m)
+    p = (m - 1) / (sizes * (m - sizes))
+    s = rng.choice(sizes, size=(n, pairs), p=p / p.sum())
+    ranks = rng.random((n, pairs, m)).argsort(-1).argsort(-1)
+    masks = ranks < s[..., None]
+    return np.concatenate([masks, ~masks], axis=1)
+
+
+def _view(img: Any, preprocess: Any, rng: np.random.Generator | None) -> np.ndarray:
+    """(size, size, 3) uint8 as the pipeline preprocesses it; with ``rng`` a random crop of 50-100 %
+    of the area (aspect 3:4 to 4:3) and a horizontal flip half the time."""
+    from PIL import Image
+
+    from explain_cli.images import resize
+
+    if rng is None:
+        return resize(img, preprocess)
+    width, height = img.size
+    area = width * height * rng.uniform(0.5, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = int(min(width, max(1, round(math.sqrt(area * ratio)))))
+    h = int(min(height, max(1, round(math.sqrt(area / ratio)))))
+    x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    out = img.resize((preprocess.size, preprocess.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename: a kill leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _Game:
+    """The masking game of a batch of images: model outputs for coalitions, in model batches."""
+
+    def __init__(self, model: torch.nn.Module, labels: np.ndarray, cfg: Config, batch_size: int,
+                 fill: Any, device: torch.device) -> None:
+        self.model = model
+        self.labels = torch.from_numpy(labels.reshape(-1)).to(device)
+        self.mean, self.std = tuple(cfg.preprocess.mean), tuple(cfg.preprocess.std)
+        self.batch_size = batch_size
+        self.fill = fill
+        self.device = device
+        self.evaluations = 0
+
+    def __call__(self, x: torch.Tensor, masks: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Fill images (B, C, H, W), v(all) (B, K), v(none) (B, K), v(S) (B, S, K) for images x
+        (B, C, H, W) and masks (B, S, M)."""
+        n, s = masks.shape[:2]
+        fills = masking.fill_images(x, self.fill, self.mean, self.std)
+        shown = torch.from_numpy(masks).to(self.device)
+        rows = torch.cat([x, fills] + [masking.compose(shown[b], self.labels, x[b], fills[b]) for b in range(n)])
+        out = _utils.forward_in_chunks(self.model, rows, self.batch_size).float()
+        self.evaluations += rows.shape[0]
+        return fills, out[:n], out[n:2 * n], out[2 * n:].view(n, s, -1)
+
+
+def _loss(net: torch.nn.Module, x: torch.Tensor, fills: torch.Tensor, masks: torch.Tensor,
+          v_all: torch.Tensor, v_none: torch.Tensor, v_s: torch.Tensor) -> torch.Tensor:
+    """FastSHAP's loss: mean over images, coalitions and all classes of the squared error."""
+    phi = amortized.efficient(net(x, fills), v_all - v_none)  # (B, C, M)
+    pred = torch.einsum("bsm,bcm->bsc", masks, phi)
+    return (v_s - v_none[:, None] - pred).square().mean()
+
+
+def _player_values(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N, k, M) player values read back from painted (N, k, C, H, W) maps."""
+    flat = labels.reshape(-1)
+    first = np.array([np.flatnonzero(flat == j)[0] for j in range(int(flat.max()) + 1)])
+    return values.sum(2).reshape(values.shape[0], values.shape[1], -1)[:, :, first]
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of a and b (..., M)."""
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+
+
+def train(cfg: Config, output: Path, restart: bool = False, device: str | None = None) -> TrainResult:
+    """Train, checkpoint each epoch to ``OUTPUT.train``, validate, write ``output`` (see the module doc)."""
+    from explain_cli.autobatch import initial_batch_size
+    from explain_cli.discover import discover_images, source_path
+    from explain_cli.images import load_image, normalise
+    from explain_cli.job import resolve_device
+    from explain_cli.models import build_model, count_outputs
+
+    settings = cfg.explainer_settings
+    if settings.name != "amortized":
+        raise ConfigError("explainer.name", f"train fits an amortized explainer: set explainer.name: amortized "
+                                            f"(with segments: {{grid: G}} and fill), not {settings.name!r}",
+                          cfg._source)
+    if cfg.model.layer != "input":
+        raise ConfigError("model.layer", "the amortized explainer masks input patches: set model.layer: input",
+                          cfg._source)
+    ts: amortized.TrainSettings = settings.train
+    grid, fill = settings.grid(), settings.fill_or_default()
+    size = cfg.preprocess.size
+    if grid > size:
+        raise ConfigError("explainer.segments.grid", f"a {grid} x {grid} grid needs images of at least {grid} px "
+                                                     f"(preprocess.size is {size})", cfg._source)
+    input_dir = cfg.resolve(cfg.input.dir)
+    if not input_dir.is_dir():
+        raise ConfigError("input.dir", f"not a folder: {input_dir}", cfg._source)
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"--output: {output} is a folder; give the explainer file, e.g. {output / 'explainer.pt'}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    dev = resolve_device(device or cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, lambda p: cfg.resolve(p))
+    outputs = count_outputs(model, size)
+    model_fp = amortized.fingerprint(model)
+    model = model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch_size, _ = initial_batch_size(cfg.batch_size, dev)
+
+    rels = discover_images(input_dir, cfg.input.include, cfg.input.exclude)
+    photos, names = [], []
+    for rel in rels:
+        try:
+            photos.append(load_image(source_path(input_dir, rel)))
+            names.append(rel)
+        except ImageError as exc:
+            log.warning("train: skipping %s (%s)", rel, exc)
+    if not photos:
+        raise UserError(f"train: no readable image in {input_dir} (check input.include/exclude)")
+    order = np.random.default_rng(cfg.seed).permutation(len(photos))
+    n_hold = 0 if ts.holdout == 0 or len(photos) < 2 else min(len(photos) - 1, max(1, round(ts.holdout * len(photos))))
+    hold_idx, train_idx = sorted(order[:n_hold].tolist()), sorted(order[n_hold:].tolist())
+    log.info("train: %d images for training, %d held out for validation; %d x %d players, fill %s, "
+             "%d model outputs, device %s", len(train_idx), n_hold, grid, grid, fill, outputs, dev)
+
+    labels = masking.grid_labels(size, size, grid)
+    m = grid * grid
+    game = _Game(model, labels, cfg, batch_size, fill, dev)
+    net = amortized.ExplainerNet(len(cfg.preprocess.mean), outputs, grid, ts.width).to(dev)
+    optimiser = torch.optim.Adam(net.parameters(), lr=ts.learning_rate)
+
+    # Held-out images: preprocessed exactly as run does, fixed coalitions, model outputs once.
+    hold_x = torch.from_numpy(np.stack([normalise(_view(photos[i], cfg.preprocess, None), cfg.preprocess)
+                                        for i in hold_idx])) if n_hold else None
+    hold = None
+    if hold_x is not None:
+        hold_x = hold_x.to(dev)
+        hold_masks = shapley_masks(np.random.default_rng([cfg.seed, 7_919]), n_hold, ts.pairs, m)
+        with torch.no_grad():
+            hold_out = [game(hold_x[a:b], hold_masks[a:b]) for a, b in _utils.chunk_ranges(n_hold, ts.images_per_step)]
+        fills, v_all, v_none, v_s = (torch.cat(parts) for parts in zip(*hold_out))
+        target = v_s - v_none[:, None]
+        hold = (fills, torch.from_numpy(hold_masks).float().to(dev), v_all, v_none, v_s,
+                float((target - target.mean()).square().mean()))
+
+    # Cached photos for the training views: at most twice the model's input on the short side.
+    train_photos = []
+    for i in train_idx:
+        img = photos[i]
+        short = min(img.size)
+        if short > 2 * size:
+            scale = 2 * size / short
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        train_photos.append(img)
+    del photos
+
+    signature = {"fingerprint": model_fp, "arch": cfg.model.arch, "outputs": outputs, "grid": grid, "fill": fill,
+                 "preprocess": amortized.preprocess_record(cfg.preprocess), "train": ts.model_dump(mode="json"),
+                 "images": [names[i] for i in train_idx], "holdout": [names[i] for i in hold_idx],
+                 "seed": int(cfg.seed)}
+    state_path = output.with_name(output.name + ".train")
+    start_epoch, history, seconds_before, evaluations_before = 0, [], 0.0, 0
+    if state_path.exists() and not restart:
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{state_path}: not a training state ({type(exc).__name__}); delete it or pass --restart") from None
+        if state.get("signature") != signature:
+            raise UserError(f"{state_path} is the state of a training with another config, model or image list; "
+                            f"pass --restart to start over (or delete it)")
+        net.load_state_dict(state["net"])
+        optimiser.load_state_dict(state["optimiser"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        seconds_before, evaluations_before = float(state["seconds"]), int(state["evaluations"])
+        log.info("train: resuming from %s after epoch %d of %d", state_path, start_epoch, ts.epochs)
+    game.evaluations = evaluations_before
+
+    steps_per_epoch = math.ceil(len(train_idx) / ts.images_per_step)
+    total_steps = ts.epochs * steps_per_epoch
+    started = time.monotonic()
+    epoch_seconds: list[float] = []
+    for epoch in range(start_epoch, ts.epochs):
+        t0 = time.monotonic()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        perm = rng.permutation(len(train_idx))
+        losses, last_line = [], t0
+        net.train()
+        for step, (a, b) in enumerate(_utils.chunk_ranges(len(perm), ts.images_per_step)):
+            views = np.stack([_view(train_photos[j], cfg.preprocess, rng if ts.augment else None) for j in perm[a:b]])
+            x = torch.from_numpy(normalise(views, cfg.preprocess)).to(dev)
+            masks = shapley_masks(rng, b - a, ts.pairs, m)
+            with torch.no_grad():
+                fills, v_all, v_none, v_s = game(x, masks)
+            lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            with torch.enable_grad():  # also when the caller has switched autograd off
+                loss = _loss(net, x, fills, torch.from_numpy(masks).float().to(dev), v_all, v_none, v_s)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            if time.monotonic() - last_line > 30:
+                last_line = time.monotonic()
+                log.info("train: epoch %d/%d step %d/%d loss %.4g", epoch + 1, ts.epochs, step + 1,
+                         steps_per_epoch, float(np.mean(losses)))
+        val_loss = val_r2 = None
+        if hold is not None:
+            net.eval()
+            with torch.no_grad():
+                val_loss = float(_loss(net, hold_x, *hold[:5]))
+            val_r2 = 1 - val_loss / hold[5] if hold[5] > 0 else None
+        epoch_seconds.append(time.monotonic() - t0)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val_loss, "val_r2": val_r2})
+        elapsed = seconds_before + time.monotonic() - started
+        _save_atomic({"signature": signature, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
+                      "epoch": epoch + 1, "history": history, "seconds": elapsed,
+                      "evaluations": game.evaluations}, state_path)
+        eta = float(np.mean(epoch_seconds)) * (ts.epochs - epoch - 1)
+        val = "" if val_loss is None else f", held-out loss {val_loss:.4g} (R^2 {val_r2:.3f})"
+        log.info("train: epoch %d/%d loss %.4g%s, %.1f s/epoch, ETA %s", epoch + 1, ts.epochs,
+                 history[-1]["loss"], val, epoch_seconds[-1], _fmt(eta))
+    seconds = seconds_before + time.monotonic() - started
+    net.eval()
+
+    kernel_r = None
+    validation: dict[str, Any] = {"holdout_images": n_hold}
+    if history:
+        validation.update(val_loss=history[-1]["val_loss"], val_r2=history[-1]["val_r2"])
+    if hold is not None and ts.validate_nsamples > 0:
+        count = min(n_hold, ts.validate_images)
+        log.info("train: validating on %d held-out images against Kernel SHAP with %d samples each",
+                 count, ts.validate_nsamples)
+        kernel_r = _validate(net, model, hold_x[:count], hold[0][:count], hold[2][:count], hold[3][:count], cfg, grid, fill,
+                             ts.validate_nsamples, batch_size, dev, labels)
+        validation.update(kernel_nsamples=ts.validate_nsamples, kernel_images=count, kernel_median_pearson=kernel_r)
+        log.info("train: median Pearson r against Kernel SHAP (%d samples) on held-out images: %.3f",
+                 ts.validate_nsamples, kernel_r)
+
+    data = {
+        "format": amortized.FORMAT, "version": amortized.VERSION,
+        "model": {"arch": cfg.model.arch, "fingerprint": model_fp, "outputs": outputs},
+        "players": {"grid": grid}, "fill": fill,
+        "preprocess": amortized.preprocess_record(cfg.preprocess),
+        "network": {"channels": len(cfg.preprocess.mean), "outputs": outputs, "grid": grid, "width": ts.width},
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "training": {"images": len(train_idx), "epochs": ts.epochs, "pairs": ts.pairs, "seconds": round(seconds, 3),
+                     "model_evaluations": game.evaluations, "history": history, "seed": int(cfg.seed)},
+        "validation": validation,
+    }
+    _save_atomic(data, output)
+    if state_path.exists():
+        state_path.unlink()
+    return TrainResult(output, ts.epochs, seconds, game.evaluations, validation.get("val_loss"),
+                       validation.get("val_r2"), kernel_r)
+
+
+def _validate(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, fills: torch.Tensor,
+              v_all: torch.Tensor, v_none: torch.Tensor, cfg: Config, grid: int, fill: Any, nsamples: int, batch_size: int,
+              dev: torch.device, labels: np.ndarray) -> float:
+    """Median Pearson r, over held-out images and their top-3 classes, of the explainer's values
+    against Kernel SHAP's with ``nsamples`` coalitions over the same players and fill."""
+    from explain_cli.explainers import kernel
+    from explain_cli.explainers.base import ExplainContext
+
+    settings = kernel.Settings(segments={"grid": grid}, fill=fill, nsamples=nsamples)
+    context = ExplainContext(model=model, layer=None, layer_name="input", background=x[:0],
+                             mean=tuple(cfg.preprocess.mean), std=tuple(cfg.preprocess.std), device=dev,
+                             batch_size=batch_size, settings=settings)
+    reference = kernel.Explainer(context).explain(x, min(3, v_all.shape[1]), list(range(x.shape[0])))
+    ref = _player_values(reference.values, labels)  # (N, k, M)
+    classes = torch.from_numpy(reference.classes).to(dev)
+    with torch.no_grad():
+        phi = amortized.efficient(net(x, fills), v_all - v_none)  # (N, C, M)
+        ours = phi.gather(1, classes[:, :, None].expand(-1, -1, phi.shape[-1])).cpu().numpy()
+    return float(np.nanmedian(pearson_rows(ours, ref)))
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

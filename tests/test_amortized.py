@@ -1,0 +1,293 @@
+"""The amortized (FastSHAP) explainer and ``explain-cli train``: a trained explainer matches exact
+Shapley values (enumerated) on held-out images, efficiency is exact, a mismatched explainer.pt is
+refused, an interrupted training resumes to the same explainer."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from explain_cli import masking
+from explain_cli.config import load_config
+from explain_cli.explainers import amortized
+from explain_cli.train import pearson_rows, shapley_masks, train
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 16
+GRID = 4
+
+MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def make(num_classes=3):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(2)
+        return net
+''')
+
+
+def smooth_pixels(n: int, seed: int) -> np.ndarray:
+    """Smooth random 8-bit RGB images (n, SIZE, SIZE, 3)."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.uniform(0, 1, (n, 3, 4, 4)).astype(np.float32))
+    up = torch.nn.functional.interpolate(low, size=SIZE, mode="bicubic", align_corners=True)
+    return np.clip(np.rint(up.numpy() * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def write_folder(root: Path, n: int, seed: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, pixels in enumerate(smooth_pixels(n, seed)):
+        Image.fromarray(pixels).save(root / f"{i:03d}.png")
+
+
+def write_config(root: Path, name: str, explainer: dict, input_dir: str = "train", **extra) -> Path:
+    config = {"model": {"arch": "python:tinyamo:make", "num_classes": 3, "checkpoint": "tiny.pt", "layer": "input"},
+              "preprocess": {"size": SIZE}, "input": {"dir": input_dir}, "explainer": explainer,
+              "output": {"dir": "out", "top_k": 2}, "batch_size": 1024, "device": "cpu", "workers": 0, **extra}
+    path = root / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+TRAIN = {"epochs": 20, "pairs": 16, "images_per_step": 16, "width": 32, "augment": False, "holdout": 0.1,
+         "validate_nsamples": 600, "validate_images": 2}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny model, 320 training images, 3 held-out images (another folder), a trained explainer."""
+    root = tmp_path_factory.mktemp("amortized")
+    (root / "tinyamo.py").write_text(MODEL)
+    sys.path.insert(0, str(root))
+    try:
+        import tinyamo
+
+        torch.save(tinyamo.make().state_dict(), root / "tiny.pt")
+        write_folder(root / "train", 320, seed=1)
+        write_folder(root / "held", 3, seed=2)
+        explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
+                     "train": TRAIN}
+        cfg = load_config(write_config(root, "train.yaml", explainer))
+        result = train(cfg, root / "explainer.pt")
+        yield root, result, tinyamo
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("tinyamo", None)
+
+
+def exact_shapley(model: torch.nn.Module, image: torch.Tensor, fill: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """(M, outputs) exact Shapley values of the masking game, from all 2**M coalitions."""
+    m = int(labels.max()) + 1
+    codes = np.arange(2 ** m)
+    coalitions = (codes[:, None] >> np.arange(m)) & 1  # bit j: player j shown
+    labels_t = torch.from_numpy(labels.reshape(-1))
+    outs = []
+    with torch.no_grad():
+        for a in range(0, len(codes), 4096):
+            shown = torch.from_numpy(coalitions[a:a + 4096].astype(bool))
+            outs.append(model(masking.compose(shown, labels_t, image, fill)).double())
+    v = torch.cat(outs).numpy()
+    sizes = coalitions.sum(1)
+    weight = np.array([math.factorial(s) * math.factorial(m - s - 1) / math.factorial(m)
+                       if s < m else 0.0 for s in range(m + 1)])
+    phi = np.zeros((m, v.shape[1]))
+    for j in range(m):
+        without = codes[(codes >> j) & 1 == 0]
+        phi[j] = (weight[sizes[without]][:, None] * (v[without | (1 << j)] - v[without])).sum(0)
+    return phi
+
+
+def held_out_run(root: Path):
+    from explain_cli.pipeline import RunOptions, empty_background, make_explainer, prepare
+
+    cfg = load_config(write_config(root, "run.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "held"))
+    prep = prepare(cfg, RunOptions())
+    explainer = make_explainer(prep, empty_background(prep))
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(root / "held" / name)) for name in prep.images]))
+    x = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(cfg.preprocess.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(cfg.preprocess.std).view(1, 3, 1, 1)
+    return cfg, x, explainer.explain(x, 2, [0] * x.shape[0])
+
+
+def test_matches_exact_shapley_values_on_held_out_images(project):
+    root, result, tinyamo = project
+    assert result.kernel_pearson is not None and result.kernel_pearson > 0.5  # the training's own check ran
+    cfg, x, attribution = held_out_run(root)
+    model = tinyamo.make()
+    model.load_state_dict(torch.load(root / "tiny.pt", weights_only=True))
+    model.eval()
+    labels = masking.grid_labels(SIZE, SIZE, GRID)
+    fills = masking.fill_images(x, "mean", cfg.preprocess.mean, cfg.preprocess.std)
+    rs = []
+    for i in range(x.shape[0]):
+        exact = exact_shapley(model, x[i], fills[i], labels)[:, attribution.classes[i]].T  # (k, M)
+        assert np.abs(exact).max() > 0.02  # not vacuous
+        ours = attribution.values[i].sum(1).reshape(2, -1)[:, [np.flatnonzero(labels.ravel() == j)[0]
+                                                                for j in range(GRID * GRID)]]
+        rs.extend(pearson_rows(ours, exact))
+    assert np.median(rs) >= 0.9, rs
+
+
+def test_efficiency_is_exact(project):
+    root, _, tinyamo = project
+    cfg, x, attribution = held_out_run(root)
+    np.testing.assert_allclose(attribution.shap_sum, attribution.outputs - attribution.base_values, atol=1e-5)
+    model = tinyamo.make()
+    model.load_state_dict(torch.load(root / "tiny.pt", weights_only=True))
+    with torch.no_grad():
+        fills = masking.fill_images(x, "mean", cfg.preprocess.mean, cfg.preprocess.std)
+        expected = model.eval()(fills).gather(1, torch.from_numpy(attribution.classes)).numpy()
+    np.testing.assert_allclose(attribution.base_values, expected, atol=1e-5)
+    np.testing.assert_array_equal(attribution.segments[0], masking.grid_labels(SIZE, SIZE, GRID))
+    assert attribution.stability is None
+
+
+def test_targets_choose_classes_and_a_contrast(project):
+    """Any class can be explained (the network outputs all of them); a contrast is the difference of
+    two classes' values, still exactly efficient; a quantity other than the logit is refused."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.targets import TargetSpec
+
+    root, _, _ = project
+    cfg, x, top = held_out_run(root)
+    from explain_cli.pipeline import RunOptions, empty_background, make_explainer, prepare
+
+    prep = prepare(load_config(root / "run.yaml"), RunOptions())
+    explainer = make_explainer(prep, empty_background(prep))
+    chosen = explainer.explain(x, TargetSpec(entries=(2, 0)).for_batch(), [0] * x.shape[0])
+    assert (chosen.classes == [2, 0]).all()
+    contrast = explainer.explain(x, TargetSpec(entries=(2,), contrast=0).for_batch(), [0] * x.shape[0])
+    np.testing.assert_allclose(contrast.values[:, 0], chosen.values[:, 0] - chosen.values[:, 1], atol=1e-5)
+    np.testing.assert_allclose(contrast.shap_sum, contrast.outputs - contrast.base_values, atol=1e-5)
+    with pytest.raises(ConfigError) as info:
+        explainer.explain(x, TargetSpec(output="probability").for_batch(), [0] * x.shape[0])
+    assert info.value.key == "targets.output"
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)]), "OMP_NUM_THREADS": "1",
+               **(env or {})}
+    return subprocess.run([sys.executable, "-m", "explain_cli", *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_checkpoint_is_data_and_run_writes_exact_additivity(project):
+    root, _, _ = project
+    data = torch.load(root / "explainer.pt", weights_only=True)
+    assert data["format"] == amortized.FORMAT and data["players"] == {"grid": GRID} and data["fill"] == "mean"
+    assert data["preprocess"]["size"] == SIZE and data["model"]["outputs"] == 3
+    assert len(data["model"]["fingerprint"]) == 64 and data["validation"]["holdout_images"] == 32
+    config = write_config(root, "cli.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "held",
+                          metrics=["deletion"])
+    done = cli("run", str(config), "--output", str(root / "out-cli"), cwd=root)
+    assert done.returncode == 0, done.stderr
+    lines = (root / "out-cli" / "topk.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert len(rows) == 6 and all(float(r["additivity_error"]) < 1e-5 for r in rows)
+    assert all(r["stability"] == "" and r["deletion_auc"] != "" for r in rows)
+
+
+def test_mismatched_checkpoint_is_refused(project):
+    from explain_cli.errors import ConfigError
+    from explain_cli.pipeline import RunOptions, prepare
+
+    root, _, tinyamo = project
+    other = tinyamo.make()
+    with torch.no_grad():
+        other[0].bias.add_(0.1)
+    torch.save(other.state_dict(), root / "other.pt")
+    config = write_config(root, "bad.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "held")
+    prepare(load_config(config), RunOptions())  # the matching config is accepted
+    for override, words in (("explainer.fill=128", "trained with 'mean'"),
+                            ("explainer.segments={grid: 2}", "grid 4"),
+                            ("preprocess.size=24", "preprocess.size"),
+                            ("preprocess.mean=[0.4, 0.4, 0.4]", "preprocess.mean"),
+                            ("model.checkpoint=other.pt", "other model weights"),
+                            ("explainer.checkpoint=tiny.pt", "not an explainer"),
+                            ("explainer.checkpoint=missing.pt", "not a file")):
+        with pytest.raises(ConfigError) as info:
+            prepare(load_config(config, [override]), RunOptions())
+        assert info.value.key == "explainer.checkpoint" and words in info.value.message, (override, info.value)
+    for command in ("run", "validate"):
+        done = cli(command, str(config), "--set", "model.checkpoint=other.pt", cwd=root)
+        assert done.returncode == 2 and "other model weights" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_training_resumes_after_kill(tmp_path, project):
+    root, _, _ = project
+    for name in ("tinyamo.py", "tiny.pt"):
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    write_folder(tmp_path / "train", 16, seed=3)
+    small = {**TRAIN, "epochs": 20, "pairs": 4, "images_per_step": 8, "validate_nsamples": 0}
+    config = write_config(tmp_path, "cfg.yaml", {"name": "amortized", "segments": {"grid": GRID}, "train": small})
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]), "OMP_NUM_THREADS": "1"}
+    state = tmp_path / "killed.pt.train"
+    proc = subprocess.Popen([sys.executable, "-m", "explain_cli", "train", str(config), "--output", "killed.pt"],
+                            cwd=tmp_path, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert state.exists() and not (tmp_path / "killed.pt").exists()
+    saved = torch.load(state, weights_only=True)
+    assert 1 <= saved["epoch"] < 20
+    resumed = cli("train", str(config), "--output", "killed.pt", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and not state.exists()
+    straight = cli("train", str(config), "--output", "straight.pt", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    a = torch.load(tmp_path / "killed.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight.pt", weights_only=True)
+    assert [h["loss"] for h in a["training"]["history"]] == pytest.approx([h["loss"] for h in b["training"]["history"]],
+                                                                          rel=1e-5)
+    for key, value in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    other = write_config(tmp_path, "other.yaml", {"name": "amortized", "segments": {"grid": 2}, "train": small})
+    torch.save(saved, state)  # the state of the first config, found by a training of another
+    refused = cli("train", str(other), "--output", "killed.pt", cwd=tmp_path)
+    assert refused.returncode == 2 and "another config" in refused.stderr and "--restart" in refused.stderr
+
+
+def test_coalitions_follow_the_shapley_kernel_in_complementary_pairs():
+    rng = np.random.default_rng(0)
+    masks = shapley_masks(rng, 50, 200, 10)
+    assert masks.shape == (50, 400, 10)
+    np.testing.assert_array_equal(masks[:, 200:], ~masks[:, :200])
+    sizes = masks[:, :200].sum(-1).ravel()
+    assert sizes.min() >= 1 and sizes.max() <= 9
+    expected = np.array([9 / (s * (10 - s)) for s in range(1, 10)])
+    observed = np.bincount(sizes, minlength=10)[1:] / sizes.size
+    np.testing.assert_allclose(observed, expected / expected.sum(), atol=0.01)
+
+
+def test_settings_refuse_slic_players():
+    from explain_cli.config import validate_explainer
+    from explain_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate_explainer({"name": "amortized", "segments": {"n_segments": 20}}, "cfg.yaml")
+    assert "grid" in info.value.message
