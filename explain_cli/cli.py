@@ -210,7 +210,10 @@ def run(
     try:
         _setup_logging(verbose, quiet, log_file)
         from explain_cli.config import check_slurm_env
+        from explain_cli.job import keep_freed_memory
         from explain_cli.pipeline import RunOptions, Shard, run as run_pipeline
+
+        keep_freed_memory()  # before the first tensor: no page-fault storm per model call (glibc only)
 
         cfg = _load(config, set_, {
             "input.dir": str(input_dir.resolve()) if input_dir else None,

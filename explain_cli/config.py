@@ -180,7 +180,8 @@ class Config(_Section):
                                    "and which output quantity (explain_cli/targets.py)")
     batch_size: int | Literal["auto"] = Field(
         default="auto",
-        description="model evaluations per forward pass; auto: 64 on CPU, the largest that fits on CUDA")
+        description="model evaluations per forward pass; auto: on CPU timed among sizes that fit a "
+                    "memory bound (docs/performance.md), on CUDA the largest that fits")
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="dtype the model runs in (torch.autocast); attributions stay float32")
     device: str = "auto"

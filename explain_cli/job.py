@@ -262,6 +262,59 @@ def usable_cores(affinity: set[int] | None = None, env: Mapping[str, str] | None
     return max(1, min(counts))
 
 
+def _cgroup_memory_headroom(root: Path, proc_cgroup: Path) -> int | None:
+    """Bytes left under the tightest memory limit of this process's cgroup or one above it (v2
+    ``memory.max - memory.current``, v1 ``memory.limit_in_bytes - memory.usage_in_bytes``)."""
+    paths: dict[str, str] = {}
+    for line in (_read(proc_cgroup) or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) == 3:
+            for controller in fields[1].split(","):
+                paths[controller] = fields[2]
+    if (root / "cgroup.controllers").exists():
+        folders, files = _self_and_ancestors(root, paths.get("", "/")), ("memory.max", "memory.current")
+    elif (root / "memory").is_dir():
+        folders = _self_and_ancestors(root / "memory", paths.get("memory", "/"))
+        files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    else:
+        return None
+    left = []
+    for folder in folders:
+        limit, used = (_read(folder / f) or "" for f in files)
+        if limit.isdigit() and used.isdigit() and int(limit) < 2**60:  # v1 writes "no limit" as ~2**63
+            left.append(max(0, int(limit) - int(used)))
+    return min(left) if left else None
+
+
+def memory_headroom(env: Mapping[str, str] | None = None, meminfo: Path = Path("/proc/meminfo"),
+                    cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+                    rss: int | None = None) -> int | None:
+    """Bytes this job may still allocate, where known: the smallest of the node's MemAvailable,
+    the cgroup memory limit's headroom and the Slurm allocation (SLURM_MEM_PER_NODE, or
+    SLURM_MEM_PER_CPU x SLURM_CPUS_PER_TASK, in MB) minus this process's resident memory."""
+    env = os.environ if env is None else env
+    left = []
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemAvailable:") and line.split()[1].isdigit():
+            left.append(int(line.split()[1]) * 1024)
+    cgroup = _cgroup_memory_headroom(cgroup_root, proc_cgroup)
+    if cgroup is not None:
+        left.append(cgroup)
+    per_node, per_cpu = env.get("SLURM_MEM_PER_NODE", ""), env.get("SLURM_MEM_PER_CPU", "")
+    cpus = env.get("SLURM_CPUS_PER_TASK", "1")
+    slurm = None
+    if per_node.isdigit() and int(per_node) > 0:
+        slurm = int(per_node)
+    elif per_cpu.isdigit() and int(per_cpu) > 0:
+        slurm = int(per_cpu) * (int(cpus) if cpus.isdigit() and int(cpus) > 0 else 1)
+    if slurm is not None:
+        if rss is None:
+            statm = (_read(Path("/proc/self/statm")) or "0 0").split()
+            rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") if len(statm) > 1 and statm[1].isdigit() else 0
+        left.append(max(0, slurm * 2**20 - rss))
+    return min(left) if left else None
+
+
 def resolve_workers(setting: int | str, usable: int, images: int) -> int:
     """Writer processes for a run: ``auto`` = usable cores minus one (the main process decodes
     and explains), none for runs of at most AUTO_WORKERS_MIN_IMAGES images; never more than
@@ -296,6 +349,39 @@ def share_cpus(setting: int | str, images: int) -> dict[str, int]:
     log.info("%d usable CPU core(s): %d writer process(es), %d torch thread(s)",
              cores, workers, torch.get_num_threads())
     return {"usable_cores": cores, "workers": workers, "torch_threads": torch.get_num_threads()}
+
+
+# --- memory: keep freed memory in the process ---------------------------------------------
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Allocations from this size on get their own mmap (glibc's ceiling for the threshold on 64-bit).
+MMAP_THRESHOLD = 32 * 2**20
+#: Free memory at the top of the heap is returned to the system only beyond this.
+TRIM_THRESHOLD = 2**30
+_allocator_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for the next model call instead of returning it (once per
+    process; True when set). By default every large tensor is a fresh mmap, unmapped on free, so
+    each model call page-faults its whole working set in again: on 2 cores that cost more system
+    time than the arithmetic (docs/performance.md). Other C libraries are left alone."""
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, ValueError, OSError, TypeError):  # not glibc, or no confstr name here
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _allocator_tuned
 
 
 def versions() -> dict[str, str]:

@@ -249,8 +249,12 @@ def empty_background(prep: Prepared):
 
 
 def make_explainer(prep: Prepared, background):
-    from explain_cli.autobatch import initial_batch_size
+    """The run's explainer; ``batch_size: auto`` on the CPU is planned here (autobatch.plan_cpu)."""
+    import torch
+
+    from explain_cli.autobatch import initial_batch_size, plan_cpu
     from explain_cli.explainers.base import ExplainContext
+    from explain_cli.job import memory_headroom
 
     cfg = prep.config
     batch_size, auto = initial_batch_size(cfg.batch_size, prep.device)
@@ -259,6 +263,10 @@ def make_explainer(prep: Prepared, background):
                              std=tuple(cfg.preprocess.std), device=prep.device,
                              batch_size=batch_size, settings=cfg.explainer_settings,
                              precision=cfg.precision, batch_size_auto=auto)
+    if cfg.batch_size == "auto" and prep.device.type == "cpu":
+        size = cfg.preprocess.size
+        example = torch.zeros((1, 3, size, size), device=prep.device)
+        plan_cpu(context, example, prep.explainer_class.backward, memory_headroom())
     return prep.explainer_class(context)
 
 
@@ -565,6 +573,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 run_info["error"] = failure
             if explainer is not None:
                 run_info["batch_size_used"] = explainer.context.batch_size
+                if explainer.context.batch_probe is not None:
+                    run_info["batch_size_auto"] = explainer.context.batch_probe.summary()
             if prep.device.type == "cuda":
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             run_info["runs"] = runs + [run_record(run_info, summary.exit_code if failure is None else exit_code)]

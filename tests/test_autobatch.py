@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_is_oom_recognises_cuda_library_allocation_failures():
 
 
 def test_initial_batch_size():
-    assert autobatch.initial_batch_size("auto", CPU) == (64, False)  # the CPU keeps today's value
+    assert autobatch.initial_batch_size("auto", CPU) == (0, False)  # the CPU: plan_cpu decides
     assert autobatch.initial_batch_size("auto", torch.device("cuda", 1)) == (autobatch.CUDA_START, True)
     assert autobatch.initial_batch_size(7, torch.device("cuda")) == (7, False)
     assert autobatch.initial_batch_size(300, CPU) == (300, False)
@@ -215,7 +216,10 @@ def test_run_json_records_the_batch_size_used(tiny_project):
     assert result.exit_code == 0, result.output
     info = json.loads((tiny_project / "out" / "run.json").read_text())
     assert info["config"]["batch_size"] == "auto"
-    assert info["batch_size_used"] == 64  # CPU: today's value
+    probe = info["batch_size_auto"]  # CPU: the probe's candidates, timings and choice
+    assert probe["candidates"] == autobatch.probe_candidates(10**9)  # a tiny model: no memory bound
+    assert info["batch_size_used"] in probe["candidates"]
+    assert probe["activation_mb_per_row"] < 1 and probe["memory_budget_mb"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -233,3 +237,281 @@ def test_auto_on_cuda_settles_and_matches_a_fixed_batch(data):
         model=net, layer=None, layer_name="input", background=background, mean=MEAN, std=STD,
         device=torch.device("cuda"), batch_size=64, settings=SETTINGS["gradient"])).explain(images, 2, [1, 2, 3])
     np.testing.assert_allclose(result.values, fixed.values, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the CPU: memory bound and probe
+
+
+class FakeClock:
+    """A clock that only moves when the test says: the probe's timings come from a cost model."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(probe: autobatch.BatchProbe, clock: FakeClock, cost, total: int, loops: int, start_size: int):
+    """Run ``loops`` loops of ``total`` rows through ``_utils.model_chunks`` with ``cost(rows)``
+    seconds per call; returns the call sizes and the context."""
+    from types import SimpleNamespace
+
+    from explain_cli.explainers import _utils
+
+    ctx = SimpleNamespace(batch_size=start_size, batch_probe=probe, device=CPU)
+    calls = []
+    for _ in range(loops):
+        covered = []
+        for a, b in _utils.model_chunks(ctx, total):
+            clock.now += cost(b - a)
+            calls.append(b - a)
+            covered.extend(range(a, b))
+        assert covered == list(range(total))  # every row once, in order, whatever the sizes
+    return calls, ctx
+
+
+def per_row_cost(ms: dict[int, float]):
+    return lambda rows: ms.get(rows, 1.0) * rows / 1000
+
+
+def test_probe_times_each_candidate_twice_interleaved_then_keeps_the_fastest(caplog):
+    clock = FakeClock()
+    probe = autobatch.BatchProbe([8, 16, 32], clock=clock)
+    with caplog.at_level(logging.INFO, logger="explain_cli"):
+        calls, ctx = drive(probe, clock, per_row_cost({8: 30.0, 16: 20.0, 32: 25.0}), total=208, loops=3,
+                           start_size=32)
+    assert calls[:6] == [8, 16, 32, 8, 16, 32]  # the plan: the candidates, two rounds
+    assert probe.choice == 16 and ctx.batch_size == 16
+    assert set(calls[6:]) == {16}  # after the choice every call is 16 rows (208 = 112 + 6 x 16 = 13 x 16)
+    assert {size: pytest.approx(t) for size, t in probe.per_row.items()} == {8: [0.03] * 2, 16: [0.02] * 2, 32: [0.025] * 2}
+    assert "batch_size auto: 16 rows per model call" in caplog.text
+    assert probe.summary()["ms_per_row"] == {"8": 30.0, "16": 20.0, "32": 25.0}
+
+
+def test_probe_prefers_the_smaller_size_within_the_tolerance():
+    clock = FakeClock()
+    probe = autobatch.BatchProbe([8, 16, 32], clock=clock, tolerance=0.05)
+    drive(probe, clock, per_row_cost({8: 20.9, 16: 20.5, 32: 20.0}), total=200, loops=1, start_size=32)
+    assert probe.choice == 8  # 4.5% slower than 32 per row: the memory is not worth it
+    probe = autobatch.BatchProbe([8, 16, 32], clock=clock, tolerance=0.05)
+    drive(probe, clock, per_row_cost({8: 21.1, 16: 20.5, 32: 20.0}), total=200, loops=1, start_size=32)
+    assert probe.choice == 16
+
+
+def test_probe_counts_each_sizes_best_round():
+    """A size's first call pays one-off costs (page faults, kernel choice): its best round counts."""
+    clock = FakeClock()
+    probe = autobatch.BatchProbe([8, 16], clock=clock)
+    seen: dict[int, int] = {}
+
+    def cost(rows):
+        seen[rows] = seen.get(rows, 0) + 1
+        first = {8: 1.0, 16: 100.0}[rows] if seen[rows] == 1 else 0.0
+        return (first + {8: 30.0, 16: 20.0}[rows]) * rows / 1000
+
+    drive(probe, clock, cost, total=48, loops=1, start_size=16)
+    assert probe.choice == 16
+
+
+def test_probe_does_not_count_short_calls():
+    clock = FakeClock()
+    probe = autobatch.BatchProbe([8, 16], clock=clock)
+    calls, ctx = drive(probe, clock, per_row_cost({}), total=12, loops=2, start_size=16)
+    # loop 1: a measured 8-row call, then its 4-row tail (16 planned); loop 2: one call of all 12
+    assert calls == [8, 4, 12]
+    assert probe.per_row == {8: [0.001]} and probe.plan == [16, 8, 16] and not probe.done
+    assert ctx.batch_size == 16  # undecided: the loops are single calls anyway
+
+
+def test_a_single_candidate_needs_no_probe():
+    probe = autobatch.BatchProbe([4])
+    assert probe.done and probe.choice == 4 and probe.size(99) == 99
+
+
+def test_candidates_respect_the_memory_bound_and_the_limits():
+    assert autobatch.PROBE_MIN == 16
+    assert autobatch.probe_candidates(1000) == [64, 128, 256]  # PROBE_MAX caps a tiny model's bound
+    assert autobatch.probe_candidates(100) == [16, 32, 64]
+    assert autobatch.probe_candidates(40) == [16, 32]
+    assert autobatch.probe_candidates(21) == [16]
+    assert autobatch.probe_candidates(9) == [9]  # below PROBE_MIN: the bound itself, no probe
+    assert autobatch.probe_candidates(1) == [1]
+    for bound in range(1, 600):
+        assert max(autobatch.probe_candidates(bound)) <= bound
+
+
+def test_memory_bound_from_bytes_per_row_and_the_jobs_headroom():
+    mb = 2**20
+    cap = autobatch.CPU_CALL_BYTES
+    assert autobatch.memory_bound(10 * mb, None) == (cap // (10 * mb), cap)
+    # a quarter of the headroom when that is tighter (a small Slurm allocation, a full node)
+    assert autobatch.memory_bound(10 * mb, 400 * mb) == (10, 100 * mb)
+    assert autobatch.memory_bound(10 * mb, 0) == (1, 0)  # never below one row
+    assert autobatch.memory_bound(0, None)[0] == cap  # nothing measured: no division by zero
+
+
+def test_activation_bytes_per_row_counts_in_place_outputs_once():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.zeros(1, 3, 8, 8)
+    conv1, conv2 = 4 * 8 * 8 * 4, 2 * 8 * 8 * 4  # the ReLU writes into conv1's output
+    assert autobatch.activation_bytes_per_row(net, x, backward=True) == conv1 + conv2
+    assert autobatch.activation_bytes_per_row(net, x, backward=False) == 4 * conv1
+    assert autobatch.activation_bytes_per_row(net, torch.zeros(2, 3, 8, 8), backward=True) == conv1 + conv2
+    assert not any(m._forward_hooks for m in net.modules())  # hooks removed
+
+
+class LargestCall(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name", ["gradient", "deep", "partition", "kernel"])
+def test_cpu_auto_respects_the_memory_bound_and_equals_a_fixed_batch(data, name, monkeypatch, caplog):
+    """A headroom that allows 9 rows (below PROBE_MIN: no probe): every model call stays at or below 9,
+    and the numbers are those of a fixed batch size."""
+    background, images = data
+    net = LargestCall(tiny_net())
+    ctx = context(net, name, background, 0)
+    example = images[:1]
+    per_row = autobatch.activation_bytes_per_row(ctx.model, example, get(name).Explainer.backward)
+    headroom = int(9.5 * per_row / autobatch.MEMORY_SHARE)
+    with caplog.at_level(logging.INFO, logger="explain_cli"):
+        probe = autobatch.plan_cpu(ctx, example, get(name).Explainer.backward, headroom)
+    assert probe.candidates == [9] and probe.done and ctx.batch_size == 9
+    assert "batch_size auto: 9 rows per model call on the CPU (memory bound" in caplog.text
+    explainer = get(name).Explainer(ctx)
+    seeds = [11, 22, 33]
+    net.calls.clear()
+    auto = autobatch.explain_with_backoff(explainer, images, 2, seeds)
+    assert net.calls and max(net.calls) <= 9
+    fixed = get(name).Explainer(context(tiny_net(), name, background, 64)).explain(images, 2, seeds)
+    np.testing.assert_array_equal(auto.classes, fixed.classes)
+    np.testing.assert_allclose(auto.values, fixed.values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(auto.shap_sum, fixed.shap_sum, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gradient", "partition", "kernel", "deep"])
+def test_cpu_probe_choice_gives_the_numbers_of_a_fixed_batch(data, name):
+    """The probe's calls (8, 16, 32 rows, then its choice) change timings only: the attributions
+    equal those of one fixed batch size. The clock is a cost model that makes 16 the best."""
+    background, images = data
+    clock = FakeClock()
+    net = LargestCall(tiny_net())
+
+    class Timed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = net
+
+        def forward(self, x):
+            clock.now += {8: 30.0, 16: 20.0, 32: 25.0}.get(x.shape[0], 40.0) * x.shape[0] / 1000
+            return self.inner(x)
+
+    ctx = context(Timed(), name, background, 32)
+    ctx.batch_probe = autobatch.BatchProbe([8, 16, 32], clock=clock)
+    explainer = get(name).Explainer(ctx)
+    seeds = [11, 22, 33]
+    results = [autobatch.explain_with_backoff(explainer, images, 2, seeds) for _ in range(4)]
+    if name != "deep":  # deep: 3 images x 6 references = 18 rows per step, too few to probe 32
+        assert ctx.batch_probe.done and ctx.batch_size == 16
+        assert net.calls[-1] <= 16
+    fixed = get(name).Explainer(context(tiny_net(), name, background, 5)).explain(images, 2, seeds)
+    for result in results:
+        np.testing.assert_array_equal(result.classes, fixed.classes)
+        np.testing.assert_allclose(result.values, fixed.values, rtol=1e-4, atol=1e-6)
+
+
+def test_memory_headroom_takes_the_tightest_known_limit(tmp_path):
+    from explain_cli.job import memory_headroom
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    8000000 kB\n")
+    none = tmp_path / "no-cgroup"
+    gib = 2**30
+    assert memory_headroom({}, meminfo, none, none) == 8000000 * 1024
+    # Slurm: 4 GB per node, 1 GiB resident already
+    assert memory_headroom({"SLURM_MEM_PER_NODE": "4096"}, meminfo, none, none, rss=gib) == 3 * gib
+    assert memory_headroom({"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_PER_TASK": "2"}, meminfo, none, none,
+                           rss=gib) == gib
+    # cgroup v2: the job's folder allows 3 GiB and uses 1 GiB; its parent has no limit
+    root = tmp_path / "cg"
+    (root / "job").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    (root / "job" / "memory.max").write_text(f"{3 * gib}\n")
+    (root / "job" / "memory.current").write_text(f"{gib}\n")
+    (root / "memory.max").write_text("max\n")
+    proc = tmp_path / "self-cgroup"
+    proc.write_text("0::/job\n")
+    assert memory_headroom({}, meminfo, root, proc) == 2 * gib
+    assert memory_headroom({}, tmp_path / "none", none, none) is None  # nothing known
+
+
+# ------------------------------------------------------------------ the allocator
+
+
+RSS_AFTER_FREE = """
+import os, sys
+import numpy as np
+from explain_cli import job
+tuned = job.keep_freed_memory() if sys.argv[1] == "keep" else False
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+block = np.ones(3 * 2**20)  # 24 MB, written: below the 32 MB threshold, so it comes from the heap
+held = rss() - before
+del block
+print(tuned, held, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or not hasattr(os, "confstr")
+                    or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"),
+                    reason="glibc on Linux only: other C libraries are left alone")
+def test_keep_freed_memory_keeps_a_freed_block_for_the_next_call():
+    """With glibc's defaults a freed 24 MB block goes back to the system (the next model call
+    page-faults it in again); after keep_freed_memory() it stays in the process."""
+    import subprocess
+    import sys
+
+    out = {}
+    for arm in ("glibc", "keep"):
+        done = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE, arm], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+        tuned, held, kept = done.stdout.split()
+        out[arm] = (tuned == "True", int(held), int(kept))
+    mb = 2**20
+    assert out["keep"][0] and out["glibc"][1] > 20 * mb and out["keep"][1] > 20 * mb
+    assert out["glibc"][2] < 4 * mb  # returned on free
+    assert out["keep"][2] > 20 * mb  # kept
+
+
+def test_keep_freed_memory_calls_mallopt_once_and_only_with_glibc(monkeypatch):
+    import ctypes
+
+    from explain_cli import job
+
+    calls = []
+
+    class Mallopt:  # ctypes' function object: attributes argtypes and restype, then calls
+        def __call__(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    class FakeLibc:
+        mallopt = Mallopt()
+
+    monkeypatch.setattr(job, "_allocator_tuned", False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(os, "confstr", lambda name: "musl")
+    assert job.keep_freed_memory() is False and calls == []
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
+    assert job.keep_freed_memory() is True
+    assert calls == [(-3, job.MMAP_THRESHOLD), (-1, job.TRIM_THRESHOLD)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert job.keep_freed_memory() is True and len(calls) == 2  # once per process

@@ -40,6 +40,20 @@ def chunk_ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + size, total)
 
 
+def model_chunks(ctx, total: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges covering ``range(total)``, one model call each, at ``ctx.batch_size``
+    rows; while the CPU ``auto`` probe measures, at its planned sizes, each call timed (the loop
+    body between two ranges is the call; see ``explain_cli.autobatch``)."""
+    from explain_cli.autobatch import call_size, timed_call
+
+    start = 0
+    while start < total:
+        stop = min(total, start + call_size(ctx))
+        with timed_call(ctx, stop - start):
+            yield start, stop
+        start = stop
+
+
 def as_2d(out: torch.Tensor) -> torch.Tensor:
     """Model output as (rows, outputs): a 1-D output is one output per row."""
     if out.dim() == 1:

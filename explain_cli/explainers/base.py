@@ -43,7 +43,8 @@ class ExplainContext:
     ``mean``/``std`` let explainers that mask in pixel space (partition, kernel) undo the
     normalisation. ``batch_size`` is the number of model evaluations per forward pass (the
     out-of-memory back-off lowers it; ``batch_size_auto`` marks a search for the largest one that
-    fits that has not yet had a success, see ``explain_cli.autobatch``). ``precision`` other than
+    fits that has not yet had a success; ``batch_probe``, on the CPU, times the first calls, see
+    ``explain_cli.autobatch``). ``precision`` other than
     float32 wraps ``model`` so it runs under ``torch.autocast`` and returns float32 outputs.
     """
 
@@ -58,6 +59,7 @@ class ExplainContext:
     settings: ExplainerSettings
     precision: str = "float32"
     batch_size_auto: bool = False
+    batch_probe: "autobatch.BatchProbe | None" = None  # noqa: F821  (CPU auto: sizes the first model calls)
 
     def __post_init__(self) -> None:
         from explain_cli.explainers._precision import with_precision
@@ -134,6 +136,8 @@ class Explainer(ABC):
     # the pipeline refuses a layer target up front (so `validate` catches it) and loads no background.
     input_only: ClassVar[bool] = False
     uses_background: ClassVar[bool] = True
+    # Whether its model calls run a backward pass (they keep every activation): sizes CPU batches.
+    backward: ClassVar[bool] = True
 
     def __init__(self, context: ExplainContext) -> None:
         self.context = context

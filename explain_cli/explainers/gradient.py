@@ -388,7 +388,7 @@ class Explainer(base.Explainer):
         scale = _precision.grad_scale(ctx.model)
         k = classes.shape[1]
 
-        for start, stop in _utils.chunk_ranges(rind_all.shape[0], max(1, int(ctx.batch_size))):
+        for start, stop in _utils.model_chunks(ctx, rind_all.shape[0]):  # CPU auto: the first calls are timed
             img = image_all[start:stop].to(device)
             x = images[img]
             if smoothing > 0:

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from explain_cli import masking
+from explain_cli import autobatch, masking
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
@@ -324,6 +324,7 @@ class Explainer(base.Explainer):
     name = "kernel"
     input_only = True
     uses_background = False
+    backward = False
 
     def __init__(self, context: base.ExplainContext) -> None:
         super().__init__(context)
@@ -439,8 +440,9 @@ class Explainer(base.Explainer):
                 prepared.append(item)
                 pending.append((i, 0, item.rows_dev.shape[0]))
                 pending_rows += item.rows_dev.shape[0]
-                while pending_rows >= size:
-                    evaluate(size)
+                while pending_rows >= (call := autobatch.call_size(ctx)):
+                    with autobatch.timed_call(ctx, call):  # CPU auto: the first calls are timed
+                        evaluate(call)
             if pending_rows:
                 evaluate(pending_rows)
 

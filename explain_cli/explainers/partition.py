@@ -391,6 +391,7 @@ class Explainer(base.Explainer):
     name = "partition"
     input_only = True
     uses_background = False
+    backward = False
 
     @property
     def images_per_step(self) -> int:
@@ -418,9 +419,8 @@ class Explainer(base.Explainer):
         """
         model = self.context.model
         items = masker.prepare(rows)
-        size = max(1, int(self.context.batch_size))
         parts = []
-        for a, b in _utils.chunk_ranges(len(rows), size):
+        for a, b in _utils.model_chunks(self.context, len(rows)):
             out = _utils.as_2d(model(masker.batch(rows[a:b], items[a:b])))
             _utils.count_evaluations(b - a)
             if row_classes is not None:

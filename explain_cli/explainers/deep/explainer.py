@@ -228,8 +228,7 @@ class Explainer(base.Explainer):
             acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
             phi: torch.Tensor | None = None  # (k, N, *explained shape)
             scale = _precision.grad_scale(model)
-            size = max(1, int(ctx.batch_size))
-            for start, stop in _utils.chunk_ranges(n_images * n_refs, size):
+            for start, stop in _utils.model_chunks(ctx, n_images * n_refs):
                 rows = torch.arange(start, stop, device=device)
                 img = torch.div(rows, n_refs, rounding_mode="floor")
                 ref = rows - img * n_refs
