@@ -210,16 +210,22 @@ def _self_and_ancestors(base: Path, rel: str) -> list[Path]:
     return [d for d in (base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)) if d.is_dir()]
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
-                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
-    """CPUs allowed by a CPU quota on this process's cgroup or any cgroup above it (v2
-    ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``); None when there is none."""
+def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
+    """controller -> this process's cgroup path, from /proc/self/cgroup ("" is cgroup v2's unified one)."""
     paths: dict[str, str] = {}
     for line in (_read(proc_cgroup) or "").splitlines():
         fields = line.split(":", 2)
         if len(fields) == 3:
             for controller in fields[1].split(","):
                 paths[controller] = fields[2]
+    return paths
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
+                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs allowed by a CPU quota on this process's cgroup or any cgroup above it (v2
+    ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``); None when there is none."""
+    paths = _cgroup_paths(proc_cgroup)
     limits = []
     if (root / "cgroup.controllers").exists():  # v2: one unified hierarchy
         for folder in _self_and_ancestors(root, paths.get("", "/")):
@@ -265,12 +271,7 @@ def usable_cores(affinity: set[int] | None = None, env: Mapping[str, str] | None
 def _cgroup_memory_headroom(root: Path, proc_cgroup: Path) -> int | None:
     """Bytes left under the tightest memory limit of this process's cgroup or one above it (v2
     ``memory.max - memory.current``, v1 ``memory.limit_in_bytes - memory.usage_in_bytes``)."""
-    paths: dict[str, str] = {}
-    for line in (_read(proc_cgroup) or "").splitlines():
-        fields = line.split(":", 2)
-        if len(fields) == 3:
-            for controller in fields[1].split(","):
-                paths[controller] = fields[2]
+    paths = _cgroup_paths(proc_cgroup)
     if (root / "cgroup.controllers").exists():
         folders, files = _self_and_ancestors(root, paths.get("", "/")), ("memory.max", "memory.current")
     elif (root / "memory").is_dir():

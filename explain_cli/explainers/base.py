@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def sample_count(value: object) -> object:
@@ -34,6 +34,19 @@ class ExplainerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
 
+
+
+class SampledSettings(ExplainerSettings):
+    """Keys shared by the explainers that draw samples (gradient, kernel): ``nsamples`` (a number, or
+    ``auto``: rounds until the split-half stability reaches ``target_stability``) and its cap."""
+
+    target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
+    max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many samples per image")
+
+    @field_validator("nsamples", mode="before", check_fields=False)
+    @classmethod
+    def _nsamples(cls, v: Any) -> Any:
+        return sample_count(v)
 
 @dataclass
 class ExplainContext:

@@ -65,15 +65,15 @@ shap's in expectation, not draw for draw.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from explain_cli.explainers import _precision, _utils
 from explain_cli.explainers import base
-from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.explainers.base import Attribution
 from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets, expected_explained
 
@@ -85,7 +85,7 @@ _NOISE_BLOCK = 32
 _FIRST_ROUND = 32  # nsamples auto: samples of the first round (both halves); each later round doubles the total
 
 
-class Settings(ExplainerSettings):
+class Settings(base.SampledSettings):
     """``explainer.*`` keys of the gradient (expected gradients) explainer."""
 
     name: Literal["gradient"] = "gradient"
@@ -100,13 +100,6 @@ class Settings(ExplainerSettings):
     sampling: Literal["stratified", "random"] = Field(
         "stratified", description="'stratified': every background image used equally often, t stratified per "
                                   "reference; 'random': independent draws as shap (same expectation, more noise)")
-    target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
-    max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many samples per image")
-
-    @field_validator("nsamples", mode="before")
-    @classmethod
-    def _nsamples(cls, v: Any) -> Any:
-        return base.sample_count(v)
 
 
 def round_sizes(settings: Settings) -> list[int]:

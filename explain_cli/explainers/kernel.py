@@ -78,7 +78,7 @@ from explain_cli import autobatch, masking
 from explain_cli.errors import ConfigError
 from explain_cli.explainers import _utils
 from explain_cli.explainers import base
-from explain_cli.explainers.base import Attribution, ExplainerSettings
+from explain_cli.explainers.base import Attribution
 from explain_cli.masking import SegmentSettings
 from explain_cli.stability import split_half_stability
 from explain_cli.targets import BatchTargets, as_targets
@@ -86,7 +86,7 @@ from explain_cli.targets import BatchTargets, as_targets
 _FIRST_ROUND = 256  # nsamples auto: coalitions of the first round
 
 
-class Settings(ExplainerSettings):
+class Settings(base.SampledSettings):
     """``explainer.*`` keys of the kernel (Kernel SHAP over superpixels) explainer."""
 
     name: Literal["kernel"] = "kernel"
@@ -94,13 +94,6 @@ class Settings(ExplainerSettings):
     nsamples: Union[int, Literal["auto"]] = Field(
         1000, description="model evaluations (coalitions) per image (shap's nsamples), at most 2**M - 2 are used; "
                           "or 'auto': draw in rounds until the map's split-half stability reaches target_stability")
-    target_stability: float = Field(0.9, gt=0, lt=1, description="nsamples auto: stop an image at this stability")
-    max_nsamples: int = Field(2000, ge=2, le=100_000, description="nsamples auto: at most this many coalitions")
-
-    @field_validator("nsamples", mode="before")
-    @classmethod
-    def _nsamples(cls, v: Any) -> Any:
-        return base.sample_count(v)
     fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
                                           "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
 
