@@ -28,7 +28,6 @@ import csv
 import difflib
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -185,7 +184,7 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
     by_key: dict[str, list[str]] = {}
     for rel in images:
         for k in dict.fromkeys(_match_keys(rel)):
-            by_key.setdefault(k.casefold() if os.name == "nt" else k, []).append(rel)
+            by_key.setdefault(k, []).append(rel)
     found: dict[str, list[int]] = {}
     unmatched = 0
     for line, row in rows:
