@@ -337,3 +337,45 @@ def test_demo_report_in_chromium(tmp_path, browser, serve):
     assert _shown_files(browser)[0] == "coffee.jpg"  # espresso is the surest top-1 (0.9 vs <= 0.4)
     browser.save_screenshot(str(tmp_path / "demo-report.png"))
     assert (tmp_path / "demo-report.png").stat().st_size > 10_000
+
+
+def test_labels_and_the_label_by_top_class_table_in_chromium(tiny_project, browser, serve):
+    """targets.from_csv: the Label column marks agreement with the top class, and a count of the label x
+    top-class table lists exactly those images."""
+    from selenium.webdriver.common.by import By
+
+    _colour_checkpoint(tiny_project)
+    (tiny_project / "labels.txt").write_text("red\ngreen\nblue\n")
+    rng = np.random.default_rng(1)
+    # (dominant channel, label): two agree with the model, one red-looking image is labelled blue
+    images = {"r1.png": (0, "red"), "g1.png": (1, "green"), "r2.png": (0, "blue")}
+    for name, (channel, _) in images.items():
+        arr = rng.integers(40, 90, (24, 28, 3)).astype(np.float64)
+        arr[..., channel] += 160
+        path = tiny_project / "colours" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path)
+    (tiny_project / "truth.csv").write_text("file,label\n" + "".join(f"{n},{lab}\n" for n, (_, lab) in images.items()))
+    result = CliRunner().invoke(app, ["run", str(tiny_project / "config.yaml"), "--no-progress",
+                                      "--input", str(tiny_project / "colours"), "--class", "label", "--class", "top_k",
+                                      "--set", "targets.from_csv={path: truth.csv}", "--set", "output.top_k=1"])
+    assert result.exit_code == 0, result.output
+    server = serve(tiny_project / "out")
+    _open(browser, server.url + REPORT_NAME)
+    assert browser.execute_script("return document.getElementById('confusion').hidden") is False
+    cells = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#confusion tr'), tr => Array.from(tr.children, c => c.textContent))")
+    header, rows = cells[0], {r[0]: dict(zip(cells[0][1:], r[1:])) for r in cells[1:]}
+    assert set(header[1:]) == {"red", "green"}  # the model's top classes
+    assert rows["blue"]["red"] == "1" and rows["red"]["red"] == "1" and rows["green"]["green"] == "1"
+    marks = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#rows tr'), tr => [tr.querySelector('td.file').textContent,"
+        " tr.querySelector('td.lbl').textContent])")
+    assert dict(marks) == {"g1.png": "green \u2713", "r1.png": "red \u2713", "r2.png": "blue \u2717 red"}
+    button = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#confusion button")
+                  if "labelled blue" in b.get_attribute("title"))
+    button.click()
+    _wait(browser, lambda: _shown_files(browser) == ["r2.png"], what="the blue x red cell to filter the rows")
+    # the misclassified tile was explained twice: its label (blue, rank > 1) and its top class (red, rank 1)
+    classes = browser.execute_script("return document.querySelector('#rows td.cls').textContent")
+    assert "blue" in classes and "red" in classes
