@@ -80,15 +80,21 @@ def write_images(root: Path, names: list[str], size: int = 24, seed: int = 0) ->
         Image.fromarray(arr).save(path)
 
 
+def importable_module(folder: Path, name: str, source: str, monkeypatch) -> None:
+    """Write ``folder/name.py`` and make it importable here and in subprocesses (a ``python:`` model
+    factory beside the config, as users have it); a module of that name imported before is forgotten."""
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+    sys.modules.pop(name, None)
+
+
 @pytest.fixture
 def tiny_project(tmp_path, monkeypatch):
     """A config dir with tinynet.py, a checkpoint, labels, images/ and config.yaml; returns paths."""
     import torch
 
-    (tmp_path / "tinynet.py").write_text(TINY_MODEL)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    sys.modules.pop("tinynet", None)
+    importable_module(tmp_path, "tinynet", TINY_MODEL, monkeypatch)
     import tinynet  # noqa: E402
 
     torch.save(tinynet.make(3).state_dict(), tmp_path / "tiny.pt")

@@ -22,7 +22,7 @@ from explain_cli.errors import ConfigError
 from explain_cli.explainers import deep, gradient, kernel, partition
 from explain_cli.explainers.base import ExplainContext
 
-from conftest import REPO, write_images
+from conftest import importable_module, write_images
 from test_deep import calibrate
 
 LABELS = ["normal", "tumor", "Necrosis"]
@@ -258,12 +258,7 @@ BINARY_MODEL = textwrap.dedent('''
 @pytest.fixture
 def binary_project(tmp_path, monkeypatch):
     """A one-logit (sigmoid) tumour model, tiles and a truth CSV beside them."""
-    import os
-
-    (tmp_path / "binnet.py").write_text(BINARY_MODEL)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    sys.modules.pop("binnet", None)
+    importable_module(tmp_path, "binnet", BINARY_MODEL, monkeypatch)
     (tmp_path / "labels.txt").write_text("tumor\n")
     write_images(tmp_path / "tiles", ["t1.png", "t2.png", "t3.png"], size=16)
     config = {
