@@ -80,6 +80,17 @@ def write_images(root: Path, names: list[str], size: int = 24, seed: int = 0) ->
         Image.fromarray(arr).save(path)
 
 
+SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+              "SLURM_ARRAY_JOB_ID")
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_env(monkeypatch):
+    """Tests may themselves run inside a Slurm job: never pick up its array task as a shard."""
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 def importable_module(folder: Path, name: str, source: str, monkeypatch) -> None:
     """Write ``folder/name.py`` and make it importable here and in subprocesses (a ``python:`` model
     factory beside the config, as users have it); a module of that name imported before is forgotten."""

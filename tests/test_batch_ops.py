@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ runner = CliRunner()
 
 SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
               "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_JOB_ID")
-
-
-@pytest.fixture(autouse=True)
-def _no_slurm_env(monkeypatch):
-    """Tests may themselves run inside a Slurm job: never pick up its array task as a shard."""
-    for name in SLURM_VARS:
-        monkeypatch.delenv(name, raising=False)
 
 
 def invoke(*args):

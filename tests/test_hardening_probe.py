@@ -29,12 +29,6 @@ from explain_cli.errors import ConfigError
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _no_slurm_env(monkeypatch):
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 

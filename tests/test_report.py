@@ -24,12 +24,6 @@ HOSTILE_LABELS = ["</script><script>alert(1)</script>", "<img src=x onerror=aler
 HOSTILE_FILE = "q\"><img src=x onerror=alert(3)> #1?x=%41&y 'é' 猫.png"
 
 
-@pytest.fixture(autouse=True)
-def _no_slurm_env(monkeypatch):
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
