@@ -95,6 +95,9 @@ class Attribution:
         for explainers with random draws; None for deterministic ones (partition).
     deletion_auc, insertion_auc: optional (N, k) faithfulness, filled in by the pipeline when
         ``metrics`` asks for it (``metrics.faithfulness``).
+    value_std: optional (N, k, H, W) estimated standard deviation of each pixel's value from the
+        sampling noise (kernel: each superpixel's value, painted like ``values``' channel sum;
+        Covert & Lee's convergence estimate, ``kernel.value_covariance``).
     nsamples_used: optional (N,) samples (model evaluations) each image's map took, for explainers
         with a sample count (gradient, kernel).
     nsamples_capped: optional (N,) True where ``nsamples: auto`` stopped at ``max_nsamples`` before
@@ -118,6 +121,7 @@ class Attribution:
     stability: np.ndarray | None = None
     deletion_auc: np.ndarray | None = None
     insertion_auc: np.ndarray | None = None
+    value_std: np.ndarray | None = None
     nsamples_used: np.ndarray | None = None
     nsamples_capped: np.ndarray | None = None
     ranks: np.ndarray | None = None
