@@ -330,7 +330,8 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
                    segments=None if segments is None else segments[j],
                    values_path=None if values_path is None else str(values_path), classes=classes,
-                   style=prep.config.output.style, caption=overlay_caption(prep, rel))
+                   style=prep.config.output.style, caption=overlay_caption(prep, rel),
+                   value_std=None if attribution.value_std is None else attribution.value_std[j][slots])
     err = attribution.additivity_error[j]
     used = getattr(attribution, "nsamples_used", None)
     used_cell = None if used is None else int(used[j])

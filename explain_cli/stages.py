@@ -191,6 +191,7 @@ class WriteJob:
     classes: np.ndarray | None = None
     style: str = "gray"             # output.style
     caption: str = ""               # the overlay's bottom line (image, explainer, layer)
+    value_std: np.ndarray | None = None  # float32 (k, h, w) std of each pixel's value (kernel), into the npz
 
 
 def write_files(job: WriteJob) -> None:
@@ -200,7 +201,7 @@ def write_files(job: WriteJob) -> None:
     from explain_cli.write import save_values
 
     if job.values_path is not None:
-        save_values(Path(job.values_path), job.values, job.classes, job.segments)
+        save_values(Path(job.values_path), job.values, job.classes, job.segments, job.value_std)
     render_overlay(job.pixels, job.values, job.titles, Path(job.overlay_path), fmt=job.fmt,
                    dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption)
 

@@ -121,14 +121,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def save_values(path: Path, values: np.ndarray, classes: np.ndarray, segments: np.ndarray | None = None) -> None:
+def save_values(path: Path, values: np.ndarray, classes: np.ndarray, segments: np.ndarray | None = None,
+                std: np.ndarray | None = None) -> None:
     """values/<image>.npz: ``values`` float32 (k, C, H, W) and ``classes`` (k,) int64, rank order;
     for a superpixel explainer (kernel) also ``segments`` (H, W) int32, the label map it used, and
-    ``superpixels``, how many superpixels that is (SLIC may give fewer than explainer.segments)."""
+    ``superpixels``, how many superpixels that is (SLIC may give fewer than explainer.segments);
+    with ``std`` (kernel) ``std`` float32 (k, H, W), the estimated standard deviation of each
+    pixel's value (its superpixel's, in the units of the channel-summed map)."""
     arrays = {"values": values.astype(np.float32), "classes": classes.astype(np.int64)}
     if segments is not None:
         arrays["segments"] = np.asarray(segments).astype(np.int32)
         arrays["superpixels"] = np.int64(len(np.unique(segments)))
+    if std is not None:
+        arrays["std"] = np.asarray(std).astype(np.float32)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())

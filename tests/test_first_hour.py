@@ -172,14 +172,17 @@ def test_kernel_values_file_has_the_superpixels_it_used(tiny_project):
         segments = data["segments"]
         assert segments.shape == data["values"].shape[-2:]
         assert int(data["superpixels"]) == len(np.unique(segments)) >= 2
-        for label in np.unique(segments):  # the map is one value per superpixel
+        assert data["std"].shape == (data["values"].shape[0],) + segments.shape  # Covert & Lee's std, per class
+        assert data["std"].min() >= 0 and data["std"].max() > 0
+        for label in np.unique(segments):  # the map is one value per superpixel, and so is its std
             cell = data["values"][0].sum(0)[segments == label]
             assert np.allclose(cell, cell[0], atol=1e-6)
+            assert np.all(data["std"][0][segments == label] == data["std"][0][segments == label][0])
     result = invoke("run", tiny_project / "config.yaml", "--no-progress", "--limit", "1", "--output",
                     tiny_project / "grad", "--set", "output.save_values=true")
     assert result.exit_code == 0
     data = np.load(next((tiny_project / "grad" / "values").rglob("*.npz")))
-    assert "superpixels" not in data.files  # gradient has no superpixels
+    assert "superpixels" not in data.files and "std" not in data.files  # gradient has no superpixels
 
 
 # --- item 10: the config reference (docs/config-reference.md) shows the defaults ---------------------------------

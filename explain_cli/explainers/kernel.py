@@ -99,6 +99,10 @@ class Settings(base.SampledSettings):
         "shap", description="how the random coalitions are drawn: 'shap' (subset sizes by the Shapley kernel, "
                             "as shap's KernelExplainer) or 'leverage' (every subset size equally often, "
                             "reweighted: Leverage SHAP); both paired, after the same enumerated sizes")
+    stability_from: Literal["variance", "split_half"] = Field(
+        "variance", description="how the map's stability (topk.csv, and what nsamples auto stops on) is estimated: "
+                                "'variance' from Covert & Lee's variance of the values, 'split_half' from two "
+                                "regressions on halves of the drawn coalitions")
     fill: Any = Field("mean", description="hidden superpixels: 'mean' (the image's mean colour), a colour "
                                           "[r, g, b] or one grey level (0-255), or 'blur(KX,KY)'")
 
@@ -335,6 +339,33 @@ def value_covariance(masks: np.ndarray, weights: np.ndarray, y: np.ndarray, fx: 
     return lift @ cov_coef @ lift.T
 
 
+def variance_stability(phi: np.ndarray, cov: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(k,) the reliability of the painted maps (the quantity ``stability`` estimates: the expected
+    correlation of the map with a rerun at another seed) from the covariance of the values.
+
+    Over the pixels, each superpixel weighs its area ``a``: the map's variance is ``var_a(phi)``
+    and the sampling noise adds ``tr((diag(a) - a a') cov)`` to it on average, so the share of the
+    variance that is not noise is ``1 - noise / var_a(phi)``. NaN where the map is constant.
+    """
+    m = phi.shape[0]
+    area = np.bincount(labels.ravel(), minlength=m).astype(np.float64)
+    area /= area.sum()
+    centred = phi - area @ phi
+    var = area @ (centred * centred)  # (k,)
+    weight = np.diag(area) - np.outer(area, area)
+    noise = np.einsum("ij,kji->k", weight, cov)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, 1.0 - noise / np.where(var > 0, var, 1.0), np.nan)
+
+
+def std_ratio(phi: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(k,) Covert & Lee's convergence measure: the largest standard deviation of a value over the
+    range of the values, ``max std / (max phi - min phi)`` (their stopping rule: below 0.01)."""
+    spread = phi.max(0) - phi.min(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(spread > 0, std.max(0) / np.where(spread > 0, spread, 1.0), np.nan)
+
+
 def split_half(masks: np.ndarray, weights: np.ndarray, nfixed: int) -> list[np.ndarray] | None:
     """Row weights of the two split halves used for stability, or None when there is no random part.
 
@@ -528,9 +559,11 @@ class Explainer(base.Explainer):
                 for i in active:
                     item = prepared[i]
                     y = torch.cat(item.outputs).cpu().numpy()
-                    reached = self._stability(item, y[1:], fx[i], y[0], channels)
+                    _, _, reached = self._convergence(item, y[1:], fx[i], y[0], channels)
                     reached = reached[np.isfinite(reached)]
-                    if item.sampler is None or reached.size == 0 or reached.min() >= settings.target_stability:
+                    if item.sampler is None or item.sampler.complete:
+                        continue
+                    if self._estimable(item) and (reached.size == 0 or reached.min() >= settings.target_stability):
                         continue
                     count = min(item.masks.shape[0], int(settings.max_nsamples) - item.masks.shape[0])
                     added = item.sampler.draw(count) if count > 0 else 0
@@ -560,16 +593,11 @@ class Explainer(base.Explainer):
         value_std = np.zeros((n_images, k, height, width), dtype=np.float32)
         for i, item in enumerate(prepared):
             fnull, y = y_all[i][0], y_all[i][1:]
-            if item.masks.shape[0] == 0:
-                phi = (fx[i] - fnull)[None, :]
-            else:
-                phi = solve(item.masks, item.weights, y, fx[i], fnull)
-                std = self._std(item, y, fx[i], fnull, phi)
-                value_std[i] = std.T[:, item.labels]
+            phi, std, stability[i] = self._convergence(item, y, fx[i], fnull, channels)
+            value_std[i] = std.T[:, item.labels]
             values[i] = masking.paint(phi, item.labels, channels)
             shap_sum[i] = phi.sum(0)
             base_values[i] = fnull
-            stability[i] = self._stability(item, y, fx[i], fnull, channels)
 
         return Attribution(
             values=values,
@@ -584,23 +612,39 @@ class Explainer(base.Explainer):
             nsamples_capped=np.array([item.capped for item in prepared]) if self.settings.nsamples == "auto" else None,
         )
 
-    @staticmethod
-    def _std(item: _Image, y: np.ndarray, fx: np.ndarray, fnull: np.ndarray, phi: np.ndarray) -> np.ndarray:
-        """(M, k) estimated standard deviation of each superpixel's value (:func:`value_covariance`;
-        zero when every coalition was enumerated)."""
-        if item.sampler is None or item.nfixed == item.masks.shape[0]:
-            return np.zeros_like(phi)
+    def _convergence(self, item: _Image, y: np.ndarray, fx: np.ndarray, fnull: np.ndarray,
+                     channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An image's values phi (M, k), their estimated standard deviations (M, k; Covert & Lee,
+        :func:`value_covariance`) and the (k,) stability of its maps, estimated as
+        ``stability_from`` says. Exact values (every coalition enumerated) have std 0 and stability
+        1; NaN stability where it cannot be estimated (a constant map, too few draws to split)."""
+        k = fx.shape[0]
+        if item.masks.shape[0] == 0:  # a single superpixel: exact
+            return (fx - fnull)[None, :], np.zeros((1, k)), np.ones(k)
+        phi = solve(item.masks, item.weights, y, fx, fnull)
+        if item.nfixed == item.masks.shape[0]:
+            return phi, np.zeros_like(phi), np.ones(k)
         cov = value_covariance(item.masks, item.weights, y, fx, fnull, phi, item.sampler.unit_array())
-        return np.sqrt(np.maximum(np.einsum("kii->ik", cov), 0.0))
+        std = np.sqrt(np.maximum(np.einsum("kii->ik", cov), 0.0))
+        settings: Settings = self.settings  # type: ignore[assignment]
+        if settings.stability_from == "variance":
+            stability = variance_stability(phi, cov, item.labels) if self._estimable(item) else np.full(k, np.nan)
+            return phi, std, stability
+        return phi, std, self._split_half_stability(item, y, fx, fnull, channels)
 
     @staticmethod
-    def _stability(item: _Image, y: np.ndarray, fx: np.ndarray, fnull: np.ndarray, channels: int) -> np.ndarray:
-        """(k,) split-half reliability over the drawn coalitions (see :func:`split_half`); 1 when
-        every coalition was enumerated (exact values: a rerun gives the same map), NaN when too few
-        were drawn to split."""
+    def _estimable(item: _Image) -> bool:
+        """Enough draws for the variance estimate: more than the M - 1 free values (every estimate is
+        fine for split-half, which reports NaN itself when it cannot split)."""
+        sampler = item.sampler
+        return sampler is None or sampler.complete or sum(unit[2] for unit in sampler.units) >= sampler.m
+
+    @staticmethod
+    def _split_half_stability(item: _Image, y: np.ndarray, fx: np.ndarray, fnull: np.ndarray,
+                              channels: int) -> np.ndarray:
+        """(k,) split-half reliability over the drawn coalitions (see :func:`split_half`), NaN when
+        too few were drawn to split."""
         k = fx.shape[0]
-        if item.masks.shape[0] == 0 or item.nfixed == item.masks.shape[0]:
-            return np.ones(k)
         halves = split_half(item.masks, item.weights, item.nfixed)
         if halves is None:
             return np.full(k, np.nan)
