@@ -250,7 +250,8 @@ def main() -> None:
                     table[arm][n].append(est["r"])
                     history.append(est)
                 runs.append(history)
-                stops[arm].append([(e["n"], e["r"], e["split"], e["variance"], e["ratio"]) for e in history])
+                stops[arm].append([(e["n"], e["r"], e["split"], e["variance"], e["ratio"], ref_stability[i])
+                                   for e in history])
             for j, n in enumerate(budgets):  # split-half / variance stability vs the seeds' agreement
                 for a in range(len(runs)):
                     for b in range(a + 1, len(runs)):
@@ -259,24 +260,27 @@ def main() -> None:
                             calib[arm][n].append((rerun, x["split"], x["variance"]))
         print(f"  image {i} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    floor = statistics.median((1 - v) / 2 for v in ref_stability)
-    print(f"\nmedian r with the reference over {len(games)} images x {args.seeds} seeds (top-1 class, painted maps); "
-          f"1 - r in brackets. The reference's own noise adds about {floor:.4f} to every 1 - r "
-          "((1 - its variance stability) / 2)")
+    # The reference is noisy too: r(map, reference) = r(map, truth) * r(reference, truth) on average,
+    # and r(reference, truth) = sqrt(its reliability) (Spearman's correction for attenuation).
+    corrected = {a: {n: [r / math.sqrt(ref_stability[idx // args.seeds]) for idx, r in enumerate(rs)]
+                     for n, rs in table[a].items()} for a in arms}
+    print(f"\nmedian over {len(games)} images x {args.seeds} seeds (top-1 class, painted maps) of r with the reference, "
+          "and in brackets 1 - r corrected for the reference's noise (r / sqrt(the reference's variance stability))")
     print(f"{'coalitions':>10}  " + "  ".join(f"{a:>18}" for a in arms))
     all_budgets = sorted(set(budgets) | set(shap_budgets))
     for n in all_budgets:
         cells = []
         for a in arms:
             rs = table[a].get(n)
-            cells.append(f"{statistics.median(rs):8.4f} ({1 - statistics.median(rs):.4f})" if rs else f"{'-':>18}")
+            cells.append(f"{statistics.median(rs):8.4f} ({1 - statistics.median(corrected[a][n]):.4f})" if rs
+                         else f"{'-':>18}")
         print(f"{n:10d}  " + "  ".join(cells))
     if shap_budgets:
         def err(a: str, n: int) -> float:
-            return max(1 - statistics.median(table[a][n]) - floor, 1e-6)
+            return max(1 - statistics.median(corrected[a][n]), 1e-6)
         goal = err("shap", max(shap_budgets))
-        print(f"\ncoalitions for shap's {max(shap_budgets)}-coalition error (1 - r less the reference's noise: "
-              f"{goal:.4f}), log-log interpolated between budgets:")
+        print(f"\ncoalitions for shap's {max(shap_budgets)}-coalition error (corrected 1 - r = {goal:.4f}), "
+              "log-log interpolated between budgets (extrapolated past the last):")
         for a in arms[1:]:
             print(f"  {a:>14}: {needed(budgets, [err(a, n) for n in budgets], goal)}")
         if len(shap_budgets) > 1:
@@ -295,7 +299,7 @@ def main() -> None:
     rules = [("split-half >= 0.9", 2, lambda v: v >= 0.9), ("variance >= 0.9", 3, lambda v: v >= 0.9),
              ("std/range <= 0.05", 4, lambda v: v <= 0.05), ("std/range <= 0.01", 4, lambda v: v <= 0.01)]
     print(f"\nstopping rules on the rounds {budgets} (per image x seed: the count each rule stops at, * = not "
-          "reached by the last, and the map's r with the reference there)")
+          "reached by the last, and the map's r with the reference there, corrected as above)")
     for a in arms[1:]:
         print(f"{a:>14}  " + "  ".join(f"{name:>20}" for name, _, _ in rules))
         for history in stops[a]:
@@ -303,7 +307,7 @@ def main() -> None:
             for _, col, rule in rules:
                 stop = next((h for h in history if rule(h[col])), None)
                 h = stop or history[-1]
-                cells.append(f"{h[0]:5d}{'*' if stop is None else ' '} r {h[1]:.4f}")
+                cells.append(f"{h[0]:5d}{'*' if stop is None else ' '} r {h[1] / math.sqrt(h[5]):.4f}")
             print(f"{'':>14}  " + "  ".join(f"{c:>20}" for c in cells))
     print(f"# {time.perf_counter() - started:.0f} s; {sum(g.evaluations for g in games)} model evaluations "
           "(ours and the reference; shap's own not counted)")

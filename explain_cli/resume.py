@@ -46,7 +46,9 @@ IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclu
 #: run.json lacks them, and that is no difference when the new value is this one.
 NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "targets.from_csv": None,
                     "targets.from_csv.image": None, "targets.from_csv.class": None,
-                    "targets.from_csv.separator": None}
+                    "targets.from_csv.separator": None,
+                    "explainer.sampling": "shap",  # kernel: shap's coalitions (gradient's key predates no run.json of it)
+                    "explainer.stability_from": "split_half"}  # kernel: the stability column's estimate before it
 #: Config paths compared as absolute paths.
 PATH_KEYS = {"input.dir", "background.dir"}
 

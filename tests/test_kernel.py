@@ -556,3 +556,17 @@ def test_leverage_agrees_with_shap_kernel_explainer_at_a_large_count(model, imag
         for r in range(2):
             assert pearson(ours[:, r], values[:, r]) >= 0.99, (n, r)
         np.testing.assert_allclose(ours.sum(0), values.sum(0), atol=1e-4)
+
+
+def test_resume_of_a_kernel_folder_from_before_the_new_keys():
+    """An older kernel run.json lacks sampling and stability_from: sampling shap is what it did (no
+    difference); the variance stability is a different column estimate (a difference, unless the
+    rerun asks for split_half)."""
+    from explain_cli import resume
+
+    old = {"settings": {"explainer.name": "kernel", "explainer.nsamples": 1000}}
+    new = {"settings": {**old["settings"], "explainer.sampling": "shap", "explainer.stability_from": "split_half"}}
+    assert resume.differences(old, new) == []
+    changed = {"settings": {**new["settings"], "explainer.stability_from": "variance", "explainer.sampling": "leverage"}}
+    diffs = resume.differences(old, changed)
+    assert len(diffs) == 2 and any("stability_from" in d for d in diffs) and any("leverage" in d for d in diffs)

@@ -29,10 +29,21 @@ For each image ``x``:
   left. With ``nsamples >= 2**M - 2`` every coalition is enumerated and the result is the exact
   Shapley values of the masking game. The random part is paired (a drawn subset and its
   complement, the antithetic pairs of Covert & Lee 2021), as in shap.
+* **sampling: leverage** (Leverage SHAP, Musco & Witter, ICLR 2025) keeps the enumerated part and
+  draws the random part's subset sizes uniformly over the size classes instead of by the kernel
+  (paired as well), each drawn row weighted by its kernel mass over its draw probability; the
+  estimate converges to the same Shapley values.
 * **nsamples: auto** draws 256 coalitions first (enumerating what shap enumerates at 256), then
   more of the random part (``CoalitionSampler.draw``) in rounds that double the total, until the
-  split-half stability of every class's map reaches ``target_stability`` or ``max_nsamples`` is
-  spent, per image.
+  stability of every class's map reaches ``target_stability`` or ``max_nsamples`` is spent, per
+  image.
+* **Convergence** (``value_covariance``): the covariance of the values estimated from the drawn
+  coalitions themselves (Covert & Lee 2021: the central limit theorem over the paired draws,
+  propagated through the constrained least squares; the enumerated rows add no variance), no
+  extra model evaluation. It gives each superpixel's standard deviation (``value_std``, written to
+  the values npz as ``std``) and, by default (``stability_from: variance``), the map's
+  ``stability``: the share of the map's variance over the pixels that is not sampling noise,
+  i.e. the expected correlation with a rerun.
 * **Model output** ``v(z)``: the raw model output (e.g. logit) of each of the top-k classes (ranked
   on the raw output of the unmasked image, as shap's ``ranked_outputs``) for the masked image.
   ``f(x) = v(all shown)`` is the output of the unmasked image, ``f(all hidden)`` the output of the
@@ -50,8 +61,9 @@ segment) is the superpixel's value, as in seed 004's ``fill_segmentation``; the 
 image can be read back from the saved map alone. Hence ``values.sum()`` is *not* ``sum(phi)`` (each
 value is counted once per pixel): ``shap_sum`` is ``sum(phi)``. ``outputs`` is ``f(x)``,
 ``base_values`` is ``f(all hidden)``, so the additivity error is zero up to float rounding.
-``stability`` comes from two more regressions per image on two halves of the drawn coalitions (the
-enumerated ones in both; see ``split_half``): no extra model evaluation.
+``stability`` comes from the variance estimate (``variance_stability``), or with
+``stability_from: split_half`` from two more regressions per image on two halves of the drawn
+coalitions (the enumerated ones in both; see ``split_half``): no extra model evaluation either way.
 
 Batching: the rows of all images of a call (one all-hidden row plus the coalitions of each image)
 are built on the model's device from the coalition masks and the label maps, and evaluated in
@@ -94,7 +106,7 @@ class Settings(base.SampledSettings):
     segments: SegmentSettings = Field(default_factory=SegmentSettings)
     nsamples: Union[int, Literal["auto"]] = Field(
         1000, description="model evaluations (coalitions) per image (shap's nsamples), at most 2**M - 2 are used; "
-                          "or 'auto': draw in rounds until the map's split-half stability reaches target_stability")
+                          "or 'auto': draw in rounds until the map's stability reaches target_stability")
     sampling: Literal["shap", "leverage"] = Field(
         "shap", description="how the random coalitions are drawn: 'shap' (subset sizes by the Shapley kernel, "
                             "as shap's KernelExplainer) or 'leverage' (every subset size equally often, "
