@@ -58,8 +58,9 @@ _KNOWN = [
     ("probability", "Probability", "softmax probability of the class", "prob", "high"),
     ("additivity_error", "Additivity error", "|shap_sum - (output - base_value)|: how far the "
      "attributions are from summing to the explained output", "sci", "low"),
-    ("stability", "Stability", "split-half reliability of the map (Spearman-Brown corrected): the "
-     "expected correlation with a rerun at another seed; below 0.5 the map is mostly noise", "fixed2", "high"),
+    ("stability", "Stability", "reliability of the map (split-half, Spearman-Brown corrected; kernel: from the "
+     "variance of its values): the expected correlation with a rerun at another seed; below 0.5 the map is mostly "
+     "noise", "fixed2", "high"),
     ("deletion_auc", "Deletion AUC", "probability of the class as the most-attributed pixels are "
      "removed first (area under the curve): lower is more faithful", "fixed3", "low"),
     ("insertion_auc", "Insertion AUC", "probability of the class as the most-attributed pixels are "

@@ -89,21 +89,23 @@ def test_deep_stability_over_background_halves():
     assert single.stability is None  # one reference: nothing to split
 
 
-def test_kernel_stability_matches_reruns_and_is_one_when_exact():
+@pytest.mark.parametrize("stability_from", ["variance", "split_half"])
+def test_kernel_stability_matches_reruns_and_is_one_when_exact(stability_from):
     torch.manual_seed(3)
     model = tiny_model()
     x = torch.randn(1, 3, 24, 24)
     segments = kernel.SegmentSettings(n_segments=12, compactness=10, sigma=1)
     runs = []
     for seed in range(10):
-        settings = kernel.Settings(nsamples=120, segments=segments)
+        settings = kernel.Settings(nsamples=120, segments=segments, stability_from=stability_from)
         runs.append(kernel.Explainer(context(model, torch.zeros(0, 3, 24, 24), settings)).explain(x, 1, [seed]))
     stability = np.array([r.stability[0, 0] for r in runs])
     rerun = rerun_correlation([r.values[0, 0] for r in runs])
     se = np.hypot(stability.std(ddof=1) / np.sqrt(len(runs)), rerun.std(ddof=1) / np.sqrt(len(runs)))
     assert abs(stability.mean() - rerun.mean()) < 3 * se + 0.02, (stability.mean(), rerun.mean(), se)
     exact = kernel.Explainer(context(model, torch.zeros(0, 3, 24, 24),
-                                     kernel.Settings(nsamples=100_000, segments=segments))).explain(x, 1, [0])
+                                     kernel.Settings(nsamples=100_000, segments=segments,
+                                                     stability_from=stability_from))).explain(x, 1, [0])
     assert exact.stability[0, 0] == 1.0
 
 
