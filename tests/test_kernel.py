@@ -570,3 +570,15 @@ def test_resume_of_a_kernel_folder_from_before_the_new_keys():
     changed = {"settings": {**new["settings"], "explainer.stability_from": "variance", "explainer.sampling": "leverage"}}
     diffs = resume.differences(old, changed)
     assert len(diffs) == 2 and any("stability_from" in d for d in diffs) and any("leverage" in d for d in diffs)
+
+
+def test_variance_stability_needs_more_draws_than_superpixels(model):
+    """Fewer draws than free values: no variance estimate (blank stability), and nsamples auto
+    keeps drawing rather than stopping on it."""
+    x = smooth_images(1, size=48)
+    settings = dict(segments={"n_segments": 60, "compactness": 10, "sigma": 1})
+    few = make(model, nsamples=60, **settings).explain(x, 1, [1])
+    assert int(few.segments.max()) + 1 > 40 and np.isnan(few.stability[0, 0])
+    assert np.isfinite(make(model, nsamples=60, stability_from="split_half", **settings).explain(x, 1, [1]).stability[0, 0])
+    auto = make(model, nsamples="auto", max_nsamples=40, **settings).explain(x, 1, [1])  # capped before estimable
+    assert auto.nsamples_used[0] == 40 and auto.nsamples_capped[0]
