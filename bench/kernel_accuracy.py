@@ -6,32 +6,41 @@
 
 The game is the kernel explainer's (configs/kernel.yaml: SLIC with n_segments 50, compactness 30,
 sigma 3, the image's mean colour as fill, the top-1 class's logit), on the photos of
-sample_images/ resized to --size (default 112 px: about 50 superpixels still, and a CPU run of
-both models fits in about 20 minutes of a 2-core machine at the default settings). For each image
+sample_images/ resized to --size (default 112 px: about 50 superpixels still, and at the
+default settings each model's run took about 17 minutes on one core of a 2-core machine, the two
+models side by side). For each image
 and each arm, the top class's map is compared with a reference map: the Pearson r of the painted
 maps (each superpixel weighted by its area, what an overlay shows). Arms, per budget n (coalitions
 = model evaluations per image):
 
 * shap      - ``shap.KernelExplainer(f, zeros).shap_values(ones, nsamples=n, l1_reg=False)``
               (numpy's global generator seeded per run);
-* shap-s    - ours, ``sampling: shap`` (shap's sampling, our own random stream);
-* leverage  - ours, ``sampling: leverage`` (every subset size equally often, reweighted).
+* ours-shap     - ours, ``sampling: shap`` (shap's sampling, our own random stream);
+* ours-leverage - ours, ``sampling: leverage`` (every subset size equally often, reweighted).
 
 Ours are computed with the explainer's own pieces (``CoalitionSampler``, ``solve``,
 ``value_covariance``) on the same coalitions an ``explain()`` call with that seed uses (checked
-once per run). The reference is ours with ``sampling: shap`` at --reference coalitions; its
-estimated reliability (Covert & Lee's variance, ``variance_stability``) is printed: 1 - it bounds
-how close any arm can look.
+once per run for each sampling): per seed one sampler at the first budget, grown to the next ones
+as ``nsamples: auto`` grows it (at 500 coalitions and about 50 superpixels shap's rule enumerates
+the subsets of size 1 and 49, as it does at 1000 and 2000, so the grown sampler draws from the same
+distribution as a fresh one at that budget). The reference is ours with ``sampling: shap`` at
+--reference coalitions. It is noisy too, so every r is also given corrected for attenuation:
+r(map, truth) = r(map, reference) / sqrt(reliability of the reference), the reliability being its
+variance stability (Covert & Lee's variance, ``variance_stability``, checked against reruns in the
+tests); "coalitions needed" uses the corrected errors.
 
 Then two more tables, from the same evaluations:
 
 * stability estimates against what they estimate: for ours at each budget, the split-half
-  stability and the variance-based one (from Covert & Lee's covariance) next to the correlation of
-  the maps of two seeds (a direct draw of the reliability both estimate);
-* nsamples auto: 256 coalitions, then rounds that double the total up to 2000 (as the explainer
-  does), the count at which each rule (split-half stability >= 0.9, variance stability >= 0.9,
-  Covert & Lee's max std / range <= 0.05 and <= 0.01) would stop, and the map's r with the reference
-  there.
+  stability and the variance-based one next to the correlation of the maps of two seeds (a direct
+  draw of the reliability both estimate);
+* stopping rules on the rounds of the budgets (as ``nsamples: auto`` would stop if its rounds were
+  these): the count at which each rule (split-half stability >= 0.9, variance stability >= 0.9,
+  Covert & Lee's max std / range <= 0.05 and <= 0.01) stops, and the map's corrected r there.
+
+The shap arm's own model calls are not counted in the printed total; on the CPU the run is
+dominated by the model calls (about 25 ms per 112 px image on one core for the demo model).
+--device cuda runs the model calls on the GPU (shap's own work and the regressions stay on the CPU).
 """
 
 from __future__ import annotations
