@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=256, help="rows per model call")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--save", default=None, help="write the raw r values, estimates and rounds to this JSON file")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     shap_budgets = [int(b) for b in args.shap_budgets.split(",") if b]
@@ -241,7 +242,7 @@ def main() -> None:
     arms = (["shap"] if shap_budgets else []) + [f"ours-{s}" for s in samplings]
     table: dict[str, dict[int, list[float]]] = {a: {n: [] for n in (shap_budgets if a == "shap" else budgets)}
                                                 for a in arms}
-    calib: dict[str, dict[int, list[tuple[float, float, float]]]] = {a: {n: [] for n in budgets} for a in arms[1:]}
+    calib: dict[str, dict[int, list[tuple[int, float, float, float]]]] = {a: {n: [] for n in budgets} for a in arms[1:]}
     stops: dict[str, list[list[tuple[int, float, float]]]] = {a: [] for a in arms[1:]}
     for i, game in enumerate(games):
         for n in shap_budgets:
@@ -266,7 +267,7 @@ def main() -> None:
                     for b in range(a + 1, len(runs)):
                         rerun = r_map(runs[a][j]["phi"], runs[b][j]["phi"], game.labels)
                         for x in (runs[a][j], runs[b][j]):
-                            calib[arm][n].append((rerun, x["split"], x["variance"]))
+                            calib[arm][n].append((i, rerun, x["split"], x["variance"]))
         print(f"  image {i} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     # The reference is noisy too: r(map, reference) = r(map, truth) * r(reference, truth) on average,
@@ -284,11 +285,27 @@ def main() -> None:
             cells.append(f"{statistics.median(rs):8.4f} ({1 - statistics.median(corrected[a][n]):.4f})" if rs
                          else f"{'-':>18}")
         print(f"{n:10d}  " + "  ".join(cells))
+    # The median of images x seeds jumps between images when they differ in noise; the mean of the
+    # corrected error 1 - r is linear in the noise variance (for small noise), so it averages
+    # honestly over images and seeds: the "coalitions needed" use it.
+    n_img = len(games)
+    print("\nmean corrected 1 - r (all images x seeds), then per image")
+    print(f"{'coalitions':>10}  " + "  ".join(f"{a:>14}" for a in arms) + "   per image")
+    for n in all_budgets:
+        cells, per = [], []
+        for a in arms:
+            rs = corrected[a].get(n)
+            if not rs:
+                cells.append(f"{'-':>14}")
+                continue
+            cells.append(f"{1 - float(np.mean(rs)):14.4f}")
+            per.append("/".join(f"{1 - float(np.mean(rs[k * args.seeds:(k + 1) * args.seeds])):.3f}" for k in range(n_img)))
+        print(f"{n:10d}  " + "  ".join(cells) + "   " + "  ".join(per))
     if shap_budgets:
         def err(a: str, n: int) -> float:
-            return max(1 - statistics.median(corrected[a][n]), 1e-6)
+            return max(1 - float(np.mean(corrected[a][n])), 1e-6)
         goal = err("shap", max(shap_budgets))
-        print(f"\ncoalitions for shap's {max(shap_budgets)}-coalition error (corrected 1 - r = {goal:.4f}), "
+        print(f"\ncoalitions for shap's {max(shap_budgets)}-coalition mean corrected error {goal:.4f}, "
               "log-log interpolated between budgets (extrapolated past the last):")
         for a in arms[1:]:
             print(f"  {a:>14}: {needed(budgets, [err(a, n) for n in budgets], goal)}")
@@ -296,14 +313,21 @@ def main() -> None:
             print(f"  {'shap':>14}: {needed(shap_budgets, [err('shap', n) for n in shap_budgets], goal)}")
 
     if args.seeds >= 2:
-        print("\nstability estimates (median over images x seeds) vs the correlation of two seeds' maps (what both "
-              "estimate); median |estimate - that correlation|")
-        print(f"{'arm':>14} {'coalitions':>10}  {'two seeds':>9}  {'split-half':>10} {'|err|':>6}  {'variance':>8} {'|err|':>6}")
+        print("\nstability estimates vs the correlation of two seeds' maps (what both estimate), per image: mean over "
+              "seed pairs of that correlation, mean (sd) of each estimate over the seeds' runs")
+        print(f"{'arm':>14} {'coalitions':>10} {'image':>5}  {'two seeds':>9}  {'split-half (sd)':>16}  {'variance (sd)':>16}")
         for a in arms[1:]:
             for n in budgets:
-                rerun, split, var = (np.array(c) for c in zip(*calib[a][n]))
-                print(f"{a:>14} {n:10d}  {np.median(rerun):9.4f}  {np.nanmedian(split):10.4f} "
-                      f"{np.nanmedian(np.abs(split - rerun)):6.4f}  {np.median(var):8.4f} {np.median(np.abs(var - rerun)):6.4f}")
+                for k in range(n_img):
+                    rows = [c for c in calib[a][n] if c[0] == k]
+                    rerun, split, var = (np.array(c) for c in list(zip(*rows))[1:])
+                    print(f"{a:>14} {n:10d} {k:5d}  {rerun.mean():9.4f}  {np.nanmean(split):8.4f} ({np.nanstd(split):.4f})"
+                          f"  {var.mean():8.4f} ({var.std():.4f})")
+    if args.save:
+        import json
+
+        Path(args.save).write_text(json.dumps({"args": vars(args), "r": table, "reference_stability": ref_stability,
+                                               "calibration": calib, "rounds": stops}, default=float))
 
     rules = [("split-half >= 0.9", 2, lambda v: v >= 0.9), ("variance >= 0.9", 3, lambda v: v >= 0.9),
              ("std/range <= 0.05", 4, lambda v: v <= 0.05), ("std/range <= 0.01", 4, lambda v: v <= 0.01)]
