@@ -69,6 +69,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40, help="one random view per training photo per epoch")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--network", default="auto", choices=["auto", "features", "pixels"])
+    ap.add_argument("--target-views", type=int, default=4000,
+                    help="training views for the arithmetic line (bench/results-amortized.txt's scaling table: "
+                         "the views the features network needed to pass kernel@500 at 224 px, 14 x 14)")
     ap.add_argument("--reference", type=int, default=10_000, help="kernel evaluations of the reference")
     ap.add_argument("--budget", type=int, default=500, help="evaluations of kernel and partition")
     ap.add_argument("--top-k", type=int, default=2)
@@ -90,6 +94,7 @@ def main() -> None:
         demo["input"] = {"dir": str(work / "train")}
         demo["explainer"] = {"name": "amortized", "segments": {"grid": args.grid}, "fill": fill,
                              "train": {"epochs": args.epochs, "pairs": args.pairs, "width": args.width,
+                                       "network": args.network,
                                        "images_per_step": 2, "holdout": 0.0, "augment": True}}
         demo["output"] = {"dir": str(work / "out")}
         demo["device"] = "cpu"
@@ -119,6 +124,7 @@ def main() -> None:
         }
         reference = kernel.Explainer(context(kernel.Settings(segments={"grid": args.grid}, fill=fill,
                                                              nsamples=args.reference)))
+        network = torch.load(work / "explainer.pt", weights_only=True)["network"]["kind"]
         for explainer in methods.values():  # warm-up with the timed batch shapes (first calls allocate), not timed
             explainer.explain(x, args.top_k, seeds)
         t = time.perf_counter()
@@ -149,7 +155,7 @@ def main() -> None:
             f"# demo model (tf_efficientnet_lite0) at {args.size} px, {args.grid}x{args.grid} players, fill {fill}, "
             f"top-{args.top_k} classes of {len(HELD_OUT)} held-out photos ({', '.join(HELD_OUT)})",
             f"# training: {len(TRAIN_PHOTOS)} photos x {args.epochs} epochs = {len(TRAIN_PHOTOS) * args.epochs} "
-            f"random crop/flip views, {args.pairs} coalition pairs per view, width {args.width}: "
+            f"random crop/flip views, {args.pairs} coalition pairs per view, network {network}, width {args.width}: "
             f"{train_seconds:.1f} s, {result.model_evaluations} model evaluations",
             f"# reference: kernel@{args.reference} ({ref_seconds:.2f} s per image; its split-half stability "
             f"{np.nanmedian(ref.stability):.3f})",
@@ -161,6 +167,11 @@ def main() -> None:
                          f"{dele:>9.4f} {ins:>10.4f}")
         lines.append(f"break-even: training pays for itself after {break_even:.0f} images "
                      f"(vs kernel@{args.budget}: {train_seconds:.1f} s / ({t_kernel:.3f} - {t_amo:.4f}) s per image)")
+        rate = result.model_evaluations / train_seconds
+        lines.append(f"arithmetic: {args.target_views} views x {2 + 2 * args.pairs} evaluations = "
+                     f"{args.target_views * (2 + 2 * args.pairs)} model evaluations at this run's training rate "
+                     f"({rate:.1f} evaluations/s, explainer updates included) = "
+                     f"{args.target_views * (2 + 2 * args.pairs) / rate / 60:.0f} min of training")
         text = "\n".join(lines) + "\n\n"
         print(text, end="")
         with open(args.out, "a", encoding="utf-8") as fh:

@@ -103,8 +103,9 @@ class _Game:
     """The masking game of a batch of images: model outputs for coalitions, in model batches."""
 
     def __init__(self, model: torch.nn.Module, labels: np.ndarray, cfg: Config, batch_size: int,
-                 fill: Any, device: torch.device) -> None:
+                 fill: Any, device: torch.device, features: torch.nn.Module | None = None) -> None:
         self.model = model
+        self.features = features
         self.labels = torch.from_numpy(labels.reshape(-1)).to(device)
         self.mean, self.std = tuple(cfg.preprocess.mean), tuple(cfg.preprocess.std)
         self.batch_size = batch_size
@@ -112,22 +113,30 @@ class _Game:
         self.device = device
         self.evaluations = 0
 
-    def __call__(self, x: torch.Tensor, masks: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Fill images (B, C, H, W), v(all) (B, K), v(none) (B, K), v(S) (B, S, K) for images x
-        (B, C, H, W) and masks (B, S, M)."""
+    def __call__(self, x: torch.Tensor, masks: np.ndarray) -> tuple[Any, ...]:
+        """Fill images (B, C, H, W), the feature maps of images and fills (2B, D, h, w; None without
+        a features network), v(all) (B, K), v(none) (B, K), v(S) (B, S, K) for images x (B, C, H, W)
+        and masks (B, S, M)."""
         n, s = masks.shape[:2]
         fills = masking.fill_images(x, self.fill, self.mean, self.std)
         shown = torch.from_numpy(masks).to(self.device)
         rows = torch.cat([x, fills] + [masking.compose(shown[b], self.labels, x[b], fills[b]) for b in range(n)])
-        out = _utils.forward_in_chunks(self.model, rows, self.batch_size).float()
+        features = None
+        if self.features is not None:
+            with amortized.tap(self.features) as maps:
+                out = _utils.forward_in_chunks(self.model, rows, self.batch_size).float()
+            features = torch.cat(maps)[:2 * n].float()
+        else:
+            out = _utils.forward_in_chunks(self.model, rows, self.batch_size).float()
         self.evaluations += rows.shape[0]
-        return fills, out[:n], out[n:2 * n], out[2 * n:].view(n, s, -1)
+        return fills, features, out[:n], out[n:2 * n], out[2 * n:].view(n, s, -1)
 
 
-def _loss(net: torch.nn.Module, x: torch.Tensor, fills: torch.Tensor, masks: torch.Tensor,
-          v_all: torch.Tensor, v_none: torch.Tensor, v_s: torch.Tensor) -> torch.Tensor:
+def _loss(net: torch.nn.Module, weight: torch.Tensor | None, x: torch.Tensor, fills: torch.Tensor,
+          features: torch.Tensor | None, masks: torch.Tensor, v_all: torch.Tensor, v_none: torch.Tensor,
+          v_s: torch.Tensor) -> torch.Tensor:
     """FastSHAP's loss: mean over images, coalitions and all classes of the squared error."""
-    phi = amortized.efficient(net(x, fills), v_all - v_none)  # (B, C, M)
+    phi = amortized.efficient(amortized.raw_values(net, x, fills, features, weight), v_all - v_none)  # (B, C, M)
     pred = torch.einsum("bsm,bcm->bsc", masks, phi)
     return (v_s - v_none[:, None] - pred).square().mean()
 
@@ -205,8 +214,22 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
 
     labels = masking.grid_labels(size, size, grid)
     m = grid * grid
-    game = _Game(model, labels, cfg, batch_size, fill, dev)
-    net = amortized.ExplainerNet(len(cfg.preprocess.mean), outputs, grid, ts.width).to(dev)
+    channels = len(cfg.preprocess.mean)
+    found = None if ts.network == "pixels" else amortized.find_feature_map(model, size, channels, outputs, dev)
+    if ts.network == "features" and found is None:
+        raise ConfigError("explainer.train.network", "features needs a model whose outputs are a linear layer of "
+                                                     "the global average of a feature map (most CNNs); this one is "
+                                                     "not: use network: pixels (or auto)", cfg._source)
+    kind = "features" if found is not None else "pixels"
+    feature_module, classifier = found if found is not None else (None, None)
+    weight = None if classifier is None else classifier.weight
+    log.info("train: explainer network %s%s", kind, "" if found is None else
+             f" (a head on the {classifier.in_features}-channel feature map before global pooling)")
+    game = _Game(model, labels, cfg, batch_size, fill, dev, feature_module)
+    if kind == "features":
+        net: torch.nn.Module = amortized.FeatureNet(classifier.in_features, grid, 8 * ts.width).to(dev)
+    else:
+        net = amortized.ExplainerNet(channels, outputs, grid, ts.width).to(dev)
     optimiser = torch.optim.Adam(net.parameters(), lr=ts.learning_rate)
 
     # Held-out images: preprocessed exactly as run does, fixed coalitions, model outputs once.
@@ -218,9 +241,11 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         hold_masks = shapley_masks(np.random.default_rng([cfg.seed, 7_919]), n_hold, ts.pairs, m)
         with torch.no_grad():
             hold_out = [game(hold_x[a:b], hold_masks[a:b]) for a, b in _utils.chunk_ranges(n_hold, ts.images_per_step)]
-        fills, v_all, v_none, v_s = (torch.cat(parts) for parts in zip(*hold_out))
+        fills, v_all, v_none, v_s = (torch.cat([p[i] for p in hold_out]) for i in (0, 2, 3, 4))
+        features = None if kind == "pixels" else torch.cat([torch.cat([p[1][:len(p[0])] for p in hold_out]),
+                                                            torch.cat([p[1][len(p[0]):] for p in hold_out])])
         target = v_s - v_none[:, None]
-        hold = (fills, torch.from_numpy(hold_masks).float().to(dev), v_all, v_none, v_s,
+        hold = (fills, features, torch.from_numpy(hold_masks).float().to(dev), v_all, v_none, v_s,
                 float((target - target.mean()).square().mean()))
 
     # Cached photos for the training views: at most twice the model's input on the short side.
@@ -236,6 +261,7 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
 
     signature = {"fingerprint": model_fp, "arch": cfg.model.arch, "outputs": outputs, "grid": grid, "fill": fill,
                  "preprocess": amortized.preprocess_record(cfg.preprocess), "train": ts.model_dump(mode="json"),
+                 "network": kind,
                  "images": [names[i] for i in train_idx], "holdout": [names[i] for i in hold_idx],
                  "seed": int(cfg.seed)}
     state_path = output.with_name(output.name + ".train")
@@ -270,12 +296,13 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
             x = torch.from_numpy(normalise(views, cfg.preprocess)).to(dev)
             masks = shapley_masks(rng, b - a, ts.pairs, m)
             with torch.no_grad():
-                fills, v_all, v_none, v_s = game(x, masks)
+                fills, features, v_all, v_none, v_s = game(x, masks)
             lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
             for group in optimiser.param_groups:
                 group["lr"] = lr
             with torch.enable_grad():  # also when the caller has switched autograd off
-                loss = _loss(net, x, fills, torch.from_numpy(masks).float().to(dev), v_all, v_none, v_s)
+                loss = _loss(net, weight, x, fills, features, torch.from_numpy(masks).float().to(dev), v_all, v_none,
+                             v_s)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
             optimiser.step()
@@ -288,8 +315,8 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         if hold is not None:
             net.eval()
             with torch.no_grad():
-                val_loss = float(_loss(net, hold_x, *hold[:5]))
-            val_r2 = 1 - val_loss / hold[5] if hold[5] > 0 else None
+                val_loss = float(_loss(net, weight, hold_x, *hold[:6]))
+            val_r2 = 1 - val_loss / hold[6] if hold[6] > 0 else None
         epoch_seconds.append(time.monotonic() - t0)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val_loss, "val_r2": val_r2})
         elapsed = seconds_before + time.monotonic() - started
@@ -311,8 +338,9 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         count = min(n_hold, ts.validate_images)
         log.info("train: validating on %d held-out images against Kernel SHAP with %d samples each",
                  count, ts.validate_nsamples)
-        kernel_r = _validate(net, model, hold_x[:count], hold[0][:count], hold[2][:count], hold[3][:count], cfg, grid, fill,
-                             ts.validate_nsamples, batch_size, dev, labels)
+        feats = None if hold[1] is None else torch.cat([hold[1][:count], hold[1][n_hold:n_hold + count]])
+        kernel_r = _validate(net, weight, model, hold_x[:count], hold[0][:count], feats, hold[3][:count],
+                             hold[4][:count], cfg, grid, fill, ts.validate_nsamples, batch_size, dev, labels)
         validation.update(kernel_nsamples=ts.validate_nsamples, kernel_images=count, kernel_median_pearson=kernel_r)
         log.info("train: median Pearson r against Kernel SHAP (%d samples) on held-out images: %.3f",
                  ts.validate_nsamples, kernel_r)
@@ -322,7 +350,8 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         "model": {"arch": cfg.model.arch, "fingerprint": model_fp, "outputs": outputs},
         "players": {"grid": grid}, "fill": fill,
         "preprocess": amortized.preprocess_record(cfg.preprocess),
-        "network": {"channels": len(cfg.preprocess.mean), "outputs": outputs, "grid": grid, "width": ts.width},
+        "network": {"kind": kind, "channels": channels, "outputs": outputs, "grid": grid, "width": ts.width,
+                    "dim": 0 if classifier is None else int(classifier.in_features)},
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "training": {"images": len(train_idx), "epochs": ts.epochs, "pairs": ts.pairs, "seconds": round(seconds, 3),
                      "model_evaluations": game.evaluations, "history": history, "seed": int(cfg.seed)},
@@ -335,8 +364,8 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
                        validation.get("val_r2"), kernel_r)
 
 
-def _validate(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, fills: torch.Tensor,
-              v_all: torch.Tensor, v_none: torch.Tensor, cfg: Config, grid: int, fill: Any, nsamples: int, batch_size: int,
+def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn.Module, x: torch.Tensor,
+              fills: torch.Tensor, features: torch.Tensor | None, v_all: torch.Tensor, v_none: torch.Tensor, cfg: Config, grid: int, fill: Any, nsamples: int, batch_size: int,
               dev: torch.device, labels: np.ndarray) -> float:
     """Median Pearson r, over held-out images and their top-3 classes, of the explainer's values
     against Kernel SHAP's with ``nsamples`` coalitions over the same players and fill."""
@@ -351,7 +380,7 @@ def _validate(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, fil
     ref = _player_values(reference.values, labels)  # (N, k, M)
     classes = torch.from_numpy(reference.classes).to(dev)
     with torch.no_grad():
-        phi = amortized.efficient(net(x, fills), v_all - v_none)  # (N, C, M)
+        phi = amortized.efficient(amortized.raw_values(net, x, fills, features, weight), v_all - v_none)  # (N, C, M)
         ours = phi.gather(1, classes[:, :, None].expand(-1, -1, phi.shape[-1])).cpu().numpy()
     return float(np.nanmedian(pearson_rows(ours, ref)))
 

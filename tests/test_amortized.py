@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,8 +60,9 @@ def write_folder(root: Path, n: int, seed: int) -> None:
         Image.fromarray(pixels).save(root / f"{i:03d}.png")
 
 
-def write_config(root: Path, name: str, explainer: dict, input_dir: str = "train", **extra) -> Path:
-    config = {"model": {"arch": "python:tinyamo:make", "num_classes": 3, "checkpoint": "tiny.pt", "layer": "input"},
+def write_config(root: Path, name: str, explainer: dict, input_dir: str = "train", module: str = "tinyamo",
+                 **extra) -> Path:
+    config = {"model": {"arch": f"python:{module}:make", "num_classes": 3, "checkpoint": "tiny.pt", "layer": "input"},
               "preprocess": {"size": SIZE}, "input": {"dir": input_dir}, "explainer": explainer,
               "output": {"dir": "out", "top_k": 2}, "batch_size": 1024, "device": "cpu", "workers": 0, **extra}
     path = root / name
@@ -116,10 +118,11 @@ def exact_shapley(model: torch.nn.Module, image: torch.Tensor, fill: torch.Tenso
     return phi
 
 
-def held_out_run(root: Path):
+def held_out_run(root: Path, module: str = "tinyamo"):
     from explain_cli.pipeline import RunOptions, empty_background, make_explainer, prepare
 
-    cfg = load_config(write_config(root, "run.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "held"))
+    cfg = load_config(write_config(root, "run.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "held",
+                                   module))
     prep = prepare(cfg, RunOptions())
     explainer = make_explainer(prep, empty_background(prep))
     x = torch.from_numpy(np.stack([np.asarray(Image.open(root / "held" / name)) for name in prep.images]))
@@ -128,11 +131,9 @@ def held_out_run(root: Path):
     return cfg, x, explainer.explain(x, 2, [0] * x.shape[0])
 
 
-def test_matches_exact_shapley_values_on_held_out_images(project):
-    root, result, tinyamo = project
-    assert result.kernel_pearson is not None and result.kernel_pearson > 0.5  # the training's own check ran
-    cfg, x, attribution = held_out_run(root)
-    model = tinyamo.make()
+def assert_matches_exact_shapley(root: Path, module: Any, name: str) -> None:
+    cfg, x, attribution = held_out_run(root, name)
+    model = module.make()
     model.load_state_dict(torch.load(root / "tiny.pt", weights_only=True))
     model.eval()
     labels = masking.grid_labels(SIZE, SIZE, GRID)
@@ -145,6 +146,69 @@ def test_matches_exact_shapley_values_on_held_out_images(project):
                                                                 for j in range(GRID * GRID)]]
         rs.extend(pearson_rows(ours, exact))
     assert np.median(rs) >= 0.9, rs
+    np.testing.assert_allclose(attribution.shap_sum, attribution.outputs - attribution.base_values, atol=1e-5)
+
+
+def test_matches_exact_shapley_values_on_held_out_images(project):
+    root, result, tinyamo = project
+    assert result.kernel_pearson is not None and result.kernel_pearson > 0.5  # the training's own check ran
+    # the model pools to 2 x 2 before its linear layer: network auto is the pixels network
+    assert torch.load(root / "explainer.pt", weights_only=True)["network"]["kind"] == "pixels"
+    assert_matches_exact_shapley(root, tinyamo, "tinyamo")
+
+
+GAP_MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def make(num_classes=3):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(2)
+        return net
+''')
+
+
+def test_features_network_on_a_pooling_model(tmp_path):
+    """A model that ends in global average pooling and a linear layer gets the features network
+    (auto): a head on its 8 x 8 feature map whose values go through the model's own classifier; it
+    matches the exact Shapley values on held-out images and its efficiency is exact. A model
+    without that structure refuses network: features (exit 2 naming the key)."""
+    from explain_cli.errors import ConfigError
+
+    (tmp_path / "tinygap.py").write_text(GAP_MODEL)
+    (tmp_path / "tinyamo.py").write_text(MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tinygap
+
+        torch.save(tinygap.make().state_dict(), tmp_path / "tiny.pt")
+        write_folder(tmp_path / "train", 320, seed=1)
+        write_folder(tmp_path / "held", 3, seed=2)
+        explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
+                     "train": {**TRAIN, "validate_nsamples": 0}}
+        train(load_config(write_config(tmp_path, "train.yaml", explainer, module="tinygap")), tmp_path / "explainer.pt")
+        network = torch.load(tmp_path / "explainer.pt", weights_only=True)["network"]
+        assert network["kind"] == "features" and network["dim"] == 16
+        assert_matches_exact_shapley(tmp_path, tinygap, "tinygap")
+
+        import tinyamo
+
+        torch.save(tinyamo.make().state_dict(), tmp_path / "amo.pt")
+        forced = {**explainer, "train": {**explainer["train"], "network": "features"}}
+        with pytest.raises(ConfigError) as info:
+            train(load_config(write_config(tmp_path, "bad.yaml", forced, module="tinyamo"), ["model.checkpoint=amo.pt"]),
+                  tmp_path / "x.pt")
+        assert info.value.key == "explainer.train.network"
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("tinygap", "tinyamo"):
+            sys.modules.pop(name, None)
 
 
 def test_efficiency_is_exact(project):

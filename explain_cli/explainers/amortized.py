@@ -27,8 +27,9 @@ refused (exit 2) with the reason.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +57,13 @@ class TrainSettings(BaseModel):
     pairs: int = Field(16, ge=1, le=4096, description="coalitions per image per step, each with its "
                                                       "complement (2 * pairs model evaluations)")
     learning_rate: float = Field(2e-3, gt=0, le=1, description="Adam's learning rate (cosine decay to 0)")
-    width: int = Field(32, ge=4, le=512, description="channels of the explainer network's first layer")
+    network: Literal["auto", "features", "pixels"] = Field(
+        "auto", description="the explainer network: 'features' (a head on the model's last feature map, "
+                            "values through the model's own classifier), 'pixels' (a small conv net on the image "
+                            "and its fill, trained from scratch), 'auto' (features when the model ends in global "
+                            "average pooling and a linear layer, checked on a probe; else pixels)")
+    width: int = Field(32, ge=4, le=512, description="channels of the pixels network's first layer; the features "
+                                                     "head has 8 x width")
     holdout: float = Field(0.2, ge=0, lt=1, description="fraction of the images held out for validation")
     augment: bool = Field(True, description="random crops (50-100 % of the area) and horizontal flips")
     validate_nsamples: int = Field(2000, ge=0, le=100_000, description="kernel evaluations per held-out "
@@ -135,14 +142,101 @@ class ExplainerNet(nn.Module):
         return self.head(f).flatten(2)  # (N, outputs, G*G), players row-major as masking.grid_labels
 
 
+class FeatureNet(nn.Module):
+    """(features of the image, features of its fill) -> (N, outputs, G*G) player values.
+
+    Why this shape: when the logits are ``W mean_hw(f) + b`` for a feature map ``f`` (global average
+    pooling and a linear layer: most CNN classifiers), the masking game of every class is ``W`` times
+    the game of the pooled features, and Shapley values are linear: the values of class ``c`` are
+    ``W_c . e_p`` with ``e_p`` the Shapley values of the pooled-feature game. So the network predicts
+    one vector per patch in the classifier's input space (it starts from the patch's share of the
+    pooled feature difference between image and fill, plus a learned correction from a few
+    convolutions over both feature maps) and the model's own classifier turns it into all classes'
+    values: one head serves 1000 classes, and it reads features the model already computed for
+    ``v(all)`` and ``v(none)``. Measured against the pixels network in bench/results-amortized.txt.
+    """
+
+    def __init__(self, dim: int, grid: int, width: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.inp = nn.Sequential(nn.Conv2d(2 * dim, width, 1), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(width, dim, 1)
+
+    def forward(self, fx: torch.Tensor, ff: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        size = (self.grid, self.grid)
+        share = nn.functional.interpolate(fx - ff, size=size, mode="bilinear", align_corners=False) / (self.grid ** 2)
+        hidden = nn.functional.interpolate(self.inp(torch.cat([fx, ff], 1)), size=size, mode="bilinear",
+                                           align_corners=False)
+        vectors = (share + self.out(self.mid(hidden))).flatten(2)  # (N, D, M)
+        return torch.einsum("cd,ndm->ncm", weight.to(vectors.dtype), vectors)
+
+
+@contextmanager
+def tap(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect ``module``'s outputs of the forward calls inside the block (the hook is always removed)."""
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def find_feature_map(model: nn.Module, size: int, channels: int, num_outputs: int,
+                     device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Linear] | None:
+    """(feature module, classifier) when the model's outputs are a linear layer of the global
+    average of a (N, D, h, w) feature map, checked numerically on a probe of two random images;
+    None otherwise (other heads, token models, extra layers after the pooling)."""
+    records: list[tuple[nn.Module, Any, Any]] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: records.append((mod, inp, out)))
+               for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+            out = model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
+        return None
+    for i in range(len(records) - 1, -1, -1):
+        mod, inp, res = records[i]
+        if isinstance(mod, nn.Linear) and isinstance(res, torch.Tensor) and res.shape == out.shape \
+                and torch.allclose(res.float(), out.float(), rtol=1e-4, atol=1e-5):
+            pooled = inp[0] if inp else None
+            if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2:
+                return None
+            for j in range(i - 1, -1, -1):
+                fmod, _, f = records[j]
+                if isinstance(f, torch.Tensor) and f.dim() == 4 and f.shape[:2] == pooled.shape \
+                        and f.shape[2] * f.shape[3] > 1 and torch.allclose(f.float().mean((2, 3)), pooled.float(), rtol=1e-4, atol=1e-5):
+                    return fmod, mod
+            return None
+    return None
+
+
+def raw_values(net: nn.Module, x: torch.Tensor, fills: torch.Tensor, features: torch.Tensor | None,
+               weight: torch.Tensor | None) -> torch.Tensor:
+    """(N, outputs, M) values before the efficiency normalisation, for either network; ``features``
+    are the feature maps of ``cat([x, fills])`` (features network only)."""
+    if isinstance(net, FeatureNet):
+        n = x.shape[0]
+        return net(features[:n].float(), features[n:2 * n].float(), weight)
+    return net(x, fills)
+
+
 def efficient(raw: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """FastSHAP's additive efficiency normalisation: (N, K, M) values shifted so that each (image,
     class) sums to ``total`` (N, K) = v(all) - v(none)."""
     return raw + ((total - raw.sum(-1)) / raw.shape[-1]).unsqueeze(-1)
 
 
-def build_net(meta: dict[str, Any]) -> ExplainerNet:
+def build_net(meta: dict[str, Any]) -> nn.Module:
     net_meta = meta["network"]
+    if net_meta.get("kind", "pixels") == "features":
+        return FeatureNet(int(net_meta["dim"]), int(net_meta["grid"]), 8 * int(net_meta["width"]))
     return ExplainerNet(int(net_meta["channels"]), int(net_meta["outputs"]), int(net_meta["grid"]),
                         int(net_meta["width"]))
 
@@ -263,6 +357,16 @@ class Explainer(base.Explainer):
         self.fill = self.data["fill"]
         self.net = build_net(self.data)
         self.net.load_state_dict(self.data["state_dict"])
+        self.features: nn.Module | None = None
+        self.classifier: nn.Linear | None = None
+        if isinstance(self.net, FeatureNet):
+            size = int(self.data["preprocess"]["size"])
+            found = find_feature_map(context.model, size, len(context.mean), int(self.data["model"]["outputs"]),
+                                     context.device)
+            if found is None or found[1].in_features != int(self.data["network"]["dim"]):
+                refuse(path, ["it reads the model's feature map before global pooling, and this model has none "
+                              "of the recorded size"])
+            self.features, self.classifier = found
         self.net.to(context.device).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -289,13 +393,19 @@ class Explainer(base.Explainer):
         labels = masking.grid_labels(height, width, self.grid)
         with torch.no_grad():
             fills = masking.fill_images(images, self.fill, ctx.mean, ctx.std)
-            out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
+            if self.features is not None:
+                with tap(self.features) as maps:
+                    out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
+                features, weight = torch.cat(maps), self.classifier.weight
+            else:
+                out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
+                features = weight = None
             raw, none = out[:n_images], out[n_images:]
             selection = targets.select(raw)
             classes = selection.classes
             fx = targets.explained(raw, classes).double()
             fnull = targets.explained(none, classes).double()
-            values = self.net(images.float(), fills.float())  # (N, outputs, M): every class's values
+            values = raw_values(self.net, images.float(), fills.float(), features, weight)  # (N, outputs, M)
             picked = values.gather(1, classes[:, :, None].expand(-1, -1, values.shape[-1])).double()
             if spec.contrast is not None:  # Shapley values are linear: logit(c) - logit(contrast)
                 picked = picked - values[:, spec.contrast:spec.contrast + 1].double()
