@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 GRID = 4
 
-MODEL = textwrap.dedent('''
+MODEL_SOURCE = textwrap.dedent('''
     import torch
     from torch import nn
 
@@ -37,13 +37,14 @@ MODEL = textwrap.dedent('''
         torch.manual_seed(0)
         net = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+            nn.Conv2d(8, {channels}, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d({pool}), nn.Flatten(), nn.Linear({features}, num_classes))
         with torch.no_grad():
             for p in net.parameters():
                 p.mul_(2)
         return net
 ''')
+MODEL = MODEL_SOURCE.format(channels=8, pool=2, features=32)  # pools to 2 x 2: the pixels network
 
 
 def smooth_pixels(n: int, seed: int) -> np.ndarray:
@@ -157,21 +158,7 @@ def test_matches_exact_shapley_values_on_held_out_images(project):
     assert_matches_exact_shapley(root, tinyamo, "tinyamo")
 
 
-GAP_MODEL = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-    def make(num_classes=3):
-        torch.manual_seed(0)
-        net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-        with torch.no_grad():
-            for p in net.parameters():
-                p.mul_(2)
-        return net
-''')
+GAP_MODEL = MODEL_SOURCE.format(channels=16, pool=1, features=16)  # global average pooling: features
 
 
 def test_features_network_on_a_pooling_model(tmp_path):
