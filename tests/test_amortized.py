@@ -4,6 +4,7 @@ refused, an interrupted training resumes to the same explainer."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import signal
@@ -11,8 +12,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -75,26 +77,31 @@ TRAIN = {"epochs": 20, "pairs": 16, "images_per_step": 16, "width": 32, "augment
          "validate_nsamples": 600, "validate_images": 2}
 
 
+@contextmanager
+def trained_project(root: Path, name: str, source: str, settings: dict) -> Iterator[tuple[Any, Any]]:
+    """Model file ``name``.py from ``source`` (importable while the block runs), its weights tiny.pt,
+    320 training images, 3 held-out images (another folder), an explainer trained with ``settings``."""
+    (root / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module(name)
+        torch.save(module.make().state_dict(), root / "tiny.pt")
+        write_folder(root / "train", 320, seed=1)
+        write_folder(root / "held", 3, seed=2)
+        explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
+                     "train": settings}
+        yield module, train(load_config(write_config(root, "train.yaml", explainer, module=name)), root / "explainer.pt")
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny model, 320 training images, 3 held-out images (another folder), a trained explainer."""
     root = tmp_path_factory.mktemp("amortized")
-    (root / "tinyamo.py").write_text(MODEL)
-    sys.path.insert(0, str(root))
-    try:
-        import tinyamo
-
-        torch.save(tinyamo.make().state_dict(), root / "tiny.pt")
-        write_folder(root / "train", 320, seed=1)
-        write_folder(root / "held", 3, seed=2)
-        explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
-                     "train": TRAIN}
-        cfg = load_config(write_config(root, "train.yaml", explainer))
-        result = train(cfg, root / "explainer.pt")
+    with trained_project(root, "tinyamo", MODEL, TRAIN) as (tinyamo, result):
         yield root, result, tinyamo
-    finally:
-        sys.path.remove(str(root))
-        sys.modules.pop("tinyamo", None)
 
 
 def exact_shapley(model: torch.nn.Module, image: torch.Tensor, fill: torch.Tensor, labels: np.ndarray) -> np.ndarray:
@@ -168,34 +175,21 @@ def test_features_network_on_a_pooling_model(tmp_path):
     without that structure refuses network: features (exit 2 naming the key)."""
     from explain_cli.errors import ConfigError
 
-    (tmp_path / "tinygap.py").write_text(GAP_MODEL)
-    (tmp_path / "tinyamo.py").write_text(MODEL)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import tinygap
-
-        torch.save(tinygap.make().state_dict(), tmp_path / "tiny.pt")
-        write_folder(tmp_path / "train", 320, seed=1)
-        write_folder(tmp_path / "held", 3, seed=2)
-        explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
-                     "train": {**TRAIN, "validate_nsamples": 0}}
-        train(load_config(write_config(tmp_path, "train.yaml", explainer, module="tinygap")), tmp_path / "explainer.pt")
+    settings = {**TRAIN, "validate_nsamples": 0}
+    with trained_project(tmp_path, "tinygap", GAP_MODEL, settings) as (tinygap, _):
         network = torch.load(tmp_path / "explainer.pt", weights_only=True)["network"]
         assert network["kind"] == "features" and network["dim"] == 16
         assert_matches_exact_shapley(tmp_path, tinygap, "tinygap")
 
-        import tinyamo
-
-        torch.save(tinyamo.make().state_dict(), tmp_path / "amo.pt")
-        forced = {**explainer, "train": {**explainer["train"], "network": "features"}}
+        (tmp_path / "tinypool2.py").write_text(MODEL)  # pools to 2 x 2: no feature map to read
+        torch.save(importlib.import_module("tinypool2").make().state_dict(), tmp_path / "pool2.pt")
+        sys.modules.pop("tinypool2", None)
+        forced = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
+                  "train": {**settings, "network": "features"}}
         with pytest.raises(ConfigError) as info:
-            train(load_config(write_config(tmp_path, "bad.yaml", forced, module="tinyamo"), ["model.checkpoint=amo.pt"]),
+            train(load_config(write_config(tmp_path, "bad.yaml", forced, module="tinypool2"), ["model.checkpoint=pool2.pt"]),
                   tmp_path / "x.pt")
         assert info.value.key == "explainer.train.network"
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in ("tinygap", "tinyamo"):
-            sys.modules.pop(name, None)
 
 
 def test_efficiency_is_exact(project):
