@@ -121,15 +121,10 @@ class _Game:
         fills = masking.fill_images(x, self.fill, self.mean, self.std)
         shown = torch.from_numpy(masks).to(self.device)
         rows = torch.cat([x, fills] + [masking.compose(shown[b], self.labels, x[b], fills[b]) for b in range(n)])
-        features = None
-        if self.features is not None:
-            with amortized.tap(self.features) as maps:
-                out = _utils.forward_in_chunks(self.model, rows, self.batch_size).float()
-            features = torch.cat(maps)[:2 * n].float()
-        else:
-            out = _utils.forward_in_chunks(self.model, rows, self.batch_size).float()
+        out, features = amortized.forward_reading_features(self.model, rows, self.batch_size, self.features, 2 * n)
+        out = out.float()
         self.evaluations += rows.shape[0]
-        return fills, features, out[:n], out[n:2 * n], out[2 * n:].view(n, s, -1)
+        return fills, None if features is None else features.float(), out[:n], out[n:2 * n], out[2 * n:].view(n, s, -1)
 
 
 def _loss(net: torch.nn.Module, weight: torch.Tensor | None, x: torch.Tensor, fills: torch.Tensor,

@@ -184,6 +184,20 @@ def tap(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+def forward_reading_features(model: nn.Module, rows: torch.Tensor, batch_size: int, features: nn.Module | None,
+                             keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's outputs for ``rows``, and the maps of ``features`` for the first ``keep`` rows
+    (None without a features module); the other rows run without the hook, so their maps are
+    never kept."""
+    if features is None:
+        return _utils.forward_in_chunks(model, rows, batch_size), None
+    with tap(features) as maps:
+        head = _utils.forward_in_chunks(model, rows[:keep], batch_size)
+    if rows.shape[0] == keep:
+        return head, torch.cat(maps)
+    return torch.cat([head, _utils.forward_in_chunks(model, rows[keep:], batch_size)]), torch.cat(maps)
+
+
 def find_feature_map(model: nn.Module, size: int, channels: int, num_outputs: int,
                      device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Linear] | None:
     """(feature module, classifier) when the model's outputs are a linear layer of the global
@@ -393,13 +407,9 @@ class Explainer(base.Explainer):
         labels = masking.grid_labels(height, width, self.grid)
         with torch.no_grad():
             fills = masking.fill_images(images, self.fill, ctx.mean, ctx.std)
-            if self.features is not None:
-                with tap(self.features) as maps:
-                    out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
-                features, weight = torch.cat(maps), self.classifier.weight
-            else:
-                out = _utils.forward_in_chunks(ctx.model, torch.cat([images, fills]), int(ctx.batch_size))
-                features = weight = None
+            out, features = forward_reading_features(ctx.model, torch.cat([images, fills]), int(ctx.batch_size),
+                                                     self.features, 2 * n_images)
+            weight = None if self.classifier is None else self.classifier.weight
             raw, none = out[:n_images], out[n_images:]
             selection = targets.select(raw)
             classes = selection.classes
