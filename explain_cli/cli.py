@@ -435,17 +435,11 @@ def init(
     written (given the weights are in the local cache and the input folder exists)."""
     _setup_logging(verbose, False, None)
     try:
-        from explain_cli.config import load_config
-        from explain_cli.init import starter_config
+        from explain_cli.init import write_starter
 
         if weights not in ("pretrained", "random"):
             raise UserError(f"--weights: pretrained or random, got {weights!r}")
-        if output.exists() and not force:
-            raise UserError(f"{output} exists; choose another --output or add --force")
-        text, notes = starter_config(model, arch, output.absolute(), input_dir, num_classes, weights)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
-        load_config(output)  # the schema accepts what was written
+        notes = write_starter(model, arch, output, input_dir, num_classes, weights, force)
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001

@@ -1,6 +1,10 @@
 """``explain-cli init MODEL``: a commented starter config, so a first config is not typed from the
 README. The model is built once (as the config will build it) to fill in what can be measured: the
 class count, the preprocessing the weights were trained with, and the layers that can be explained.
+
+Every value is written as YAML that reads back as itself (a folder named ``photos #1`` or ``yes``
+would otherwise become ``photos`` or ``True``): the text is read back and compared with what was
+meant before the file exists, and a config that does not validate is never left behind.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from explain_cli.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from explain_cli.errors import ConfigError, UserError
@@ -21,12 +27,48 @@ MAX_LISTED = 40
 
 
 def _rel(path: Path, base: Path) -> str:
-    """``path`` as the config will read it: relative to the config's folder where possible."""
+    """``path`` as the config will read it: relative to the config's folder where possible (``./~x``
+    for a folder named ``~x``, which the config would otherwise expand to a home folder)."""
     try:
         rel = os.path.relpath(path.resolve(), base.resolve())
     except ValueError:  # another drive
         return str(path.resolve())
-    return str(path.resolve()) if rel.startswith("..") else rel
+    if rel.startswith(".."):
+        return str(path.resolve())
+    return f"./{rel}" if rel.startswith("~") else rel
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as YAML that reads back as ``value`` after ``key: `` and before a ``# comment``:
+    plain where that is faithful (``images``), double-quoted otherwise (``"photos #1"``, ``"yes"``)."""
+    from explain_cli.config import safe_yaml
+
+    if isinstance(value, str):
+        try:
+            if safe_yaml(f"k: {value}   # c") == {"k": value}:
+                return value
+        except Exception:  # noqa: BLE001 - any parse problem means: quote it
+            pass
+        return yaml.safe_dump(value, default_style='"', allow_unicode=True, width=1 << 30).rstrip("\n")
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 30)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _comment(text: str) -> str:
+    """``text`` for a ``#`` comment line: characters that would end the line are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _model_config(what: str, **values: Any) -> ModelConfig:
+    """ModelConfig, with pydantic's complaint as a ConfigError naming the command-line argument."""
+    from pydantic import ValidationError
+
+    try:
+        return ModelConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = str(first.get("msg", exc)).removeprefix("Value error, ")
+        raise ConfigError(what, f"{values.get('arch')!r}: {message}") from None
 
 
 def _guess_classes(checkpoint: Path, cfg: ModelConfig) -> int | None:
@@ -34,7 +76,7 @@ def _guess_classes(checkpoint: Path, cfg: ModelConfig) -> int | None:
     from explain_cli.models import _read_checkpoint
 
     state = _read_checkpoint(checkpoint, cfg)
-    last = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    last = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
     return int(last[-1].shape[0]) if last else None
 
 
@@ -64,10 +106,11 @@ def _preprocess(arch: str, pretrained: bool) -> dict[str, Any]:
 
 
 def starter_config(model: str, arch: str | None, config_path: Path, input_dir: Path,
-                   num_classes: int | None = None, weights: str = "pretrained") -> tuple[str, list[str]]:
+                   num_classes: int | None = None, weights: str = "pretrained"
+                   ) -> tuple[str, dict[str, Any], list[str]]:
     """The text of a starter config for ``model`` (torchvision:NAME, timm:NAME, python:mod:factory,
-    or a checkpoint file with ``arch``) and notes for the user; ConfigError when the model cannot
-    be built as written."""
+    or a checkpoint file with ``arch``), the data it means (what loading the text must give) and
+    notes for the user; ConfigError when the model cannot be built as written."""
     from explain_cli.models import _is_torchscript, build_model, count_outputs, layer_table, pretrained_file
 
     base = config_path.parent
@@ -77,7 +120,7 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
     if library or model.startswith("python:"):
         if arch is not None:
             raise UserError("init: --arch goes with a checkpoint file; MODEL is already an architecture")
-        arch = model
+        arch, what = model, "MODEL"
         chosen = weights if library else None
     else:
         path = Path(model)
@@ -89,18 +132,19 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
         if arch is None:
             raise UserError(f"init: {path} is a checkpoint: give its architecture with --arch "
                             "(e.g. --arch torchvision:resnet50)")
-        checkpoint, chosen = str(path.resolve()), None
-    shapes_cfg = ModelConfig(arch=arch, checkpoint=checkpoint, num_classes=num_classes,
-                             weights="random" if chosen == "pretrained" else chosen)
+        checkpoint, chosen, what = str(path.resolve()), None, "--arch"
+    shapes_cfg = _model_config(what, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
+                               weights="random" if chosen == "pretrained" else chosen)
     if checkpoint is not None and num_classes is None and arch != "torchscript":
         guess = _guess_classes(Path(checkpoint), shapes_cfg)
         if guess is not None:
             try:
-                build_model(ModelConfig(arch=arch, checkpoint=checkpoint, num_classes=guess), lambda p: Path(p))
+                build_model(_model_config(what, arch=arch, checkpoint=checkpoint, num_classes=guess),
+                            lambda p: Path(p))
                 num_classes = guess
             except ConfigError:
                 pass  # the architecture's own count fits, or nothing does (reported below)
-        shapes_cfg = ModelConfig(arch=arch, checkpoint=checkpoint, num_classes=num_classes)
+        shapes_cfg = _model_config(what, arch=arch, checkpoint=checkpoint, num_classes=num_classes)
     if chosen == "pretrained":
         try:
             notes.append(f"pretrained weights: {pretrained_file(arch)}")
@@ -112,24 +156,33 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
     rows = [r for r in layer_table(net, pre["size"]) if not r.problem and r.name != "input"]
     shallow = [r for r in rows if r.name.count(".") < LISTED_DEPTH + 1]
     listed = "\n".join(
-        f"#   {r.name:<28} explains {'x'.join(map(str, r.input_shape[1:])):<14} map {r.map_size[0]}x{r.map_size[1]}"
+        _comment(f"#   {r.name:<28} explains {'x'.join(map(str, r.input_shape[1:])):<14} "
+                 f"map {r.map_size[0]}x{r.map_size[1]}")
         for r in shallow[:MAX_LISTED])
     more = f"\n#   ... and {len(rows) - min(len(shallow), MAX_LISTED)} deeper ones" if len(rows) > len(shallow[:MAX_LISTED]) else ""
 
-    model_lines = [f"  arch: {arch}"]
+    meant_model: dict[str, Any] = {"arch": arch}
+    model_lines = [f"  arch: {yaml_value(arch)}"]
     if checkpoint is not None:
-        model_lines.append(f"  checkpoint: {_rel(Path(checkpoint), base)}   # relative to this file's folder")
+        meant_model["checkpoint"] = _rel(Path(checkpoint), base)
+        model_lines.append(f"  checkpoint: {yaml_value(meant_model['checkpoint'])}   # relative to this file's folder")
     if chosen is not None:
+        meant_model["weights"] = chosen
         why = ("the library's pretrained weights, from the local torch hub / Hugging Face cache (never downloaded)"
                if chosen == "pretrained" else "untrained: for tests only, the maps explain noise")
-        model_lines.append(f"  weights: {chosen}   # {why}")
+        model_lines.append(f"  weights: {yaml_value(chosen)}   # {why}")
     if num_classes is not None:
-        model_lines.append(f"  num_classes: {num_classes}")
+        meant_model["num_classes"] = num_classes
+        model_lines.append(f"  num_classes: {yaml_value(num_classes)}")
+    meant_model["layer"] = "input"
+    meant_input = _rel(input_dir, base)
     labels = ("labels: null   # 1000 outputs: the ImageNet class names torchvision ships" if outputs == 1000 else
               f"labels: null   # {outputs} outputs: give a file of {outputs} names (one per line) to replace 'class 0', ...")
-    text = f"""# Starter config written by `explain-cli init {model}`{f' --arch {arch}' if checkpoint else ''}.
-# Check it:  explain-cli validate {config_path.name}
-# Run it:    explain-cli run {config_path.name}
+    name = _comment(config_path.name)
+    command = _comment(f"{model}{f' --arch {arch}' if checkpoint else ''}")
+    text = f"""# Starter config written by `explain-cli init {command}`.
+# Check it:  explain-cli validate {name}
+# Run it:    explain-cli run {name}
 # Every key and its default: docs/first-hour.md and docs/config-reference.md.
 # Relative paths resolve against this file's folder.
 
@@ -137,16 +190,16 @@ model:
 {chr(10).join(model_lines)}
   layer: input   # explain the pixels; or the input of one of these layers (gradient, deep):
 {listed}{more}
-#   (all of them, with shapes: explain-cli layers {config_path.name})
+#   (all of them, with shapes: explain-cli layers {name})
 {labels}
 preprocess:                # as the weights were trained (from the library's metadata where it has some)
-  size: {pre['size']}
-  resize: {pre['resize']}   # short side to size / crop_fraction, then the centre size x size
-  crop_fraction: {pre['crop_fraction']}
-  mean: {pre['mean']}
-  std: {pre['std']}
+  size: {yaml_value(pre['size'])}
+  resize: {yaml_value(pre['resize'])}   # short side to size / crop_fraction, then the centre size x size
+  crop_fraction: {yaml_value(pre['crop_fraction'])}
+  mean: {yaml_value(pre['mean'])}
+  std: {yaml_value(pre['std'])}
 input:
-  dir: {_rel(input_dir, base)}   # your images, walked recursively
+  dir: {yaml_value(meant_input)}   # your images, walked recursively
   exclude: []   # e.g. ["*-02*"] to skip files by name
 background:
   from_input: 20   # reference images sampled from input.dir (more: smoother maps, slower)
@@ -161,4 +214,76 @@ batch_size: auto   # model evaluations per forward pass: 64 on CPU, the largest 
 device: auto       # CUDA when available, else CPU
 seed: 0
 """
-    return text, notes
+    meant = {"model": meant_model, "labels": None, "preprocess": pre,
+             "input": {"dir": meant_input, "exclude": []}, "background": {"from_input": 20},
+             "explainer": {"name": "gradient", "nsamples": 100},
+             "output": {"dir": "out", "format": "svg", "top_k": 2},
+             "batch_size": "auto", "device": "auto", "seed": 0}
+    return text, meant, notes
+
+
+def _first_difference(read: Any, meant: Any, key: str = "") -> str | None:
+    """The dotted key where ``read`` differs from ``meant`` (None when they are equal)."""
+    if isinstance(meant, dict) and isinstance(read, dict):
+        for k in dict.fromkeys([*meant, *read]):
+            found = _first_difference(read.get(k), meant.get(k), f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+        return None
+    same = read == meant and type(read) is type(meant)
+    return None if same else f"{key or '(top level)'}: {meant!r} would read back as {read!r}"
+
+
+def check_target(output: Path, force: bool, option: str = "--output") -> None:
+    """Refuse, before any model work, a config file ``output`` that could not be written: an existing
+    file without --force, a folder, a path below a file, an unwritable or read-only folder."""
+    from explain_cli.config import check_output_dir
+
+    if output.is_dir():
+        raise UserError(f"{option}: {output} is a folder; give the config file, e.g. {output / 'explain.yaml'}")
+    if (output.exists() or output.is_symlink()) and not force:
+        raise UserError(f"{output} exists; choose another {option} or add --force")
+    check_output_dir(output.parent, key=option)
+
+
+def write_starter(model: str, arch: str | None, output: Path, input_dir: Path, num_classes: int | None = None,
+                  weights: str = "pretrained", force: bool = False) -> list[str]:
+    """Write the starter config to ``output`` and return the notes for the user. Nothing is written
+    unless the text reads back as the values meant and validates (UserError, exit 2, otherwise)."""
+    from explain_cli.config import _YamlRefusal, load_config, safe_yaml
+
+    check_target(output, force)
+    text, meant, notes = starter_config(model, arch, output.absolute(), input_dir, num_classes, weights)
+    try:
+        read = safe_yaml(text)
+    except (yaml.YAMLError, _YamlRefusal) as exc:
+        raise UserError(f"init: the starter config for {model!r} is not valid YAML ({exc}); nothing written") from None
+    wrong = _first_difference(read, meant)
+    if wrong:
+        raise UserError(f"init: cannot write a faithful config ({wrong}); nothing written")
+    created = []
+    parent = output.absolute().parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    tmp = output.absolute().parent / f".{output.name}.init-{os.getpid()}.yaml"
+    try:
+        output.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            load_config(tmp)  # the schema accepts what was written
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.message, str(output)) from None
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise UserError(f"--output: cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        if not output.exists():
+            for folder in created:  # innermost first: only the folders this call made, if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    return notes

@@ -77,3 +77,109 @@ def test_init_python_factory_then_run(tiny_project):
     with open(tiny_project / "out" / "topk.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["class_index"] for r in rows] == ["1"]  # only the asked class
+
+
+HOSTILE_NAMES = ["photos #1", "a: b", "yes", "no", "[x]", "{x}", "~", "~user", "*star", "&anchor", "@at", "%pct",
+                 "!tag", "- dash", "? q", "null", "1.5", "0x10", "'quoted'", '"dq"', "trailing ", " leading",
+                 "tab\there", "back\\slash", "é ü 写真", "a,b", "| pipe", "> fold", "`tick`", "x #y: z"]
+
+
+def test_init_writes_hostile_folder_and_checkpoint_names_that_read_back_as_themselves(tiny_project):
+    """Issue 31 (2): `--input "photos #1"` was written unquoted and read back as `photos`."""
+    import shutil
+
+    ckpt = tiny_project / "best #1.pt"
+    shutil.copy(tiny_project / "tiny.pt", ckpt)
+    for i, name in enumerate(HOSTILE_NAMES):
+        cfg = tiny_project / f"c{i}.yaml"
+        result = invoke("init", ckpt, "--arch", "python:tinynet:make", "--input", tiny_project / name, "-o", cfg)
+        assert result.exit_code == 0, (name, result.output)
+        data = yaml.safe_load(cfg.read_text())
+        expected = f"./{name}" if name.startswith("~") else name  # a literal folder, not the home folder
+        assert data["input"]["dir"] == expected, name
+        assert data["model"]["checkpoint"] == "best #1.pt" and data["model"]["num_classes"] == 3
+
+
+def test_init_input_name_with_a_newline_stays_one_value(tiny_project):
+    cfg = tiny_project / "nl.yaml"
+    result = invoke("init", "python:tinynet:make", "--input", tiny_project / "two\nlines", "-o", cfg)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(cfg.read_text())["input"]["dir"] == "two\nlines"
+
+
+def test_init_refuses_and_writes_nothing_when_the_text_would_not_read_back(tiny_project, monkeypatch):
+    """The round-trip check itself: with unquoted values (the old writer) `photos #1` is refused,
+    and no file is left behind for a rerun to trip over."""
+    import explain_cli.init as init_module
+
+    monkeypatch.setattr(init_module, "yaml_value", str)
+    cfg = tiny_project / "new" / "deeper" / "c.yaml"
+    result = invoke("init", "python:tinynet:make", "--input", tiny_project / "photos #1", "-o", cfg)
+    assert result.exit_code == 2, result.output
+    assert "input.dir" in result.output and "photos #1" in result.output
+    assert not (tiny_project / "new").exists()  # not even the folders it would have made
+
+
+def test_init_writes_nothing_when_the_written_config_does_not_validate(tiny_project, monkeypatch):
+    import explain_cli.config as config_module
+    from explain_cli.errors import ConfigError
+
+    def refuse(path, *args, **kwargs):
+        raise ConfigError("model.arch", "refused for the test", str(path))
+
+    monkeypatch.setattr(config_module, "load_config", refuse)
+    cfg = tiny_project / "c.yaml"
+    result = invoke("init", "python:tinynet:make", "-o", cfg)
+    assert result.exit_code == 2 and "refused for the test" in result.output
+    assert str(cfg) in result.output  # names the file asked for, not a temporary one
+    assert sorted(p.name for p in tiny_project.iterdir() if p.name.startswith(".c.yaml")) == []
+    assert not cfg.exists()
+
+
+def test_init_user_errors_are_exit_2_without_a_traceback(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = [("torchvision:",), ("python:tiny",), ("timm:",), ("torchvision:resnet18", "-o", tmp_path / "afile" / "c.yaml"),
+             ("torchvision:resnet18", "-o", tmp_path / "folder")]
+    for args in cases:
+        result = invoke("init", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "unexpected" not in result.output and "Traceback" not in result.output
+        assert "ValidationError" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+
+
+def test_init_into_an_unwritable_folder_is_exit_2_before_the_model_is_built(tmp_path, monkeypatch):
+    """Issue 31 (4): the check comes first, so a model that would take minutes to build is never built."""
+    import explain_cli.config as config_module
+    import explain_cli.init as init_module
+
+    def read_only(path, *args, key="output.dir", **kwargs):
+        from explain_cli.errors import ConfigError
+
+        raise ConfigError(key, f"cannot write to {path}: read-only file system")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(config_module, "check_output_dir", read_only)
+    monkeypatch.setattr(init_module, "starter_config", never)
+    result = invoke("init", "torchvision:resnet18", "-o", tmp_path / "ro" / "c.yaml")
+    assert result.exit_code == 2, result.output
+    assert "read-only" in result.output and "--output" in result.output
+
+
+def test_init_into_a_mode_555_folder_is_exit_2(tmp_path):
+    import os
+
+    import pytest
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a mode-555 folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        result = invoke("init", "torchvision:resnet18", "-o", locked / "c.yaml")
+        assert result.exit_code == 2 and str(locked) in result.output, result.output
+    finally:
+        locked.chmod(0o755)
