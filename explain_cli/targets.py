@@ -28,6 +28,7 @@ import csv
 import difflib
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -110,7 +111,7 @@ def class_index(value: int | str, labels: Sequence[str], key: str, source: str |
     folded = [i for i, name in enumerate(labels) if name.casefold() == text.casefold()]
     if len(folded) == 1:
         return folded[0]
-    if text.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", text) and len(text) <= 19:  # ASCII digits: '²'.isdigit() is true, int() fails
         return class_index(int(text), labels, key, source)
     close = difflib.get_close_matches(text, list(labels), n=3, cutoff=0.5)
     if not close:  # substring matches help with long ImageNet names ("cat" -> "tiger cat")
@@ -181,6 +182,7 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
                                                f"{', '.join(header)}", source)
         columns[what] = header.index(name)
 
+    exact = set(images)
     by_key: dict[str, list[str]] = {}
     for rel in images:
         for k in dict.fromkeys(_match_keys(rel)):
@@ -192,8 +194,8 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
             continue
         if len(row) <= max(columns.values()):
             raise ConfigError(key, f"{path}, line {line}: {len(row)} column(s), the header has {len(header)}", source)
-        image = row[columns["image"]].strip().replace("\\", "/").lstrip("./") if row[columns["image"]].strip() \
-            else ""
+        # a leading './' goes (lstrip('./') also ate the dot of '.hidden.png' and the '../' of a wrong path)
+        image = re.sub(r"^(\./)+", "", row[columns["image"]].strip().replace("\\", "/"))
         cell = row[columns["class"]].strip()
         names = [c.strip() for c in cell.split(cfg.separator)] if cfg.separator else [cell]
         indices = []
@@ -204,7 +206,8 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
                 indices.append(class_index(name, labels, key, source))
             except ConfigError as exc:
                 raise ConfigError(key, f"{path}, line {line}: {exc.message}", source) from None
-        hits = by_key.get(image, [])
+        # the exact relative path names one image even when other images share its file name
+        hits = [image] if image in exact else by_key.get(image, [])
         if len(hits) != 1:
             unmatched += 1
             continue

@@ -102,6 +102,25 @@ def test_truth_csv_matches_relative_paths_file_names_and_stems(tmp_path):
         targets.load_truth(targets.TruthCsvConfig(path=str(path), **{"class": "lable"}), path, LABELS, images)
 
 
+
+def test_truth_csv_exact_relative_path_wins_over_a_file_name_shared_with_a_subfolder(tmp_path):
+    """Issue 31 (3): `a.jpg` is the relative path of the top-level image; `sub/a.jpg` sharing its
+    file name does not make that row ambiguous."""
+    images = ["a.jpg", "sub/a.jpg", ".hidden.png"]
+    path = tmp_path / "truth.csv"
+    path.write_text("file,label\na.jpg,tumor\n./sub/a.jpg,normal\n.hidden.png,Necrosis\na,normal\n")
+    truth = targets.load_truth(targets.TruthCsvConfig(path=str(path)), path, LABELS, images)
+    assert truth.labels == {"a.jpg": (1,), "sub/a.jpg": (0,), ".hidden.png": (2,)}
+    assert truth.unmatched_rows == 1  # the stem 'a' still names two images
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0663", "--1", "1_000", "\uff11", "9" * 30])
+def test_class_given_as_odd_digits_is_an_unknown_class_not_a_crash(text):
+    """Issue 31 (5): `--class ²` passed isdigit() and then int() failed (exit 1)."""
+    with pytest.raises(ConfigError, match="unknown class"):
+        targets.class_index(text, LABELS, "targets.classes")
+
+
 # -- every explainer explains the asked quantity -----------------------------------------------------
 
 class TwoHead(nn.Module):
