@@ -168,6 +168,62 @@ class OutputConfig(_Section):
     _dir_given = field_validator("dir")(_path_given)
 
 
+class TissueConfig(_Section):
+    min_fraction: float = Field(default=0.5, ge=0, le=1, description="tiles with a smaller share of tissue "
+                                "(Otsu on saturation of a thumbnail) are skipped and counted; 0 keeps every tile")
+    thumbnail_mpp: float = Field(default=16.0, gt=0, le=1000, description="resolution of the thumbnail the tissue "
+                                 "mask and the heatmaps' background are made from, microns per pixel")
+
+
+class HeatmapConfig(_Section):
+    cells: int = Field(default=4, ge=1, le=64, description="each tile's map is summed into cells x cells blocks "
+                       "of the slide heatmap")
+    tiff: bool = Field(default=False, description="also write heatmap-<class>.tiff: a pyramidal TIFF of the "
+                       "coloured heatmap with the slide's pixel size, for QuPath")
+
+
+class SlidesConfig(_Section):
+    """Whole-slide images (or pre-tiled slides) as the unit: tiles in, one heatmap per slide out."""
+
+    tile: int | None = Field(default=None, ge=8, le=16384, description="tile side in pixels at the read "
+                             "resolution (before preprocess); with from_names: the tiles' side (default: "
+                             "each tile file's own width)")
+    mpp: float | None = Field(default=None, gt=0, le=1000, description="read resolution in microns per pixel "
+                              "(best pyramid level, then resized); with from_names: the tiles' resolution")
+    level: int | None = Field(default=None, ge=0, le=64, description="read at this pyramid level instead of mpp")
+    stride: int | None = Field(default=None, ge=1, le=16384, description="tile step in pixels at the read "
+                               "resolution; default: tile (no overlap)")
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    overlays: bool = Field(default=False, description="also write an overlay per tile (overlays/<slide>/<x>_<y>)")
+    from_names: str | None = Field(default=None, description="pre-tiled slides: a regular expression with the "
+                                   "named groups slide, x and y, searched in each file's relative path")
+
+    @model_validator(mode="after")
+    def _one_resolution(self) -> "SlidesConfig":
+        if self.from_names is not None:
+            try:
+                groups = set(re.compile(self.from_names).groupindex)
+            except re.error as exc:
+                raise ValueError(f"slides.from_names is not a regular expression: {exc}") from None
+            if not {"slide", "x", "y"} <= groups:
+                raise ValueError("slides.from_names needs the named groups (?P<slide>...), (?P<x>...) and "
+                                 f"(?P<y>...) (it has {sorted(groups) or 'none'})")
+            if self.level is not None:
+                raise ValueError("slides.level applies to slide files, not to pre-tiled slides (from_names)")
+            return self
+        if self.tile is None:
+            self.tile = 224
+        if self.mpp is not None and self.level is not None:
+            raise ValueError("give slides.mpp or slides.level, not both")
+        if self.mpp is None and self.level is None:
+            self.mpp = 0.5
+        if self.stride is not None and self.stride > self.tile:
+            raise ValueError(f"slides.stride {self.stride} is larger than slides.tile {self.tile}: "
+                             "parts of the slide would never be read")
+        return self
+
+
 class Config(_Section):
     model: ModelConfig
     labels: str | None = None
@@ -176,6 +232,8 @@ class Config(_Section):
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     explainer: dict[str, Any] = Field(default_factory=lambda: {"name": "gradient"})
     output: OutputConfig = Field(default_factory=OutputConfig)
+    slides: SlidesConfig | None = Field(default=None, description="whole-slide images or pre-tiled slides "
+                                        "(explain_cli/slides): tiles in, one heatmap per slide out")
     targets: TargetsConfig = Field(default_factory=TargetsConfig, description="which classes are explained "
                                    "and which output quantity (explain_cli/targets.py)")
     batch_size: int | Literal["auto"] = Field(
@@ -562,8 +620,10 @@ def _switch_explainer(data: dict, in_file: dict[str, Any], overrides: list[str],
     from explain_cli import explainers
 
     section = data.get("explainer")
-    new, old = (section or {}).get("name", "gradient"), in_file.get("name", "gradient")
-    if not isinstance(section, dict) or new == old or not isinstance(new, str) or new not in explainers.names():
+    if not isinstance(section, dict):  # --set explainer=[gradient]: the schema check names it
+        return
+    new, old = section.get("name", "gradient"), in_file.get("name", "gradient")
+    if new == old or not isinstance(new, str) or new not in explainers.names():
         return
     given = {keys[1] for keys in (parse_override(o)[0] for o in overrides) if len(keys) == 2 and keys[0] == "explainer"}
     fields = explainers.get(new).Settings.model_fields

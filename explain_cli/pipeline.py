@@ -77,6 +77,12 @@ class Prepared:
     truth: Truth | None = None  # each image's labels, from targets.from_csv
     walk_errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): errors.csv rows
     left_out: dict[str, int] = field(default_factory=dict)  # files the patterns left out: excluded, not_included
+    slides: Any = None  # slides.plan.SlidePlans of a slide run: the images are its tiles
+
+    @property
+    def source(self) -> Any:
+        """What the decode stage reads images from: the input folder, or the slides' tiles."""
+        return self.input_dir if self.slides is None else self.slides.source
 
 
 @dataclass
@@ -146,6 +152,10 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
                               f"{config.input.include} and not input.exclude {config.input.exclude} "
                               f"({left_out['excluded']} excluded by name; hidden files and folders holding an "
                               f"explain-cli run.json are skipped)")
+    slide_plans = None
+    if config.slides is not None:
+        slide_plans = plan_slide_run(config, input_dir, all_images, walk_errors, left_out)
+        all_images = slide_plans.images
     shard = options.shard
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
@@ -186,7 +196,32 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
                  if truth.unmatched_rows else "")
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors, left_out)
+                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors, left_out,
+                    slide_plans)
+
+
+def plan_slide_run(config: Config, input_dir: Path, files: list[str], walk_errors: list[tuple[str, str]],
+                   left_out: dict[str, int]):
+    """The selected files as slides (explain_cli/slides): their tiles become the run's images;
+    a slide that cannot be read joins the walk errors (an errors.csv row naming it)."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.slides.plan import plan_slides
+    from explain_cli.slides.source import TileSource
+
+    if config.preprocess.resize == "crop":
+        raise ConfigError("preprocess.resize", "crop cuts each tile's border away, so the heatmap would not "
+                                               "cover the slide: slides need preprocess.resize: stretch "
+                                               "(a square tile to the model's square input)", config._source)
+    plans = plan_slides(input_dir, files, config.slides)
+    walk_errors.extend(plans.errors)
+    walk_errors.sort()
+    if plans.unmatched:
+        left_out["not_matched"] = plans.unmatched
+    plans.source = TileSource(input_dir, plans)
+    skipped = sum(p.tiles_no_tissue for p in plans.slides.values())
+    log.info("slides: %d slide(s), %d tiles to explain, %d skipped (tissue < %g)", len(plans.slides),
+             len(plans.images), skipped, config.slides.tissue.min_fraction)
+    return plans
 
 
 def check_output_files(output_dir: Path, suffix: str, save_values: bool) -> None:
@@ -217,7 +252,8 @@ def load_background(prep: Prepared):
         pool = [source_path(root, p) for p in discover_images(root, cfg.input.include, [])]
         want = bg_cfg.count
     else:
-        pool = [source_path(prep.input_dir, p) for p in prep.all_images]
+        pool = list(prep.all_images) if prep.slides is not None else \
+            [source_path(prep.input_dir, p) for p in prep.all_images]
         want = bg_cfg.from_input or 50
     rng = random.Random(cfg.seed)
     order = rng.sample(pool, len(pool))
@@ -226,7 +262,8 @@ def load_background(prep: Prepared):
         if len(arrays) >= want:
             break
         try:
-            arrays.append(load_preprocessed(path, cfg.preprocess)[1])
+            arrays.append(prep.slides.source.decode(path, cfg.preprocess)[1] if isinstance(path, str)
+                          else load_preprocessed(path, cfg.preprocess)[1])
         except ImageError as exc:
             log.warning("background: skipping %s (%s)", path, exc)
     if not arrays:
@@ -312,7 +349,7 @@ def explain_step(explainer, good: list[tuple[str, np.ndarray, np.ndarray]], devi
 
 
 def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
-              overlay_path: Path, values_path: Path | None) -> tuple[WriteJob, list[list[Any]]]:
+              overlay_path: Path | None, values_path: Path | None) -> tuple[WriteJob, list[list[Any]]]:
     """Image ``j`` of an explained batch as a write job (files) and its topk.csv rows."""
     from explain_cli.render import format_title
 
@@ -327,7 +364,7 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
     job = WriteJob(rel=rel, pixels=pixels, values=attribution.values[j][slots],
                    titles=[format_title(n, float(p), label="label" in why.split("+"), contrast=contrast)
                            for n, p, why in zip(names, probs, reasons)],
-                   overlay_path=str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
+                   overlay_path=None if overlay_path is None else str(overlay_path), fmt=prep.config.output.format, dpi=prep.config.output.dpi,
                    segments=None if segments is None else segments[j],
                    values_path=None if values_path is None else str(values_path), classes=classes,
                    style=prep.config.output.style, caption=overlay_caption(prep, rel),
@@ -349,8 +386,20 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),
              _cell(attribution.stability, j, r), _cell(attribution.deletion_auc, j, r),
              _cell(attribution.insertion_auc, j, r), reasons[i], explained, label, predicted, used_cell]
+            + slide_cells(prep, rel, job.values[i])
             for i, (r, c, name) in enumerate(zip(slots, classes, names))]
     return job, rows
+
+
+def slide_cells(prep: Prepared, rel: str, values: np.ndarray) -> list[Any]:
+    """A tile row's slide, x, y, mpp and cells columns (blank outside slide runs)."""
+    if prep.slides is None:
+        return [None] * 5
+    from explain_cli.slides.source import pool_cells
+
+    plan, x, y = prep.slides.locate(rel)
+    cells = pool_cells(values[None], plan.cells)[0]
+    return [plan.id, x, y, plan.read_mpp, " ".join(f"{v:.6g}" for v in cells.ravel())]
 
 
 def overlay_caption(prep: Prepared, rel: str) -> str:
@@ -405,7 +454,7 @@ def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer
     """decode -> explain -> write, a step at a time, until done or a signal."""
     cfg = prep.config
     spec, truth = prep.targets, prep.truth
-    with contextlib.closing(decoded_steps(prep.input_dir, todo, step, cfg.preprocess,
+    with contextlib.closing(decoded_steps(prep.source, todo, step, cfg.preprocess,
                                           stop=lambda: stop.signal_name is not None)) as steps:
         for decoded in steps:  # decode: a thread, one step ahead
             for rel, exc in decoded.failed:
@@ -449,7 +498,11 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                          excluded=prep.left_out.get("excluded", 0))
     names: dict[str, str] = {}
 
-    def overlay_path(rel: str) -> Path:
+    tile_overlays = cfg.slides is None or cfg.slides.overlays
+
+    def overlay_path(rel: str) -> Path | None:
+        if not tile_overlays:
+            return None
         return out_dir / "overlays" / f"{names[rel]}.{cfg.output.format}"
 
     def values_path(rel: str) -> Path | None:
@@ -457,6 +510,11 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
 
     with output_lock(out_dir, suffix):
         names.update(output_names(prep.all_images, _names.is_case_insensitive(out_dir)))
+        if prep.slides is not None:
+            names.update(tile_output_names(prep))
+            from explain_cli.slides.heatmap import write_slide_info
+
+            write_slide_info(out_dir, prep.slides)
         topk_path = out_dir / f"topk{suffix}.csv"
         errors_path = out_dir / f"errors{suffix}.csv"
         run_json = out_dir / f"run{suffix}.json"
@@ -465,6 +523,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 p.unlink(missing_ok=True)
             other = "png" if cfg.output.format == "svg" else "svg"  # stale overlays of the other format
             remove_files(out_dir / "overlays" / f"{names[rel]}.{other}" for rel in prep.images)
+            if not tile_overlays:
+                remove_files(out_dir / "overlays" / f"{names[rel]}.{cfg.output.format}" for rel in prep.images)
         listed = read_csv_images(topk_path)
         failed_before = read_csv_images(errors_path)
         from explain_cli.models import checkpoint_path, weights_info
@@ -477,7 +537,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             resume.check_resume(run_json, fingerprint, out_dir)
             _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
                                           [("overlays", cfg.output.format), ("values", "npz")])
-        done = {rel for rel in prep.images if rel in listed and overlay_path(rel).exists()
+        done = {rel for rel in prep.images if rel in listed and (not tile_overlays or overlay_path(rel).exists())
                 and (values_path(rel) is None or values_path(rel).exists())}
         todo = [rel for rel in prep.images if rel not in done]
         summary.skipped = len(done)
@@ -580,5 +640,35 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
             run_info["runs"] = runs + [run_record(run_info, summary.exit_code if failure is None else exit_code)]
             write_json(run_json, run_info)
+            if prep.slides is not None and failure is None and not summary.interrupted:
+                write_slide_heatmaps(prep, out_dir, suffix)
             write_report_or_warn(out_dir)
     return summary
+
+
+def tile_output_names(prep: Prepared) -> dict[str, str]:
+    """Output stems of a slide file's tiles: ``<slide id>/<x>_<y>`` (pre-tiled slides keep their files' names)."""
+    out = {}
+    for rel in prep.all_images:
+        plan, x, y = prep.slides.locate(rel)
+        if plan.kind == "file":
+            out[rel] = f"{plan.id}/{x}_{y}"
+    return out
+
+
+def write_slide_heatmaps(prep: Prepared, out_dir: Path, suffix: str) -> None:
+    """Stitch the slides' heatmaps from topk.csv; a shard leaves that to ``merge`` (it holds
+    only some tiles of each slide). A failure here is a warning: the tiles' rows are kept."""
+    if suffix:
+        log.info("slide heatmaps are stitched by `explain-cli merge` once every shard is done")
+        return
+    from explain_cli.slides.heatmap import write_heatmaps
+
+    cfg = prep.config
+    try:
+        index = write_heatmaps(out_dir, out_dir / "topk.csv", out_dir / "errors.csv", cfg.explainer_settings.name,
+                               cfg.model.layer, cfg.slides.heatmap.tiff, cfg.slides.tissue.thumbnail_mpp)
+        log.info("slide heatmaps: %d slide(s) under %s", len(index), out_dir / "slides")
+    except Exception as exc:  # noqa: BLE001 - the explained tiles are safe in topk.csv; merge can redraw
+        log.warning("could not draw the slide heatmaps (%s: %s); rerun or `explain-cli merge` redraws them "
+                    "from topk.csv", type(exc).__name__, exc)

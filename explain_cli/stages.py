@@ -46,9 +46,14 @@ class DecodedStep:
     failed: list[tuple[str, ImageError]]
 
 
-def decode_one(input_dir: Path, rel: str, preprocess) -> tuple[str, np.ndarray, np.ndarray]:
-    """(rel, display pixels, model input) of one image; ImageError when it cannot be read."""
-    pixels, tensor = load_preprocessed(source_path(input_dir, rel), preprocess)
+def decode_one(input_dir: Any, rel: str, preprocess) -> tuple[str, np.ndarray, np.ndarray]:
+    """(rel, display pixels, model input) of one image; ImageError when it cannot be read.
+    ``input_dir`` is the input folder, or a source that decodes by name (slides.source.TileSource)."""
+    decode = getattr(input_dir, "decode", None)
+    if decode is not None:
+        pixels, tensor = decode(rel, preprocess)
+    else:
+        pixels, tensor = load_preprocessed(source_path(input_dir, rel), preprocess)
     return rel, pixels, tensor
 
 
@@ -183,7 +188,7 @@ class WriteJob:
     pixels: np.ndarray              # uint8 (H, W, 3), the image as the model saw it
     values: np.ndarray              # float32 (k, C, h, w)
     titles: list[str]
-    overlay_path: str
+    overlay_path: str | None        # None: no overlay (slide tiles without slides.overlays)
     fmt: str
     dpi: int
     segments: np.ndarray | None = None
@@ -202,8 +207,9 @@ def write_files(job: WriteJob) -> None:
 
     if job.values_path is not None:
         save_values(Path(job.values_path), job.values, job.classes, job.segments, job.value_std)
-    render_overlay(job.pixels, job.values, job.titles, Path(job.overlay_path), fmt=job.fmt,
-                   dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption)
+    if job.overlay_path is not None:
+        render_overlay(job.pixels, job.values, job.titles, Path(job.overlay_path), fmt=job.fmt,
+                       dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption)
 
 
 def _worker_init(parent_pid: int) -> None:

@@ -32,6 +32,9 @@ TOPK_COLUMNS = [
     "output", "base_value", "shap_sum", "additivity_error",
     "stability", "deletion_auc", "insertion_auc",
     "target", "explained", "label", "predicted", "nsamples_used",
+    # slide runs (explain_cli/slides); blank otherwise: the tile's slide, level-0 position, the
+    # resolution it was read at and its map summed into cells x cells blocks (row-major, spaces)
+    "slide", "x", "y", "mpp", "cells",
 ]
 ERROR_COLUMNS = ["image", "error"]
 
