@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from explain_cli import __version__
-from explain_cli.errors import EXIT_UNEXPECTED, EXIT_USAGE, UserError
+from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_UNEXPECTED, EXIT_USAGE, UserError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
@@ -282,12 +282,13 @@ def train(
 
         cfg = _load(config, set_, {"input.dir": str(input_dir.resolve()) if input_dir else None,
                                    "device": device})
+        option = "--output"
         if output is None:
             checkpoint = getattr(cfg.explainer_settings, "checkpoint", None)
             if checkpoint is None:
                 raise ConfigError("--output", "give --output FILE (or explainer.checkpoint in the config)")
-            output = cfg.resolve(checkpoint)
-        result = train_explainer(cfg, output.resolve(), restart=restart)
+            output, option = cfg.resolve(checkpoint), "explainer.checkpoint"
+        result = train_explainer(cfg, output.resolve(), restart=restart, option=option)
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt:
@@ -480,6 +481,8 @@ def merge(
     from explain_cli.report import write_report_or_warn
 
     write_report_or_warn(output_dir)
+    if summary.failed:  # as the runs of the shards: a cron job or an afterok chain notices
+        raise typer.Exit(EXIT_IMAGES_FAILED)
 
 
 @app.command(epilog="Examples:\n\n  explain-cli report out/\n\n  explain-cli report /scratch/$USER/explain-out   (shards so far, before the merge)\n\n"

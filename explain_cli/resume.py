@@ -15,13 +15,15 @@ where the outputs go (``output.dir``) and which files are written besides the CS
 (``output.style``, ``output.caption``: overlays already written keep their look), and
 ``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
-``model.checkpoint`` and ``labels`` are compared by content, not by path.
+``model.checkpoint``, ``labels``, the truth CSV and an amortized explainer's ``explainer.checkpoint``
+(a retrained ``explainer.pt`` at the same path gives other maps) are compared by content, not by path.
 
 A ``python:`` factory's code decides the model as much as a checkpoint does (without one, its
 weights come from the code, e.g. its ``manual_seed``): the fingerprint also holds the SHA-256 of
 the factory's source file and of every module it imported from the config's folder. Editing any
 of them refuses the resume like a changed checkpoint. A folder that holds results but no readable
-run.json (deleted, say) is refused too: its settings cannot be checked.
+run.json (deleted, say), or one whose fingerprint is not of the shape written here (edited by hand),
+is refused too: its settings cannot be checked.
 
 Not covered: installed packages a factory imports (their versions are in run.json), and images
 replaced by other images under the same name.
@@ -41,7 +43,9 @@ from explain_cli.errors import UserError
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
                 "output.format", "output.save_values", "output.style", "output.caption", "model.checkpoint", "model.trust_checkpoint",
-                "labels", "targets.classes", "targets.contrast", "targets.from_csv.path"}
+                "labels", "targets.classes", "targets.contrast", "targets.from_csv.path", "explainer.checkpoint"}
+#: Fingerprint entries that are file digests ({'sha256', 'size', 'mtime_ns'}) or None.
+DIGEST_KEYS = ("labels", "checkpoint", "truth_csv", "explainer_checkpoint")
 #: Keys added after fingerprints existed, with the value that reproduces the older behaviour: an older
 #: run.json lacks them, and that is no difference when the new value is this one.
 NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "targets.from_csv": None,
@@ -138,44 +142,92 @@ def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None
         result["targets"] = {"classes": list(targets.entries), "contrast": targets.contrast}
     if truth_csv is not None:
         result["truth_csv"] = file_digest(truth_csv, previous.get("truth_csv"))
+    explainer_checkpoint = getattr(config.explainer_settings, "checkpoint", None)
+    if explainer_checkpoint:
+        result["explainer_checkpoint"] = file_digest(config.resolve(explainer_checkpoint),
+                                                     previous.get("explainer_checkpoint"))
     return result
+
+
+def _is_digest(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and isinstance(value.get("sha256"), str)
+                             and all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
+                                     for k in ("size", "mtime_ns") if k in value))
+
+
+def fingerprint_problem(fp: Any) -> str | None:
+    """Why ``fp`` (read from a run.json) is not a fingerprint as :func:`fingerprint` writes it; None
+    when it is. A hand-edited or foreign run.json must be refused, not crash the comparison."""
+    if not isinstance(fp, dict):
+        return "the fingerprint is not a mapping"
+    settings = fp.get("settings")
+    if not isinstance(settings, dict):
+        return "fingerprint.settings is not a mapping"
+    for key in DIGEST_KEYS:
+        if not _is_digest(fp.get(key)):
+            return f"fingerprint.{key} is not a file digest"
+    code = fp.get("model_code")
+    if code is not None and not (isinstance(code, dict) and all(_is_digest(v) for v in code.values())):
+        return "fingerprint.model_code is not a mapping of file digests"
+    targets = fp.get("targets")
+    if targets is not None and not (isinstance(targets, dict) and isinstance(targets.get("classes"), list)
+                                    and isinstance(targets.get("contrast"), (int, type(None)))
+                                    and not isinstance(targets.get("contrast"), bool)):
+        return "fingerprint.targets is not {classes: [...], contrast: ...}"
+    return None
+
+
+def _read_fingerprint(run_json: Path) -> tuple[dict[str, Any] | None, str]:
+    """The stored fingerprint and, when there is none, why."""
+    try:
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{run_json.name} is missing or unreadable"
+    if not isinstance(info, dict):
+        return None, f"{run_json.name} is not a JSON object"
+    if "fingerprint" in info:
+        problem = fingerprint_problem(info["fingerprint"])
+        if problem:
+            return None, f"{run_json.name} is malformed ({problem})"
+        return info["fingerprint"], ""
+    if isinstance(info.get("config"), dict):
+        config_file = info.get("config_file")
+        base = Path(config_file).parent if isinstance(config_file, str) and config_file else None
+        return {"settings": _settings(info["config"], base)}, ""
+    return None, f"{run_json.name} has no fingerprint and no config"
 
 
 def stored_fingerprint(run_json: Path) -> dict[str, Any] | None:
     """The fingerprint of an earlier run.json; for one written before fingerprints existed, its
-    config's settings (no file digests). None when there is no readable run.json."""
-    try:
-        info = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict):
-        return None
-    if isinstance(info.get("fingerprint"), dict):
-        return info["fingerprint"]
-    if isinstance(info.get("config"), dict):
-        config_file = info.get("config_file")
-        base = Path(config_file).parent if config_file else None
-        return {"settings": _settings(info["config"], base)}
-    return None
+    config's settings (no file digests). None when there is no readable, well-formed run.json."""
+    return _read_fingerprint(run_json)[0]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (keys the old one lacks are skipped
     for the file digests, so an old run.json compares on its settings alone)."""
-    diffs = []
+    diffs, unset = [], []
     a, b = old.get("settings") or {}, new.get("settings") or {}
+    a = {k: v for k, v in a.items() if k not in IGNORED_KEYS}  # a run.json from before a key was ignored
+    switched = a.get("explainer.name", "gradient") != b.get("explainer.name", "gradient")
+    if switched:  # the one that matters; the keys of the other explainer follow from it
+        diffs.append(f"explainer.name: {a.get('explainer.name', 'gradient')!r} -> {b.get('explainer.name', 'gradient')!r}")
     for key in sorted(set(a) | set(b)):
         if key not in a and key in NEW_KEY_DEFAULTS and b.get(key) == NEW_KEY_DEFAULTS[key]:
             continue  # a run.json from before the key existed: its behaviour was this default
-        if a.get(key, "(unset)") != b.get(key, "(unset)"):
-            diffs.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+        if (switched and key.startswith("explainer.")) or a.get(key, "(unset)") == b.get(key, "(unset)"):
+            continue
+        line = f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+        (diffs if key in a and key in b else unset).append(line)  # changed values before added/removed keys
+    diffs += unset
     default_targets = {"classes": ["top_k"], "contrast": None}
     if (old.get("targets") or default_targets) != (new.get("targets") or default_targets):
         diffs.append(f"targets: {old.get('targets') or default_targets} -> {new.get('targets') or default_targets}")
     if (old.get("truth_csv") or {}).get("sha256") != (new.get("truth_csv") or {}).get("sha256"):
         diffs.append("truth CSV (targets.from_csv) content changed" if old.get("truth_csv") and new.get("truth_csv")
                      else "targets.from_csv added or removed")
-    for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content")):
+    for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content"),
+                        ("explainer_checkpoint", "explainer.checkpoint content (a retrained explainer)")):
         if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
             diffs.append(f"{label} changed")
     if "model_code" in old:
@@ -191,9 +243,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_resume(run_json: Path, current: dict[str, Any], output_dir: Path) -> None:
     """UserError (exit 2) when ``output_dir`` holds results of other settings than ``current``.
     Call only when the folder already holds results (rows in topk/errors CSV)."""
-    old = stored_fingerprint(run_json)
+    old, why = _read_fingerprint(run_json)
     if old is None:
-        raise UserError(f"{output_dir} holds results but {run_json.name} is missing or unreadable, so the "
+        raise UserError(f"{output_dir} holds results but {why}, so the "
                         f"settings that made them cannot be checked and resuming could mix them. Use "
                         f"--overwrite to redo every image, or another output.dir")
     diffs = differences(old, current)

@@ -151,8 +151,10 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
 
 
-def train(cfg: Config, output: Path, restart: bool = False, device: str | None = None) -> TrainResult:
-    """Train, checkpoint each epoch to ``OUTPUT.train``, validate, write ``output`` (see the module doc)."""
+def train(cfg: Config, output: Path, restart: bool = False, device: str | None = None,
+          option: str = "--output") -> TrainResult:
+    """Train, checkpoint each epoch to ``OUTPUT.train``, validate, write ``output`` (see the module doc).
+    ``option`` names where ``output`` came from, for the refusal of an unwritable one."""
     from explain_cli.autobatch import initial_batch_size
     from explain_cli.discover import discover_images, source_path
     from explain_cli.images import load_image, normalise
@@ -170,6 +172,10 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     ts: amortized.TrainSettings = settings.train
     grid, fill = settings.grid(), settings.fill_or_default()
     size = cfg.preprocess.size
+    if grid < 2:
+        raise ConfigError("explainer.segments.grid", f"a {grid} x {grid} grid is one player, whose value is always "
+                                                     "v(all) - v(none): nothing to train; use grid: 2 or more",
+                          cfg._source)
     if grid > size:
         raise ConfigError("explainer.segments.grid", f"a {grid} x {grid} grid needs images of at least {grid} px "
                                                      f"(preprocess.size is {size})", cfg._source)
@@ -177,9 +183,11 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     if not input_dir.is_dir():
         raise ConfigError("input.dir", f"not a folder: {input_dir}", cfg._source)
     output = Path(output)
-    if output.is_dir():
-        raise UserError(f"--output: {output} is a folder; give the explainer file, e.g. {output / 'explainer.pt'}")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(output, option)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option}: cannot create the folder of {output}: {exc.strerror or exc}") from None
 
     dev = resolve_device(device or cfg.device)
     torch.manual_seed(cfg.seed)
@@ -266,11 +274,19 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"{state_path}: not a training state ({type(exc).__name__}); delete it or pass --restart") from None
-        if state.get("signature") != signature:
+        if not isinstance(state, dict) or not _equal(state.get("signature"), signature):
             raise UserError(f"{state_path} is the state of a training with another config, model or image list; "
                             f"pass --restart to start over (or delete it)")
-        net.load_state_dict(state["net"])
-        optimiser.load_state_dict(state["optimiser"])
+        problem = _state_problem(state, ts.epochs)
+        if problem is None:
+            try:
+                net.load_state_dict(state["net"])
+                optimiser.load_state_dict(state["optimiser"])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+                problem = f"its network or optimiser does not fit ({type(exc).__name__}: {str(exc)[:200]})"
+        if problem is not None:
+            raise UserError(f"{state_path}: not a training state of this explain-cli ({problem}); delete it or "
+                            f"pass --restart")
         start_epoch, history = int(state["epoch"]), list(state["history"])
         seconds_before, evaluations_before = float(state["seconds"]), int(state["evaluations"])
         log.info("train: resuming from %s after epoch %d of %d", state_path, start_epoch, ts.epochs)
@@ -378,6 +394,44 @@ def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn
         phi = amortized.efficient(amortized.raw_values(net, x, fills, features, weight), v_all - v_none)  # (N, C, M)
         ours = phi.gather(1, classes[:, :, None].expand(-1, -1, phi.shape[-1])).cpu().numpy()
     return float(np.nanmedian(pearson_rows(ours, ref)))
+
+
+def check_output_file(output: Path, option: str = "--output") -> None:
+    """Refuse, before any model work, an explainer file that could not be written: a folder, a path
+    below a file, a read-only or unwritable folder (UserError naming the path, exit 2)."""
+    from explain_cli.config import check_output_dir
+
+    if output.is_dir():
+        raise UserError(f"{option}: {output} is a folder; give the explainer file, e.g. {output / 'explainer.pt'}")
+    check_output_dir(output.parent, key=option)
+    if output.exists() and not os.access(output, os.W_OK) and not os.access(output.parent, os.W_OK):
+        raise UserError(f"{option}: cannot replace {output}: permission denied")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b`` for data read from a file, where a forged tensor makes ``==`` ambiguous."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _state_problem(state: dict[str, Any], epochs: int) -> str | None:
+    """Why a ``.train`` state with the right signature cannot be resumed (None: it can)."""
+    number = (int, float)
+    if not isinstance(state.get("net"), dict) or not isinstance(state.get("optimiser"), dict):
+        return "'net' and 'optimiser' must be mappings"
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= epochs:
+        return f"'epoch' must be an integer 0..{epochs}"
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch or not all(isinstance(h, dict) for h in history):
+        return "'history' must list one mapping per epoch done"
+    for key in ("seconds", "evaluations"):
+        value = state.get(key)
+        if not isinstance(value, number) or isinstance(value, bool) or not 0 <= value < 1e18:
+            return f"'{key}' must be a number"
+    return None
 
 
 def _fmt(seconds: float) -> str:

@@ -291,7 +291,60 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if data.get("version") != VERSION:
         raise ConfigError(key, f"{path} has format version {data.get('version')}; this explain-cli reads "
                                f"version {VERSION}: train it again")
+    problem = checkpoint_problem(data)
+    if problem:
+        raise ConfigError(key, f"{path} is damaged or was not written by explain-cli train: {problem}")
     return data
+
+
+def _is_int(value: Any, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def checkpoint_problem(data: dict[str, Any]) -> str | None:
+    """Why ``data`` is not an explainer as ``explain-cli train`` writes it (None: it is one): every key
+    run reads, with its type, and a state_dict whose names and shapes are those of the recorded
+    network (checked on the meta device: a forged size allocates nothing)."""
+    shapes = {"model": {"arch": str, "fingerprint": str, "outputs": int}, "players": {"grid": int},
+              "preprocess": {"size": int, "mean": list, "std": list},
+              "network": {"channels": int, "outputs": int, "grid": int, "width": int}}
+    for section, fields in shapes.items():
+        value = data.get(section)
+        if not isinstance(value, dict):
+            return f"'{section}' is missing or not a mapping"
+        for name, kind in fields.items():
+            item = value.get(name)
+            if not (_is_int(item) if kind is int else isinstance(item, kind)):
+                return f"'{section}.{name}' is missing or not {'a positive integer' if kind is int else kind.__name__}"
+    network = data["network"]
+    if network.get("kind", "pixels") not in ("pixels", "features"):
+        return f"'network.kind' is {network.get('kind')!r}, not pixels or features"
+    if network.get("kind") == "features" and not _is_int(network.get("dim")):
+        return "'network.dim' is missing or not a positive integer"
+    if network["grid"] != data["players"]["grid"] or network["outputs"] != data["model"]["outputs"]:
+        return "'network' does not match 'players' and 'model'"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in [*data["preprocess"]["mean"], *data["preprocess"]["std"]]):
+        return "'preprocess.mean' and 'preprocess.std' must be numbers"
+    try:
+        masking.parse_fill(data.get("fill"))
+    except ValueError as exc:
+        return f"'fill': {exc}"
+    state = data.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        return "'state_dict' is missing or not a mapping of tensors"
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_net(data).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - a forged size the network cannot have
+        return f"its network cannot be built ({type(exc).__name__}: {exc})"
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+        return (f"'state_dict' does not fit the recorded network ({wrong[0]}: {got.get(wrong[0], 'missing')} "
+                f"instead of {expected.get(wrong[0], 'none')})")
+    return None
 
 
 def mismatches(data: dict[str, Any], *, model_fingerprint: str | None = None, outputs: int | None = None,

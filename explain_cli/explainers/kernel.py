@@ -636,8 +636,13 @@ class Explainer(base.Explainer):
         phi = solve(item.masks, item.weights, y, fx, fnull)
         if item.nfixed == item.masks.shape[0]:
             return phi, np.zeros_like(phi), np.ones(k)
-        cov = value_covariance(item.masks, item.weights, y, fx, fnull, phi, item.sampler.unit_array())
+        units = item.sampler.unit_array()
+        cov = value_covariance(item.masks, item.weights, y, fx, fnull, phi, units)
         std = np.sqrt(np.maximum(np.einsum("kii->ik", cov), 0.0))
+        if units.shape[0] < 2 or not self._estimable(item):
+            # one draw has no spread, and with no more draws than free values the fit leaves no residual:
+            # the error is unknown (NaN, blank in the report), not zero (which says exact)
+            std = np.full_like(phi, np.nan)
         settings: Settings = self.settings  # type: ignore[assignment]
         if settings.stability_from == "variance":
             stability = variance_stability(phi, cov, item.labels) if self._estimable(item) else np.full(k, np.nan)
