@@ -358,7 +358,23 @@ def merge(output_dir: Path) -> MergeSummary:
         _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
         _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)
         _write_if_changed(run_json, json.dumps(merged_info, indent=2, default=str) + "\n", summary)
+        _stitch_slides(output_dir, first.get("config"))
     return summary
+
+
+def _stitch_slides(output_dir: Path, config: Any) -> None:
+    """A slide run's heatmaps, from the merged topk.csv: a slide whose tiles ran in several shards
+    gets one heatmap (no shard could draw it alone)."""
+    slides = config.get("slides") if isinstance(config, dict) else None
+    if not isinstance(slides, dict) or not (output_dir / "slides").is_dir():
+        return
+    from explain_cli.slides.heatmap import write_heatmaps
+
+    heatmap = slides.get("heatmap") if isinstance(slides.get("heatmap"), dict) else {}
+    explainer = config.get("explainer") if isinstance(config.get("explainer"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    write_heatmaps(output_dir, output_dir / "topk.csv", output_dir / "errors.csv", str(explainer.get("name", "?")),
+                   str(model.get("layer", "?")), bool(heatmap.get("tiff", False)))
 
 
 def _merged_metrics(infos: dict[int, dict[str, Any]], topk: list[list[str]]) -> dict[str, Any] | None:
