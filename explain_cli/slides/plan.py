@@ -233,7 +233,7 @@ def plan_tiles(input_dir: Path, rels: list[str], cfg) -> SlidePlans:
         for x, y, rel in tiles:
             images.append(rel)
             tile_of[rel] = (name, x, y)
-    return SlidePlans(slides, images, [], unmatched, pattern, tile_of)
+    return SlidePlans(slides, images, [], unmatched, pattern, _tile_of=tile_of)
 
 
 def plan_slides(input_dir: Path, rels: list[str], cfg) -> SlidePlans:
