@@ -43,7 +43,8 @@ from explain_cli.errors import UserError
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
                 "output.format", "output.save_values", "output.style", "output.caption", "model.checkpoint", "model.trust_checkpoint",
-                "labels", "targets.classes", "targets.contrast", "targets.from_csv.path", "explainer.checkpoint"}
+                "labels", "targets.classes", "targets.contrast", "targets.from_csv.path", "explainer.checkpoint",
+                "slides.overlays", "slides.heatmap.tiff"}  # slides: extra files, not other numbers
 #: Fingerprint entries that are file digests ({'sha256', 'size', 'mtime_ns'}) or None.
 DIGEST_KEYS = ("labels", "checkpoint", "truth_csv", "explainer_checkpoint")
 #: Keys added after fingerprints existed, with the value that reproduces the older behaviour: an older
@@ -52,7 +53,8 @@ NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "ta
                     "targets.from_csv.image": None, "targets.from_csv.class": None,
                     "targets.from_csv.separator": None,
                     "explainer.sampling": "shap",  # kernel: shap's coalitions (gradient's key predates no run.json of it)
-                    "explainer.stability_from": "split_half"}  # kernel: the stability column's estimate before it
+                    "explainer.stability_from": "split_half",  # kernel: the stability column's estimate before it
+                    "slides": None}  # runs before slides existed explained images
 #: Config paths compared as absolute paths.
 PATH_KEYS = {"input.dir", "background.dir"}
 
