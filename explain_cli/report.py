@@ -49,9 +49,9 @@ REPORT_NAME = "report.html"
 
 _SHARD = re.compile(r"^(topk|errors|run)\.shard-(\d+)-of-(\d+)\.(csv|json)$")
 
-# topk.csv columns that are not shown as their own column (identity or raw model numbers).
+# topk.csv columns that are not shown as their own column (identity, raw model numbers, a slide tile's place).
 _HIDDEN = {"image", "rank", "class_index", "class_name", "output", "base_value", "shap_sum", "target",
-           "explained", "label", "predicted"}
+           "explained", "label", "predicted", "slide", "x", "y", "mpp", "cells"}
 
 # Known numeric columns: (key, label, tooltip, number format, which direction is better).
 _KNOWN = [
@@ -506,6 +506,135 @@ def _errors_html(outputs: RunOutputs) -> str:
             f'<table class="grid errors"><tr><th>image</th><th>error</th></tr>{rows}</table></details></section>')
 
 
+# --- slides (server-side HTML from slides/index.json, every value escaped) ----------------------
+
+#: Heatmaps shown per slide card; a slide's other classes are behind a "more classes" toggle.
+SLIDE_CLASSES_SHOWN = 4
+
+
+def _read_slides(output_dir: Path) -> list[dict[str, Any]]:
+    """The entries of slides/index.json (a slide run's summary), [] when there is none or it is unreadable."""
+    path = output_dir / "slides" / "index.json"
+    if not path.is_file():
+        return []
+    data = _read_json(path)
+    slides = data.get("slides") if data else None
+    return [s for s in slides if isinstance(s, dict) and s.get("id")] if isinstance(slides, list) else []
+
+
+def _slide_file_url(output_dir: Path, ident: str, name: Any) -> str | None:
+    """slides/<id>/<name> as a relative, percent-encoded URL; None when the file is missing or the
+    names would leave slides/<id> (index.json is data: a '..' in it must not point elsewhere)."""
+    if not isinstance(name, str) or not name:
+        return None
+    parts = ident.split("/") + [name]
+    if any(p in ("", ".", "..") or "\\" in p for p in parts) or "/" in name:
+        return None
+    if not (output_dir / "slides" / ident / name).is_file():
+        return None
+    return "slides/" + quote(os.fsencode("/".join(parts)), safe="/")
+
+
+def _tile_link(tile: dict[str, Any], rel: str, key: str, rows: dict[str, str]) -> str:
+    """One top tile: its name (short: without the slide's prefix) linking to its table row, and its value."""
+    image = str(tile.get("image", ""))
+    short = image[len(rel) + 1:] if rel and image.startswith(rel + "/") else image
+    value = _number(tile.get(key))
+    shown = "" if value is None else (f"{value:.3f}" if key == "probability" else f"{value:.3g}")
+    where = f"x {tile.get('x')}, y {tile.get('y')} (level-0 pixels)" if "x" in tile else image
+    row = rows.get(image)
+    if row is None:  # not in topk.csv (e.g. a shard's report): named, not linked
+        name = f'<span class="file" title="{_e(where)}">{_e(short)}</span>'
+    else:
+        name = (f'<a class="file tile" href="#image={quote(row, safe="")}" title="{_e(image)}: {_e(where)}; '
+                f'show its row in the table">{_e(short)}</a>')
+    return f'<li>{name}<span class="v">{_e(shown)}</span></li>'
+
+
+def _slide_class_html(output_dir: Path, entry: dict[str, Any], cls: dict[str, Any], rows: dict[str, str]) -> str:
+    ident, rel, name = str(entry["id"]), str(entry.get("rel") or ""), str(cls.get("name", ""))
+    heatmap = _slide_file_url(output_dir, ident, cls.get("heatmap"))
+    probability = _slide_file_url(output_dir, ident, cls.get("probability"))
+    if heatmap:
+        picture = (f'<a class="map" href="{_e(heatmap)}" target="_blank" rel="noopener" title="open the full heatmap">'
+                   f'<img loading="lazy" decoding="async" src="{_e(heatmap)}" '
+                   f'alt="SHAP heatmap of {_e(name)} on {_e(ident)}"></a>')
+    else:
+        picture = '<span class="map muted">heatmap not drawn (no slides/&lt;id&gt;/heatmap-*.png)</span>'
+    tiles = _number(cls.get("tiles"))
+    links = [f"{int(tiles):,} tile(s)" if tiles is not None else ""]
+    if heatmap:
+        links.append(f'<a href="{_e(heatmap)}" target="_blank" rel="noopener">heatmap</a>')
+    if probability:
+        links.append(f'<a href="{_e(probability)}" target="_blank" rel="noopener">probability map</a>')
+    tops = []
+    for key, title in (("probability", "Top tiles by probability"), ("attribution", "Top tiles by attribution")):
+        listed = (entry.get(f"top_by_{key}") or {}).get(name) if isinstance(entry.get(f"top_by_{key}"), dict) else None
+        items = "".join(_tile_link(t, rel, key, rows) for t in listed or [] if isinstance(t, dict))
+        tip = ("the tile's softmax probability of the class" if key == "probability"
+               else "the tile's SHAP values for the class, summed over the tile")
+        tops.append(f'<div class="top"><h4 title="{_e(tip)}">{title}</h4>'
+                    + (f"<ol>{items}</ol>" if items else '<p class="muted">none</p>') + "</div>")
+    return (f'<div class="slide-class"><figure>{picture}<figcaption><b>{_e(name)}</b> '
+            f'{" &middot; ".join(x for x in links if x)}</figcaption></figure>{"".join(tops)}</div>')
+
+
+def _slide_card(output_dir: Path, entry: dict[str, Any], rows: dict[str, str]) -> str:
+    """One slide: its size, its tile counts, a warning when nothing was explained, then per class
+    the heatmap (a link to the full figure) and its top tiles (links to their table rows)."""
+    ident, rel = str(entry["id"]), str(entry.get("rel") or entry["id"])
+    count = {k: int(_number(entry.get(k)) or 0) for k in
+             ("tiles_total", "tiles_no_tissue", "tiles_kept", "tiles_explained", "tiles_failed")}
+    dims = entry.get("dimensions")
+    about = []
+    if isinstance(dims, list) and len(dims) == 2:
+        about.append(f"{_e(dims[0])} &times; {_e(dims[1])} px")
+    mpp = _number(entry.get("mpp"))
+    about.append(f"{mpp:g} &micro;m/px" if mpp is not None else "no MPP in the slide")
+    about.append("pre-tiled" if entry.get("kind") == "tiles" else "slide file")
+    kept = f" of {count['tiles_kept']:,} with tissue" if count["tiles_kept"] != count["tiles_explained"] else ""
+    stats = [f'<span class="n">{count["tiles_explained"]:,}</span> tiles explained{kept}',
+             f'<span class="n">{count["tiles_no_tissue"]:,}</span> skipped for no tissue',
+             f'<span class="n{" bad" if count["tiles_failed"] else ""}">{count["tiles_failed"]:,}</span> failed',
+             f'{count["tiles_total"]:,} in all']
+    warning = f'<p class="slide-warning">{_e(entry["warning"])}</p>' if entry.get("warning") else ""
+    in_table = sum(1 for image in rows if image.startswith(rel + "/"))
+    table_link = (f' &middot; <a href="#q={quote(rel + "/", safe="")}" title="filter the table to this slide\'s tiles">'
+                  f'its {in_table:,} tile(s) in the table</a>' if in_table else "")
+    classes = sorted((c for c in entry.get("classes") or [] if isinstance(c, dict) and c.get("name") is not None),
+                     key=lambda c: -(_number(c.get("tiles")) or 0))
+    body = "".join(_slide_class_html(output_dir, entry, c, rows) for c in classes[:SLIDE_CLASSES_SHOWN])
+    if len(classes) > SLIDE_CLASSES_SHOWN:
+        more = classes[SLIDE_CLASSES_SHOWN:]
+        body += (f'<details><summary>{len(more)} more class(es)</summary>'
+                 + "".join(_slide_class_html(output_dir, entry, c, rows) for c in more) + "</details>")
+    if not classes:
+        body = '<p class="muted">No heatmap: no tile of this slide was explained.</p>'
+    thumb = _slide_file_url(output_dir, ident, "thumbnail.png")
+    extra = [f'<a href="{_e(u)}" target="_blank" rel="noopener">{label}</a>' for u, label in (
+        (thumb, "thumbnail"), (_slide_file_url(output_dir, ident, "tissue.png"), "tissue mask"),
+        (_slide_file_url(output_dir, ident, "maps.npz"), "maps.npz")) if u]
+    return (f'<article class="slide" data-slide="{_e(ident)}"><h3 class="file">{_e(rel)}</h3>'
+            f'<div class="muted">{" &middot; ".join(about)}'
+            + (f' &middot; {" &middot; ".join(extra)}' if extra else "") + table_link + "</div>"
+            f'<div class="slide-tiles">{" &middot; ".join(stats)}</div>{warning}{body}</article>')
+
+
+def _slides_html(outputs: RunOutputs, images: list[dict[str, Any]]) -> str:
+    """The Slides section ('' for a run without slides/index.json): one card per slide."""
+    slides = _read_slides(outputs.output_dir)
+    if not slides:
+        return ""
+    rows = {names.unescape(im["f"]): im["f"] for im in images}  # index.json names tiles unescaped
+    warned = sum(1 for s in slides if s.get("warning"))
+    note = f' <span class="count bad">{warned:,} without a tile explained</span>' if warned else ""
+    return (f'<section id="slides"><h2>Slides <span class="count">{len(slides):,}</span>{note}</h2>'
+            '<p class="muted">Per slide and explained class: the tiles\' SHAP values stitched over the slide '
+            "(click for the full figure), and the tiles with the highest probability and attribution "
+            "(click one to see its row in the table below).</p>"
+            + "".join(_slide_card(outputs.output_dir, s, rows) for s in slides) + "</section>")
+
+
 def build_report(output_dir: Path) -> str:
     """The page for ``output_dir`` as a string (UserError when it holds no run outputs)."""
     outputs = load_outputs(Path(output_dir))
@@ -523,7 +652,7 @@ def build_report(output_dir: Path) -> str:
     return _PAGE.format(
         csp=_e(csp), title=_e(f"explain-cli report: {name}"), name=_e(name), version=_e(__version__),
         badge=_e(badge), tone=tone, summary=_summary_html(outputs, data["images"], data["columns"]),
-        errors=_errors_html(outputs), css=_CSS, data=_script_json(data), script=script,
+        slides=_slides_html(outputs, data["images"]), errors=_errors_html(outputs), css=_CSS, data=_script_json(data), script=script,
     )
 
 
@@ -613,8 +742,21 @@ table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:6px 10px
 .empty{padding:30px;text-align:center;color:var(--muted)}
 .confusion td,.confusion th{text-align:center}.confusion td.agree{background:#eaf6ef}.confusion button{font:inherit;border:0;background:none;color:var(--accent);cursor:pointer;text-decoration:underline}
 td.lbl .ok{color:var(--ok)}td.lbl .bad{color:var(--bad)}.cls .tag{margin-left:6px;font-size:11px;padding:0 4px;border-radius:3px;background:#eef2f7;color:var(--muted)}
+#images tr.marked td{background:#fff7d6}
+#slides article{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 14px;margin:0 0 12px}
+#slides article h3{margin:0 0 2px;text-transform:none;letter-spacing:0;color:var(--fg);font-size:14px}
+#slides .slide-tiles{margin:4px 0 6px}#slides .slide-tiles .n{font-weight:600}#slides .slide-tiles .n.bad{color:var(--bad)}
+#slides .slide-warning{margin:6px 0;padding:6px 10px;border-radius:6px;background:#fdf1e3;color:var(--warn);font-weight:600}
+#slides .slide-class{display:grid;grid-template-columns:minmax(220px,340px) repeat(2,minmax(180px,1fr));gap:8px 18px;align-items:start;padding:8px 0;border-top:1px solid var(--line)}
+#slides figure{margin:0}#slides a.map{display:block;line-height:0}
+#slides a.map img{width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#f0f2f5}
+#slides span.map{display:block;padding:20px 0}
+#slides figcaption{font-size:12.5px;margin-top:4px}
+#slides h4{margin:0 0 4px;font-size:12px;font-weight:500;color:var(--muted)}
+#slides ol{margin:0;padding-left:22px;font-size:12.5px}
+#slides li .v{margin-left:10px;color:var(--muted);font-variant-numeric:tabular-nums}
 @media (max-width:1000px){.tablewrap{overflow-x:auto}}
-@media (max-width:700px){main{padding:12px}.controls input{min-width:0;flex:1}#images td.thumb img{height:56px}}
+@media (max-width:700px){#slides .slide-class{grid-template-columns:1fr}main{padding:12px}.controls input{min-width:0;flex:1}#images td.thumb img{height:56px}}
 """
 
 _SCRIPT = """
@@ -727,7 +869,7 @@ _SCRIPT = """
     return r * state.dir || (a.f < b.f ? -1 : a.f > b.f ? 1 : 0);
   }
   function row(im) {
-    var tr = make("tr");
+    var tr = make("tr", im === state.mark ? "marked" : "");
     var t = make("td", "thumb");
     if (im.u) {
       var a = make("a"); a.href = im.u; a.target = "_blank"; a.rel = "noopener";
@@ -768,12 +910,15 @@ _SCRIPT = """
     });
     return tr;
   }
-  function render() {
+  function visible() {
     var shown = images.filter(function (im) {
       return (!state.cls || predicted(im) === state.cls) && (!state.label || im.l === state.label) &&
         (!state.text || im.s.indexOf(state.text) >= 0);
     });
-    shown.sort(compare);
+    return shown.sort(compare);
+  }
+  function render() {
+    var shown = visible();
     var pages = Math.max(1, Math.ceil(shown.length / state.size));
     state.page = Math.min(Math.max(state.page, 0), pages - 1);
     var start = state.page * state.size, slice = shown.slice(start, start + state.size);
@@ -798,6 +943,37 @@ _SCRIPT = """
     el("next").disabled = state.page >= pages - 1;
   }
   render();
+  // #image=NAME (the Slides cards' top tiles): clear the filters, turn to that row's page and mark it;
+  // #q=TEXT: filter the table by TEXT. A link to the hash already shown acts again on click.
+  function follow() {
+    var m = /^#(image|q)=(.*)$/.exec(location.hash), value;
+    if (!m) return;
+    try { value = decodeURIComponent(m[2]); } catch (e) { return; }
+    state.cls = ""; state.label = ""; select.value = ""; state.mark = null;
+    if (m[1] === "q") {
+      text.value = value; state.text = value.trim().toLowerCase(); state.page = 0; render();
+      el("browse").scrollIntoView();
+      return;
+    }
+    var target = images.filter(function (im) { return im.f === value; })[0];
+    if (!target) return;
+    text.value = ""; state.text = ""; state.mark = target;
+    state.page = Math.floor(visible().indexOf(target) / state.size);
+    render();
+    var tr = document.querySelector("#rows tr.marked");
+    if (tr) tr.scrollIntoView({block: "center"});
+  }
+  window.addEventListener("hashchange", follow);
+  document.addEventListener("click", function (e) {
+    var a = e.target.closest ? e.target.closest("a[href^='#']") : null;
+    if (a && a.hash === location.hash) follow();
+  });
+  follow();
+  Array.prototype.forEach.call(document.querySelectorAll("#slides a.map img"), function (img) {
+    function broken() { img.parentNode.replaceChildren(make("span", "muted", "cannot show the heatmap: open it")); }
+    if (img.complete && img.naturalWidth === 0 && img.currentSrc) broken();
+    else img.addEventListener("error", broken);
+  });
   document.body.dataset.ready = "1";
 })();
 """
@@ -816,6 +992,7 @@ _PAGE = """<!DOCTYPE html>
 <header><h1>explain-cli report</h1><span class="name">{name}</span><span class="badge {tone}">{badge}</span><span class="ver">explain-cli {version}</span></header>
 <main>
 {summary}
+{slides}
 {errors}
 <section id="confusion" hidden></section>
 <section id="browse">
