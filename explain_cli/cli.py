@@ -337,6 +337,8 @@ def validate(
     excluded = prep.left_out.get("excluded", 0)
     print(f"# images to process: {len(prep.images)} (of {len(prep.all_images)} found in {prep.input_dir}"
           + (f"; {excluded} more skipped by input.exclude" if excluded else "") + ")")
+    if prep.slides is not None:
+        print(f"# slides: {_slides_line(prep.slides)}")
     if prep.walk_errors:
         print(f"# unreadable (a run lists them in errors.csv): {', '.join(rel for rel, _ in prep.walk_errors[:5])}"
               + (f" and {len(prep.walk_errors) - 5} more" if len(prep.walk_errors) > 5 else ""))
@@ -348,6 +350,17 @@ def validate(
     if asked["truth_csv"]:
         line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
     print(line)
+
+
+def _slides_line(plans) -> str:
+    """validate's line on a slide run: slides, tiles kept and skipped, how they are read."""
+    kept = sum(len(p.tiles) for p in plans.slides.values())
+    no_tissue = sum(p.tiles_no_tissue for p in plans.slides.values())
+    reads = sorted({f"level {p.level}, {p.read_size} px" if p.kind == "file" else "tile files"
+                    for p in plans.slides.values()})
+    return (f"{len(plans.slides)} slide(s), {kept} tiles to explain, {no_tissue} without tissue skipped"
+            + (f", {plans.unmatched} files not matching slides.from_names" if plans.unmatched else "")
+            + (f"; read at {'; '.join(reads)}" if reads else ""))
 
 
 def _layer_input_line(found: dict) -> str:
