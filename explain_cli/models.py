@@ -629,10 +629,20 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
                    and bool(list(modules[n].children())) == bool(list(modules[first].children()))]
         suggestions = shallow[:4] + ([f"... ({len(shallow) - 4} more)"] if len(shallow) > 4 else [])
         raise ConfigError("model.layer", _utils.not_a_tensor_message(layer_name, value, suggestions))
+    if value.dim() in (3, 4) and value.shape[0] != 1:
+        _utils.check_rows(value, 1, layer_name, working_layers(model, layer_name, size))
     if value.dim() == 4:
-        layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
-        log.info("layer '%s' takes %s maps, channels %s (%s)", layer_name, tuple(value.shape),
-                 "last: drawn as (C, H, W)" if layout.channels_last else "first", layout.found)
+        try:
+            layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, _with_suggestions(exc.message, working_layers(model, layer_name, size))) from None
+        if layout.blocks is not None:
+            log.info("layer '%s' takes %s: blocks of tokens, put back onto a %dx%d grid (%s)", layer_name,
+                     tuple(value.shape), layout.blocks[0] * layout.block[0], layout.blocks[1] * layout.block[1],
+                     layout.found)
+        else:
+            log.info("layer '%s' takes %s maps, channels %s (%s)", layer_name, tuple(value.shape),
+                     "last: drawn as (C, H, W)" if layout.channels_last else "first", layout.found)
         return layout.describe() if layout.channels_last else None
     if value.dim() != 3:
         raise ConfigError("model.layer", _utils.wrong_rank_message(layer_name, tuple(value.shape),
@@ -648,6 +658,55 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
     else:
         log.info("%s", message)
     return grid.describe()
+
+
+def _with_suggestions(message: str, suggestions: list[str]) -> str:
+    if not suggestions:
+        return message
+    return message.replace("choose another layer", "choose another layer (e.g. "
+                           + ", ".join(repr(s) for s in suggestions) + ")")
+
+
+def working_layers(model: nn.Module, layer_name: str, size: int, limit: int = 2) -> list[str]:
+    """Up to ``limit`` layers near ``layer_name`` that gradient and deep can explain, to suggest when
+    it is refused: its nearest enclosing modules first, then its own submodules (shallowest first),
+    then the layers called before it (nearest first), whose input (one dummy forward) is one row
+    per image that maps onto the image."""
+    from explain_cli.explainers import _utils
+
+    inputs: dict[str, Any] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in inputs:
+                inputs[name] = args[0] if args else None
+        return hook
+
+    modules = dict(model.named_modules())
+    _forward_with_hooks(model, size, modules.items(),
+                        lambda module, name: module.register_forward_pre_hook(hook_for(name)))
+    around = [name for name, _ in _utils._ancestors(model, layer_name) if name]
+    inside = sorted((name for name in modules if name.startswith(layer_name + ".")), key=lambda n: n.count("."))
+    called = list(inputs)  # in call order
+    before = called[:called.index(layer_name)][::-1] if layer_name in called else []
+    found: list[str] = []
+    for name in dict.fromkeys(around + inside + before):
+        if not name:
+            continue
+        value = inputs.get(name)
+        if not (isinstance(value, torch.Tensor) and value.dim() in (3, 4) and value.shape[0] == 1):
+            continue
+        try:
+            if value.dim() == 3:
+                _utils.token_grid(model, name, int(value.shape[1]))
+            else:
+                _utils.layer_layout(model, modules[name], name, tuple(value.shape), size)
+        except ConfigError:
+            continue
+        found.append(name)
+        if len(found) >= limit:
+            break
+    return found
 
 
 def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | None]]:
@@ -679,6 +738,7 @@ class LayerInfo:
     map_size: tuple[int, int] | None  # (h, w) of the attribution map; None when not explainable
     problem: str | None = None  # why the layer cannot be explained (None: it can)
     channels_last: bool = False  # a 4-D input laid out (N, H, W, C) (Swin, MambaOut stages)
+    blocks: bool = False  # a 4-D input of blocks of tokens (N, blocks, tokens, C) (NesT levels)
 
 
 def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
@@ -710,6 +770,10 @@ def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
         probe = {name: tuple(v.shape) for name, v in shapes_at(2 * size)[0].items() if isinstance(v, torch.Tensor)}
     except ConfigError:  # a model of one input size: the square pair decides
         probe = {}
+    named = dict(modules)
+    blockable = {name: named[name] for name, v in inputs.items() if name and isinstance(v, torch.Tensor)
+                 and v.dim() == 4 and v.shape[0] == 1 and _utils.needs_quadrant_probe(tuple(v.shape), probe.get(name))}
+    changes = _utils.quadrant_changes(model, blockable, size) if blockable else {}
     rows = [LayerInfo("input", "(pixels)", (1, 3, size, size), None, (size, size))]
     for name, module in modules:
         if not name:
@@ -722,15 +786,20 @@ def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
         elif not isinstance(value, torch.Tensor):
             what = f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
             rows.append(LayerInfo(name, kind, None, out, None, f"takes {what}, not one tensor"))
+        elif value.dim() in (3, 4) and value.shape[0] != 1:
+            rows.append(LayerInfo(name, kind, tuple(value.shape), out, None,
+                                  f"folds {value.shape[0]} windows/patches of the image into the batch"))
         elif value.dim() == 4:
             shape = tuple(value.shape)
             try:
-                last = _utils.map_layout(shape, probe.get(name), name).channels_last
+                layout = _utils.decide_layout(shape, probe.get(name), changes.get(name), name)
             except ConfigError:
-                rows.append(LayerInfo(name, kind, shape, out, None, "(N, C, H, W) or (N, H, W, C) cannot be told apart"))
+                rows.append(LayerInfo(name, kind, shape, out, None, "(N, C, H, W), (N, H, W, C) or blocks of tokens "
+                                                                    "cannot be told apart"))
                 continue
-            rows.append(LayerInfo(name, kind, shape, out, (shape[1], shape[2]) if last else (shape[2], shape[3]),
-                                  channels_last=last))
+            size_hw = tuple(layout.to_map(torch.empty((0,) + shape[1:], device="meta")).shape[-2:])
+            rows.append(LayerInfo(name, kind, shape, out, size_hw, channels_last=layout.channels_last
+                                  and layout.blocks is None, blocks=layout.blocks is not None))
         elif value.dim() == 3:
             try:
                 grid = _utils.token_grid(model, name, int(value.shape[1])).grid

@@ -430,22 +430,42 @@ def _sequencer2d() -> nn.Module:
                              mlp_ratios=(2, 2, 2))
 
 
-def locality(model: nn.Module, layer_name: str, size: int) -> tuple[float, tuple[int, ...]]:
-    """Deep at ``layer_name`` for an image that differs from its one reference only in the top-left
-    (size/4)^2 block: the share of the map's mass (|values| summed over channels) in the top-left quadrant
-    of the map (1/4 for a map that ignores where the change was; the change spreads a little beyond its
-    block through the layers in front), and the map's shape.
-    deep's values are exactly zero where the layer input did not change, so this tests the mapping."""
+def locality(model: nn.Module, layer_name: str, size: int, explainer: str = "deep") -> tuple[float, tuple[int, ...]]:
+    """Deep (or gradient, ``path: layer``) at ``layer_name`` for an image that differs from its one reference
+    only in the top-left (size/4)^2 block: the share of the map's mass (|values| summed over channels) in the
+    top-left quadrant of the map (1/4 for a map that ignores where the change was; the change spreads a little
+    beyond its block through the layers in front), and the map's shape.
+    Both explainers' values are exactly zero where the layer input did not change (they multiply by
+    h(x) - h(r)), so this tests the mapping."""
     g = torch.Generator().manual_seed(5)
     reference = torch.randn(1, 3, size, size, generator=g)
     image = reference.clone()
     image[:, :, : size // 4, : size // 4] += 2 * torch.randn(1, 3, size // 4, size // 4, generator=g)
-    explainer = make(model, reference, layer=model.get_submodule(layer_name), batch_size=4)
+    if explainer == "deep":
+        explainer = make(model, reference, layer=model.get_submodule(layer_name), batch_size=4)
+    else:
+        explainer = gradient_explainer(model, reference, layer_name, nsamples=8, path="layer")
     explainer.context.layer_name = layer_name
     values = explainer.explain(image, 1, [0]).values[0, 0]  # (C, h, w)
     mass = np.abs(values).sum(0)
     h, w = mass.shape
     return float(mass[: max(1, h // 2), : max(1, w // 2)].sum() / mass.sum()), values.shape
+
+
+def explainer_at(module, model: nn.Module, background: torch.Tensor, layer_name: str, **settings):
+    """``module``'s (gradient or deep) explainer at ``layer_name``, with ``settings``."""
+    from explain_cli.explainers.base import ExplainContext
+
+    context = ExplainContext(model=model, layer=model.get_submodule(layer_name), layer_name=layer_name,
+                             background=background, mean=(0.0,) * 3, std=(1.0,) * 3, device=torch.device("cpu"),
+                             batch_size=4, settings=module.Settings(**settings))
+    return module.Explainer(context)
+
+
+def gradient_explainer(model: nn.Module, background: torch.Tensor, layer_name: str, **settings):
+    from explain_cli.explainers import gradient
+
+    return explainer_at(gradient, model, background, layer_name, **settings)
 
 
 # family (or builder), layer, input size, channels: the layer input is (N, H, W, C) with C channels
@@ -553,6 +573,195 @@ def test_hiera_layers_other_than_block_inputs_are_refused():
     model = family_model("timm hiera_tiny_224")
     with pytest.raises(ConfigError, match="unrolled"):
         check_layer_input(model, model.get_submodule("blocks.1.attn"), "blocks.1.attn", 64)
+
+
+# -- tokens stored in blocks (NesT); layers that fold each image into several batch rows ---------------------
+
+
+def _nest() -> nn.Module:
+    """timm nest_tiny's code (each level keeps its tokens as (N, blocks, tokens, C): NesT's blockify; one fixed
+    input size), one block per level, narrow. At 64 px: level 0 holds 4x4 blocks of 4x4 tokens, level 1 2x2
+    blocks, level 2 one block."""
+    from timm.models.nest import Nest
+
+    return Nest(img_size=64, embed_dims=(24, 32, 48), num_heads=(1, 2, 2), depths=(1, 1, 1), num_classes=NUM_CLASSES)
+
+
+def _mobilevit() -> nn.Module:
+    """mobilevit_xxs's first MobileViT block (it unfolds the map into 2x2 patches: (N * 4, patches, C) tokens) at
+    the same place, ``stages.2.1``, fewer and narrower blocks."""
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
+
+    cfg = ByoModelCfg(blocks=(_inverted_residual_block(d=1, c=16, s=1, br=2.0),
+                              _inverted_residual_block(d=1, c=24, s=2, br=2.0),
+                              _mobilevit_block(d=1, c=32, s=2, transformer_dim=32, transformer_depth=1, patch_size=2,
+                                               br=2.0)),
+                      stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu")
+    return ByobNet(cfg, num_classes=NUM_CLASSES)
+
+
+# family -> (builder, input size): the layout tests only (not the deep / gradient sweeps over FAMILIES)
+LAYOUT_FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "timm nest_tiny": (_nest, 64),
+    "timm mobilevit_xxs": (_mobilevit, 64),
+    "timm tnt_s_patch16_224": (_timm("tnt_s_patch16_224", img_size=64, embed_dim=32, inner_dim=8, depth=2,
+                                     num_heads_outer=2, num_heads_inner=1), 64),
+    "timm maxvit_nano_rw_256": (_timm("maxvit_nano_rw_256", img_size=64, embed_dim=(16, 24, 32, 48),
+                                      depths=(1, 1, 1, 1), stem_width=(8, 16), transformer_dim_head=8), 64),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def layout_model(family: str) -> nn.Module:
+    """A model of LAYOUT_FAMILIES (or FAMILIES), built as :func:`family_model` builds those."""
+    if family in FAMILIES:
+        return family_model(family)
+    builder, size = LAYOUT_FAMILIES[family]
+    torch.manual_seed(0)
+    return calibrate(reinit_heads(builder().eval()), torch.randn(8, 3, size, size,
+                                                               generator=torch.Generator().manual_seed(123)))
+
+
+def _size(family: str) -> int:
+    return (FAMILIES | LAYOUT_FAMILIES)[family][1]
+
+
+BLOCKED = {  # NesT layers whose (N, blocks, tokens, C) input goes back onto the grid: layer -> blocks, block
+    "levels.0.transformer_encoder.0": ([4, 4], [4, 4]),
+    "levels.0.transformer_encoder.0.attn": ([4, 4], [4, 4]),
+    "levels.1.transformer_encoder.0": ([2, 2], [4, 4]),
+}
+
+
+@pytest.mark.parametrize("explainer", ["deep", "gradient"])
+@pytest.mark.parametrize("layer_name", list(BLOCKED))
+def test_blocked_tokens_are_put_back_on_the_grid(layer_name, explainer, caplog):
+    """NesT's blocks of tokens (issue 33: read as (H, W, C) before, share 0.49 at level 0, and level 1 refused)."""
+    from explain_cli.models import check_layer_input
+
+    model = layout_model("timm nest_tiny")
+    with caplog.at_level(logging.INFO, logger="explain_cli"):
+        found = check_layer_input(model, model.get_submodule(layer_name), layer_name, 64)
+    assert found["layout"] == "(blocks, tokens, C)" and [found["blocks"], found["block"]] == list(BLOCKED[layer_name])
+    assert any(layer_name in r.message and "blocks of tokens" in r.message for r in caplog.records)
+    share, shape = locality(model, layer_name, 64, explainer)
+    side = BLOCKED[layer_name][0][0] * BLOCKED[layer_name][1][0]
+    assert shape[1:] == (side, side), shape
+    assert share >= 0.9, share  # uniform: 1/4; measured 1.0
+
+
+def test_nest_read_as_channels_last_fails_the_locality_probe(monkeypatch):
+    """The probe can fail: without the quadrant probe NesT's level 0 is read as (H, W, C) (blocks as rows,
+    the tokens of a block as columns) and half of the change lands outside its quadrant."""
+    import weakref
+
+    from explain_cli.explainers import _utils
+
+    monkeypatch.setattr(_utils, "needs_quadrant_probe", lambda *args: False)
+    monkeypatch.setattr(_utils, "_LAYOUTS", weakref.WeakKeyDictionary())
+    share, _ = locality(layout_model("timm nest_tiny"), "levels.0.transformer_encoder.0", 64)
+    assert share < 0.6, share  # measured 0.49
+
+
+class _Blocked(nn.Module):
+    """Tokens in NesT's blocks, then mixed across every token before ``layer``: no quadrant probe can tell
+    the blocked reading from the (H, W, C) one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.mix = nn.Linear(64, 64)
+        self.layer = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        from timm.models.nest import blockify
+
+        assert x.shape[-1] == 32, "fixed input size"
+        t = blockify(self.stem(x).permute(0, 2, 3, 1), 4)  # (N, 4 blocks, 16 tokens, 8)
+        t = self.mix(t.flatten(1, 2).transpose(1, 2)).transpose(1, 2).reshape(t.shape)
+        return self.head(self.layer(t).mean((1, 2)))
+
+
+def test_a_blocked_layout_the_probe_cannot_confirm_is_refused():
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import _utils
+    from explain_cli.models import check_layer_input
+
+    torch.manual_seed(0)
+    model = _Blocked().eval()
+    with pytest.raises(ConfigError) as info:
+        check_layer_input(model, model.layer, "layer", 32)
+    assert info.value.key == "model.layer" and "'layer'" in info.value.message
+    assert "blocks of 16 tokens" in info.value.message and "confirms neither" in info.value.message
+    assert "'stem'" in info.value.message  # a layer that works (nothing encloses 'layer')
+    # decided from the shares: blocks confirmed, (H, W, C) confirmed, neither
+    blocked = _utils.blocked_reading((1, 4, 16, 8))
+    assert blocked.blocks == (2, 2) and blocked.block == (4, 4)
+    values = torch.arange(64.0).reshape(1, 4, 16, 1)  # cell (i, j) of the 8x8 grid holds its block-order index
+    grid = blocked.to_map(values)[0, 0]
+    assert grid[0, :8].tolist() == [0, 1, 2, 3, 16, 17, 18, 19] and grid[4, 0] == 32 and grid[7, 7] == 63
+
+
+FOLDED = {  # family, layer that folds each image into several rows, the layer suggested instead, the least
+    # share of the locality probe there (MaxViT's stage 0 ends in grid attention, which spreads the change over
+    # the whole image by design: 0.64 at stage 1, whatever the mapping; 1/4 would be no locality at all)
+    "timm mobilevit_xxs stages.2.1.transformer.0": ("timm mobilevit_xxs", "stages.2.1.transformer.0", "stages.2.1",
+                                                    0.9),
+    "timm tnt_s_patch16_224 blocks.1": ("timm tnt_s_patch16_224", "blocks.1", "blocks.1.norm1_proj", 0.9),
+    "timm maxvit_nano_rw_256 stages.0.blocks.0.attn_block.attn": (
+        "timm maxvit_nano_rw_256", "stages.0.blocks.0.attn_block.attn", "stages.0.blocks.0.attn_block", 0.9),
+    "timm maxvit_nano_rw_256 stages.1.blocks.0.attn_block.attn": (
+        "timm maxvit_nano_rw_256", "stages.1.blocks.0.attn_block.attn", "stages.1.blocks.0.attn_block", 0.5),
+    "timm swin_tiny_patch4_window7_224 layers.1.blocks.0.attn": (
+        "timm swin_tiny_patch4_window7_224", "layers.1.blocks.0.attn", "layers.1.blocks.0", 0.9),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDED))
+def test_layers_that_fold_the_image_into_the_batch_are_refused_naming_one_that_works(case):
+    """MobileViT's unfolded patches, TNT's pixel tokens, MaxViT's and Swin's windows (issue 33: a one-window map
+    or a RuntimeError on every image): refused at validate, naming a layer whose map passes the locality probe;
+    the explainers alone refuse them too (next test)."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.models import check_layer_input
+
+    family, layer_name, works, least = FOLDED[case]
+    model, size = layout_model(family), _size(family)
+    with pytest.raises(ConfigError) as info:
+        check_layer_input(model, model.get_submodule(layer_name), layer_name, size)
+    message = info.value.message
+    assert info.value.key == "model.layer" and f"'{layer_name}'" in message and "folds" in message
+    assert f"e.g. '{works}'" in message, message
+    check_layer_input(model, model.get_submodule(works), works, size)
+    share, _ = locality(model, works, size)
+    assert share >= least, share  # measured >= 0.99 (MaxViT stage 1: 0.64)
+
+
+@pytest.mark.parametrize("explainer,settings", [("gradient", dict(nsamples=2, path="input")),
+                                                ("gradient", dict(nsamples=2, path="layer")), ("deep", {})])
+def test_explainers_alone_refuse_a_layer_that_folds_the_image_into_the_batch(explainer, settings):
+    """Without validate in front: a ConfigError naming the layer (was a one-window map with path: input and a
+    RuntimeError inside the forward otherwise)."""
+    from explain_cli.errors import ConfigError
+    from explain_cli.explainers import deep, gradient
+
+    model = layout_model("timm swin_tiny_patch4_window7_224")
+    background, images = arch_data(64)
+    module = gradient if explainer == "gradient" else deep
+    with pytest.raises(ConfigError, match="'layers.1.blocks.0.attn' has shape .*folds 4 windows"):
+        explainer_at(module, model, background[:1], "layers.1.blocks.0.attn", **settings).explain(images[:1], 1, [0])
+
+
+def test_layers_table_shows_blocks_and_folded_layers():
+    from explain_cli.models import layer_table
+
+    rows = {r.name: r for r in layer_table(layout_model("timm nest_tiny"), 64)}
+    assert rows["levels.0.transformer_encoder.0"].map_size == (16, 16) and rows["levels.0.transformer_encoder.0"].blocks
+    assert rows["levels.1.transformer_encoder.0.mlp"].map_size == (8, 8) and not rows["levels.1"].blocks
+    rows = {r.name: r for r in layer_table(layout_model("timm mobilevit_xxs"), 64)}
+    assert "folds 4" in rows["stages.2.1.transformer.0"].problem and rows["stages.2.1"].problem is None
 
 
 # -- vector norms, linear ops, cancelling maps -----------------------------------------------------------

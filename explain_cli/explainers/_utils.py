@@ -88,8 +88,10 @@ class LayerInput:
         self.value: torch.Tensor | list | tuple | None = None
 
 
-def captured_feature_map(captured: LayerInput, layer_name: str, explainer: str) -> torch.Tensor:
-    """The captured layer input: a 4-D (N, C, H, W) map or a 3-D (N, tokens, C) token sequence.
+def captured_feature_map(captured: LayerInput, layer_name: str, explainer: str,
+                         rows: int | None = None) -> torch.Tensor:
+    """The captured layer input: a 4-D (N, C, H, W) map or a 3-D (N, tokens, C) token sequence, with
+    ``rows`` rows when given (the batch the model ran on).
 
     ConfigError when the layer was not called or takes something else (``check_layer_input``
     refuses those at validate already; this is the guard for callers of the explainers alone).
@@ -103,7 +105,30 @@ def captured_feature_map(captured: LayerInput, layer_name: str, explainer: str) 
         raise ConfigError("model.layer", not_a_tensor_message(layer_name, target, []))
     if target.dim() not in (3, 4):
         raise ConfigError("model.layer", wrong_rank_message(layer_name, tuple(target.shape), explainer))
+    if rows is not None:
+        check_rows(target, rows, layer_name)
     return target
+
+
+def check_rows(value: torch.Tensor, rows: int, layer_name: str, suggestions: list[str] | None = None) -> None:
+    """ConfigError unless the layer input has one row per image: a layer that folds windows (Swin,
+    MaxViT), unfolded patches (MobileViT) or inner tokens (TNT) into the batch holds each image in
+    several rows, whose order the explainers cannot put back onto the image."""
+    from explain_cli.errors import ConfigError
+
+    if value.shape[0] != rows:
+        raise ConfigError("model.layer", folded_batch_message(layer_name, tuple(value.shape), rows,
+                                                              suggestions or []))
+
+
+def folded_batch_message(layer_name: str, shape: tuple, rows: int, suggestions: list[str]) -> str:
+    per = f"{shape[0] / rows:g}"
+    hint = (f"choose a layer that takes one row per image, e.g. {', '.join(repr(s) for s in suggestions)}, "
+            if suggestions else "choose the block or stage around it, ")
+    return (f"the input of layer '{layer_name}' has shape {shape} for {rows} image(s): it folds {per} windows, "
+            "patches or inner tokens of each image into the batch (window attention, MobileViT's unfolded "
+            "patches, TNT's pixel tokens), which gradient and deep cannot put back onto the image; "
+            f"{hint}or 'input'")
 
 
 def wrong_rank_message(layer_name: str, shape: tuple, explainer: str) -> str:
@@ -269,18 +294,30 @@ def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGri
 
 @dataclass(frozen=True)
 class MapLayout:
-    """Where the channels of a 4-D layer input sit: ``(C, H, W)`` (``channels_last`` False) or
-    ``(H, W, C)`` (timm's Swin, MambaOut, Sequencer2d, VOLO and torchvision's swin_t stages)."""
+    """Where the channels and positions of a 4-D layer input sit: ``(C, H, W)`` (``channels_last``
+    False), ``(H, W, C)`` (timm's Swin, MambaOut, Sequencer2d, VOLO and torchvision's swin_t stages)
+    or, with ``blocks``, ``(blocks, tokens, C)``: square blocks of tokens, blocks and the tokens in a
+    block each in row-major order (timm's NesT: ``blockify``)."""
 
     channels_last: bool
     found: str  # the evidence, for the log and run.json
+    blocks: tuple[int, int] | None = None  # (rows, columns) of blocks on the grid
+    block: tuple[int, int] | None = None  # (rows, columns) of tokens in a block
 
     def to_map(self, values: torch.Tensor) -> torch.Tensor:
-        """(..., C, H, W) or (..., H, W, C) -> (..., C, H, W)."""
+        """(..., C, H, W), (..., H, W, C) or (..., blocks, tokens, C) -> (..., C, H, W)."""
+        if self.blocks is not None and self.block is not None:
+            (gh, gw), (bh, bw) = self.blocks, self.block
+            lead = values.shape[:-3]
+            cells = values.reshape(*lead, gh, gw, bh, bw, values.shape[-1]).transpose(-4, -3)
+            return cells.reshape(*lead, gh * bh, gw * bw, values.shape[-1]).movedim(-1, -3)
         return values.movedim(-1, -3) if self.channels_last else values
 
     def describe(self) -> dict:
         """The run.json entry ``layer_layout``."""
+        if self.blocks is not None:
+            return {"layout": "(blocks, tokens, C)", "blocks": list(self.blocks), "block": list(self.block or ()),
+                    "from": self.found}
         return {"layout": "(H, W, C)" if self.channels_last else "(C, H, W)", "from": self.found}
 
 
@@ -293,12 +330,11 @@ def map_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, layer_name
     from explain_cli.errors import ConfigError
 
     _, a, b, c = shape
-    if probe is not None and len(probe) == 4:
-        changed = [d for d in (1, 2, 3) if probe[d] != shape[d]]
-        if changed == [2, 3]:
-            return MapLayout(False, f"dimensions 2, 3 follow the input size (probe: {tuple(probe)})")
-        if changed == [1, 2]:
-            return MapLayout(True, f"dimensions 1, 2 follow the input size (probe: {tuple(probe)})")
+    changed = _size_changed(shape, probe)
+    if changed == [2, 3]:
+        return MapLayout(False, f"dimensions 2, 3 follow the input size (probe: {tuple(probe or ())})")
+    if changed == [1, 2]:
+        return MapLayout(True, f"dimensions 1, 2 follow the input size (probe: {tuple(probe or ())})")
     first, last = b == c, a == b
     if first and not last:
         return MapLayout(False, "dimensions 2, 3 are the equal (square) pair")
@@ -311,18 +347,145 @@ def map_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, layer_name
                                      "layer, or 'input'")
 
 
+def _size_changed(shape: tuple[int, ...], probe: tuple[int, ...] | None) -> list[int] | None:
+    """The dimensions of a 4-D layer input that change with the input size (None: no probe)."""
+    if probe is None or len(probe) != 4:
+        return None
+    return [d for d in (1, 2, 3) if probe[d] != shape[d]]
+
+
+def blocked_reading(shape: tuple[int, ...]) -> MapLayout | None:
+    """The ``(blocks, tokens, C)`` reading of a 4-D input ``(N, T, S, C)``: T square blocks of S
+    tokens each, on a square grid of blocks (None when T or S is not a square, or the grid would
+    be a single cell)."""
+    _, t, s, _ = shape
+    g, b = math.isqrt(t), math.isqrt(s)
+    if g * g != t or b * b != s or g * b < 2:
+        return None
+    return MapLayout(True, f"{t} blocks of {s} tokens, blocks and tokens row-major", blocks=(g, g), block=(b, b))
+
+
+# A layout is confirmed by the quadrant probe when this share of the change lands in the changed
+# quadrant (uniform: 1/4), and chosen over another reading only this far ahead of it.
+CONFIRMED_SHARE = 0.9
+SHARE_MARGIN = 0.2
+
+
+def quadrant_share(changes: torch.Tensor, layout: MapLayout) -> float:
+    """How much of the change of the layer input lands, read with ``layout``, in the quadrant of the
+    image that changed: ``changes`` is ``|h(x_q) - h(x)|`` (4, *input shape) for the four quadrants
+    q (top-left, top-right, bottom-left, bottom-right); the mean share over them."""
+    mass = layout.to_map(changes.double()).sum(1)  # (4, H, W)
+    h, w = mass.shape[-2:]
+    if h < 2 or w < 2:
+        return float("nan")
+    shares = []
+    for q, (rows, cols) in enumerate([(slice(0, h // 2), slice(0, w // 2)), (slice(0, h // 2), slice(w - w // 2, w)),
+                                      (slice(h - h // 2, h), slice(0, w // 2)),
+                                      (slice(h - h // 2, h), slice(w - w // 2, w))]):
+        total = float(mass[q].sum())
+        shares.append(float(mass[q, rows, cols].sum()) / total if total > 0 else 0.0)
+    return sum(shares) / len(shares)
+
+
+def quadrant_changes(model: torch.nn.Module, layers: dict[str, torch.nn.Module],
+                     size: int) -> dict[str, torch.Tensor]:
+    """``|h(x_q) - h(x)|`` (4, *input shape) of each named layer's first input, for one random image
+    x of ``size`` px and the four images x_q that differ from it in one quadrant (one forward of 5
+    images; a layer whose input has another batch, or a model that fails, gives no entry)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor) and args[0].shape[0] == 5:
+                seen[name] = args[0].detach().float()
+        return hook
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 3, size, size, generator=g)
+    images = base.repeat(5, 1, 1, 1)
+    half, side = size // 2, max(1, size // 4)  # the change: the middle of the quadrant, away from its edges
+    for q, (r, c) in enumerate([(0, 0), (0, size - half), (size - half, 0), (size - half, size - half)]):
+        r, c = r + (half - side) // 2, c + (half - side) // 2
+        images[q + 1, :, r:r + side, c:c + side] += 2 * torch.randn(3, side, side, generator=g)
+    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            model(images.to(device=device, dtype=dtype))
+    except Exception:  # noqa: BLE001 - a model that fails here gives no evidence
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (value[1:] - value[:1]).abs() for name, value in seen.items()}
+
+
+def needs_quadrant_probe(shape: tuple[int, ...], probe: tuple[int, ...] | None) -> bool:
+    """True when a 4-D input could hold blocks of tokens and the size probe did not show its two
+    spatial dimensions (a blocked layout keeps its tokens per block when the image grows)."""
+    return blocked_reading(shape) is not None and _size_changed(shape, probe) not in ([1, 2], [2, 3])
+
+
+def decide_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, changes: torch.Tensor | None,
+                  layer_name: str) -> MapLayout:
+    """:func:`map_layout`, and where the input could also be blocks of tokens (NesT), the reading
+    the quadrant probe (``changes``, :func:`quadrant_changes`) confirms: the blocked one when it puts
+    >= ``CONFIRMED_SHARE`` of each change in its quadrant and clearly more than the other reading.
+    ConfigError when the probe confirms neither."""
+    from explain_cli.errors import ConfigError
+
+    try:
+        layout, refused = map_layout(shape, probe, layer_name), None
+    except ConfigError as exc:
+        layout, refused = None, exc
+    blocked = blocked_reading(shape)
+    if blocked is None or not needs_quadrant_probe(shape, probe):
+        if layout is None:
+            raise refused  # type: ignore[misc]
+        return layout
+    if changes is None or not float(changes.sum()) > 0:
+        if layout is None:
+            raise refused  # type: ignore[misc]
+        return layout  # no evidence either way: the shape's reading, as before
+    blocked_share = quadrant_share(changes, blocked)
+    other = quadrant_share(changes, layout) if layout is not None else float("nan")
+    if blocked_share >= CONFIRMED_SHARE and not other >= blocked_share - SHARE_MARGIN:
+        return MapLayout(True, f"{blocked.found}: a probe that changes one quadrant of the image finds "
+                               f"{blocked_share:.2f} of the change there", blocks=blocked.blocks, block=blocked.block)
+    if layout is not None and other >= blocked_share + SHARE_MARGIN:
+        return MapLayout(layout.channels_last, f"{layout.found}; a probe that changes one quadrant of the image "
+                                               f"finds {other:.2f} of the change there")
+    reading = ("(H, W, C)" if layout.channels_last else "(C, H, W)") if layout is not None else "a map"
+    shares = f"{blocked_share:.2f} read as blocks" + (f", {other:.2f} read as {reading}" if layout is not None else "")
+    raise ConfigError("model.layer", f"the input of layer '{layer_name}' has shape {tuple(shape)}: {reading} or "
+                                     f"{shape[1]} blocks of {shape[2]} tokens (as NesT stores them)? A probe "
+                                     "that changes one quadrant of the image confirms neither (share of the "
+                                     f"change in that quadrant: {shares}; {CONFIRMED_SHARE} confirms); choose "
+                                     "another layer, or 'input'")
+
+
 _LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def layer_layout(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str, shape: tuple[int, ...],
                  size: int) -> MapLayout:
-    """:func:`map_layout` of ``layer``'s 4-D input ``shape`` (seen at ``size`` px), probing the model
-    once at twice that size; cached per layer module, shape and size (validate and every explainer
-    ask the same question)."""
+    """:func:`decide_layout` of ``layer``'s 4-D input ``shape`` (seen at ``size`` px), probing the
+    model once at twice that size and, where the input could be blocks of tokens, once with one
+    quadrant of the image changed; cached per layer module, shape and size (validate and every
+    explainer ask the same question)."""
     key = (tuple(shape[1:]), int(size))
     cache = _LAYOUTS.setdefault(layer, {})
     if key not in cache:
-        cache[key] = map_layout(tuple(shape), _probe_shape(model, layer, 2 * size), layer_name)
+        probe = _probe_shape(model, layer, 2 * size)
+        changes = None
+        if needs_quadrant_probe(tuple(shape), probe):
+            changes = quadrant_changes(model, {layer_name: layer}, size).get(layer_name)
+            if changes is not None and tuple(changes.shape[1:]) != tuple(shape[1:]):
+                changes = None
+        cache[key] = decide_layout(tuple(shape), probe, changes, layer_name)
     return cache[key]
 
 

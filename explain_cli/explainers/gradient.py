@@ -241,7 +241,7 @@ class Explainer(base.Explainer):
                 for a, b in _utils.chunk_ranges(ctx.background.shape[0], max(1, int(ctx.batch_size))):
                     with _utils.capture_layer_input(ctx.layer) as captured:
                         ctx.model(ctx.background[a:b])
-                    pieces.append(_utils.captured_feature_map(captured, ctx.layer_name, "gradient").detach())
+                    pieces.append(_utils.captured_feature_map(captured, ctx.layer_name, "gradient", rows=b - a).detach())
             self._background_layer = torch.cat(pieces)
         return self._background_layer
 
@@ -408,7 +408,7 @@ class Explainer(base.Explainer):
                 z = ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * (x - ref)
                 with _utils.capture_layer_input(ctx.layer, make_leaf=True) as captured:
                     out = _utils.as_2d(ctx.model(z))
-                target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
+                target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient", rows=z.shape[0])
                 multiplier = target.detach()[:rows]
             else:
                 differences: list[torch.Tensor] = []

@@ -99,8 +99,8 @@ class Explainer(base.Explainer):
         settings: Settings = self.settings  # type: ignore[assignment]
         return x.to(torch.float64) if settings.float64 else x
 
-    def _layer_value(self, captured: _utils.LayerInput) -> torch.Tensor:
-        return _utils.captured_feature_map(captured, self.context.layer_name, "deep")
+    def _layer_value(self, captured: _utils.LayerInput, rows: int) -> torch.Tensor:
+        return _utils.captured_feature_map(captured, self.context.layer_name, "deep", rows=rows)
 
     def _record(self) -> None:
         """One pass over the references: nonlinear-call inputs, layer input and model outputs."""
@@ -131,7 +131,7 @@ class Explainer(base.Explainer):
                 else:
                     with _utils.capture_layer_input(layer, make_leaf=True) as captured:
                         out = model(chunk)
-                    layer_value = self._layer_value(captured).detach().clone()
+                    layer_value = self._layer_value(captured, b - a).detach().clone()
             self._check_stop(tape)
             if not (probe and i == 0):
                 outputs.append(_utils.as_2d(out).detach().to(torch.float64))
@@ -242,7 +242,7 @@ class Explainer(base.Explainer):
                     else:
                         with _utils.capture_layer_input(layer, make_leaf=True) as captured:
                             out = _utils.as_2d(model(x))
-                        target = self._layer_value(captured)
+                        target = self._layer_value(captured, x.shape[0])
                         assert self._layer_reference is not None
                         delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
                 self._check_stop(tape)
