@@ -528,7 +528,8 @@ def _slide_file_url(output_dir: Path, ident: str, name: Any) -> str | None:
     if not isinstance(name, str) or not name:
         return None
     parts = ident.split("/") + [name]
-    if any(p in ("", ".", "..") or "\\" in p for p in parts) or "/" in name:
+    seps = {os.sep, os.altsep} - {None, "/"}  # a backslash separates only on Windows
+    if any(p in ("", ".", "..") or any(sep in p for sep in seps) for p in parts) or "/" in name:
         return None
     if not (output_dir / "slides" / ident / name).is_file():
         return None

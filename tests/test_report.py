@@ -8,7 +8,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from typer.testing import CliRunner
@@ -231,3 +231,126 @@ def test_samples_column_marks_images_that_hit_the_cap(tmp_path):
     fixed = tmp_path / "fixed"  # a fixed nsamples: the same count everywhere, no column
     _write_run(fixed, {"nsamples_used": ["8"] * 6})
     assert "nsamples_used" not in [c["key"] for c in embedded(build_report(fixed))["columns"]]
+
+
+# --- the Slides section (slides/index.json of a slide run) ----------------------------------------
+
+SLIDE_ID = 'study/case "<b>1</b>" #2 é'     # a subfolder and markup in the slide's name
+ODD_ID = "odd\\x41"                          # a literal backslash: topk.csv escapes it, index.json does not
+
+
+def _slide_entry(ident: str, tiles: list[tuple[int, int, float, float]], kept: int, no_tissue: int,
+                 failed: int = 0) -> dict:
+    """An index.json entry as explain_cli/slides/heatmap.py writes it; tiles are (x, y, probability, attribution)."""
+    rel = ident + ".tif"
+    top = [{"image": f"{rel}/{x}_{y}", "x": x, "y": y, "probability": p} for x, y, p, _ in
+           sorted(tiles, key=lambda t: -t[2])]
+    by_attr = [{"image": f"{rel}/{x}_{y}", "x": x, "y": y, "attribution": a} for x, y, _, a in
+               sorted(tiles, key=lambda t: -t[3])]
+    entry = {"id": ident, "rel": rel, "kind": "file", "dimensions": [1024, 768], "mpp": 0.5,
+             "tiles_total": kept + no_tissue, "tiles_no_tissue": no_tissue, "tiles_kept": kept,
+             "tiles_explained": len(tiles), "tiles_failed": failed, "classes": [], "top_by_probability": {},
+             "top_by_attribution": {}}
+    if tiles:
+        entry["classes"] = [{"name": "<tumour>", "index": 1, "heatmap": "heatmap-tumour.png",
+                             "probability": "probability-tumour.png", "tiles": len(tiles)}]
+        entry["top_by_probability"] = {"<tumour>": top}
+        entry["top_by_attribution"] = {"<tumour>": by_attr}
+    else:
+        entry["warning"] = "no tile with enough tissue: nothing explained"
+    return entry
+
+
+def _slide_run(out: Path) -> None:
+    """A hand-made slide run: topk.csv with slide columns, slides/index.json and the slides' PNGs."""
+    from explain_cli.names import escape
+
+    out.mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"status": "complete", "config": {"output": {"format": "png"}}}))
+    hostile = [(128, 0, 0.91, 3.5), (0, 64, 0.75, 7.25), (64, 64, 0.12, -1.0)]
+    slides = [_slide_entry(SLIDE_ID, hostile, kept=4, no_tissue=9, failed=1),
+              _slide_entry("empty", [], kept=0, no_tissue=12),
+              _slide_entry(ODD_ID, [(0, 0, 0.5, 0.25)], kept=1, no_tissue=0)]
+    slides[2]["classes"][0]["heatmap"] = "../../../etc/passwd"  # index.json is data: never a link out of slides/<id>
+    with open(out / "topk.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "rank", "class_index", "class_name", "probability", "output", "base_value",
+                         "shap_sum", "additivity_error", "slide", "x", "y", "mpp", "cells"])
+        # the hostile slide's last top tile has no row (as in a shard's report): named, not linked
+        for ident, tiles in ((SLIDE_ID, hostile[:2]), (ODD_ID, [(0, 0, 0.5, 0.25)])):
+            for x, y, p, a in tiles:
+                writer.writerow([escape(f"{ident}.tif/{x}_{y}"), 1, 1, "<tumour>", p, 1, 0, a, 0.001, escape(ident),
+                                 x, y, 1.0, "0.1 0.2 0.3 0.4"])
+    for ident in (SLIDE_ID, ODD_ID):
+        (out / "slides" / ident).mkdir(parents=True)
+        for name in ("heatmap-tumour.png", "probability-tumour.png", "thumbnail.png"):
+            (out / "slides" / ident / name).write_bytes(b"\x89PNG")
+    (out / "slides" / "index.json").write_text(json.dumps({"slides": slides}))
+
+
+def _section(page: str, ident: str) -> str:
+    """The HTML of the Slides section, or of one slide's card in it."""
+    slides = re.search(r'<section id="slides">.*?</section>', page, re.S)
+    assert slides, "no Slides section"
+    if not ident:
+        return slides.group(0)
+    card = re.search(r'<article class="slide" data-slide="' + re.escape(ident) + r'">.*?</article>', slides.group(0), re.S)
+    assert card, f"no card for {ident}"
+    return card.group(0)
+
+
+def test_slides_section_one_card_per_slide(tmp_path):
+    from html import escape as h
+
+    out = tmp_path / "out"
+    _slide_run(out)
+    page = build_report(out)
+    section = _section(page, "")
+    assert re.search(r'<h2>Slides <span class="count">3</span> <span class="count bad">1 without', section)
+    assert section.count('<article class="slide"') == 3
+    # the slide columns of topk.csv are the cards' business, not table columns
+    assert [c["key"] for c in embedded(page)["columns"]] == ["probability", "additivity_error"]
+
+    card = _section(page, h(SLIDE_ID))
+    assert "<b>1</b>" not in card and "<tumour>" not in card and h(SLIDE_ID + ".tif") in card  # names are text
+    assert re.search(r'<span class="n">3</span> tiles explained of 4 with tissue.*?<span class="n">9</span> skipped '
+                     r'for no tissue.*?<span class="n bad">1</span> failed.*?13 in all', card)
+    folder = "slides/study/case%20%22%3Cb%3E1%3C/b%3E%22%20%232%20%C3%A9/"
+    assert re.search(f'<a class="map" href="{folder}heatmap-tumour.png"[^>]*><img loading="lazy" decoding="async" '
+                     f'src="{folder}heatmap-tumour.png"', card)
+    assert f'href="{folder}probability-tumour.png" target="_blank" rel="noopener">probability map</a>' in card
+    assert f'href="{folder}thumbnail.png"' in card and "tissue mask" not in card  # tissue.png is missing
+    assert "slide-warning" not in card
+    # top tiles: best first, each a link to its table row by the name the table shows
+    lists = re.findall(r"<h4[^>]*>(Top tiles by \w+)</h4><ol>(.*?)</ol>", card)
+    assert [title for title, _ in lists] == ["Top tiles by probability", "Top tiles by attribution"]
+    items = {title: re.findall(r"<li>(.*?)</li>", body) for title, body in lists}
+    first = 'href="#image=' + quote(f"{SLIDE_ID}.tif/128_0", safe="") + '"'
+    assert first in items["Top tiles by probability"][0] and "0.910" in items["Top tiles by probability"][0]
+    assert '"#image=' + quote(f"{SLIDE_ID}.tif/0_64", safe="") in items["Top tiles by attribution"][0]
+    assert "7.25" in items["Top tiles by attribution"][0]
+    assert ">64_64</span>" in items["Top tiles by probability"][2] and "href" not in items["Top tiles by probability"][2]
+    assert f'href="#q={quote(SLIDE_ID + ".tif/", safe="")}"' in card and "its 2 tile(s) in the table" in card
+
+    empty = _section(page, "empty")
+    assert '<p class="slide-warning">no tile with enough tissue: nothing explained</p>' in empty
+    assert '<span class="n">0</span> tiles explained' in empty and "<img" not in empty
+    assert "No heatmap: no tile of this slide was explained." in empty
+
+    odd = _section(page, h(ODD_ID))
+    assert "etc/passwd" not in odd and "heatmap not drawn" in odd  # the '..' name is not linked
+    assert 'href="slides/odd%5Cx41/probability-tumour.png"' in odd
+    # the table shows topk.csv's escaped name (odd\\x41.tif/0_0); the link names that row
+    assert f'href="#image={quote(ODD_ID.replace(chr(92), chr(92) * 2) + ".tif/0_0", safe="")}"' in odd
+    assert ODD_ID.replace("\\", "\\\\") + ".tif/0_0" in [im["f"] for im in embedded(page)["images"]]
+
+
+def test_no_slides_section_without_a_readable_index(tmp_path):
+    out = tmp_path / "out"
+    _write_run(out, {})
+    assert 'id="slides"' not in build_report(out)
+    (out / "slides").mkdir()
+    (out / "slides" / "index.json").write_text("{not json")
+    assert 'id="slides"' not in build_report(out)  # a warning in the log, never a failed report
+    (out / "slides" / "index.json").write_text(json.dumps({"slides": [{"rel": "no id"}, "x"]}))
+    assert 'id="slides"' not in build_report(out)
