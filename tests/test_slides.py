@@ -305,3 +305,39 @@ def test_heatmap_tiff_is_pyramidal_with_the_cell_size(tmp_path):
         assert len(tif.pages) >= 2 and tif.pages[0].shape[:2] == (600, 700)
         x_res = tif.pages[0].tags["XResolution"].value
         assert x_res[0] / x_res[1] == pytest.approx(1e4 / 8.0, rel=1e-3)
+
+
+PLANTED_TILE = f"a.tif/{PLANT[0] // TILE * TILE}_{PLANT[1] // TILE * TILE}"
+
+
+@pytest.mark.parametrize("explainer", [
+    {"name": "deep"},
+    {"name": "partition", "mask": 128, "max_evals": 200},  # a grey fill: a blur keeps the linear model's mean
+    {"name": "kernel", "segments": {"n_segments": 16}, "nsamples": 200, "fill": "mean"},
+])
+def test_every_explainer_finds_the_planted_tile(tmp_path, monkeypatch, explainer):
+    config = project(tmp_path, monkeypatch, explainer=explainer)
+    write_slide(tmp_path / "slides" / "a.tif", spec())
+    result = invoke("run", config, "--no-progress")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "out" / "slides" / "index.json").read_text())["slides"][0]
+    assert index["tiles_explained"] == index["tiles_kept"] > 10
+    assert index["top_by_attribution"]["tumor"][0]["image"] == PLANTED_TILE
+    assert (tmp_path / "out" / "slides" / "a" / "heatmap-tumor.png").exists()
+
+
+def test_amortized_trains_on_the_tiles_and_draws_the_heatmap(tmp_path, monkeypatch):
+    explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": 4}, "fill": "mean",
+                 "train": {"epochs": 2, "pairs": 4, "images_per_step": 8, "width": 8, "augment": False,
+                           "holdout": 0.2, "validate_nsamples": 50, "validate_images": 1}}
+    config = project(tmp_path, monkeypatch, explainer=explainer)
+    write_slide(tmp_path / "slides" / "a.tif", spec())
+    result = invoke("train", config, "--output", tmp_path / "explainer.pt")
+    assert result.exit_code == 0, result.output
+    assert "images for training" in result.output or (tmp_path / "explainer.pt").exists()
+    result = invoke("run", config, "--no-progress")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "out" / "slides" / "index.json").read_text())["slides"][0]
+    assert index["tiles_explained"] == index["tiles_kept"] > 10
+    got = maps(tmp_path / "out", "a")
+    assert np.isfinite(got["attribution"]).sum() == index["tiles_kept"] * 16

@@ -21,8 +21,8 @@ class TileSource:
         self.plans = plans
         self.readers = ReaderCache()
 
-    def decode(self, rel: str, preprocess) -> tuple[np.ndarray, np.ndarray]:
-        """(display uint8 HxWx3, model input float32 3xHxW) of one tile; ImageError on failure."""
+    def image(self, rel: str):
+        """The tile as an RGB PIL image at the read resolution, before preprocessing."""
         try:
             plan, x, y = self.plans.locate(rel)
         except (KeyError, ValueError):
@@ -30,10 +30,13 @@ class TileSource:
         if plan.kind == "tiles":
             from explain_cli.discover import source_path
 
-            img = load_image(source_path(self.input_dir, rel))
-        else:
-            reader = self.readers.get(Path(plan.source))
-            img = reader.read(x, y, plan.level, (plan.read_size, plan.read_size))
+            return load_image(source_path(self.input_dir, rel))
+        reader = self.readers.get(Path(plan.source))
+        return reader.read(x, y, plan.level, (plan.read_size, plan.read_size))
+
+    def decode(self, rel: str, preprocess) -> tuple[np.ndarray, np.ndarray]:
+        """(display uint8 HxWx3, model input float32 3xHxW) of one tile; ImageError on failure."""
+        img = self.image(rel)
         try:
             pixels = resize(img, preprocess)
         except MemoryError:
