@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ from explain_cli import masking
 from explain_cli.config import Config
 from explain_cli.errors import ConfigError, ImageError, UserError
 from explain_cli.explainers import _utils, amortized
+
+#: Tiles a slide config trains on at most (held in memory as images): a seeded sample of the planned tiles.
+MAX_TRAIN_TILES = 4000
 
 log = logging.getLogger("explain_cli")
 
@@ -200,10 +204,20 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     batch_size, _ = initial_batch_size(cfg.batch_size, dev)
 
     rels = discover_images(input_dir, cfg.input.include, cfg.input.exclude)
+    tiles = None
+    if cfg.slides is not None:  # a slide config trains on its tiles (a seeded sample: all are held in memory)
+        from explain_cli.slides.plan import plan_slides
+        from explain_cli.slides.source import TileSource
+
+        plans = plan_slides(input_dir, rels, cfg.slides)
+        tiles = TileSource(input_dir, plans)
+        rels = plans.images
+        if len(rels) > MAX_TRAIN_TILES:
+            rels = sorted(random.Random(cfg.seed).sample(rels, MAX_TRAIN_TILES))
     photos, names = [], []
     for rel in rels:
         try:
-            photos.append(load_image(source_path(input_dir, rel)))
+            photos.append(tiles.image(rel) if tiles is not None else load_image(source_path(input_dir, rel)))
             names.append(rel)
         except ImageError as exc:
             log.warning("train: skipping %s (%s)", rel, exc)
