@@ -161,7 +161,7 @@ def _figure(thumb: Image.Image | None, grid: np.ndarray, info: dict[str, Any], t
     width, height = info["dimensions"]
     aspect = height / max(width, 1)
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, max(2.5, fig_w * aspect * 0.85) + 0.9), dpi=100)
+    fig, ax = plt.subplots(figsize=(fig_w, max(2.5, fig_w * aspect * 0.85)), dpi=100)
     try:
         extent = (0, width, height, 0)
         if thumb is not None:
@@ -191,9 +191,9 @@ def _figure(thumb: Image.Image | None, grid: np.ndarray, info: dict[str, Any], t
         bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
         bar.set_label(label, fontsize=8)
         bar.ax.tick_params(labelsize=7)
-        fig.text(0.01, 0.01, caption, fontsize=7, color="#444444")
+        ax.set_xlabel(caption, fontsize=7, color="#444444")
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
+        fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.08)
         return buffer.getvalue()
     finally:
         plt.close(fig)
