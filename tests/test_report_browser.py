@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
+from urllib.request import urlopen
 
 import numpy as np
 import pytest
@@ -379,3 +380,106 @@ def test_labels_and_the_label_by_top_class_table_in_chromium(tiny_project, brows
     # the misclassified tile was explained twice: its label (blue, rank > 1) and its top class (red, rank 1)
     classes = browser.execute_script("return document.querySelector('#rows td.cls').textContent")
     assert "blue" in classes and "red" in classes
+
+
+def _slide_run(project: Path) -> Path:
+    """A tiny slide run: a 1024 x 768 synthetic slide with tissue and a blank one (no tissue tile: its
+    card warns), 64-pixel tiles at 0.5 um/px through the tiny model; about 10 s on 2 cores."""
+    import yaml
+
+    from explain_cli.slides.synthetic import SlideSpec, write_slide
+
+    write_slide(project / "slides" / "demo.tif", SlideSpec.random(1024, 768, seed=0, planted=[(300, 300, 60)]))
+    write_slide(project / "slides" / "blank.tif", SlideSpec(512, 384))
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["preprocess"]["resize"] = "stretch"
+    config["input"] = {"dir": "slides", "include": ["*.tif"]}
+    config["slides"] = {"tile": 64, "mpp": 0.5, "tissue": {"min_fraction": 0.5, "thumbnail_mpp": 4}}
+    config["output"]["top_k"] = 1
+    (project / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(project / "config.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return project / "out"
+
+
+def _marked_row(driver) -> str | None:
+    """The file name of the row a tile link marked, when that row is within the viewport."""
+    return driver.execute_script(
+        "const tr = document.querySelector('#rows tr.marked'); if (!tr) return null;"
+        "const r = tr.getBoundingClientRect();"
+        "return r.top >= 0 && r.bottom <= window.innerHeight ? tr.querySelector('td.file').textContent : null;")
+
+
+def test_slide_cards_in_chromium(tiny_project, browser, serve, tmp_path):
+    """A slide run's report: a card per slide whose heatmap loads, the blank slide's warning, and top
+    tiles that go to their rows in the table (clearing the filter, turning the page)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out = _slide_run(tiny_project)
+    index = {s["id"]: s for s in json.loads((out / "slides" / "index.json").read_text())["slides"]}
+    demo = index["demo"]
+    (cls,) = demo["classes"]
+    with open(out / "topk.csv", newline="", encoding="utf-8") as fh:
+        probability = {r["image"]: float(r["probability"]) for r in csv.DictReader(fh)}
+    assert len(probability) == demo["tiles_explained"] > 50  # more than one page of 50 rows
+    best = max(probability, key=lambda f: (probability[f], f))
+    assert demo["top_by_probability"][cls["name"]][0]["image"] == best
+
+    server = serve(out)
+    _open(browser, server.url + REPORT_NAME)
+    cards = {c.get_attribute("data-slide"): c for c in browser.find_elements(By.CSS_SELECTOR, "#slides article.slide")}
+    assert set(cards) == {"demo", "blank"}
+    assert "no tile with enough tissue" in cards["blank"].find_element(By.CSS_SELECTOR, ".slide-warning").text
+    assert not cards["blank"].find_elements(By.TAG_NAME, "img")
+    tiles = cards["demo"].find_element(By.CSS_SELECTOR, ".slide-tiles").text
+    assert (f"{demo['tiles_explained']} tiles explained" in tiles
+            and f"{demo['tiles_no_tissue']} skipped for no tissue" in tiles and "0 failed" in tiles)
+    heatmap = cards["demo"].find_element(By.CSS_SELECTOR, "a.map img")
+    assert heatmap.get_attribute("src") == server.url + "slides/demo/" + cls["heatmap"]
+    _wait(browser, lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heatmap),
+          what="the heatmap to load")
+    assert browser.execute_script("return arguments[0].naturalWidth", heatmap) > 300  # the figure, not an icon
+    assert browser.execute_script("return arguments[0].getBoundingClientRect().width", heatmap) <= 340  # a thumbnail
+    links = {a.text: a.get_attribute("href") for a in cards["demo"].find_elements(By.CSS_SELECTOR, "figcaption a")}
+    assert links["probability map"] == server.url + "slides/demo/" + cls["probability"]
+    with urlopen(links["probability map"]) as response:  # the page's CSP forbids fetch(): ask the server
+        assert response.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the best tile by probability is the last row when sorted lowest first: a link to it turns to page 2
+    Select(browser.find_element(By.ID, "size")).select_by_value("50")
+    _header(browser, "Probability").click()
+    _header(browser, "Probability").click()
+    browser.find_element(By.ID, "q").send_keys("no such tile")
+    assert _shown_files(browser) == []
+    top = cards["demo"].find_elements(By.CSS_SELECTOR, ".top")
+    assert [t.find_element(By.TAG_NAME, "h4").text for t in top] == ["Top tiles by probability",
+                                                                   "Top tiles by attribution"]
+    top[0].find_element(By.CSS_SELECTOR, "li a.tile").click()
+    _wait(browser, lambda: _marked_row(browser) == best, what="the best tile's row")
+    assert browser.find_element(By.ID, "q").get_attribute("value") == ""
+    assert browser.find_element(By.ID, "page").text == "page 2 of 2"
+    assert _shown_files(browser)[-1] == best  # the sort was kept
+    # the same link again (the hash does not change) still goes to the row
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert _marked_row(browser) is None
+    top[0].find_element(By.CSS_SELECTOR, "li a.tile").click()
+    _wait(browser, lambda: _marked_row(browser) == best, what="the row again")
+    # a tile by attribution
+    by_attr = demo["top_by_attribution"][cls["name"]][-1]["image"]
+    browser.execute_script("window.scrollTo(0, 0)")
+    top[1].find_elements(By.CSS_SELECTOR, "li a.tile")[-1].click()
+    _wait(browser, lambda: _marked_row(browser) == by_attr, what="the attribution tile's row")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#rows tr.marked")) == 1
+    # the slide's tiles in the table
+    browser.execute_script("window.scrollTo(0, 0)")
+    cards["demo"].find_element(By.PARTIAL_LINK_TEXT, "tile(s) in the table").click()
+    _wait(browser, lambda: browser.find_element(By.ID, "q").get_attribute("value") == "demo.tif/", what="the filter")
+    assert browser.find_element(By.ID, "info").text.endswith(f"of {len(probability)} images")
+    browser.save_screenshot(str(tmp_path / "slides.png"))
+
+    # opened as a file (double-click): the heatmap loads too
+    _open(browser, (out / REPORT_NAME).as_uri())
+    _wait(browser, lambda: browser.execute_script(
+        "const i = document.querySelector('#slides a.map img'); return i.complete && i.naturalWidth > 0"),
+        what="the heatmap to load from file://")
