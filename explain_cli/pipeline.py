@@ -620,7 +620,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 "finished": now(), "seconds": round(summary.seconds, 3),
                 "counts": {"selected": summary.selected, "already_done": summary.skipped,
                            "explained": summary.explained, "failed": summary.failed,
-                           "excluded": summary.excluded, "not_included": prep.left_out.get("not_included", 0)},
+                           "excluded": summary.excluded, "not_included": prep.left_out.get("not_included", 0),
+                           **({"not_matched": prep.left_out["not_matched"]} if "not_matched" in prep.left_out else {})},
             })
             run_info["metrics"] = run_metrics.summary()
             median = run_metrics.median_stability()

@@ -185,6 +185,7 @@ def test_tiles_named_with_coordinates_give_the_slides_heatmap(tmp_path, monkeypa
     assert np.isfinite(from_tiles["attribution"]).sum() > 100
     run = json.loads((tiles_dir / "out" / "run.json").read_text())
     assert run["counts"]["selected"] == len(rows(slide_dir / "out" / "topk.csv"))
+    assert run["counts"]["not_matched"] == 1  # notes.png
 
 
 def test_from_names_matching_nothing_exits_2_naming_the_key(tmp_path, monkeypatch):
