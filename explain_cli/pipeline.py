@@ -510,8 +510,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
 
     with output_lock(out_dir, suffix):
         names.update(output_names(prep.all_images, _names.is_case_insensitive(out_dir)))
-        if prep.slides is not None:
-            names.update(tile_output_names(prep))
+        if prep.slides is not None:  # a tile's overlay: overlays/<slide file>/<x>_<y>.<fmt>, like any image's
             from explain_cli.slides.heatmap import write_slide_info
 
             write_slide_info(out_dir, prep.slides)
@@ -611,6 +610,8 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             if writer is not None:
                 writer.close()
             torch.set_num_threads(threads_before)
+            if prep.slides is not None:
+                prep.slides.source.close()
             progress.close()
             topk_log.close()
             errors_log.close()
@@ -645,16 +646,6 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                 write_slide_heatmaps(prep, out_dir, suffix)
             write_report_or_warn(out_dir)
     return summary
-
-
-def tile_output_names(prep: Prepared) -> dict[str, str]:
-    """Output stems of a slide file's tiles: ``<slide id>/<x>_<y>`` (pre-tiled slides keep their files' names)."""
-    out = {}
-    for rel in prep.all_images:
-        plan, x, y = prep.slides.locate(rel)
-        if plan.kind == "file":
-            out[rel] = f"{plan.id}/{x}_{y}"
-    return out
 
 
 def write_slide_heatmaps(prep: Prepared, out_dir: Path, suffix: str) -> None:

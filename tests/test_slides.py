@@ -342,3 +342,15 @@ def test_amortized_trains_on_the_tiles_and_draws_the_heatmap(tmp_path, monkeypat
     assert index["tiles_explained"] == index["tiles_kept"] > 10
     got = maps(tmp_path / "out", "a")
     assert np.isfinite(got["attribution"]).sum() == index["tiles_kept"] * 16
+
+
+def test_tile_overlays_when_asked_and_the_report_links_them(tmp_path, monkeypatch):
+    config = project(tmp_path, monkeypatch)
+    write_slide(tmp_path / "slides" / "a.tif", spec())
+    result = invoke("run", config, "--no-progress", "--set", "slides.overlays=true")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    overlays = sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png"))
+    assert len(overlays) == len(rows(out / "topk.csv"))
+    assert f"{PLANTED_TILE}.png" in overlays
+    assert f"overlays/{PLANTED_TILE}.png" in (out / "report.html").read_text()

@@ -54,7 +54,9 @@ class OpenSlideReader:
         try:
             self._slide = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise ImageError("not a slide OpenSlide can read (unsupported or not a pyramidal image)") from None
+            raise ImageError("not a slide OpenSlide can read: an unsupported format, or a plain untiled image "
+                             "(explain it without slides:, or make it a tiled pyramid, e.g. "
+                             "`vips tiffsave in out.tif --tile --pyramid`)") from None
         except (openslide.OpenSlideError, OSError) as exc:
             raise ImageError(f"cannot open slide: {exc}") from None
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)
