@@ -643,14 +643,15 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             run_info["runs"] = runs + [run_record(run_info, summary.exit_code if failure is None else exit_code)]
             write_json(run_json, run_info)
             if prep.slides is not None and failure is None and not summary.interrupted:
-                write_slide_heatmaps(prep, out_dir, suffix)
+                write_slide_heatmaps(prep, out_dir, suffix, todo)
             write_report_or_warn(out_dir)
     return summary
 
 
-def write_slide_heatmaps(prep: Prepared, out_dir: Path, suffix: str) -> None:
+def write_slide_heatmaps(prep: Prepared, out_dir: Path, suffix: str, todo: list[str]) -> None:
     """Stitch the slides' heatmaps from topk.csv; a shard leaves that to ``merge`` (it holds
-    only some tiles of each slide). A failure here is a warning: the tiles' rows are kept."""
+    only some tiles of each slide). Only slides with tiles in ``todo`` are drawn again (a rerun
+    with nothing new draws nothing). A failure here is a warning: the tiles' rows are kept."""
     if suffix:
         log.info("slide heatmaps are stitched by `explain-cli merge` once every shard is done")
         return
@@ -659,7 +660,8 @@ def write_slide_heatmaps(prep: Prepared, out_dir: Path, suffix: str) -> None:
     cfg = prep.config
     try:
         index = write_heatmaps(out_dir, out_dir / "topk.csv", out_dir / "errors.csv", cfg.explainer_settings.name,
-                               cfg.model.layer, cfg.slides.heatmap.tiff, cfg.slides.tissue.thumbnail_mpp)
+                               cfg.model.layer, cfg.slides.heatmap.tiff, cfg.slides.tissue.thumbnail_mpp,
+                               redraw={prep.slides.locate(rel)[0].id for rel in todo})
         log.info("slide heatmaps: %d slide(s) under %s", len(index), out_dir / "slides")
     except Exception as exc:  # noqa: BLE001 - the explained tiles are safe in topk.csv; merge can redraw
         log.warning("could not draw the slide heatmaps (%s: %s); rerun or `explain-cli merge` redraws them "

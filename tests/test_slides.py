@@ -354,3 +354,22 @@ def test_tile_overlays_when_asked_and_the_report_links_them(tmp_path, monkeypatc
     assert len(overlays) == len(rows(out / "topk.csv"))
     assert f"{PLANTED_TILE}.png" in overlays
     assert f"overlays/{PLANTED_TILE}.png" in (out / "report.html").read_text()
+
+
+def test_a_rerun_with_nothing_new_redraws_nothing(tmp_path, monkeypatch):
+    config = project(tmp_path, monkeypatch)
+    write_slide(tmp_path / "slides" / "a.tif", spec())
+    write_slide(tmp_path / "slides" / "b.tif", spec(seed=1))
+    assert invoke("run", config, "--no-progress", "--limit", "5").exit_code == 0  # a's first tiles only
+    out = tmp_path / "out"
+    heat_a, heat_b = out / "slides" / "a" / "heatmap-tumor.png", out / "slides" / "b" / "maps.npz"
+    assert heat_a.exists() and heat_b.exists()  # b: never drawn before, so drawn (empty)
+    first_b = heat_b.stat().st_mtime_ns
+    assert invoke("run", config, "--no-progress").exit_code == 0  # the rest: both slides have new tiles
+    assert heat_b.stat().st_mtime_ns != first_b
+    before = {p: p.stat().st_mtime_ns for p in (out / "slides").rglob("*.png")}
+    result = invoke("run", config, "--no-progress")
+    assert result.exit_code == 0 and "already done" in result.output
+    assert {p: p.stat().st_mtime_ns for p in (out / "slides").rglob("*.png")} == before
+    index = {s["id"]: s for s in json.loads((out / "slides" / "index.json").read_text())["slides"]}
+    assert index["a"]["tiles_explained"] == index["a"]["tiles_kept"] and index["b"]["tiles_explained"] > 0

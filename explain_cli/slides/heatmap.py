@@ -242,9 +242,11 @@ def _npz_bytes(maps: SlideMaps, info: dict[str, Any]) -> bytes:
 
 
 def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, explainer: str, layer: str,
-                   tiff: bool = False, thumbnail_mpp: float = 16.0) -> list[dict[str, Any]]:
+                   tiff: bool = False, thumbnail_mpp: float = 16.0, redraw: set[str] | None = None) -> list[dict[str, Any]]:
     """Stitch and draw every slide with a slide.json under out_dir/slides; write slides/index.json.
-    Returns the index entries. A slide that cannot be drawn is logged and listed with its reason."""
+    Returns the index entries. ``redraw``: only these slides (and any never drawn) get new
+    figures; the others only their index entry (a nightly rerun with nothing new draws nothing:
+    drawing is about 1 s per slide and class, stitching milliseconds)."""
     root = out_dir / "slides"
     infos: dict[str, dict[str, Any]] = {}
     for path in sorted(root.rglob("slide.json")) if root.is_dir() else []:
@@ -272,14 +274,15 @@ def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, exp
     index = []
     for ident, info in sorted(infos.items()):
         info.setdefault("thumbnail_mpp", thumbnail_mpp)
-        entry = _draw_slide(out_dir, info, rows_by_slide[ident], failed[ident], explainer, layer, tiff)
+        draw = redraw is None or ident in redraw or not (slide_dir(out_dir, ident) / "maps.npz").exists()
+        entry = _draw_slide(out_dir, info, rows_by_slide[ident], failed[ident], explainer, layer, tiff, draw)
         index.append(entry)
     write_json(root / "index.json", {"slides": index})
     return index
 
 
 def _draw_slide(out_dir: Path, info: dict[str, Any], rows: list[dict[str, str]], failed: int, explainer: str,
-                layer: str, tiff: bool) -> dict[str, Any]:
+                layer: str, tiff: bool, draw: bool = True) -> dict[str, Any]:
     from explain_cli.slides.tissue import tissue_mask
 
     ident = info["id"]
@@ -293,26 +296,27 @@ def _draw_slide(out_dir: Path, info: dict[str, Any], rows: list[dict[str, str]],
     }
     if not info["tiles_kept"]:
         entry["warning"] = "no tile with enough tissue: nothing explained"
-    thumb = _thumbnail(info, {rel: (t["x"], t["y"]) for rel, t in maps.tiles.items()})
+    thumb = _thumbnail(info, {rel: (t["x"], t["y"]) for rel, t in maps.tiles.items()}) if draw else None
     if thumb is not None:
         atomic_write_bytes(folder / "thumbnail.png", _png(thumb))
         if info["kind"] == "file":
             mask = tissue_mask(np.asarray(thumb.convert("RGB")))
             atomic_write_bytes(folder / "tissue.png", _png(Image.fromarray((mask * 255).astype(np.uint8))))
-    atomic_write_bytes(folder / "maps.npz", _npz_bytes(maps, info))
+    if draw:
+        atomic_write_bytes(folder / "maps.npz", _npz_bytes(maps, info))
     skipped = info["tiles_no_tissue"]
     for k, name in enumerate(maps.classes):
         stem = safe_name(name)
         n_class = sum(1 for t in maps.tiles.values() if name in t["classes"])
         caption = (f"{ident}  \u00b7  {explainer} explainer, layer {layer}  \u00b7  {n_class} of {info['tiles_total']} "
                    f"tiles explained for this class ({skipped} without tissue)")
-        atomic_write_bytes(folder / f"heatmap-{stem}.png",
-                           _figure(thumb, maps.attribution[k], info, f"{ident}: SHAP for '{name}'", caption, "attribution"))
-        atomic_write_bytes(folder / f"probability-{stem}.png",
-                           _figure(thumb, maps.probability[k], info, f"{ident}: probability of '{name}'", caption,
-                                   "probability"))
-        if tiff:
-            write_tiff(folder / f"heatmap-{stem}.tiff", maps.attribution[k], info)
+        if draw:
+            atomic_write_bytes(folder / f"heatmap-{stem}.png", _figure(
+                thumb, maps.attribution[k], info, f"{ident}: SHAP for '{name}'", caption, "attribution"))
+            atomic_write_bytes(folder / f"probability-{stem}.png", _figure(
+                thumb, maps.probability[k], info, f"{ident}: probability of '{name}'", caption, "probability"))
+            if tiff:
+                write_tiff(folder / f"heatmap-{stem}.tiff", maps.attribution[k], info)
         with_class = [(rel, t["classes"][name]) for rel, t in maps.tiles.items() if name in t["classes"]]
         entry["classes"].append({"name": name, "index": maps.class_index[k], "heatmap": f"heatmap-{stem}.png",
                                  "probability": f"probability-{stem}.png", "tiles": n_class})
