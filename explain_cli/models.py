@@ -591,11 +591,12 @@ def count_outputs(model: nn.Module, size: int) -> int:
 
 def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: int) -> dict | None:
     """Check, with one dummy (1, 3, size, size) forward, that a layer target takes what gradient and
-    deep explain: a 4-D (N, C, H, W) feature map (returns None), an (N, H, W, C) one (returns its
-    layout, for run.json) or a (N, tokens, C) token sequence that maps onto the patch grid (returns
-    the mapping, for run.json). ConfigError otherwise (also for a 4-D map whose channel dimension
-    cannot be told), e.g.
-    for a layer that takes a list of tensors (HRNet stages), naming submodules that take one tensor."""
+    deep explain: a 4-D (N, C, H, W) feature map (returns None), an (N, H, W, C) one or NesT's
+    (N, blocks, tokens, C) (returns its layout, for run.json) or a (N, tokens, C) token sequence that
+    maps onto the patch grid (returns the mapping, for run.json). ConfigError otherwise: a 4-D input
+    whose layout neither its shape nor the probes confirm, a layer that folds each image into
+    several batch rows (window attention, MobileViT, TNT), naming layers nearby that work, or a
+    layer that takes a list of tensors (HRNet stages), naming submodules that take one tensor."""
     from explain_cli.explainers import _utils
 
     if layer is None:

@@ -470,3 +470,63 @@ def test_validate_and_run_at_a_channels_last_layer(tiny_project):
     assert json.loads((out / "run.json").read_text())["layer_tokens"]["layout"] == "(H, W, C)"
     with np.load(out / "values" / "three.bmp.npz") as npz:
         assert npz["values"].shape == (2, 6, 4, 4)
+
+
+LAYOUT_NETS = textwrap.dedent('''
+    import torch
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
+    from timm.models.nest import Nest
+
+
+    def nest(num_classes=3):
+        """timm's NesT: each level keeps (N, blocks, tokens, C)."""
+        torch.manual_seed(0)
+        return Nest(img_size=64, embed_dims=(24, 32, 48), num_heads=(1, 2, 2), depths=(1, 1, 1),
+                    num_classes=num_classes)
+
+
+    def mobilevit(num_classes=3):
+        """timm's MobileViT block at stages.2.1: its transformer takes (N * 4, patches, C) unfolded patches."""
+        torch.manual_seed(0)
+        cfg = ByoModelCfg(blocks=(_inverted_residual_block(d=1, c=16, s=1, br=2.0),
+                                  _inverted_residual_block(d=1, c=24, s=2, br=2.0),
+                                  _mobilevit_block(d=1, c=32, s=2, transformer_dim=32, transformer_depth=1,
+                                                   patch_size=2, br=2.0)),
+                          stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu")
+        return ByobNet(cfg, num_classes=num_classes)
+''')
+
+
+def test_validate_and_run_at_blocked_tokens_and_refuse_folded_ones(tiny_project):
+    """issue 33 from a config: NesT's level-0 blocks are mapped (validate says so, run.json records it, the
+    saved map is the 16x16 grid); MobileViT's unfolded patches are refused at validate (exit 2) naming the
+    MobileViT block, which validates."""
+    (tiny_project / "layoutnets.py").write_text(LAYOUT_NETS)
+    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
+    config["model"].update({"arch": "python:layoutnets:nest", "checkpoint": None,
+                            "layer": "levels.0.transformer_encoder.0"})
+    config["preprocess"]["size"] = 64
+    config["explainer"] = {"name": "deep"}
+    config["output"]["save_values"] = True
+    path = tiny_project / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "# layer input: (blocks, tokens, C) maps, saved and drawn as (C, H, W)" in result.output
+    result = runner.invoke(app, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    out = tiny_project / "out"
+    found = json.loads((out / "run.json").read_text())["layer_tokens"]
+    assert found["layout"] == "(blocks, tokens, C)" and found["blocks"] == [4, 4] and found["block"] == [4, 4]
+    with np.load(out / "values" / "three.bmp.npz") as npz:
+        assert npz["values"].shape == (2, 24, 16, 16)
+
+    overrides = ["--set", "model.arch=python:layoutnets:mobilevit", "--set", "model.layer=stages.2.1.transformer.0"]
+    result = runner.invoke(app, ["validate", str(path), *overrides])
+    assert result.exit_code == 2, result.output
+    assert "model.layer" in result.output and "'stages.2.1.transformer.0'" in result.output
+    assert "e.g. 'stages.2.1'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["validate", str(path), *overrides, "--set", "model.layer=stages.2.1"])
+    assert result.exit_code == 0, result.output
