@@ -68,25 +68,26 @@ def _logs(out: Path) -> str:
                      for p in sorted(out.glob("slurm-*.out")))
 
 
-def test_array_job_and_merge_equal_an_unsharded_run(tiny_project, slurm_cluster):
-    write_images(tiny_project / "images", [f"many/im{i:02d}.png" for i in range(8)], seed=3)
-    n_images = 12  # 4 of tiny_project + 8
-    # The documented CPU-only setting: the template as it is, and SBATCH_GRES=none (this node has
-    # no GPU: the template's --gres=gpu:1 alone is refused by sbatch).
-    assert "#SBATCH --gres=gpu:1\n" in TEMPLATE.read_text()
-    out = tiny_project / "slurm-out"
+def _slurm_env(project: Path) -> dict[str, str]:
+    """The documented CPU-only setting: the template as it is, and SBATCH_GRES=none (this node has
+    no GPU: the template's --gres=gpu:1 alone is refused by sbatch)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({
-        "PYTHONPATH": os.pathsep.join([str(tiny_project), str(REPO)]),
+        "PYTHONPATH": os.pathsep.join([str(project), str(REPO)]),
         "MPLBACKEND": "Agg",
         "EXPLAIN_CLI": f"{sys.executable} -m explain_cli",
         "SBATCH_GRES": "none",
         "MERGE_SBATCH_ARGS": "--mem=1G",
     })
-    started = time.monotonic()
-    proc = subprocess.run(["bash", str(SUBMIT), str(tiny_project / "config.yaml"), str(out), "4",
+    return env
+
+
+def _submit_and_wait(config: Path, out: Path, tasks: int, env: dict[str, str], cwd: Path) -> tuple[str, str]:
+    """configs/slurm/submit.sh CONFIG OUT TASKS, then wait until the array and its merge job have left
+    the queue; fails with the jobs' logs when a task failed or time ran out. (array id, merge id)."""
+    proc = subprocess.run(["bash", str(SUBMIT), str(config), str(out), str(tasks),
                            "--cpus-per-task=1", "--mem=1G", "--time=00:15:00"],
-                          cwd=tiny_project, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     array_id = re.search(r"submitted array job (\d+)", proc.stdout).group(1)
     merge_id = re.search(r"submitted merge job (\d+)", proc.stdout).group(1)
@@ -104,11 +105,22 @@ def test_array_job_and_merge_equal_an_unsharded_run(tiny_project, slurm_cluster)
             time.sleep(1)
     finally:
         subprocess.run(["scancel", array_id, merge_id], capture_output=True)
+    assert _job_field(merge_id, "JobState") == "COMPLETED", _logs(out)
+    assert set(_job_field(array_id, "ExitCode").split(",")) == {"0:0"}, _logs(out)
+    return array_id, merge_id
+
+
+def test_array_job_and_merge_equal_an_unsharded_run(tiny_project, slurm_cluster):
+    write_images(tiny_project / "images", [f"many/im{i:02d}.png" for i in range(8)], seed=3)
+    n_images = 12  # 4 of tiny_project + 8
+    assert "#SBATCH --gres=gpu:1\n" in TEMPLATE.read_text()  # the template as it is
+    out = tiny_project / "slurm-out"
+    env = _slurm_env(tiny_project)
+    started = time.monotonic()
+    _submit_and_wait(tiny_project / "config.yaml", out, 4, env, cwd=tiny_project)
     elapsed = time.monotonic() - started
     print(f"slurm array (4 tasks) + merge: {elapsed:.1f} s")
 
-    assert _job_field(merge_id, "JobState") == "COMPLETED", _logs(out)
-    assert set(_job_field(array_id, "ExitCode").split(",")) == {"0:0"}, _logs(out)
     for i in range(4):
         info = json.loads((out / f"run.shard-{i}-of-4.json").read_text())
         assert info["status"] == "complete" and info["shard"] == {"index": i, "count": 4}
@@ -135,3 +147,29 @@ def test_array_job_and_merge_equal_an_unsharded_run(tiny_project, slurm_cluster)
     assert _read(out / "errors.csv") == []
     for rel in {r[0] for r in got}:
         assert (out / "overlays" / f"{rel}.svg").exists()
+
+
+def test_slide_array_job_merges_to_the_unsharded_heatmaps(tmp_path, monkeypatch, slurm_cluster):
+    """The Slurm template runs a slide config unchanged: tiles split over the tasks, the merge job
+    stitches one heatmap per slide, equal to an unsharded run's."""
+    import numpy as np
+
+    from test_slides import project, spec
+    from explain_cli.slides.synthetic import write_slide
+
+    config = project(tmp_path, monkeypatch)
+    for i in range(2):
+        write_slide(tmp_path / "slides" / f"s{i}.tif", spec(seed=i, planted=[(64 * (i + 2), 128, 40)]))
+    out = tmp_path / "slurm-out"
+    _submit_and_wait(config, out, 2, _slurm_env(tmp_path), cwd=tmp_path)
+    from typer.testing import CliRunner
+
+    from explain_cli.cli import app
+
+    ref = tmp_path / "ref"
+    result = CliRunner().invoke(app, ["run", str(config), "--no-progress", "--output", str(ref)])
+    assert result.exit_code == 0, result.output
+    for i in range(2):
+        with np.load(out / "slides" / f"s{i}" / "maps.npz") as got, np.load(ref / "slides" / f"s{i}" / "maps.npz") as want:
+            np.testing.assert_allclose(got["attribution"], want["attribution"], rtol=1e-5, atol=1e-6)
+        assert (out / "slides" / f"s{i}" / "heatmap-tumor.png").exists()
