@@ -636,7 +636,8 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
         try:
             layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
         except ConfigError as exc:
-            raise ConfigError(exc.key, _with_suggestions(exc.message, working_layers(model, layer_name, size))) from None
+            suggestions = working_layers(model, layer_name, size)
+            raise ConfigError(exc.key, _with_suggestions(exc.message, suggestions)) from None
         if layout.blocks is not None:
             log.info("layer '%s' takes %s: blocks of tokens, put back onto a %dx%d grid (%s)", layer_name,
                      tuple(value.shape), layout.blocks[0] * layout.block[0], layout.blocks[1] * layout.block[1],
@@ -668,6 +669,9 @@ def _with_suggestions(message: str, suggestions: list[str]) -> str:
                            + ", ".join(repr(s) for s in suggestions) + ")")
 
 
+_SUGGESTIONS_TRIED = 12
+
+
 def working_layers(model: nn.Module, layer_name: str, size: int, limit: int = 2) -> list[str]:
     """Up to ``limit`` layers near ``layer_name`` that gradient and deep can explain, to suggest when
     it is refused: its nearest enclosing modules first, then its own submodules (shallowest first),
@@ -691,12 +695,11 @@ def working_layers(model: nn.Module, layer_name: str, size: int, limit: int = 2)
     called = list(inputs)  # in call order
     before = called[:called.index(layer_name)][::-1] if layer_name in called else []
     found: list[str] = []
-    for name in dict.fromkeys(around + inside + before):
-        if not name:
-            continue
-        value = inputs.get(name)
-        if not (isinstance(value, torch.Tensor) and value.dim() in (3, 4) and value.shape[0] == 1):
-            continue
+    candidates = [name for name in dict.fromkeys(around + inside + before) if name
+                  and isinstance(inputs.get(name), torch.Tensor) and inputs[name].dim() in (3, 4)
+                  and inputs[name].shape[0] == 1]
+    for name in candidates[:_SUGGESTIONS_TRIED]:  # each costs up to two probe forwards
+        value = inputs[name]
         try:
             if value.dim() == 3:
                 _utils.token_grid(model, name, int(value.shape[1]))
@@ -793,7 +796,7 @@ def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
         elif value.dim() == 4:
             shape = tuple(value.shape)
             try:
-                layout = _utils.decide_layout(shape, probe.get(name), changes.get(name), name)
+                layout = _utils.decide_layout(shape, probe.get(name), changes.get(name), name, warn=False)
             except ConfigError:
                 rows.append(LayerInfo(name, kind, shape, out, None, "(N, C, H, W), (N, H, W, C) or blocks of tokens "
                                                                     "cannot be told apart"))

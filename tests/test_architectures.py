@@ -694,7 +694,7 @@ def test_a_blocked_layout_the_probe_cannot_confirm_is_refused():
     with pytest.raises(ConfigError) as info:
         check_layer_input(model, model.layer, "layer", 32)
     assert info.value.key == "model.layer" and "'layer'" in info.value.message
-    assert "blocks of 16 tokens" in info.value.message and "confirms neither" in info.value.message
+    assert "4 block(s) of 16 tokens" in info.value.message and "confirms neither" in info.value.message
     assert "'stem'" in info.value.message  # a layer that works (nothing encloses 'layer')
     # decided from the shares: blocks confirmed, (H, W, C) confirmed, neither
     blocked = _utils.blocked_reading((1, 4, 16, 8))

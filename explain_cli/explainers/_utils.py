@@ -362,7 +362,8 @@ def blocked_reading(shape: tuple[int, ...]) -> MapLayout | None:
     g, b = math.isqrt(t), math.isqrt(s)
     if g * g != t or b * b != s or g * b < 2:
         return None
-    return MapLayout(True, f"{t} blocks of {s} tokens, blocks and tokens row-major", blocks=(g, g), block=(b, b))
+    return MapLayout(True, f"{t} block{'s' if t != 1 else ''} of {s} tokens, blocks and tokens row-major",
+                     blocks=(g, g), block=(b, b))
 
 
 # A layout is confirmed by the quadrant probe when this share of the change lands in the changed
@@ -380,9 +381,9 @@ def quadrant_share(changes: torch.Tensor, layout: MapLayout) -> float:
     if h < 2 or w < 2:
         return float("nan")
     shares = []
-    for q, (rows, cols) in enumerate([(slice(0, h // 2), slice(0, w // 2)), (slice(0, h // 2), slice(w - w // 2, w)),
-                                      (slice(h - h // 2, h), slice(0, w // 2)),
-                                      (slice(h - h // 2, h), slice(w - w // 2, w))]):
+    top, bottom = slice(0, h // 2), slice(h - h // 2, h)
+    left, right = slice(0, w // 2), slice(w - w // 2, w)
+    for q, (rows, cols) in enumerate([(top, left), (top, right), (bottom, left), (bottom, right)]):
         total = float(mass[q].sum())
         shares.append(float(mass[q, rows, cols].sum()) / total if total > 0 else 0.0)
     return sum(shares) / len(shares)
@@ -430,11 +431,12 @@ def needs_quadrant_probe(shape: tuple[int, ...], probe: tuple[int, ...] | None) 
 
 
 def decide_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, changes: torch.Tensor | None,
-                  layer_name: str) -> MapLayout:
+                  layer_name: str, warn: bool = True) -> MapLayout:
     """:func:`map_layout`, and where the input could also be blocks of tokens (NesT), the reading
     the quadrant probe (``changes``, :func:`quadrant_changes`) confirms: the blocked one when it puts
     >= ``CONFIRMED_SHARE`` of each change in its quadrant and clearly more than the other reading.
-    ConfigError when the probe confirms neither."""
+    ConfigError when the probe confirms neither; without a probe, the shape's reading (``warn``:
+    saying so)."""
     from explain_cli.errors import ConfigError
 
     try:
@@ -449,7 +451,12 @@ def decide_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, changes
     if changes is None or not float(changes.sum()) > 0:
         if layout is None:
             raise refused  # type: ignore[misc]
-        return layout  # no evidence either way: the shape's reading, as before
+        if warn:
+            log.warning("layer '%s': its input %s could also be %d blocks of %d tokens, but the quadrant probe did not "
+                        "run (the model failed on 5 images, or the input does not change with the image); read as "
+                        "%s from its shape", layer_name, tuple(shape), shape[1], shape[2],
+                        "(H, W, C)" if layout.channels_last else "(C, H, W)")
+        return layout
     blocked_share = quadrant_share(changes, blocked)
     other = quadrant_share(changes, layout) if layout is not None else float("nan")
     if blocked_share >= CONFIRMED_SHARE and not other >= blocked_share - SHARE_MARGIN:
@@ -461,7 +468,7 @@ def decide_layout(shape: tuple[int, ...], probe: tuple[int, ...] | None, changes
     reading = ("(H, W, C)" if layout.channels_last else "(C, H, W)") if layout is not None else "a map"
     shares = f"{blocked_share:.2f} read as blocks" + (f", {other:.2f} read as {reading}" if layout is not None else "")
     raise ConfigError("model.layer", f"the input of layer '{layer_name}' has shape {tuple(shape)}: {reading} or "
-                                     f"{shape[1]} blocks of {shape[2]} tokens (as NesT stores them)? A probe "
+                                     f"{shape[1]} block(s) of {shape[2]} tokens (as NesT stores them)? A probe "
                                      "that changes one quadrant of the image confirms neither (share of the "
                                      f"change in that quadrant: {shares}; {CONFIRMED_SHARE} confirms); choose "
                                      "another layer, or 'input'")
