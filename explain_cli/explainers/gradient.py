@@ -36,7 +36,9 @@ bypasses the layer; B forwards without gradients per image).
 
 A token layer (input ``(N, tokens, C)``, a ViT block) is attributed per token and channel; the values
 are then put on the patch grid as ``(C, h, w)`` (``_utils.layer_map``: class/distillation/register
-tokens dropped from the map, their share kept in ``shap_sum``).
+tokens dropped from the map, their share kept in ``shap_sum``); NesT's ``(N, blocks, tokens, C)`` goes
+back onto the grid block by block. A layer whose input holds an image in several rows (window
+attention, MobileViT's unfolded patches) is refused (``_utils.check_rows``).
 
 The top-k classes are ranked on the raw model output of the un-noised images (descending, as shap's
 ``ranked_outputs`` with ``output_rank_order="max"``).

@@ -10,7 +10,8 @@ with ``sum(m_j * (x - r_j)) = f_c(x) - f_c(r_j)``; the attribution is their mean
 At a layer, ``x - r_j`` is replaced by the difference of the layer's *input* (first positional
 argument of its ``forward``) at the image and at the reference; the base value stays the mean model
 output over the background. A token input ``(N, tokens, C)`` is attributed per token and channel and
-put on the patch grid at the end (``_utils.layer_map``; the prefix tokens' share stays in ``shap_sum``).
+put on the patch grid at the end (``_utils.layer_map``; the prefix tokens' share stays in ``shap_sum``;
+NesT's blocks of tokens go back onto the grid block by block).
 
 How the multipliers are obtained ("modified gradients"). The model runs unchanged; while it runs, a
 ``TorchFunctionMode`` intercepts every torch call, so module calls (``nn.ReLU``), functional calls
