@@ -209,11 +209,9 @@ def run(
     and report.html."""
     try:
         _setup_logging(verbose, quiet, log_file)
+        from explain_cli.api import run_config
         from explain_cli.config import check_slurm_env
-        from explain_cli.job import keep_freed_memory
-        from explain_cli.pipeline import RunOptions, Shard, run as run_pipeline
-
-        keep_freed_memory()  # before the first tensor: no page-fault storm per model call (glibc only)
+        from explain_cli.pipeline import RunOptions, Shard
 
         cfg = _load(config, set_, {
             "input.dir": str(input_dir.resolve()) if input_dir else None,
@@ -226,8 +224,8 @@ def run(
         if not shard:
             check_slurm_env()
         chosen = Shard.parse(shard) if shard else Shard.from_slurm()
-        summary = run_pipeline(cfg, RunOptions(limit=limit, progress=not (no_progress or quiet),
-                                               overwrite=overwrite, shard=chosen))
+        summary = run_config(cfg, RunOptions(limit=limit, progress=not (no_progress or quiet),
+                                             overwrite=overwrite, shard=chosen))
     except UserError as exc:
         raise _fail(exc, exc.exit_code)
     except KeyboardInterrupt:

@@ -120,8 +120,9 @@ def output_names(images: list[str], case_insensitive: bool = False) -> dict[str,
     return _names.output_names(images, case_insensitive)
 
 
-def prepare(config: Config, options: RunOptions, device: str | None = None) -> Prepared:
-    """Resolve and check everything a run needs; raises UserError/ConfigError on problems."""
+def prepare(config: Config, options: RunOptions, device: str | None = None, build=None) -> Prepared:
+    """Resolve and check everything a run needs; raises UserError/ConfigError on problems.
+    ``build``: builds the model instead of models.build_model (the Python API's cache, api.py)."""
     import torch
 
     from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
@@ -166,7 +167,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None) -> P
 
     _precision.check(config.precision, dev)  # so `validate` refuses a precision this device cannot run
     torch.manual_seed(config.seed)
-    model = build_model(config.model, lambda p: config.resolve(p))
+    model = (build or build_model)(config.model, lambda p: config.resolve(p))
     if config.model.weights == "random":
         log.warning("model.weights: random: %s is untrained, its maps explain noise (meant for tests)",
                     config.model.arch)
