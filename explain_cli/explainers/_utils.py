@@ -125,10 +125,11 @@ def folded_batch_message(layer_name: str, shape: tuple, rows: int, suggestions: 
     per = f"{shape[0] / rows:g}"
     hint = (f"choose a layer that takes one row per image, e.g. {', '.join(repr(s) for s in suggestions)}, "
             if suggestions else "choose the block or stage around it, ")
+    sequence_first = " (or it is sequence-first: (tokens, N, C))" if len(shape) == 3 and shape[1] == rows else ""
     return (f"the input of layer '{layer_name}' has shape {shape} for {rows} image(s): it folds {per} windows, "
             "patches or inner tokens of each image into the batch (window attention, MobileViT's unfolded "
-            "patches, TNT's pixel tokens), which gradient and deep cannot put back onto the image; "
-            f"{hint}or 'input'")
+            f"patches, TNT's pixel tokens){sequence_first}, which gradient and deep cannot put back onto the "
+            f"image; {hint}or 'input'")
 
 
 def wrong_rank_message(layer_name: str, shape: tuple, explainer: str) -> str:
