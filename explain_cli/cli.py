@@ -44,6 +44,10 @@ class _LogFile(logging.FileHandler):
 
     failure: Optional[str] = None
 
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
         if _LogFile.failure is None:
@@ -69,14 +73,14 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     handler.addFilter(lambda record: not getattr(record, "summary_line", False))  # printed plainly instead
     root.addHandler(handler)
     if log_file is not None:
-        from explain_cli.config import check_log_file
+        from explain_cli.config import check_log_file, check_output_dir
 
         check_log_file(log_file)
-        try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = _LogFile(log_file, encoding="utf-8", errors="backslashreplace")
-        except OSError as exc:
-            raise UserError(f"--log-file: cannot open {log_file}: {exc.strerror or exc}") from None
+        check_output_dir(log_file.absolute().parent, key="--log-file")
+        if log_file.exists() and not os.access(log_file, os.W_OK):
+            raise UserError(f"--log-file: cannot open {log_file}: permission denied")
+        # opened at the first record: a usage error found before the run logs anything leaves no file
+        fh = _LogFile(log_file, encoding="utf-8", errors="backslashreplace", delay=True)
         fh.setLevel(logging.DEBUG if verbose else logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
         root.addHandler(fh)
@@ -374,7 +378,8 @@ def _layer_input_line(found: dict) -> str:
 def layers(
     config: Optional[Path] = typer.Argument(None, help="YAML config file (its model section is used)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="torchvision:NAME | timm:NAME | python:pkg.module:factory, instead of a config."),
-    size: Optional[int] = typer.Option(None, "--size", help="Input size of the dummy forward (default: preprocess.size or 224)."),
+    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096,
+                                       help="Input size of the dummy forward, 8..4096 like preprocess.size (default: preprocess.size or 224)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
     """Print every module as a dotted name with the shape gradient and deep explain (its input),

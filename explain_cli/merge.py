@@ -113,7 +113,10 @@ def _merge_lock(output_dir: Path) -> Iterator[None]:
 def _read_csv(path: Path, columns: list[str]) -> list[list[str]]:
     """Rows (without the header) of a shard CSV; a torn last record (a killed run) is dropped.
     Cells stay escaped as written (names.escape): merge copies them unchanged."""
-    rows = parse_csv(read_csv_text(path))
+    try:
+        rows = parse_csv(read_csv_text(path))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not an explain-cli CSV (not UTF-8 text); rerun that shard with --overwrite") from None
     if not rows or len(rows[0]) < 2 or rows[0] != columns[:len(rows[0])]:
         got = ",".join(rows[0]) if rows else "(empty file)"
         raise UserError(f"{path}: not an explain-cli CSV (header {got!r}, expected {','.join(columns)!r})")
@@ -151,7 +154,32 @@ def _load_run_json(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read ({exc})") from None
     if not isinstance(info, dict):
         raise UserError(f"{path}: not an explain-cli run.json")
+    problem = _run_json_problem(info)
+    if problem:
+        raise UserError(f"{path}: not an explain-cli run.json ({problem}); rerun that shard with --overwrite")
     return info
+
+
+#: The entries of a run.json that merge reads, and their types (None is allowed for each).
+_RUN_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "status": (str,), "shard": (dict,), "config": (dict,), "config_file": (str,), "images_found": (int,),
+    "counts": (dict,), "runs": (list,), "metrics": (dict,), "started": (str,), "finished": (str,),
+    "seconds": (int, float), "limit": (int,), "merged": (bool,)}
+#: Entries of run.json's ``metrics`` that merge adds up, and their types.
+_METRICS_TYPES: dict[str, tuple[type, ...]] = {"rows": (int,), "model_evaluations": (int,), "mean": (dict,),
+                                               "random_reference": (dict,)}
+
+
+def _run_json_problem(info: dict[str, Any]) -> str | None:
+    """Why a run.json read back (perhaps edited or damaged) cannot be merged; None when it can."""
+    for entries, types, prefix in ((info, _RUN_JSON_TYPES, ""),
+                                   (info.get("metrics") or {}, _METRICS_TYPES, "metrics.")):
+        for key, kinds in types.items():
+            value = entries.get(key)
+            wrong_bool = isinstance(value, bool) and bool not in kinds
+            if value is not None and (wrong_bool or not isinstance(value, kinds)):
+                return f"{prefix}{key} is {type(value).__name__}, expected {' or '.join(k.__name__ for k in kinds)}"
+    return None
 
 
 def _render_csv(columns: list[str], rows: list[list[str]]) -> str:
@@ -257,6 +285,8 @@ def merge(output_dir: Path) -> MergeSummary:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise UserError(f"merge: not a folder: {output_dir}")
+    if not _scan(output_dir):  # refused before the lock file is made: a wrong folder keeps no trace
+        _check_shards(output_dir, {})
     with _merge_lock(output_dir):
         found = _scan(output_dir)
         count, infos = _check_shards(output_dir, found)

@@ -188,10 +188,6 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         raise ConfigError("input.dir", f"not a folder: {input_dir}", cfg._source)
     output = Path(output)
     check_output_file(output, option)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{option}: cannot create the folder of {output}: {exc.strerror or exc}") from None
 
     dev = resolve_device(device or cfg.device)
     torch.manual_seed(cfg.seed)
@@ -305,6 +301,10 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         seconds_before, evaluations_before = float(state["seconds"]), int(state["evaluations"])
         log.info("train: resuming from %s after epoch %d of %d", state_path, start_epoch, ts.epochs)
     game.evaluations = evaluations_before
+    try:  # only now: a refusal above leaves no folder behind
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option}: cannot create the folder of {output}: {exc.strerror or exc}") from None
 
     steps_per_epoch = math.ceil(len(train_idx) / ts.images_per_step)
     total_steps = ts.epochs * steps_per_epoch
