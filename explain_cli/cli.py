@@ -477,7 +477,7 @@ def merge(
 ) -> None:
     """Combine the shard files of a sharded run (topk/errors/run.shard-I-of-N.*) into topk.csv,
     errors.csv and run.json, then report.html. Refuses (exit 2) when a shard is missing, unfinished or ran with
-    another config. Safe to run again."""
+    another config; exits 3, like a run, when images failed (all outputs are written). Safe to run again."""
     _setup_logging(verbose, quiet, None)
     try:
         from explain_cli.merge import merge as merge_shards
