@@ -164,7 +164,8 @@ class _Cache:
 
         def build(model_cfg: Any, resolve: Callable[[str], Path]) -> Any:
             ckpt = checkpoint_path(model_cfg.checkpoint, resolve) if model_cfg.checkpoint else None
-            key = _key(model_cfg.model_dump(mode="json"), str(cfg._base_dir), str(ckpt), _stat(ckpt), cfg.seed)
+            section = model_cfg.model_dump(mode="json", exclude={"layer"})  # the layer is chosen on the model
+            key = _key(section, str(cfg._base_dir), str(ckpt), _stat(ckpt), cfg.seed)
             if self.model is None or self.model[0] != key:
                 self.model = None  # free the old one before building the new one
                 self.model = (key, build_model(model_cfg, resolve))
