@@ -107,7 +107,8 @@ def invoke(args: list) -> "object":
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root`` with its size and modification time, every folder (its mtime aside:
-    a write test leaves no file but touches it), bytecode caches aside."""
+    a write test leaves no file but touches it), bytecode caches aside. A lock file counts by its
+    existence: each run that takes it writes its holder (pid, host) there, refused or not."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
@@ -116,7 +117,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
         for name in filenames:
             path = Path(dirpath) / name
             st = path.lstat()
-            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+            out[str(path.relative_to(root))] = (0, 0) if name.endswith(".lock") else (st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -177,6 +178,8 @@ def test_fuzz_run_and_validate(project, command):
     codes = []
     for _ in range(CASES):
         _reset(project)
+        if command == "run" and rng.random() < 0.3:  # into a folder holding results: the resume check
+            assert invoke([command, project / "config.yaml", "--no-progress", "--limit", "1"]).exit_code == 0
         args = [command, project / "config.yaml", *draw_sets(rng, VALUES)]
         args += draw_options(rng, RUN_OPTIONS if command == "run" else OPTIONS, project)
         if command == "run":
@@ -278,8 +281,10 @@ def sharded(project):
 
 
 def _forge(rng: random.Random, out: Path) -> None:
-    """One random damage to a shard's files: text, types, or a file removed."""
-    files = sorted(p for p in out.iterdir() if p.is_file() and ".shard-" in p.name)
+    """One random damage to a run's or a shard's files: text, types, or a file removed."""
+    files = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".csv", ".json"))
+    if not files:
+        return
     target = rng.choice(files)
     kind = rng.choice(["truncate", "types", "remove", "garbage", "row", "status"])
     if kind == "remove":
@@ -306,6 +311,8 @@ def _forge(rng: random.Random, out: Path) -> None:
 @pytest.mark.parametrize("command", ["merge", "report"])
 def test_fuzz_merge_and_report(sharded, command):
     out = sharded / "out"
+    if command == "report":  # an unsharded run's folder beside the shards' (report reads both kinds)
+        assert invoke(["run", sharded / "config.yaml", "--no-progress", "--output", out / "whole"]).exit_code == 3
     pristine = sharded / "pristine"
     shutil.copytree(out, pristine)
     rng = random.Random(f"{SEED}-{command}")
@@ -313,10 +320,11 @@ def test_fuzz_merge_and_report(sharded, command):
     for i in range(CASES):
         shutil.rmtree(out)
         shutil.copytree(pristine, out)
+        folder = out / "whole" if command == "report" and rng.random() < 0.5 else out
         if i % 4:  # every fourth case untouched: the command works on a good folder
             for _ in range(rng.randint(1, 2)):
-                _forge(rng, out)
-        args = [command, out] + (["--quiet"] if rng.random() < 0.3 else [])
+                _forge(rng, folder)
+        args = [command, folder] + (["--quiet"] if rng.random() < 0.3 else [])
         if rng.random() < 0.1:
             args[1] = sharded / rng.choice(["nope", "tiny.pt", "images"])
         codes.append(check(sharded, args, snapshot(sharded)))
@@ -329,10 +337,12 @@ def test_fuzz_forged_checkpoints_and_label_files(project):
     good_ckpt = (project / "tiny.pt").read_bytes()
     state = torch.load(project / "tiny.pt", weights_only=True)
     codes = []
+    truth = (project / "truth.csv").read_text()
     for _ in range(CASES):
-        kind = rng.choice(["list", "missing", "shape", "bytes", "labels", "labels-bytes"])
+        kind = rng.choice(["list", "missing", "shape", "bytes", "labels", "labels-bytes", "truth", "truth-bytes"])
         (project / "tiny.pt").write_bytes(good_ckpt)
         (project / "labels.txt").write_text("cat & dog\n<bird>\nfish $x$\n")
+        (project / "truth.csv").write_text(truth)
         name = rng.choice(sorted(state))
         if kind == "list":
             torch.save([state], project / "tiny.pt")
@@ -343,11 +353,21 @@ def test_fuzz_forged_checkpoints_and_label_files(project):
         elif kind == "bytes":
             (project / "tiny.pt").write_bytes(good_ckpt[: rng.randint(0, len(good_ckpt))])
         elif kind == "labels":
-            (project / "labels.txt").write_text(rng.choice(["", "a\n", "a\nb\nc\nd\n", "[1, 2, 3]", "{}", "a\n\nb\n"]))
-        else:
+            (project / "labels.txt").write_text(rng.choice(["", "a\n", "a\nb\nc\nd\n", "[1, 2, 3]", "{}", "a\n\nb\n",
+                                                            '{"0": "a", "1": "b", "x": 3}', "a,b\n1,2\n"]))
+        elif kind == "labels-bytes":
             (project / "labels.txt").write_bytes(bytes(rng.randrange(256) for _ in range(32)))
+        elif kind == "truth":
+            (project / "truth.csv").write_text(rng.choice(["", "file\n", "label,file\n", "file,label\none.png,\n",
+                                                           'file,label\n"one.png,0\n', "file,label\none.png,9\n",
+                                                           "file,label\n,0\n", "\ufefffile,label\none.png,0\n",
+                                                           "file,label\none.png\n", "file;label\none.png;0\n"]))
+        else:
+            (project / "truth.csv").write_bytes(bytes(rng.randrange(256) for _ in range(48)))
         _reset(project)
         command = rng.choice(["run", "validate"])
         args = [command, project / "config.yaml"] + (["--no-progress", "--limit", "1"] if command == "run" else [])
+        if kind.startswith("truth"):
+            args += ["--set", "targets.from_csv={path: truth.csv}", "--class", "label", "--class", "top_k"]
         codes.append(check(project, args, snapshot(project)))
     assert 2 in codes, codes
