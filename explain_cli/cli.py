@@ -519,6 +519,11 @@ def report(
         path = write_report(output_dir)
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise _unexpected(exc, verbose)
+        why = "read-only file system" if exc.errno == errno.EROFS else exc.strerror
+        raise _fail(f"report: cannot write to {output_dir}: {why}", EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     if not quiet:

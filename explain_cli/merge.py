@@ -287,6 +287,9 @@ def merge(output_dir: Path) -> MergeSummary:
         raise UserError(f"merge: not a folder: {output_dir}")
     if not _scan(output_dir):  # refused before the lock file is made: a wrong folder keeps no trace
         _check_shards(output_dir, {})
+    from explain_cli.config import check_output_dir
+
+    check_output_dir(output_dir, key="merge")  # a read-only folder: exit 2 naming it, not an OSError
     with _merge_lock(output_dir):
         found = _scan(output_dir)
         count, infos = _check_shards(output_dir, found)

@@ -248,3 +248,22 @@ def test_kernel_std_is_nan_where_too_few_coalitions_were_drawn():
     assert np.all(explain(14, grid=2).value_std == 0)  # 2 x 2: every coalition enumerated, exact
     estimated = explain(200).value_std
     assert np.isfinite(estimated).all() and (estimated > 0).any()
+
+
+def test_merge_and_report_in_a_read_only_folder_are_exit_2_naming_it(tiny_project, tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace')}")
+    try:
+        cfg = tiny_project / "config.yaml"
+        for i in range(2):
+            assert invoke("run", cfg, "--no-progress", "--output", mnt / "out", "--shard", f"{i}/2").exit_code == 0
+        assert invoke("run", cfg, "--no-progress", "--output", mnt / "whole").exit_code == 0
+        (mnt / "whole" / "report.html").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        assert_usage_error(invoke("merge", mnt / "out"), "read-only file system", str(mnt / "out"))
+        assert_usage_error(invoke("report", mnt / "whole"), "read-only file system", str(mnt / "whole"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
