@@ -167,7 +167,7 @@ class _Cache:
             section = model_cfg.model_dump(mode="json", exclude={"layer"})  # the layer is chosen on the model
             key = _key(section, str(cfg._base_dir), str(ckpt), _stat(ckpt), cfg.seed)
             if self.model is None or self.model[0] != key:
-                self.model = None  # free the old one before building the new one
+                self.model = self.explainer = None  # free the old model (the explainer holds it too) first
                 self.model = (key, build_model(model_cfg, resolve))
             return self.model[1]
 
@@ -182,9 +182,10 @@ class _Cache:
         key = _key(cfg.background.model_dump(mode="json"), str(prep.input_dir), cfg.input.include,
                    cfg.preprocess.model_dump(mode="json"), cfg.seed, str(prep.device),
                    hash(tuple(prep.all_images)), None if cfg.background.dir is None else
-                   str(cfg.resolve(cfg.background.dir)))
+                   str(cfg.resolve(cfg.background.dir)), None if cfg.slides is None else
+                   cfg.slides.model_dump(mode="json"))
         if self.background is None or self.background[0] != key:
-            self.background = None
+            self.background = self.explainer = None
             self.background = (key, pipeline.load_background(prep))
         return self.background[1]
 
