@@ -284,3 +284,20 @@ def test_the_example_runs(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "loaded back" in out.stdout
     assert len(list(tmp_path.glob("*.png"))) >= 3
+
+
+def test_a_slide_run_explains_and_loads_back_by_tile(tmp_path, monkeypatch):
+    from explain_cli.slides.synthetic import write_slide
+    from test_slides import project, spec
+
+    config = project(tmp_path, monkeypatch)
+    write_slide(tmp_path / "slides" / "slide01.tif", spec())
+    result = explain_cli.run(config, output={"save_values": True})
+    assert result.ok and result.explained > 2
+    back = explain_cli.load_run(result.output_dir, pixels=False)
+    assert all(name.startswith("slide01.tif/") for name in back.instance_names)
+    tiles = list(back.instance_names[:2])
+    expl = explain_cli.explain(config, tiles)  # tiles by name, read from the slide as in the run
+    assert list(expl.instance_names) == tiles
+    assert np.array_equal(expl.values, back.values[:2])
+    assert_equals_npz(expl, result.output_dir)
