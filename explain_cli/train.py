@@ -188,6 +188,12 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         raise ConfigError("input.dir", f"not a folder: {input_dir}", cfg._source)
     output = Path(output)
     check_output_file(output, option)
+    from explain_cli.models import checkpoint_path
+
+    model_file = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
+    for what, other in (("model.checkpoint", model_file), ("the config file", cfg._source)):
+        if other is not None and os.path.realpath(output) == os.path.realpath(other):
+            raise UserError(f"{option}: {output} is {what}; training would overwrite it: give another file")
 
     dev = resolve_device(device or cfg.device)
     torch.manual_seed(cfg.seed)

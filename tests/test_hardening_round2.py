@@ -267,3 +267,11 @@ def test_merge_and_report_in_a_read_only_folder_are_exit_2_naming_it(tiny_projec
         assert_usage_error(invoke("report", mnt / "whole"), "read-only file system", str(mnt / "whole"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_train_refuses_to_overwrite_the_model_checkpoint_or_the_config(tiny_project):
+    cfg = amortized_config(tiny_project)
+    weights = (tiny_project / "tiny.pt").read_bytes()
+    assert_usage_error(invoke("train", cfg, "--output", tiny_project / "tiny.pt"), "model.checkpoint")
+    assert_usage_error(invoke("train", cfg, "--output", cfg), "the config file")
+    assert (tiny_project / "tiny.pt").read_bytes() == weights
