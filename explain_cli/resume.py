@@ -84,8 +84,10 @@ def _settings(config_dict: dict[str, Any], base_dir: Path | None) -> dict[str, A
 
 
 def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """{'sha256', 'size', 'mtime_ns'} of a file; the previous digest is reused when size and
-    mtime are unchanged (a multi-GB checkpoint is hashed once, not on every resume)."""
+    """{'sha256', 'size', 'mtime_ns', 'ctime_ns'} of a file; the previous digest is reused when size,
+    mtime and ctime are unchanged (a multi-GB checkpoint is hashed once, not on every resume). The
+    ctime is in because a file rewritten in place (a retrained explainer.pt of the same size) can
+    have its mtime set back (``touch -r``, ``cp -p``), its ctime not."""
     if path is None:
         return None
     try:
@@ -93,13 +95,16 @@ def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> di
     except OSError:
         return None
     if previous and previous.get("size") == st.st_size and previous.get("mtime_ns") == st.st_mtime_ns \
-            and previous.get("sha256"):
+            and previous.get("ctime_ns") == st.st_ctime_ns and previous.get("sha256"):
         return dict(previous)
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:  # unreadable: compared as absent (the run itself reports why it cannot read it)
+        return None
+    return {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def model_code_files(config) -> list[Path]:
@@ -154,7 +159,7 @@ def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None
 def _is_digest(value: Any) -> bool:
     return value is None or (isinstance(value, dict) and isinstance(value.get("sha256"), str)
                              and all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
-                                     for k in ("size", "mtime_ns") if k in value))
+                                     for k in ("size", "mtime_ns", "ctime_ns") if k in value))
 
 
 def fingerprint_problem(fp: Any) -> str | None:

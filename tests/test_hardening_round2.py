@@ -275,3 +275,25 @@ def test_train_refuses_to_overwrite_the_model_checkpoint_or_the_config(tiny_proj
     assert_usage_error(invoke("train", cfg, "--output", tiny_project / "tiny.pt"), "model.checkpoint")
     assert_usage_error(invoke("train", cfg, "--output", cfg), "the config file")
     assert (tiny_project / "tiny.pt").read_bytes() == weights
+
+
+def test_a_retrained_explainer_with_its_old_mtime_restored_is_still_refused(tiny_project):
+    """The digest is reused only when size, mtime and ctime match: `touch -r` cannot hide a rewrite."""
+    import os
+    import zipfile
+
+    cfg = amortized_config(tiny_project)
+    assert invoke("train", cfg).exit_code == 0
+    path = tiny_project / "explainer.pt"
+    assert invoke("run", cfg, "--no-progress", "--limit", "1").exit_code == 0
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:  # a tensor's bytes, changed in place: same size
+        entry = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 4)
+    start = entry.header_offset + 30 + int.from_bytes(raw[entry.header_offset + 26:entry.header_offset + 28], "little") \
+        + int.from_bytes(raw[entry.header_offset + 28:entry.header_offset + 30], "little")
+    raw[start:start + 4] = bytes(b ^ 0x55 for b in raw[start:start + 4])
+    path.write_bytes(raw)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert_usage_error(invoke("run", cfg, "--no-progress"), "explainer.checkpoint content")
