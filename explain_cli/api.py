@@ -45,6 +45,9 @@ ConfigLike = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 ImagesLike = Union[None, str, "os.PathLike[str]", "PIL.Image.Image", "np.ndarray", "torch.Tensor",
                    Sequence[Union[str, "os.PathLike[str]", "PIL.Image.Image", "np.ndarray"]]]
 
+#: The per-(image, class) fields that are integers (padding: -1); the others are floats (padding: NaN).
+INT_FIELDS = ("class_index", "rank")
+
 __all__ = ["ConfigError", "RunResult", "clear_cache", "explain", "iter_run", "load_config", "load_run", "run",
            "run_config"]
 
@@ -225,6 +228,7 @@ def _inputs(prep: "Prepared", images: ImagesLike) -> tuple[list[tuple[str, Any, 
     ``tensor[i]``."""
     import numpy as np
 
+    from explain_cli.images import load_preprocessed
     from explain_cli.stages import decode_one
 
     cfg = prep.config
@@ -250,18 +254,12 @@ def _inputs(prep: "Prepared", images: ImagesLike) -> tuple[list[tuple[str, Any, 
                 continue
             if isinstance(item, (str, os.PathLike)):
                 path, name = _image_path(prep.input_dir, Path(item))
-                good.append((name,) + _load_file(path, cfg.preprocess))
+                good.append((name,) + load_preprocessed(path, cfg.preprocess))
                 continue
             good.append((name,) + _preprocess_picture(item, cfg.preprocess))
         except ImageError as exc:
             failed.append((name, str(exc)))
     return good, failed
-
-
-def _load_file(path: Path, preprocess: Any) -> tuple[Any, Any]:
-    from explain_cli.images import load_preprocessed
-
-    return load_preprocessed(path, preprocess)
 
 
 def _image_path(input_dir: Path, path: Path) -> tuple[Path, str]:
@@ -352,6 +350,8 @@ def explain(config: ConfigLike, images: ImagesLike = None, *, limit: int | None 
     """
     from explain_cli import pipeline
 
+    if errors not in ("raise", "skip"):
+        raise UserError(f"errors: 'raise' or 'skip', got {errors!r}")
     cfg = load_config(config, overrides, base_dir)
     with _CACHE.lock:
         prep = pipeline.prepare(cfg, pipeline.RunOptions(limit=limit), build=_CACHE.builder(cfg))
@@ -426,7 +426,7 @@ def _explain_items(prep: "Prepared", explainer: Any, good: list[tuple[str, Any, 
 
 def _explanation(results: list[dict[str, Any]]) -> "ImageExplanation":
     """Per-image results (values (h, w, C, k_i)) as one ImageExplanation; images asked fewer
-    classes than others are padded with NaN (and an empty name)."""
+    classes than others are padded with NaN (class_index and rank: -1; the name: empty)."""
     import numpy as np
 
     from explain_cli.explanation import FIELDS, ImageExplanation
@@ -438,14 +438,15 @@ def _explanation(results: list[dict[str, Any]]) -> "ImageExplanation":
     n = len(results)
     values = np.full((n,) + next(iter(shapes)) + (k,), np.nan, np.float32)
     names = np.full((n, k), "", dtype=object)
-    columns = {name: np.full((n, k), np.nan) for name in ("base_values",) + FIELDS}
+    columns = {name: np.full((n, k), -1, np.int64) if name in INT_FIELDS else np.full((n, k), np.nan)
+               for name in ("base_values",) + FIELDS}
     for i, r in enumerate(results):
         kk = r["values"].shape[-1]
         values[i, ..., :kk] = r["values"]
         names[i, :kk] = r["class_name"]
         for name, column in columns.items():
             if r.get(name) is not None:
-                column[i, :kk] = r[name]
+                column[i, :kk] = np.nan_to_num(r[name], nan=-1) if name in INT_FIELDS else r[name]
     names = names.astype(str)
     data = np.stack([r["pixels"] for r in results])
     fields = {name: (columns[name], [0, values.ndim - 1]) for name in FIELDS

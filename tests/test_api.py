@@ -301,3 +301,23 @@ def test_a_slide_run_explains_and_loads_back_by_tile(tmp_path, monkeypatch):
     assert list(expl.instance_names) == tiles
     assert np.array_equal(expl.values, back.values[:2])
     assert_equals_npz(expl, result.output_dir)
+
+
+def test_images_asked_fewer_classes_are_padded():
+    import matplotlib.pyplot as plt
+    import shap
+
+    from explain_cli.api import _explanation
+
+    def image(name: str, k: int) -> dict:
+        return {"name": name, "pixels": np.zeros((4, 4, 3), np.uint8), "values": np.ones((4, 4, 3, k), np.float32),
+                "class_index": np.arange(k), "class_name": [f"c{c}" for c in range(k)],
+                "base_values": np.zeros(k), "rank": np.arange(1, k + 1), "stability": None}
+
+    expl = _explanation([image("a", 2), image("b", 1)])
+    assert expl.values.shape == (2, 4, 4, 3, 2) and np.isnan(expl.values[1, ..., 1]).all()
+    assert expl.output_names.tolist() == [["c0", "c1"], ["c0", ""]]
+    assert expl.class_index.tolist() == [[0, 1], [0, -1]] and expl.rank.tolist() == [[1, 2], [1, -1]]
+    assert expl.stability is None and np.isnan(expl.base_values[1, 1])
+    shap.image_plot(expl, show=False)
+    plt.close("all")
