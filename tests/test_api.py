@@ -321,3 +321,20 @@ def test_images_asked_fewer_classes_are_padded():
     assert expl.stability is None and np.isnan(expl.base_values[1, 1])
     shap.image_plot(expl, show=False)
     plt.close("all")
+
+
+def test_load_run_of_a_partial_run(tiny_project):
+    cli("run", tiny_project / "config.yaml", "--no-progress", "--limit", "2", "--set", "output.save_values=true")
+    part = explain_cli.load_run(tiny_project / "out")
+    assert list(part.instance_names) == ["a/one.png", "a/two.jpg"]
+    assert_equals_npz(part, tiny_project / "out")
+
+
+def test_the_cli_run_command_goes_through_the_api(tiny_project, monkeypatch):
+    import explain_cli.api as api
+
+    calls = []
+    shared = api.run_config
+    monkeypatch.setattr(api, "run_config", lambda *a, **k: calls.append(a) or shared(*a, **k))
+    cli("run", tiny_project / "config.yaml", "--no-progress", "--limit", "1")
+    assert len(calls) == 1 and calls[0][1].limit == 1
