@@ -75,10 +75,13 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     if log_file is not None:
         from explain_cli.config import check_log_file, check_output_dir
 
-        check_log_file(log_file)
-        check_output_dir(log_file.absolute().parent, key="--log-file")
-        if log_file.exists() and not os.access(log_file, os.W_OK):
-            raise UserError(f"--log-file: cannot open {log_file}: permission denied")
+        try:
+            check_log_file(log_file)
+            check_output_dir(log_file.absolute().parent, key="--log-file")
+            if log_file.exists() and not os.access(log_file, os.W_OK):
+                raise UserError(f"--log-file: cannot open {log_file}: permission denied")
+        except OSError as exc:  # a name too long, a parent we may not stat
+            raise UserError(f"--log-file: cannot use {log_file}: {exc.strerror or exc}") from None
         # opened at the first record: a usage error found before the run logs anything leaves no file
         fh = _LogFile(log_file, encoding="utf-8", errors="backslashreplace", delay=True)
         fh.setLevel(logging.DEBUG if verbose else logging.INFO)

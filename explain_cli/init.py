@@ -239,10 +239,16 @@ def check_target(output: Path, force: bool, option: str = "--output") -> None:
     file without --force, a folder, a path below a file, an unwritable or read-only folder."""
     from explain_cli.config import check_output_dir
 
-    if output.is_dir():
-        raise UserError(f"{option}: {output} is a folder; give the config file, e.g. {output / 'explain.yaml'}")
-    if (output.exists() or output.is_symlink()) and not force:
-        raise UserError(f"{output} exists; choose another {option} or add --force")
+    temporary = f".{output.name}.init-{os.getpid()}.yaml"  # what write_starter writes first
+    if len(os.fsencode(temporary)) > 255:  # NAME_MAX of common file systems
+        raise UserError(f"{option}: the file name {output.name!r} is too long")
+    try:
+        if output.is_dir():
+            raise UserError(f"{option}: {output} is a folder; give the config file, e.g. {output / 'explain.yaml'}")
+        if (output.exists() or output.is_symlink()) and not force:
+            raise UserError(f"{output} exists; choose another {option} or add --force")
+    except OSError as exc:  # a parent we may not stat
+        raise UserError(f"{option}: cannot use {output}: {exc.strerror or exc}") from None
     check_output_dir(output.parent, key=option)
 
 
@@ -266,7 +272,7 @@ def write_starter(model: str, arch: str | None, output: Path, input_dir: Path, n
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    tmp = output.absolute().parent / f".{output.name}.init-{os.getpid()}.yaml"
+    tmp = output.absolute().parent / f".{output.name}.init-{os.getpid()}.yaml"  # as check_target tried
     try:
         output.absolute().parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")

@@ -421,11 +421,26 @@ def check_output_file(output: Path, option: str = "--output") -> None:
     below a file, a read-only or unwritable folder (UserError naming the path, exit 2)."""
     from explain_cli.config import check_output_dir
 
-    if output.is_dir():
-        raise UserError(f"{option}: {output} is a folder; give the explainer file, e.g. {output / 'explainer.pt'}")
-    check_output_dir(output.parent, key=option)
-    if output.exists() and not os.access(output, os.W_OK) and not os.access(output.parent, os.W_OK):
-        raise UserError(f"{option}: cannot replace {output}: permission denied")
+    state = output.with_name(output.name + ".train")
+    # the longest name written beside it (_save_atomic's temporary file of the state), tried below
+    longest = output.with_name(f".{state.name}.tmp-{os.getpid()}")
+    if len(os.fsencode(longest.name)) > 255:  # NAME_MAX of common file systems
+        raise UserError(f"{option}: the file name {output.name!r} is too long (its training state's "
+                        f"temporary file would be {len(os.fsencode(longest.name))} bytes)")
+    try:
+        if output.is_dir():
+            raise UserError(f"{option}: {output} is a folder; give the explainer file, e.g. {output / 'explainer.pt'}")
+        if state.is_dir():
+            raise UserError(f"{option}: {state}, where the training state of {output.name} goes, is a folder")
+        check_output_dir(output.parent, key=option)
+        if output.exists() and not os.access(output, os.W_OK) and not os.access(output.parent, os.W_OK):
+            raise UserError(f"{option}: cannot replace {output}: permission denied")
+        if output.parent.is_dir():  # a file system with shorter names, or one that refuses some characters
+            with open(longest, "x"):
+                pass
+            longest.unlink()
+    except OSError as exc:  # a folder name too long, a parent we may not stat, a name refused
+        raise UserError(f"{option}: cannot write {output}: {exc.strerror or exc}") from None
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -74,8 +74,8 @@ RUN_OPTIONS = {
     "--limit": ["0", "1", "-1", "x"],
     "--workers": ["0", "-1", "x"],
     "--shard": ["0/2", "1/2", "2/2", "x", "1/0", "-1/2", "0/1"],
-    "--output": ["out", "tiny.pt", "images", "out3"],
-    "--log-file": ["out/log.txt", "images", "tiny.pt/log"],
+    "--output": ["out", "tiny.pt", "images", "out3", "x" * 300],
+    "--log-file": ["out/log.txt", "images", "tiny.pt/log", "x" * 300, "x" * 300 + "/log"],
     "--overwrite": [None],
     "--quiet": [None],
 }
@@ -217,7 +217,8 @@ def test_fuzz_layers(project):
 
 def test_fuzz_init(project):
     rng = random.Random(f"{SEED}-init")
-    names = ["c.yaml", "sub/c.yaml", "photos #1.yaml", "yes", "tiny.pt/c.yaml", "images", "config.yaml", "~x.yaml"]
+    names = ["c.yaml", "sub/c.yaml", "photos #1.yaml", "yes", "tiny.pt/c.yaml", "images", "config.yaml", "~x.yaml",
+             "x" * 240 + ".yaml", "x" * 300 + "/c.yaml"]
     codes = []
     for i in range(CASES):
         model = rng.choice(["python:tinynet:make", "python:tiny", "torchvision:", "timm:", "tiny.pt", "labels.txt",
@@ -259,7 +260,8 @@ def test_fuzz_train(project):
             (project / leftover).unlink(missing_ok=True)
         args = ["train", cfg, *draw_sets(rng, TRAIN_VALUES)]
         if rng.random() < 0.3:
-            args += ["--output", project / rng.choice(["x.pt", "images", "tiny.pt/x.pt", "new/x.pt"])]
+            args += ["--output", project / rng.choice(["x.pt", "images", "tiny.pt/x.pt", "new/x.pt", "tiny.pt",
+                                                       "x" * 250 + ".pt", "x" * 300 + "/x.pt"])]
         if rng.random() < 0.2:
             args += ["--input", project / rng.choice(["images", "nope", "empty", "tiny.pt"])]
         if rng.random() < 0.2:

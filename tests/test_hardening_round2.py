@@ -297,3 +297,18 @@ def test_a_retrained_explainer_with_its_old_mtime_restored_is_still_refused(tiny
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
     assert_usage_error(invoke("run", cfg, "--no-progress"), "explainer.checkpoint content")
+
+
+def test_train_refuses_a_too_long_name_and_a_state_path_that_is_a_folder_at_once(tiny_project, monkeypatch):
+    import explain_cli.models as models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(models, "build_model", never)
+    cfg = amortized_config(tiny_project)
+    assert_usage_error(invoke("train", cfg, "--output", tiny_project / ("x" * 250 + ".pt")), "too long")
+    assert_usage_error(invoke("train", cfg, "--output", tiny_project / "new" / ("x" * 250 + ".pt")), "too long")
+    (tiny_project / "e.pt.train").mkdir()
+    assert_usage_error(invoke("train", cfg, "--output", tiny_project / "e.pt"), "is a folder")
+    assert sorted(p.name for p in tiny_project.iterdir() if p.name.startswith(".")) == []

@@ -183,3 +183,10 @@ def test_init_into_a_mode_555_folder_is_exit_2(tmp_path):
         assert result.exit_code == 2 and str(locked) in result.output, result.output
     finally:
         locked.chmod(0o755)
+
+
+def test_init_with_a_too_long_file_name_is_exit_2(tmp_path):
+    for output in (tmp_path / ("x" * 300 + ".yaml"), tmp_path / ("x" * 300) / "c.yaml", tmp_path / ("x" * 245 + ".yaml")):
+        result = invoke("init", "torchvision:resnet18", "--weights", "random", "-o", output)
+        assert result.exit_code == 2 and "unexpected" not in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
