@@ -12,15 +12,19 @@ MIN_SATURATION = 0.05
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """(H, W) bool: tissue pixels of an (H, W, 3) uint8 thumbnail."""
-    from skimage.color import rgb2hsv
     from skimage.filters import median, threshold_otsu
     from skimage.morphology import disk
 
-    saturation = rgb2hsv(rgb)[..., 1]
-    saturation = median((saturation * 255).astype(np.uint8), disk(2)) / 255.0  # CLAM's median blur: no speckle
-    if float(saturation.max()) - float(saturation.min()) < 1e-6:
-        return saturation > MIN_SATURATION
-    threshold = max(float(threshold_otsu(saturation)), MIN_SATURATION)
+    # HSV saturation (max - min) / max, in uint8 (skimage's rgb2hsv makes three float64 planes:
+    # 337 MB for a 3750 px thumbnail)
+    high = rgb.max(axis=-1).astype(np.uint16)
+    low = rgb.min(axis=-1).astype(np.uint16)
+    saturation = ((high - low) * 255 // np.maximum(high, 1)).astype(np.uint8)
+    saturation = median(saturation, disk(2))  # CLAM's median blur: no speckle
+    floor = int(round(MIN_SATURATION * 255))
+    if int(saturation.max()) == int(saturation.min()):
+        return saturation > floor
+    threshold = max(float(threshold_otsu(saturation)), floor)
     return saturation > threshold
 
 
