@@ -6,7 +6,7 @@
 #
 # This file is a notebook in the percent format: open it in Jupyter (with jupytext) or VS Code and
 # run it cell by cell, or run it whole: `.venv/bin/python examples/notebook.py` (figures are then
-# saved to out/notebook/). tests/test_api.py runs it with EXAMPLE_FAST=1 (96 px, few samples).
+# saved to out/notebook/). tests/test_api.py runs it with EXAMPLE_FAST=1 (64 px, few samples).
 # The API: docs/python-api.md.
 
 # %%
@@ -24,7 +24,7 @@ CONFIG = REPO / "configs" / "demo.yaml"
 OUT = Path(os.environ.get("EXAMPLE_OUT", REPO / "out" / "notebook"))
 FAST = bool(os.environ.get("EXAMPLE_FAST"))
 # CPU, for the same numbers in the explanation and in the batch run below; EXAMPLE_FAST: smaller and fewer samples
-SETTINGS = {"device": "cpu", "batch_size": 32, **({"preprocess": {"size": 96}} if FAST else {})}
+SETTINGS = {"device": "cpu", "batch_size": 32, **({"preprocess": {"size": 64}} if FAST else {})}
 NSAMPLES = 4 if FAST else 32
 OUT.mkdir(parents=True, exist_ok=True)
 
@@ -45,7 +45,7 @@ def show(name: str) -> None:
 expl = explain_cli.explain(CONFIG, explainer={"nsamples": NSAMPLES}, **SETTINGS)
 print(expl.instance_names)            # the images, as named in a run's topk.csv
 print(expl.output_names)              # (N, k) explained classes
-print(expl.values.shape)              # (N, H, W, C, k): blocks.3's 28 x 28 x 40 map per class (12 x 12 at 96 px)
+print(expl.values.shape)              # (N, H, W, C, k): blocks.3's 28 x 28 x 40 map per class (8 x 8 at 64 px)
 print(np.round(expl.stability, 2))    # how far to trust each map (docs/trust.md)
 shap.image_plot(expl, show=False)
 show("gradient.png")
@@ -64,7 +64,7 @@ show("classes.png")
 # ## Another explainer: partition (Owen values on pixels, as shap.PartitionExplainer)
 
 # %%
-part = explain_cli.explain(CONFIG, ["chelsea.jpg"], explainer={"name": "partition", "max_evals": 64 if FAST else 500},
+part = explain_cli.explain(CONFIG, ["chelsea.jpg"], explainer={"name": "partition", "max_evals": 32 if FAST else 500},
                            model={"layer": "input"}, **SETTINGS)
 print(part.values.shape, part.additivity_error)
 shap.image_plot(part, show=False)

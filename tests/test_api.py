@@ -277,7 +277,7 @@ def test_import_loads_neither_torch_nor_shap():
 
 
 def test_the_example_runs(tmp_path):
-    """examples/notebook.py end to end, with EXAMPLE_FAST (96 px, few samples) to keep it fast."""
+    """examples/notebook.py end to end, with EXAMPLE_FAST (64 px, few samples) to keep it fast."""
     env = {**os.environ, "MPLBACKEND": "Agg", "EXAMPLE_OUT": str(tmp_path), "EXAMPLE_FAST": "1"}
     out = subprocess.run([sys.executable, str(REPO / "examples" / "notebook.py")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
