@@ -90,6 +90,23 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Optional[Path]) -> None:
     root.propagate = False
 
 
+def _usable_paths(**paths: Optional[Path]) -> None:
+    """Command-line paths the system cannot even look up (a name too long, a symlink loop, a folder
+    we may not search) are usage errors naming the option, not an OSError deep inside a command."""
+    for key, path in paths.items():
+        option = "--" + key[2:] if key.startswith("__") else key  # __input: --input; CONFIG: the argument
+        if path is None:
+            continue
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # the command says what it expected there
+        except OSError as exc:
+            raise UserError(f"{option}: cannot use {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # an embedded NUL
+            raise UserError(f"{option}: cannot use {path!r}: {exc}") from None
+
+
 def _fail(exc: BaseException | str, code: int) -> "typer.Exit":
     print(f"error: {exc}", file=sys.stderr)
     return typer.Exit(code)
@@ -215,6 +232,7 @@ def run(
     """Explain every image of the input folder and write overlays, topk.csv, errors.csv, run.json
     and report.html."""
     try:
+        _usable_paths(CONFIG=config, __input=input_dir, __output=output_dir)
         _setup_logging(verbose, quiet, log_file)
         from explain_cli.api import run_config
         from explain_cli.config import check_slurm_env
@@ -281,6 +299,7 @@ def train(
     of the input folder; `run` with explainer {name: amortized, checkpoint: FILE} then explains each
     image in one forward pass."""
     try:
+        _usable_paths(CONFIG=config, __input=input_dir, __output=output)
         _setup_logging(verbose, quiet, log_file)
         from explain_cli.errors import ConfigError
         from explain_cli.train import train as train_explainer
@@ -321,6 +340,7 @@ def validate(
     and how many images a run would process. Explains nothing."""
     _setup_logging(verbose, False, None)
     try:
+        _usable_paths(CONFIG=config, __input=input_dir)
         import yaml
 
         from explain_cli.config import resolved_dict
@@ -390,6 +410,7 @@ def layers(
     are marked, to choose model.layer."""
     _setup_logging(verbose, False, None)
     try:
+        _usable_paths(CONFIG=config)
         from explain_cli.config import ModelConfig
         from explain_cli.errors import ConfigError
         from explain_cli.models import build_model, layer_table
@@ -455,6 +476,7 @@ def init(
     written (given the weights are in the local cache and the input folder exists)."""
     _setup_logging(verbose, False, None)
     try:
+        _usable_paths(MODEL=None if ":" in model else Path(model), __output=output, __input=input_dir)
         from explain_cli.init import write_starter
 
         if weights not in ("pretrained", "random"):
@@ -483,6 +505,7 @@ def merge(
     another config; exits 3, like a run, when images failed (all outputs are written). Safe to run again."""
     _setup_logging(verbose, quiet, None)
     try:
+        _usable_paths(OUTPUT_DIR=output_dir)
         from explain_cli.merge import merge as merge_shards
 
         summary = merge_shards(output_dir)
@@ -517,6 +540,7 @@ def report(
     run outputs."""
     _setup_logging(verbose, quiet, None)
     try:
+        _usable_paths(OUTPUT_DIR=output_dir)
         from explain_cli.report import write_report
 
         path = write_report(output_dir)

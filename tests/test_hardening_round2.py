@@ -312,3 +312,17 @@ def test_train_refuses_a_too_long_name_and_a_state_path_that_is_a_folder_at_once
     (tiny_project / "e.pt.train").mkdir()
     assert_usage_error(invoke("train", cfg, "--output", tiny_project / "e.pt"), "is a folder")
     assert sorted(p.name for p in tiny_project.iterdir() if p.name.startswith(".")) == []
+
+
+def test_path_arguments_the_system_cannot_look_up_are_exit_2_for_every_command(tiny_project):
+    long = tiny_project / ("x" * 300)
+    (tiny_project / "loop1").symlink_to(tiny_project / "loop2")
+    (tiny_project / "loop2").symlink_to(tiny_project / "loop1")
+    cfg = tiny_project / "config.yaml"
+    for bad in (long, tiny_project / "loop1"):
+        for args, name in ((["run", bad], "CONFIG"), (["validate", bad], "CONFIG"), (["layers", bad], "CONFIG"),
+                           (["train", bad], "CONFIG"), (["merge", bad], "OUTPUT_DIR"), (["report", bad], "OUTPUT_DIR"),
+                           (["run", cfg, "--input", bad], "--input"), (["run", cfg, "--output", bad / "o"], "--output"),
+                           (["validate", cfg, "--input", bad], "--input"), (["init", bad, "--arch", "x:y"], "MODEL"),
+                           (["init", "python:tinynet:make", "--input", bad], "--input")):
+            assert_usage_error(invoke(*args), name)
