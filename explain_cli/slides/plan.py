@@ -107,8 +107,9 @@ def thumbnail_size(dimensions: tuple[int, int], mpp: float | None, thumbnail_mpp
     return max(1, math.ceil(w / down)), max(1, math.ceil(h / down))
 
 
-def plan_file(path: Path, rel: str, ident: str, cfg, cache=None) -> tuple[SlidePlan, np.ndarray, Image.Image]:
-    """The plan of one slide file, with its tissue mask and thumbnail (for outputs; not kept)."""
+def plan_file(path: Path, rel: str, ident: str, cfg) -> SlidePlan:
+    """The plan of one slide file. Its thumbnail and tissue mask are not kept (the heatmap stage
+    reads them again): memory between slides is the tile list only."""
     from explain_cli.slides.reader import open_slide
     from explain_cli.slides.tissue import region_fractions, tissue_mask
 
@@ -124,9 +125,11 @@ def plan_file(path: Path, rel: str, ident: str, cfg, cache=None) -> tuple[SlideP
     xs = range(0, w - tile0 + 1, stride0) if w >= tile0 else range(0)
     ys = range(0, h - tile0 + 1, stride0) if h >= tile0 else range(0)
     grid = np.array([(x, y) for y in ys for x in xs], dtype=np.int64).reshape(-1, 2)
+    thumb_size = thumb.size
     mask = tissue_mask(np.asarray(thumb.convert("RGB")))
+    del thumb
     if len(grid) and cfg.tissue.min_fraction > 0:
-        sx, sy = thumb.width / w, thumb.height / h
+        sx, sy = thumb_size[0] / w, thumb_size[1] / h
         boxes = np.stack([grid[:, 0] * sx, grid[:, 1] * sy, (grid[:, 0] + tile0) * sx,
                           (grid[:, 1] + tile0) * sy], axis=1)
         keep = region_fractions(mask, boxes) >= cfg.tissue.min_fraction
@@ -136,7 +139,7 @@ def plan_file(path: Path, rel: str, ident: str, cfg, cache=None) -> tuple[SlideP
                      tile0=tile0, stride0=stride0, cells=cfg.heatmap.cells, thumbnail_mpp=cfg.tissue.thumbnail_mpp, level=level, read_size=read_size,
                      read_mpp=None if reader.mpp is None else reader.mpp * scale, tiles_total=len(grid),
                      tiles_no_tissue=int((~keep).sum()), tiles=[(int(x), int(y)) for x, y in grid[keep]])
-    return plan, mask, thumb
+    return plan
 
 
 @dataclass
@@ -171,7 +174,7 @@ def plan_files(input_dir: Path, rels: list[str], cfg) -> SlidePlans:
 
     for rel in rels:
         try:
-            plan, _, _ = plan_file(source_path(input_dir, rel), rel, ids[rel], cfg)
+            plan = plan_file(source_path(input_dir, rel), rel, ids[rel], cfg)
         except ImageError as exc:
             errors.append((rel, str(exc)))
             continue
