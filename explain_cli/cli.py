@@ -204,7 +204,30 @@ def _classes(values: List[str]) -> list | None:
 def _load(config: Path, overrides: List[str], extra: dict | None = None):
     from explain_cli.config import load_config
 
-    return load_config(config, overrides, extra)
+    cfg = load_config(config, overrides, extra)
+    _lookable_config_paths(cfg)
+    return cfg
+
+
+def _lookable_config_paths(cfg) -> None:
+    """The config's file and folder paths the system cannot even look up (a name too long, a symlink
+    loop) are a ConfigError naming the key, before a command trips over them as an OSError."""
+    from explain_cli.errors import ConfigError
+
+    from_csv = cfg.targets.from_csv
+    paths = {"input.dir": cfg.input.dir, "background.dir": cfg.background.dir, "labels": cfg.labels,
+             "model.checkpoint": cfg.model.checkpoint, "output.dir": cfg.output.dir,
+             "targets.from_csv.path": None if from_csv is None else from_csv.path,
+             "explainer.checkpoint": getattr(cfg.explainer_settings, "checkpoint", None)}
+    for key, value in paths.items():
+        if not isinstance(value, str) or value.startswith("pkg:"):
+            continue
+        try:
+            os.stat(cfg.resolve(value))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # the command says what it expected there
+        except OSError as exc:
+            raise ConfigError(key, f"cannot use {value}: {exc.strerror or exc}", cfg._source) from None
 
 
 @app.command(epilog="Examples:\n\n  explain-cli run configs/demo.yaml\n\n"

@@ -326,3 +326,22 @@ def test_path_arguments_the_system_cannot_look_up_are_exit_2_for_every_command(t
                            (["validate", cfg, "--input", bad], "--input"), (["init", bad, "--arch", "x:y"], "MODEL"),
                            (["init", "python:tinynet:make", "--input", bad], "--input")):
             assert_usage_error(invoke(*args), name)
+
+
+def test_config_paths_the_system_cannot_look_up_are_exit_2_naming_the_key(tiny_project):
+    long = "x" * 300
+    cfg = tiny_project / "config.yaml"
+    for key, value in (("input.dir", long), ("labels", long), ("model.checkpoint", long), ("background", f"{{dir: {long}}}"),
+                       ("targets.from_csv", f"{{path: {long}}}"), ("output.dir", f"{long}/o")):
+        name = "background.dir" if key == "background" else "targets.from_csv.path" if key == "targets.from_csv" else key
+        for command in ("validate", "run", "layers"):
+            if command == "layers":
+                data = yaml.safe_load(cfg.read_text())
+                section, _, leaf = key.rpartition(".")
+                (data.setdefault(section, {}) if section else data)[leaf] = yaml.safe_load(value)
+                other = tiny_project / "layers.yaml"
+                other.write_text(yaml.safe_dump(data))
+                result = invoke("layers", other)
+            else:
+                result = invoke(command, cfg, "--set", f"{key}={value}")
+            assert_usage_error(result, name)
