@@ -69,6 +69,12 @@ class TargetsConfig(BaseModel):
     contrast: int | str | None = None
     output: Literal["logit", "probability", "log_odds"] = "logit"
     activation: Literal["auto", "softmax", "sigmoid"] = "auto"
+    negative: str | None = Field(default=None, min_length=1,
+                                 description="one-output (sigmoid) model: the name of its negative class (the "
+                                             "labels file then names the positive one)")
+    threshold: float = Field(default=0.5, gt=0, lt=1,
+                             description="one-output (sigmoid) model: the predicted class is the positive one "
+                                         "when p >= threshold")
 
     @field_validator("classes")
     @classmethod
@@ -85,6 +91,23 @@ class TargetsConfig(BaseModel):
         if LABEL in self.classes and self.from_csv is None:
             raise ValueError("'label' in targets.classes needs targets.from_csv (the CSV with each image's class)")
         return self
+
+
+def with_negative(labels: list[str], cfg: TargetsConfig, num_outputs: int, source: str | None = None) -> list[str]:
+    """A one-output model's class names as [negative, positive] when ``targets.negative`` names the
+    negative class (a two-name labels file already is); other models' names unchanged."""
+    if cfg.negative is None:
+        return labels
+    if num_outputs != 1:
+        raise ConfigError("targets.negative", f"names the negative class of a one-output (sigmoid) model; this "
+                                              f"model has {num_outputs} outputs, each a class of the labels file",
+                          source)
+    if len(labels) == 2:
+        raise ConfigError("targets.negative", "the labels file already names two classes (negative, positive): "
+                                              "give the negative class there or here, not both", source)
+    if cfg.negative.strip() == labels[0]:
+        raise ConfigError("targets.negative", f"{cfg.negative!r} is the positive class's name too", source)
+    return [cfg.negative.strip(), labels[0]]
 
 
 def activation_for(activation: str, num_outputs: int) -> str:
@@ -113,6 +136,10 @@ def class_index(value: int | str, labels: Sequence[str], key: str, source: str |
         return folded[0]
     if re.fullmatch(r"-?[0-9]+", text) and len(text) <= 19:  # ASCII digits: '²'.isdigit() is true, int() fails
         return class_index(int(text), labels, key, source)
+    if n == 1:  # a sigmoid model's negative class is nameable once the labels say what it is called
+        raise ConfigError(key, f"unknown class {text!r}: the model has one output ({labels[0]!r}, a sigmoid); to "
+                               f"name its negative class, give the labels file two lines (negative first, then "
+                               f"{labels[0]!r}) or set targets.negative: {text}", source)
     close = difflib.get_close_matches(text, list(labels), n=3, cutoff=0.5)
     if not close:  # substring matches help with long ImageNet names ("cat" -> "tiger cat")
         close = [name for name in labels if text.casefold() in name.casefold()][:3]
@@ -194,8 +221,11 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
             continue
         if len(row) <= max(columns.values()):
             raise ConfigError(key, f"{path}, line {line}: {len(row)} column(s), the header has {len(header)}", source)
-        # a leading './' goes (lstrip('./') also ate the dot of '.hidden.png' and the '../' of a wrong path)
-        image = re.sub(r"^(\./)+", "", row[columns["image"]].strip().replace("\\", "/"))
+        # a leading './' goes (lstrip('./') also ate the dot of '.hidden.png' and the '../' of a wrong path),
+        # a Windows '\\' is a '/' unless the name as written is an image's (a Linux name may hold a '\\')
+        image = row[columns["image"]].strip()
+        if image not in exact:
+            image = re.sub(r"^(\./)+", "", image.replace("\\", "/"))
         cell = row[columns["class"]].strip()
         names = [c.strip() for c in cell.split(cfg.separator)] if cfg.separator else [cell]
         indices = []
@@ -233,10 +263,21 @@ class TargetSpec:
     output: str = "logit"
     activation: str = "auto"
     names: tuple[str, ...] = ()  # class names, for descriptions
+    #: a one-output (sigmoid) model with a named negative class: class 0 = negative (logit -z, 1 - p),
+    #: class 1 = positive (the model's output z, p); see :meth:`outputs`
+    binary: bool = False
+    threshold: float = 0.5  # a binary model predicts the positive class when p >= threshold
 
     @property
     def uses_labels(self) -> bool:
         return LABEL in self.entries
+
+    def predicted(self, top_class: int, probability_of_class_0: float) -> str:
+        """The ``predicted`` column: the top class; for a one-output model without a named negative
+        class, its name when p >= threshold, else ``not <name>`` (the model said "not tumour")."""
+        if len(self.names) == 1 and not self.binary:
+            return self.names[0] if probability_of_class_0 >= self.threshold else f"not {self.names[0]}"
+        return self.names[top_class]
 
     def describe(self) -> str:
         """What the values explain, for the CSV column ``explained`` (e.g. ``logit``, ``probability -
@@ -249,23 +290,39 @@ class TargetSpec:
     def for_batch(self, labels: Sequence[tuple[int, ...] | None] | None = None) -> "BatchTargets":
         return BatchTargets(self, list(labels) if labels is not None else None)
 
+    def outputs(self, raw: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """The model's outputs (rows, C) as classes: a binary model's one logit ``z`` becomes ``[-z, z]``
+        (negative, positive), so sigmoid, log-odds and contrasts of both classes are those of a logit;
+        differentiable and linear (deep's rules and Shapley values pass through it exactly)."""
+        import torch
+
+        if self.binary and raw.shape[1] == 1:
+            return torch.cat([-raw, raw], dim=1)
+        return raw
+
+    def is_sigmoid(self, num_outputs: int) -> bool:
+        """Whether probabilities are sigmoids (a binary model's two columns are one sigmoid output)."""
+        return self.binary or activation_for(self.activation, num_outputs) == "sigmoid"
+
     # The explained quantity ------------------------------------------------------------------
 
     def probability(self, raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
         """(rows, k) probability of each class under the activation (float32)."""
         import torch
 
-        raw = raw.float()
-        if activation_for(self.activation, raw.shape[1]) == "sigmoid":
+        sigmoid = self.is_sigmoid(raw.shape[1])
+        raw = self.outputs(raw.float())
+        if sigmoid:
             return torch.sigmoid(raw.gather(1, classes))
         return torch.softmax(raw, dim=1).gather(1, classes)
 
     def _quantity(self, raw: "torch.Tensor", classes: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
         import torch
 
+        sigmoid = self.is_sigmoid(raw.shape[1])
+        raw = self.outputs(raw)
         if self.output == "logit":
             return raw.gather(1, classes)
-        sigmoid = activation_for(self.activation, raw.shape[1]) == "sigmoid"
         if self.output == "probability":
             if sigmoid:
                 return torch.sigmoid(raw.gather(1, classes))
@@ -325,8 +382,14 @@ class BatchTargets:
         import torch
 
         raw = raw.detach().float()
+        spec = self.spec
+        if spec.binary and raw.shape[1] == 1:  # ranked by the threshold: the positive class first when p >= t
+            positive = torch.sigmoid(raw[:, 0]) >= spec.threshold
+            order = torch.stack([positive.long(), (~positive).long()], dim=1)
+            raw = spec.outputs(raw)
+        else:
+            order = torch.argsort(raw, dim=1, descending=True, stable=True)
         n_images, n_classes = raw.shape
-        order = torch.argsort(raw, dim=1, descending=True, stable=True)
         ranks_all = torch.empty_like(order)
         ranks_all.scatter_(1, order, torch.arange(1, n_classes + 1, device=raw.device).expand(n_images, -1))
         order_np = order.cpu().numpy()
@@ -391,8 +454,10 @@ def expected_explained(spec: BatchTargets | TargetSpec, raw_references: "torch.T
     return means[inverse].view(classes.shape)
 
 
-def resolve(cfg: TargetsConfig, labels: Sequence[str], top_k: int, source: str | None = None) -> TargetSpec:
-    """Names and indices checked against the model's outputs (ConfigError naming the key otherwise)."""
+def resolve(cfg: TargetsConfig, labels: Sequence[str], top_k: int, source: str | None = None,
+            num_outputs: int | None = None) -> TargetSpec:
+    """Names and indices checked against the model's outputs (ConfigError naming the key otherwise).
+    A one-output model with two names (``num_outputs`` 1) is binary: see :attr:`TargetSpec.binary`."""
     entries: list[int | str] = []
     for item in cfg.classes:
         if item in (TOP_K, LABEL):
@@ -400,8 +465,10 @@ def resolve(cfg: TargetsConfig, labels: Sequence[str], top_k: int, source: str |
         else:
             entries.append(class_index(item, labels, "targets.classes", source))
     contrast = None if cfg.contrast is None else class_index(cfg.contrast, labels, "targets.contrast", source)
-    if cfg.activation == "softmax" and len(labels) == 1:
+    num_outputs = len(labels) if num_outputs is None else num_outputs
+    if cfg.activation == "softmax" and num_outputs == 1:
         raise ConfigError("targets.activation", "a softmax over one output is always 1: use sigmoid "
                                                 "(or auto) for a model with one output", source)
     return TargetSpec(entries=tuple(dict.fromkeys(entries)), top_k=top_k, contrast=contrast, output=cfg.output,
-                      activation=cfg.activation, names=tuple(labels))
+                      activation=cfg.activation, names=tuple(labels), binary=num_outputs == 1 and len(labels) == 2,
+                      threshold=cfg.threshold)

@@ -106,11 +106,13 @@ def test_truth_csv_matches_relative_paths_file_names_and_stems(tmp_path):
 def test_truth_csv_exact_relative_path_wins_over_a_file_name_shared_with_a_subfolder(tmp_path):
     """Issue 31 (3): `a.jpg` is the relative path of the top-level image; `sub/a.jpg` sharing its
     file name does not make that row ambiguous."""
-    images = ["a.jpg", "sub/a.jpg", ".hidden.png"]
+    images = ["a.jpg", "sub/a.jpg", ".hidden.png", "back\\slash.png", "win/x.png"]
     path = tmp_path / "truth.csv"
-    path.write_text("file,label\na.jpg,tumor\n./sub/a.jpg,normal\n.hidden.png,Necrosis\na,normal\n")
+    path.write_text("file,label\na.jpg,tumor\n./sub/a.jpg,normal\n.hidden.png,Necrosis\na,normal\n"
+                    "back\\slash.png,tumor\nwin\\x.png,normal\n")
     truth = targets.load_truth(targets.TruthCsvConfig(path=str(path)), path, LABELS, images)
-    assert truth.labels == {"a.jpg": (1,), "sub/a.jpg": (0,), ".hidden.png": (2,)}
+    assert truth.labels == {"a.jpg": (1,), "sub/a.jpg": (0,), ".hidden.png": (2,), "back\\slash.png": (1,),
+                            "win/x.png": (0,)}
     assert truth.unmatched_rows == 1  # the stem 'a' still names two images
 
 
