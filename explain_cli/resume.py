@@ -51,7 +51,7 @@ DIGEST_KEYS = ("labels", "checkpoint", "truth_csv", "explainer_checkpoint")
 #: run.json lacks them, and that is no difference when the new value is this one.
 NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "targets.from_csv": None,
                     "targets.from_csv.image": None, "targets.from_csv.class": None,
-                    "targets.from_csv.separator": None,
+                    "targets.from_csv.separator": None, "targets.negative": None, "targets.threshold": 0.5,
                     "explainer.sampling": "shap",  # kernel: shap's coalitions (gradient's key predates no run.json of it)
                     "explainer.stability_from": "split_half",  # kernel: the stability column's estimate before it
                     "slides": None}  # runs before slides existed explained images

@@ -345,3 +345,13 @@ def test_config_paths_the_system_cannot_look_up_are_exit_2_naming_the_key(tiny_p
             else:
                 result = invoke(command, cfg, "--set", f"{key}={value}")
             assert_usage_error(result, name)
+
+
+def test_a_run_json_from_before_targets_negative_and_threshold_resumes():
+    from explain_cli import resume
+
+    old = {"settings": {"explainer.name": "gradient", "seed": 0}}
+    new = {"settings": {**old["settings"], "targets.negative": None, "targets.threshold": 0.5}}
+    assert resume.differences(old, new) == []
+    assert resume.differences(old, {"settings": {**new["settings"], "targets.threshold": 0.7}}) == [
+        "targets.threshold: '(unset)' -> 0.7"]
