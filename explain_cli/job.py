@@ -86,11 +86,19 @@ def resolve_device(name: str):
 
 #: Signals that stop a run cleanly (finish the step, record "interrupted", resumable). SIGHUP is
 #: what a dropped ssh session sends: a hang-up is a stop request like any other.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class StopRequested(BaseException):
+    """Raised at the next model call after a stop signal (``StopFlag.check``): the step in flight is
+    dropped (its images are redone by the rerun), everything before it is written. A BaseException,
+    so the per-image retry of a failed batch (``except Exception``) does not swallow it."""
 
 
 class StopFlag:
-    """SIGTERM/SIGINT/SIGHUP set a flag checked between steps; a second signal stops at once."""
+    """SIGTERM/SIGINT/SIGHUP/SIGUSR1 set a flag; the run stops at the next model call (``check``),
+    not at the end of the step (a step can be minutes of model calls on a CPU); a second signal
+    stops at once."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -101,7 +109,12 @@ class StopFlag:
         if self.signal_name is not None:
             raise KeyboardInterrupt
         self.signal_name = name
-        log.warning("%s received: finishing the current step, then stopping", name)
+        log.warning("%s received: finishing the current model call, then stopping", name)
+
+    def check(self, _rows: int = 0) -> None:
+        """Raise StopRequested once a stop signal came (called after every model call)."""
+        if self.signal_name is not None:
+            raise StopRequested(self.signal_name)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopFlag"]:

@@ -29,7 +29,7 @@ from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ImageError, NothingSelected, UserError
 from explain_cli.images import load_preprocessed
-from explain_cli.job import (Shard, StopFlag, device_info, earlier_runs, now, output_lock,  # noqa: F401
+from explain_cli.job import (Shard, StopFlag, StopRequested, device_info, earlier_runs, now, output_lock,  # noqa: F401
                              resolve_device, run_record, share_cpus, versions)  # (Shard, resolve_device: public here too)
 from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
@@ -42,6 +42,7 @@ from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, nonfinite_re
 log = logging.getLogger("explain_cli")
 
 EXIT_SIGHUP = 129
+EXIT_SIGUSR1 = 138
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -105,6 +106,8 @@ class RunSummary:
             return EXIT_SIGTERM
         if self.interrupted == "SIGHUP":
             return EXIT_SIGHUP
+        if self.interrupted == "SIGUSR1":
+            return EXIT_SIGUSR1
         return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
 
 
@@ -182,11 +185,11 @@ def prepare(config: Config, options: RunOptions, device: str | None = None, buil
     num_outputs = count_outputs(model, config.preprocess.size)
     layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
-    labels = load_labels(labels_path, num_outputs)
+    labels = targets.with_negative(load_labels(labels_path, num_outputs), config.targets, num_outputs, config._source)
     check_run = getattr(explainer_class, "check_run", None)
     if check_run is not None:  # an explainer trained for one model and config (amortized) refuses others
         check_run(config, model, num_outputs)
-    spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source)
+    spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source, num_outputs)
     truth = None
     if config.targets.from_csv is not None:
         truth = targets.load_truth(config.targets.from_csv, config.resolve(config.targets.from_csv.path), labels,
@@ -381,7 +384,8 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                     ", ".join("-" if v is None else f"{v:.2f}" for v in (_cell(attribution.stability, j, r) for r in slots)))
     own = prep.truth.of(rel) if prep.truth is not None else None
     label = ";".join(prep.labels[c] for c in own) if own else None
-    predicted = prep.labels[int(attribution.top_class[j])] if attribution.top_class is not None else None
+    predicted = (spec.predicted(int(attribution.top_class[j]), float(probs[0]))
+                 if attribution.top_class is not None else None)
     explained = spec.describe()
     rows = [[rel, attribution.rank(j, r), int(c), name, float(probs[i]), float(attribution.outputs[j, r]),
              float(attribution.base_values[j, r]), float(attribution.shap_sum[j, r]), float(err[r]),

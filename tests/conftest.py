@@ -28,9 +28,18 @@ TINY_MODEL = textwrap.dedent('''
             nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+        if os.environ.get("TINY_CALLS"):  # one byte per forward call, before any gate waits
+            model.register_forward_pre_hook(_count(Path(os.environ["TINY_CALLS"])))
         if os.environ.get("TINY_GATE"):  # tests that signal a run: see conftest.gated_env
             model.register_forward_pre_hook(_gate(Path(os.environ["TINY_GATE"]), Path(os.environ["TINY_GATE_CSV"])))
         return model
+
+    def _count(calls):
+        def hook(module, args):
+            with calls.open("ab") as fh:
+                fh.write(b".")
+            return None
+        return hook
 
     def _gate(hold, csv):
         # Once csv has rows (a step is written), every forward waits while hold exists, after

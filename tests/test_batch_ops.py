@@ -429,7 +429,7 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tiny_project):
     hold.unlink()
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 143, stderr
-    assert "SIGTERM received: finishing the current step" in stderr
+    assert "SIGTERM received: finishing the current model call" in stderr
     assert "stopped by SIGTERM after" in stderr and "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
     rows = _check_csv_whole(out / "topk.csv")

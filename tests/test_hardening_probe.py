@@ -269,7 +269,7 @@ def test_sighup_stops_like_sigterm_and_the_run_resumes(tiny_project):
     proc.send_signal(signal.SIGHUP)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 129, stderr
-    assert "SIGHUP received: finishing the current step" in stderr and "stopped by SIGHUP" in stderr
+    assert "SIGHUP received: finishing the current model call" in stderr and "stopped by SIGHUP" in stderr
     assert "Traceback" not in stderr
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "interrupted" and info["interrupted_by"] == "SIGHUP"
