@@ -599,10 +599,18 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     progress.set_evaluations_per_image(per_image)
                     from explain_cli.explainers._utils import counting_evaluations
 
-                    with counting_evaluations(progress.evaluated):
-                        stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path, values_path)
-                    summary.interrupted = stop.signal_name  # also when the decoder was waited on
+                    with counting_evaluations(progress.evaluated), counting_evaluations(stop.check):
+                        try:
+                            stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path,
+                                   values_path)
+                        except StopRequested:
+                            pass  # the step in flight is dropped (its images are redone by the rerun)
                     writer.drain()
+                    # a signal after the last image changes nothing: every image is done or failed
+                    handled = summary.explained + summary.failed - len(walk_errors)
+                    summary.interrupted = stop.signal_name if handled < len(todo) else None
+                    if stop.signal_name and summary.interrupted is None:
+                        log.info("%s came after the last image: the run is complete", stop.signal_name)
         except KeyboardInterrupt:
             summary.interrupted = stop.signal_name or "SIGINT"
             if writer is not None:
