@@ -84,7 +84,8 @@ class TargetsConfig(BaseModel):
                 raise ValueError("an empty class name")
             if isinstance(item, int) and item < 0:
                 raise ValueError(f"class index {item} is negative")
-        return v
+        # 'top_k ' is top_k (class names are matched stripped too), and 'label ' needs the CSV like 'label'
+        return [item.strip() if isinstance(item, str) else item for item in v]
 
     @model_validator(mode="after")
     def _label_needs_csv(self) -> "TargetsConfig":

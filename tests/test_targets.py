@@ -400,3 +400,9 @@ def test_contrast_titles_label_columns_report_and_merge(tiny_project):
     assert "&lt;bird&gt; (label) rather than fish $x$: p = " in svg
     page = (out / "report.html").read_text()
     assert '"l":"\\u003cbird\\u003e"' in page and 'id="confusion"' in page
+
+
+def test_class_entries_are_stripped_so_top_k_and_label_keep_their_meaning():
+    assert targets.TargetsConfig(classes=["top_k ", " tumor"]).classes == ["top_k", "tumor"]
+    with pytest.raises(ValueError, match="from_csv"):
+        targets.TargetsConfig(classes=[" label"])  # still needs the truth CSV, not a class named ' label'
