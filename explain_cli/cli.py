@@ -20,7 +20,7 @@ from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_UNEXPECTED, EXIT_USAGE, 
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every selected image explained (or already done); 2 usage or config error; "
-    "3 the run finished but at least one image failed (see errors.csv); 4 nothing selected (no file "
+    "3 the run (or merge) finished but at least one image failed (see errors.csv); 4 nothing selected (no file "
     "matches input.include/exclude); 1 a full disk, an unwritable --log-file or anything unexpected; "
     "129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM (rerun the same command to resume)."
 )
