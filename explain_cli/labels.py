@@ -22,6 +22,9 @@ def load_labels(path: Path | None, num_outputs: int) -> list[str]:
     names, a JSON object ``{"0": "name"}``, a text file with one name per line, or CSV
     ``index,name`` (header row optional). Without a file: the ImageNet names torchvision ships
     when the model has 1000 outputs, else ``class 0``, ``class 1``, ...
+
+    A one-output (sigmoid) model takes one name (its positive class) or two: negative, positive, so
+    truth CSVs and the ``predicted`` column can name both classes.
     """
     if path is None:
         if num_outputs == 1000:
@@ -44,6 +47,10 @@ def load_labels(path: Path | None, num_outputs: int) -> list[str]:
         names = _from_csv(text, path)
     else:
         names = _from_lines(text, path)
+    if num_outputs == 1 and len(names) == 2:  # a sigmoid model: negative, positive (targets.py: binary)
+        if names[0] == names[1]:
+            raise ConfigError("labels", f"{path} names both classes of the one-output model {names[0]!r}")
+        return names
     if len(names) != num_outputs:
         raise ConfigError("labels", f"{path} has {len(names)} names but the model has {num_outputs} outputs "
                                     "(is it the label file of another model, or is model.num_classes wrong?)")

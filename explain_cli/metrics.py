@@ -173,7 +173,9 @@ def faithfulness(model: "torch.nn.Module", images: "torch.Tensor", values: np.nd
             keep_image = (affected ^ deleting_dev[a:b, None]).view(b - a, 1, height, width)
             batch = torch.where(keep_image, images[rows_img], base_dev[rows_img])
             out = _utils.as_2d(model(batch))
-            if activation == "sigmoid":
+            if activation == "binary":  # one sigmoid output, two named classes: 0 = negative, 1 = positive
+                out = torch.cat([-out, out], dim=1)
+            if activation in ("sigmoid", "binary"):
                 probs.append(torch.sigmoid(out.float().gather(1, classes_dev[rows_img])))
             else:
                 probs.append(torch.softmax(out.float(), dim=1).gather(1, classes_dev[rows_img]))

@@ -55,6 +55,7 @@ class RunOptions:
     progress: bool = True
     overwrite: bool = False
     shard: Shard | None = None
+    relabel: bool = False  # redo done images whose truth-CSV label changed (resume.relabelled)
 
 
 @dataclass
@@ -537,11 +538,14 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
         weights = weights_info(cfg.model, cfg.resolve)
         fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
                                          None if prep.truth is None else prep.truth.path)
+        relabelled: set[str] = set()
         if listed or failed_before:
             resume.check_resume(run_json, fingerprint, out_dir)
+            if prep.truth is not None:  # the truth CSV may have grown: its rows of done images are compared
+                relabelled = resume.relabelled(topk_path, prep.truth, prep.labels, options.relabel)
             _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
                                           [("overlays", cfg.output.format), ("values", "npz")])
-        done = {rel for rel in prep.images if rel in listed and (not tile_overlays or overlay_path(rel).exists())
+        done = {rel for rel in prep.images if rel in listed and rel not in relabelled and (not tile_overlays or overlay_path(rel).exists())
                 and (values_path(rel) is None or values_path(rel).exists())}
         todo = [rel for rel in prep.images if rel not in done]
         summary.skipped = len(done)

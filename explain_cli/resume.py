@@ -15,8 +15,13 @@ where the outputs go (``output.dir``) and which files are written besides the CS
 (``output.style``, ``output.caption``: overlays already written keep their look), and
 ``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
-``model.checkpoint``, ``labels``, the truth CSV and an amortized explainer's ``explainer.checkpoint``
+``model.checkpoint``, ``labels`` and an amortized explainer's ``explainer.checkpoint``
 (a retrained ``explainer.pt`` at the same path gives other maps) are compared by content, not by path.
+
+The truth CSV (``targets.from_csv``) grows while a job is rerun nightly, so its file is not compared:
+what it said about the images already done is, image by image, through the ``label`` column topk.csv
+recorded for them (:func:`relabelled`). A row added for an image done without a label redoes that
+image; a changed label of a done image is refused naming the image, or redone with ``--relabel``.
 
 A ``python:`` factory's code decides the model as much as a checkpoint does (without one, its
 weights come from the code, e.g. its ``manual_seed``): the fingerprint also holds the SHA-256 of
@@ -230,9 +235,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     default_targets = {"classes": ["top_k"], "contrast": None}
     if (old.get("targets") or default_targets) != (new.get("targets") or default_targets):
         diffs.append(f"targets: {old.get('targets') or default_targets} -> {new.get('targets') or default_targets}")
-    if (old.get("truth_csv") or {}).get("sha256") != (new.get("truth_csv") or {}).get("sha256"):
-        diffs.append("truth CSV (targets.from_csv) content changed" if old.get("truth_csv") and new.get("truth_csv")
-                     else "targets.from_csv added or removed")
+    if bool(old.get("truth_csv")) != bool(new.get("truth_csv")):  # its rows: relabelled(), per image
+        diffs.append("targets.from_csv added or removed")
     for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content"),
                         ("explainer_checkpoint", "explainer.checkpoint content (a retrained explainer)")):
         if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
@@ -245,6 +249,43 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             diffs.append(f"model code changed ({', '.join(Path(f).name for f in changed[:4])}"
                          f"{', ...' if len(changed) > 4 else ''})")
     return diffs
+
+
+def relabelled(topk_path: Path, truth: Any, names: list[str], redo_changed: bool = False) -> set[str]:
+    """The done images (rows in ``topk_path``) to explain again because the truth CSV ``truth`` now says
+    something else about them than the ``label`` recorded in their rows: a label where there was none
+    (a row added since). A changed or removed label is a UserError naming the images, unless
+    ``redo_changed`` (``--relabel``) redoes them too."""
+    from explain_cli.names import unescape
+    from explain_cli.write import parse_csv, read_csv_text
+
+    if not topk_path.exists():
+        return set()
+    rows = parse_csv(read_csv_text(topk_path))
+    if not rows or "label" not in rows[0]:
+        return set()
+    column = rows[0].index("label")
+    recorded: dict[str, str] = {}
+    for row in rows[1:]:
+        if row and len(row) > column:
+            recorded.setdefault(unescape(row[0]), unescape(row[column]))
+    redo, changed = set(), []
+    for rel, was in recorded.items():
+        own = truth.of(rel)
+        now = ";".join(names[c] for c in own) if own else ""
+        if now == was:
+            continue
+        if not was:
+            redo.add(rel)
+        else:
+            changed.append((rel, was, now))
+    if changed and not redo_changed:
+        shown = "; ".join(f"{rel}: {was!r} -> {now or '(no row)'!r}" for rel, was, now in changed[:5])
+        more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise UserError(f"{topk_path.parent}: the truth CSV ({truth.path.name}) changed the label of "
+                        f"{len(changed)} image(s) already explained ({shown}{more}); pass --relabel to "
+                        f"explain those images again, or --overwrite to redo every image")
+    return redo | {rel for rel, _, _ in changed}
 
 
 def check_resume(run_json: Path, current: dict[str, Any], output_dir: Path) -> None:

@@ -112,7 +112,9 @@ def with_negative(labels: list[str], cfg: TargetsConfig, num_outputs: int, sourc
 
 
 def activation_for(activation: str, num_outputs: int) -> str:
-    """``auto``: sigmoid for one output (binary model, class 0 = the positive class), else softmax."""
+    """``auto``: sigmoid for one output (binary model, class 0 = the positive class), else softmax.
+    ``binary`` (set by :func:`resolve` for a one-output model with a named negative class) stays: its
+    probabilities are the sigmoid of ``[-z, z]`` (metrics read them so)."""
     if activation == "auto":
         return "sigmoid" if num_outputs == 1 else "softmax"
     return activation
@@ -467,9 +469,10 @@ def resolve(cfg: TargetsConfig, labels: Sequence[str], top_k: int, source: str |
             entries.append(class_index(item, labels, "targets.classes", source))
     contrast = None if cfg.contrast is None else class_index(cfg.contrast, labels, "targets.contrast", source)
     num_outputs = len(labels) if num_outputs is None else num_outputs
+    binary = num_outputs == 1 and len(labels) == 2
     if cfg.activation == "softmax" and num_outputs == 1:
         raise ConfigError("targets.activation", "a softmax over one output is always 1: use sigmoid "
                                                 "(or auto) for a model with one output", source)
     return TargetSpec(entries=tuple(dict.fromkeys(entries)), top_k=top_k, contrast=contrast, output=cfg.output,
-                      activation=cfg.activation, names=tuple(labels), binary=num_outputs == 1 and len(labels) == 2,
+                      activation="binary" if binary else cfg.activation, names=tuple(labels), binary=binary,
                       threshold=cfg.threshold)

@@ -402,6 +402,102 @@ def test_contrast_titles_label_columns_report_and_merge(tiny_project):
     assert '"l":"\\u003cbird\\u003e"' in page and 'id="confusion"' in page
 
 
+def test_sigmoid_model_names_both_classes_truth_of_both_and_thresholded_predicted(binary_project):
+    """Two names for one output (negative, positive): a truth CSV may name either, the negative class
+    is explained as 1 - p (logit -z), `predicted` follows targets.threshold, the report's table uses them."""
+    (binary_project / "labels.txt").write_text("normal\ntumor\n")
+    (binary_project / "truth.csv").write_text("file,label\nt1.png,tumor\nt2.png,normal\nt3.png,normal\n")
+    common = ["--no-progress", "--class", "tumor", "--class", "label", "--set", "targets.output=probability",
+              "--set", "targets.from_csv={path: truth.csv}"]
+    proc = _cli("run", binary_project / "config.yaml", *common)
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(binary_project / "out" / "topk.csv")
+    by_image: dict[str, list] = {}
+    for row in rows:
+        by_image.setdefault(row["image"], []).append(row)
+    assert [r["class_name"] for r in by_image["t1.png"]] == ["tumor"]  # "why tumour?" = "why its label?": once
+    p_tumor = {}
+    for image in ("t2.png", "t3.png"):
+        tumor, normal = by_image[image]
+        assert (tumor["class_name"], tumor["class_index"], normal["class_name"], normal["class_index"]) == \
+            ("tumor", "1", "normal", "0")
+        assert normal["target"] == "label" and normal["label"] == "normal"
+        assert abs(float(normal["probability"]) - (1 - float(tumor["probability"]))) < 1e-6
+        assert abs(float(normal["output"]) - float(normal["probability"])) < 1e-6  # the explained p(normal)
+        p_tumor[image] = float(tumor["probability"])
+    p_tumor["t1.png"] = float(by_image["t1.png"][0]["probability"])
+    for image, image_rows in by_image.items():
+        want = "tumor" if p_tumor[image] >= 0.5 else "normal"
+        assert {r["predicted"] for r in image_rows} == {want}
+    # the threshold is a key: above every p, every tile is predicted normal (a new question: --overwrite)
+    high = min(0.99, max(p_tumor.values()) + 1e-3)
+    proc = _cli("run", binary_project / "config.yaml", *common, "--set", f"targets.threshold={high}",
+                "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["predicted"] for r in _rows(binary_project / "out" / "topk.csv")} == {"normal"}
+    page = (binary_project / "out" / "report.html").read_text()
+    assert 'id="confusion"' in page and '"p":"normal"' in page and '"l":"tumor"' in page
+
+
+def test_sigmoid_negative_key_and_one_name_predicted(binary_project):
+    """targets.negative names the negative class of a one-name labels file; without it, `predicted`
+    says 'not tumor' below the threshold instead of 'tumor' on every row."""
+    proc = _cli("run", binary_project / "config.yaml", "--no-progress", "--set", "targets.threshold=0.01")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["predicted"] for r in _rows(binary_project / "out" / "topk.csv")} == {"tumor"}
+    proc = _cli("run", binary_project / "config.yaml", "--no-progress", "--set", "targets.threshold=0.99",
+                "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["predicted"] for r in _rows(binary_project / "out" / "topk.csv")} == {"not tumor"}
+    (binary_project / "truth.csv").write_text("file,label\nt1.png,tumor\nt2.png,normal\nt3.png,normal\n")
+    proc = _cli("validate", binary_project / "config.yaml", "--class", "label",
+                "--set", "targets.from_csv={path: truth.csv}")
+    assert proc.returncode == 2 and "targets.negative" in proc.stderr, proc.stderr
+    out = binary_project / "out_negative"
+    proc = _cli("run", binary_project / "config.yaml", "--no-progress", "--output", out, "--class", "label",
+                "--set", "targets.from_csv={path: truth.csv}", "--set", "targets.negative=normal")
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(out / "topk.csv")
+    assert [(r["image"], r["class_name"], r["class_index"]) for r in rows] == \
+        [("t1.png", "tumor", "1"), ("t2.png", "normal", "0"), ("t3.png", "normal", "0")]
+    for row in rows:  # the logit of "normal" is minus the model's output
+        assert abs(float(row["output"]) - math.log(float(row["probability"]) / (1 - float(row["probability"])))) < 1e-4
+
+
+def test_truth_csv_that_grows_resumes_and_a_changed_label_is_refused_or_relabelled(tiny_project):
+    """A nightly rerun whose truth CSV gained a row explains that image and skips the rest; a changed
+    label of a done image is refused naming it, and --relabel redoes only that image."""
+    truth = tiny_project / "truth.csv"
+    truth.write_text("file,label\na/one.png,<bird>\nb/one.png,fish $x$\nthree.bmp,cat & dog\n")
+    common = ["--no-progress", "--workers", "0", "--class", "label", "--set", "targets.from_csv={path: truth.csv}"]
+    out = tiny_project / "out"
+    first = _cli("run", tiny_project / "config.yaml", *common)
+    assert first.returncode == 3, first.stderr  # a/two.jpg has no row: an errors.csv row
+    assert [e["image"] for e in _rows(out / "errors.csv")] == ["a/two.jpg"]
+    before = {r["image"]: r for r in _rows(out / "topk.csv")}
+    with truth.open("a") as fh:
+        fh.write("a/two.jpg,<bird>\n")  # the row errors.csv asked for
+    second = _cli("run", tiny_project / "config.yaml", *common)
+    assert second.returncode == 0, second.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["counts"]["already_done"] == 3 and info["counts"]["explained"] == 1
+    rows = _rows(out / "topk.csv")
+    assert sorted(r["image"] for r in rows) == ["a/one.png", "a/two.jpg", "b/one.png", "three.bmp"]
+    assert not _rows(out / "errors.csv")
+    assert {r["image"]: r for r in rows}["a/one.png"] == before["a/one.png"]
+    # a done image's label changed: refused naming the image, nothing redone
+    truth.write_text(truth.read_text().replace("three.bmp,cat & dog", "three.bmp,<bird>"))
+    refused = _cli("run", tiny_project / "config.yaml", *common)
+    assert refused.returncode == 2 and "three.bmp" in refused.stderr and "--relabel" in refused.stderr, refused.stderr
+    relabel = _cli("run", tiny_project / "config.yaml", *common, "--relabel")
+    assert relabel.returncode == 0, relabel.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["counts"]["already_done"] == 3 and info["counts"]["explained"] == 1
+    rows = _rows(out / "topk.csv")
+    assert len(rows) == 4 and {r["image"]: r for r in rows}["three.bmp"]["label"] == "<bird>"
+    assert {r["image"]: r for r in rows}["three.bmp"]["class_name"] == "<bird>"
+
+
 def test_class_entries_are_stripped_so_top_k_and_label_keep_their_meaning():
     assert targets.TargetsConfig(classes=["top_k ", " tumor"]).classes == ["top_k", "tumor"]
     with pytest.raises(ValueError, match="from_csv"):

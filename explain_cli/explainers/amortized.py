@@ -469,6 +469,7 @@ class Explainer(base.Explainer):
             fx = targets.explained(raw, classes).double()
             fnull = targets.explained(none, classes).double()
             values = raw_values(self.net, images.float(), fills.float(), features, weight)  # (N, outputs, M)
+            values = spec.outputs(values)  # a binary model's negative class: the positive values negated
             picked = values.gather(1, classes[:, :, None].expand(-1, -1, values.shape[-1])).double()
             if spec.contrast is not None:  # Shapley values are linear: logit(c) - logit(contrast)
                 picked = picked - values[:, spec.contrast:spec.contrast + 1].double()

@@ -13,7 +13,7 @@ import torch
 
 from explain_cli.explainers.deep.functions import Rescale, RowMax
 from explain_cli.explainers.deep.softmax import softmax_against
-from explain_cli.targets import TargetSpec, activation_for, others
+from explain_cli.targets import TargetSpec, others
 
 
 def logsumexp_against(u: torch.Tensor, u_r: torch.Tensor, dim: int) -> torch.Tensor:
@@ -30,11 +30,13 @@ def logsumexp_against(u: torch.Tensor, u_r: torch.Tensor, dim: int) -> torch.Ten
 def explained_deep(spec: TargetSpec, out: torch.Tensor, out_r: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``spec.explained(out, classes)`` (rows, k) whose backward gives exact DeepLIFT multipliers against
     the references' outputs ``out_r`` (rows, C)."""
+    sigmoid = spec.is_sigmoid(out.shape[1])
+    out, out_r = spec.outputs(out), spec.outputs(out_r)  # a binary model's [-z, z]: linear, plain gradients
+
     def quantity(cls: torch.Tensor) -> torch.Tensor:
         z, z_r = out.gather(1, cls), out_r.gather(1, cls)
         if spec.output == "logit":
             return z
-        sigmoid = activation_for(spec.activation, out.shape[1]) == "sigmoid"
         if spec.output == "probability":
             if sigmoid:
                 return Rescale.apply(z, z_r, torch.sigmoid)
