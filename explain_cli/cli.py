@@ -245,6 +245,7 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images whose outputs already exist."),
+    relabel: bool = typer.Option(False, "--relabel", help="Redo the done images whose label in the truth CSV (targets.from_csv) changed; without it such a change is refused. Rows added for images without one are always explained."),
     workers: Optional[str] = typer.Option(None, "--workers", help="auto | N: processes that write overlays while the next images are explained (overrides the config's workers; 0: in the main process)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: explain every N-th image starting at I (0-based). Default: from SLURM_ARRAY_TASK_* when set."),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log to this file."),
@@ -273,7 +274,7 @@ def run(
             check_slurm_env()
         chosen = Shard.parse(shard) if shard else Shard.from_slurm()
         summary = run_config(cfg, RunOptions(limit=limit, progress=not (no_progress or quiet),
-                                             overwrite=overwrite, shard=chosen))
+                                             overwrite=overwrite, shard=chosen, relabel=relabel))
     except UserError as exc:
         raise _fail(exc, exc.exit_code)
     except KeyboardInterrupt:
@@ -492,6 +493,7 @@ def init(
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classifier outputs (default: from the checkpoint, or the architecture's)."),
     weights: str = typer.Option("pretrained", "--weights", help="pretrained | random, for torchvision:/timm: architectures."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="stretch | crop (preprocess.resize). Default: the pretrained weights' own transform (crop) for torchvision:/timm:, stretch for a checkpoint or factory (its training transform is unknown)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
     """Write a commented starter config for MODEL: sensible defaults, the preprocessing of its
@@ -504,7 +506,9 @@ def init(
 
         if weights not in ("pretrained", "random"):
             raise UserError(f"--weights: pretrained or random, got {weights!r}")
-        notes = write_starter(model, arch, output, input_dir, num_classes, weights, force)
+        if resize not in (None, "stretch", "crop"):
+            raise UserError(f"--resize: stretch or crop, got {resize!r}")
+        notes = write_starter(model, arch, output, input_dir, num_classes, weights, force, resize)
     except UserError as exc:
         raise _fail(exc, EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001

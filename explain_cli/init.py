@@ -80,13 +80,19 @@ def _guess_classes(checkpoint: Path, cfg: ModelConfig) -> int | None:
     return int(last[-1].shape[0]) if last else None
 
 
-def _preprocess(arch: str, pretrained: bool) -> dict[str, Any]:
-    """The evaluation preprocessing of the library's pretrained weights (ImageNet's otherwise)."""
+def _preprocess(arch: str, pretrained: bool, resize: str | None = None) -> tuple[dict[str, Any], str]:
+    """The preprocessing to write and why (the comment on ``resize``). The library's pretrained weights
+    get their own evaluation transform (a centre crop); anything else, a custom checkpoint above all,
+    is stretched unless ``resize`` says otherwise: its training transform is unknown, and a crop would
+    silently zoom in on every image and cut its borders (a 224 px tile loses 12.5 % of each side)."""
     source, _, name = arch.partition(":")
+    library = pretrained and source in ("torchvision", "timm")
     out: dict[str, Any] = {"size": 224, "resize": "crop", "crop_fraction": 0.875,
                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     try:
-        if source == "timm":
+        if not library:
+            pass  # no metadata to read: the ImageNet mean and std, the usual start of fine-tuning
+        elif source == "timm":
             import timm.models
 
             cfg = timm.models.get_pretrained_cfg(name)
@@ -102,11 +108,22 @@ def _preprocess(arch: str, pretrained: bool) -> dict[str, Any]:
                        mean=[float(m) for m in transforms.mean], std=[float(s) for s in transforms.std])
     except Exception:  # noqa: BLE001 - a model without metadata keeps the ImageNet defaults
         pass
-    return out
+    chosen = resize or ("crop" if library else "stretch")
+    if chosen == "stretch":
+        del out["crop_fraction"]
+    if resize is not None:
+        why = "as asked (--resize)"
+    elif library:
+        why = f"the evaluation transform of {arch}'s pretrained weights"
+    else:
+        why = ("custom weights: their training transform is unknown, and a centre crop would cut every "
+               "image's borders; use crop (--resize crop) if the model was trained on centre crops")
+    out["resize"] = chosen
+    return out, why
 
 
 def starter_config(model: str, arch: str | None, config_path: Path, input_dir: Path,
-                   num_classes: int | None = None, weights: str = "pretrained"
+                   num_classes: int | None = None, weights: str = "pretrained", resize: str | None = None
                    ) -> tuple[str, dict[str, Any], list[str]]:
     """The text of a starter config for ``model`` (torchvision:NAME, timm:NAME, python:mod:factory,
     or a checkpoint file with ``arch``), the data it means (what loading the text must give) and
@@ -150,7 +167,7 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
             notes.append(f"pretrained weights: {pretrained_file(arch)}")
         except ConfigError as exc:
             notes.append(f"validate and run will fail until the weights are there: {exc.message}")
-    pre = _preprocess(arch, chosen == "pretrained")
+    pre, resize_why = _preprocess(arch, chosen == "pretrained", resize)
     net = build_model(shapes_cfg, lambda p: Path(p))  # as the config will build it (pretrained: its shape)
     outputs = count_outputs(net, pre["size"])
     rows = [r for r in layer_table(net, pre["size"]) if not r.problem and r.name != "input"]
@@ -176,8 +193,23 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
         model_lines.append(f"  num_classes: {yaml_value(num_classes)}")
     meant_model["layer"] = "input"
     meant_input = _rel(input_dir, base)
-    labels = ("labels: null   # 1000 outputs: the ImageNet class names torchvision ships" if outputs == 1000 else
-              f"labels: null   # {outputs} outputs: give a file of {outputs} names (one per line) to replace 'class 0', ...")
+    if outputs == 1000:
+        labels = "labels: null   # 1000 outputs: the ImageNet class names torchvision ships"
+    elif outputs == 1:
+        labels = ("labels: null   # 1 output (a sigmoid): give a file of its class name, or of two names "
+                  "(negative, then positive) to name both classes")
+    else:
+        labels = f"labels: null   # {outputs} outputs: give a file of {outputs} names (one per line) to replace 'class 0', ..."
+    top_k = min(2, outputs)
+    top_k_why = ("explain the 2 highest-scoring classes" if top_k == 2 else
+                 "one output: the sigmoid's class (the only one)")
+    pre_why = ("as the weights were trained (from the library's metadata)" if library and chosen == "pretrained"
+               else "check against how the model was trained: size, mean and std are ImageNet's")
+    if pre["resize"] == "crop":
+        resize_lines = (f"  resize: crop   # {_comment(resize_why)}: short side to size / crop_fraction, then the "
+                        f"centre size x size\n  crop_fraction: {yaml_value(pre['crop_fraction'])}")
+    else:
+        resize_lines = f"  resize: stretch   # the whole image to size x size; {_comment(resize_why)}"
     name = _comment(config_path.name)
     command = _comment(f"{model}{f' --arch {arch}' if checkpoint else ''}")
     text = f"""# Starter config written by `explain-cli init {command}`.
@@ -192,10 +224,9 @@ model:
 {listed}{more}
 #   (all of them, with shapes: explain-cli layers {name})
 {labels}
-preprocess:                # as the weights were trained (from the library's metadata where it has some)
+preprocess:                # {pre_why}
   size: {yaml_value(pre['size'])}
-  resize: {yaml_value(pre['resize'])}   # short side to size / crop_fraction, then the centre size x size
-  crop_fraction: {yaml_value(pre['crop_fraction'])}
+{resize_lines}
   mean: {yaml_value(pre['mean'])}
   std: {yaml_value(pre['std'])}
 input:
@@ -209,7 +240,7 @@ explainer:
 output:
   dir: out
   format: svg      # svg | png
-  top_k: 2         # explain the 2 highest-scoring classes
+  top_k: {top_k}         # {top_k_why}
 batch_size: auto   # model evaluations per forward pass: 64 on CPU, the largest that fits on CUDA
 device: auto       # CUDA when available, else CPU
 seed: 0
@@ -217,7 +248,7 @@ seed: 0
     meant = {"model": meant_model, "labels": None, "preprocess": pre,
              "input": {"dir": meant_input, "exclude": []}, "background": {"from_input": 20},
              "explainer": {"name": "gradient", "nsamples": 100},
-             "output": {"dir": "out", "format": "svg", "top_k": 2},
+             "output": {"dir": "out", "format": "svg", "top_k": top_k},
              "batch_size": "auto", "device": "auto", "seed": 0}
     return text, meant, notes
 
@@ -253,13 +284,13 @@ def check_target(output: Path, force: bool, option: str = "--output") -> None:
 
 
 def write_starter(model: str, arch: str | None, output: Path, input_dir: Path, num_classes: int | None = None,
-                  weights: str = "pretrained", force: bool = False) -> list[str]:
+                  weights: str = "pretrained", force: bool = False, resize: str | None = None) -> list[str]:
     """Write the starter config to ``output`` and return the notes for the user. Nothing is written
     unless the text reads back as the values meant and validates (UserError, exit 2, otherwise)."""
     from explain_cli.config import _YamlRefusal, load_config, safe_yaml
 
     check_target(output, force)
-    text, meant, notes = starter_config(model, arch, output.absolute(), input_dir, num_classes, weights)
+    text, meant, notes = starter_config(model, arch, output.absolute(), input_dir, num_classes, weights, resize)
     try:
         read = safe_yaml(text)
     except (yaml.YAMLError, _YamlRefusal) as exc:

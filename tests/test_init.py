@@ -190,3 +190,34 @@ def test_init_with_a_too_long_file_name_is_exit_2(tmp_path):
         result = invoke("init", "torchvision:resnet18", "--weights", "random", "-o", output)
         assert result.exit_code == 2 and "unexpected" not in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_init_custom_checkpoints_stretch_and_one_logit_says_one_output(tmp_path):
+    """A custom checkpoint's training transform is unknown: stretch (a crop cuts every tile's borders),
+    saying why; a one-logit checkpoint gets top_k 1 and '1 output'; --resize crop is honoured."""
+    import torchvision
+
+    write_images(tmp_path / "tiles", ["a.png"], size=40)
+    for classes in (2, 1):
+        torch.save(torchvision.models.resnet18(weights=None, num_classes=classes).state_dict(),
+                   tmp_path / f"m{classes}.pt")
+        cfg = tmp_path / f"m{classes}.yaml"
+        result = invoke("init", tmp_path / f"m{classes}.pt", "--arch", "torchvision:resnet18", "--input",
+                        tmp_path / "tiles", "-o", cfg)
+        assert result.exit_code == 0, result.output
+        text = cfg.read_text()
+        data = yaml.safe_load(text)
+        assert data["model"]["num_classes"] == classes
+        assert data["preprocess"]["resize"] == "stretch" and "crop_fraction" not in data["preprocess"]
+        assert "custom weights" in text and "cut every image's borders" in text
+        assert data["output"]["top_k"] == min(2, classes)
+        assert "1 outputs" not in text
+        assert invoke("validate", cfg).exit_code == 0
+    assert "1 output (a sigmoid)" in (tmp_path / "m1.yaml").read_text()
+    cfg = tmp_path / "crop.yaml"
+    result = invoke("init", tmp_path / "m2.pt", "--arch", "torchvision:resnet18", "--input", tmp_path / "tiles",
+                    "-o", cfg, "--resize", "crop")
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(cfg.read_text())
+    assert data["preprocess"]["resize"] == "crop" and data["preprocess"]["crop_fraction"] == 0.875
+    assert "as asked (--resize)" in cfg.read_text()
