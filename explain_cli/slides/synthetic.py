@@ -46,10 +46,12 @@ class SlideSpec:
     seed: int = 0
     tissue: list[tuple[float, float, float, float]] = field(default_factory=list)
     planted: list[tuple[int, int, int]] = field(default_factory=list)
+    noise: float = 1.0           # pixel noise amplitude (1: as drawn by default; 0: flat colours, small fast files)
 
     @classmethod
     def random(cls, width: int, height: int, mpp: float = 0.5, levels: int = 3, seed: int = 0,
-               blobs: int = 3, coverage: float = 0.35, planted: list[tuple[int, int, int]] | None = None) -> "SlideSpec":
+               blobs: int = 3, coverage: float = 0.35, planted: list[tuple[int, int, int]] | None = None,
+               noise: float = 1.0) -> "SlideSpec":
         """``blobs`` tissue ellipses covering about ``coverage`` of the slide, placed with ``seed``."""
         rng = np.random.default_rng(seed)
         area = coverage * width * height / blobs
@@ -61,7 +63,7 @@ class SlideSpec:
             cx = float(rng.uniform(min(rx, width / 2), max(width - rx, width / 2)))
             cy = float(rng.uniform(min(ry, height / 2), max(height - ry, height / 2)))
             tissue.append((cx, cy, rx, ry))
-        return cls(width, height, mpp, levels, seed, tissue, list(planted or []))
+        return cls(width, height, mpp, levels, seed, tissue, list(planted or []), noise)
 
     def region(self, x0: float, y0: float, w: int, h: int, down: float) -> np.ndarray:
         """(h, w, 3) uint8: the pixels of a level whose pixels are ``down`` level-0 pixels wide."""
@@ -71,8 +73,11 @@ class SlideSpec:
         inside = np.zeros((h, w), bool)
         for cx, cy, rx, ry in self.tissue:
             inside |= ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 <= 1.0
-        noise = _hash(X.astype(np.int64), Y.astype(np.int64), self.seed)[..., None]
-        out = np.broadcast_to(GLASS, (h, w, 3)) + (noise - 0.5) * 4
+        if self.noise:
+            jitter = (_hash(X.astype(np.int64), Y.astype(np.int64), self.seed)[..., None] - 0.5) * self.noise
+        else:
+            jitter = np.float32(0)
+        out = np.broadcast_to(GLASS, (h, w, 3)) + jitter * 4
         if inside.any():
             cell = 24.0
             gx, gy = np.floor(X / cell), np.floor(Y / cell)
@@ -80,7 +85,7 @@ class SlideSpec:
             jy = _hash(gy.astype(np.int64), gx.astype(np.int64), self.seed + 2) * 12 + 6
             present = _hash(gx.astype(np.int64) + 7, gy.astype(np.int64), self.seed + 3) > 0.35
             nucleus = present & ((X - gx * cell - jx) ** 2 + (Y - gy * cell - jy) ** 2 <= 25.0)
-            tissue = np.where(nucleus[..., None], NUCLEUS, TISSUE) + (noise - 0.5) * 16
+            tissue = np.where(nucleus[..., None], NUCLEUS, TISSUE) + jitter * 16
             out = np.where(inside[..., None], tissue, out)
         for px, py, side in self.planted:
             hit = (X >= px) & (X < px + side) & (Y >= py) & (Y < py + side)
@@ -122,12 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blobs", type=int, default=3, help="tissue regions")
     parser.add_argument("--coverage", type=float, default=0.35, help="share of the slide that is tissue")
+    parser.add_argument("--noise", type=float, default=1.0,
+                        help="pixel noise amplitude (0: flat glass and tissue, small files, faster to write)")
     parser.add_argument("--plant", action="append", default=[], metavar="X,Y,SIDE",
                         help="a dark-blue square at level-0 X,Y of side SIDE (repeatable)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     planted = [tuple(int(v) for v in p.split(",")) for p in args.plant]
-    spec = SlideSpec.random(width, height, args.mpp, args.levels, args.seed, args.blobs, args.coverage, planted)
+    spec = SlideSpec.random(width, height, args.mpp, args.levels, args.seed, args.blobs, args.coverage, planted,
+                            args.noise)
     write_slide(args.output, spec)
     print(f"wrote {args.output}: {width}x{height} px at {args.mpp} um/px, {args.levels} levels")
 
