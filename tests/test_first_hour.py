@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,27 @@ def test_folders_written_before_the_new_keys_still_resume(tiny_project):
     assert "explained 2, already done 2" in result.output
     result = invoke("run", cfg, "--no-progress", "--set", "explainer.nsamples=8")  # a result-affecting key
     assert result.exit_code == 2 and "explainer.nsamples" in result.output
+
+
+def test_ci_smoke_recipe_of_the_docs_is_quiet_and_checks_the_top_class(tmp_path):
+    """The CI smoke recipe of docs/first-hour.md, run as written (explain-cli from this venv): exit 0
+    and nothing on stderr under -q; its checks fail when the top class is not the demo's."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "first-hour.md").read_text()
+    section = text[text.index("## CI smoke run"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout + proc.stderr
+    out = next(p for p in tmp_path.iterdir() if p.is_dir())
+    check = next(line for line in script.splitlines() if line.startswith("grep"))
+    assert subprocess.run(["bash", "-c", check], cwd=REPO, env={**env, "out": str(out)}).returncode == 0
+    wrong = check.replace("tiger cat", "tabby")  # the check is real: another top class fails it
+    assert subprocess.run(["bash", "-c", wrong], cwd=REPO, env={**env, "out": str(out)}).returncode != 0
