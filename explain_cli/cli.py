@@ -322,6 +322,8 @@ def train(
     """Train an amortized (FastSHAP) explainer for the config's model, players and fill on the images
     of the input folder; `run` with explainer {name: amortized, checkpoint: FILE} then explains each
     image in one forward pass."""
+    from explain_cli.train import TrainStopped
+
     try:
         _usable_paths(CONFIG=config, __input=input_dir, __output=output)
         _setup_logging(verbose, quiet, log_file)
@@ -342,6 +344,9 @@ def train(
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         raise typer.Exit(130)
+    except TrainStopped as exc:  # SIGTERM: the line says where the training state is
+        print(exc, file=sys.stderr)
+        raise typer.Exit(exc.code)
     except Exception as exc:  # noqa: BLE001
         raise _unexpected(exc, verbose)
     if not quiet:

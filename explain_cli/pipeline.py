@@ -416,6 +416,16 @@ def overlay_caption(prep: Prepared, rel: str) -> str:
     return f"{rel}  \u00b7  {cfg.explainer_settings.name} explainer  \u00b7  layer {cfg.model.layer}"
 
 
+def explainer_training(config: Config) -> dict[str, Any] | None:
+    """run.json's ``explainer_training``: an amortized explainer's training and validation r (None for
+    the explainers that need no training)."""
+    if config.explainer_settings.name != "amortized":
+        return None
+    from explain_cli.explainers.amortized import training_record
+
+    return training_record(config)
+
+
 def describe_targets(prep: Prepared) -> dict[str, Any]:
     """run.json's ``targets``: the question the run answered, with names resolved."""
     spec = prep.targets
@@ -570,6 +580,7 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "images_found": len(prep.all_images) + len(prep.walk_errors), "limit": options.limit, "layer_tokens": prep.layer_tokens,
             "weights": weights,
             "targets": describe_targets(prep),
+            "explainer_training": explainer_training(cfg),
             "versions": versions(), **device_info(prep.device),
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }

@@ -454,6 +454,14 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
                 note += f"; random pixel order: {ref[key]:.3f}"
             tone = ""
         cards.append(_card(f"{col['label']}", f"{median:.3f}" if key != "stability" else f"{median:.2f}", note, tone))
+    trained = run.get("explainer_training") if isinstance(run.get("explainer_training"), dict) else {}
+    r = trained.get("kernel_median_pearson")
+    if isinstance(r, (int, float)) and not isinstance(r, bool):  # an amortized explainer's own check
+        cards.append(_card("Explainer vs Kernel SHAP", f"{r:.2f}",
+                           f"median Pearson r of the trained explainer's maps and Kernel SHAP's on "
+                           f"{trained.get('kernel_images')} held-out image(s), {trained.get('kernel_nsamples')} "
+                           f"samples each (explain-cli train); below 0.5 the maps are a rough guide at best",
+                           "warn" if r < 0.5 else ""))
 
     settings: list[tuple[str, str]] = []
     _flatten("", config, settings)

@@ -18,7 +18,14 @@ atomically to ``OUTPUT.train``; a rerun of the same command (after a crash or ``
 from it, and gives the same explainer as an uninterrupted run (every epoch's random numbers come
 from the seed and the epoch number only). Progress lines give the loss, the held-out loss and its
 R^2, and an ETA. At the end the held-out images are explained by Kernel SHAP with many samples over
-the same players and fill, and the median Pearson correlation of the two maps is printed and stored.
+the same players and fill (by default sized to cost at most 20 % of the training's model
+evaluations, :func:`validation_size`), one progress line per image, and the median Pearson
+correlation of the two maps is printed and stored in the explainer file (``run`` shows it in
+run.json and the report).
+
+``explainer.train.epochs`` may change on a resume (more epochs continue the cosine schedule towards
+the new end; a state already past it is written as trained); any other difference from the state's
+settings is refused naming the keys. SIGTERM (and SIGINT) stop with a line saying where the state is.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +54,78 @@ from explain_cli.explainers import _utils, amortized
 MAX_TRAIN_TILES = 4000
 
 log = logging.getLogger("explain_cli")
+
+#: Most Kernel SHAP evaluations per held-out image of the final check, and fewest (validation_size).
+VALIDATE_NSAMPLES, VALIDATE_MIN_NSAMPLES = 2000, 200
+#: Share of the training's model evaluations the default (auto) check may cost.
+VALIDATE_SHARE = 0.2
+#: Settings of explainer.train that do not change the network being trained: a resume may change them.
+RESUMABLE_KEYS = ("epochs", "validate_nsamples", "validate_images")
+
+
+class TrainStopped(BaseException):
+    """A stop signal during training; the message says where the training state is (exit 128 + n)."""
+
+    def __init__(self, signal_name: str, code: int, message: str = "") -> None:
+        super().__init__(message or signal_name)
+        self.signal_name, self.code = signal_name, code
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM raises :class:`TrainStopped` where training is (a step, a validation image): the state
+    of the last finished epoch is on disk, so stopping at once loses at most one epoch's work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise TrainStopped(signal.Signals(signum).name, 128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def validation_size(n_hold: int, images: int, nsamples: int | str, training_evaluations: int) -> tuple[int, int]:
+    """(images, nsamples) of the final Kernel SHAP check. ``auto`` keeps its cost (images x nsamples
+    model evaluations) within 20 % of the training's: fewer images first (down to 1), then fewer
+    samples (down to 200, below which the reference itself is too noisy to judge by)."""
+    images = min(n_hold, images)
+    if nsamples != "auto":
+        return images, int(nsamples)
+    budget = VALIDATE_SHARE * training_evaluations
+    while images > 1 and images * VALIDATE_NSAMPLES > budget:
+        images -= 1
+    return images, int(max(VALIDATE_MIN_NSAMPLES, min(VALIDATE_NSAMPLES, budget // max(images, 1))))
+
+
+def signature_differences(old: Any, new: dict[str, Any]) -> list[str]:
+    """The settings a training state was made with that differ from this training's, by config key."""
+    if not isinstance(old, dict):
+        return ["the state holds no settings"]
+    names = {"fingerprint": "the model's weights (model.checkpoint)", "arch": "model.arch",
+             "outputs": "the model's outputs", "grid": "explainer.segments.grid", "fill": "explainer.fill",
+             "network": "explainer.train.network (as resolved)", "seed": "seed"}
+    out = []
+    for key in dict.fromkeys([*new, *old]):
+        a, b = old.get(key), new.get(key)
+        if _equal(a, b):
+            continue
+        if key in ("images", "holdout") and isinstance(a, list) and isinstance(b, list):
+            added, removed = len(set(b) - set(a)), len(set(a) - set(b))
+            what = "training" if key == "images" else "held-out"
+            out.append(f"the {what} images ({added} added, {removed} removed: input.dir, input.include/exclude, "
+                       f"explainer.train.holdout)")
+        elif key in ("train", "preprocess") and isinstance(a, dict) and isinstance(b, dict):
+            prefix = "explainer.train" if key == "train" else "preprocess"
+            out += [f"{prefix}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*b, *a])
+                    if not _equal(a.get(k), b.get(k))]
+        else:
+            out.append(f"{names.get(key, key)}: {a!r} -> {b!r}" if key not in ("fingerprint",) else names[key])
+    return out
 
 
 @dataclass
@@ -279,7 +361,8 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     del photos
 
     signature = {"fingerprint": model_fp, "arch": cfg.model.arch, "outputs": outputs, "grid": grid, "fill": fill,
-                 "preprocess": amortized.preprocess_record(cfg.preprocess), "train": ts.model_dump(mode="json"),
+                 "preprocess": amortized.preprocess_record(cfg.preprocess),
+                 "train": {k: v for k, v in ts.model_dump(mode="json").items() if k not in RESUMABLE_KEYS},
                  "network": kind,
                  "images": [names[i] for i in train_idx], "holdout": [names[i] for i in hold_idx],
                  "seed": int(cfg.seed)}
@@ -291,9 +374,11 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"{state_path}: not a training state ({type(exc).__name__}); delete it or pass --restart") from None
         if not isinstance(state, dict) or not _equal(state.get("signature"), signature):
-            raise UserError(f"{state_path} is the state of a training with another config, model or image list; "
-                            f"pass --restart to start over (or delete it)")
-        problem = _state_problem(state, ts.epochs)
+            diffs = signature_differences(state.get("signature") if isinstance(state, dict) else None, signature)
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            raise UserError(f"{state_path} is the state of a training with another config, model or image list "
+                            f"({shown}); pass --restart to start over (or delete it)")
+        problem = _state_problem(state)
         if problem is None:
             try:
                 net.load_state_dict(state["net"])
@@ -306,76 +391,95 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         start_epoch, history = int(state["epoch"]), list(state["history"])
         seconds_before, evaluations_before = float(state["seconds"]), int(state["evaluations"])
         log.info("train: resuming from %s after epoch %d of %d", state_path, start_epoch, ts.epochs)
+        if start_epoch > ts.epochs:
+            log.warning("train: the state is after epoch %d, more than explainer.train.epochs (%d): the explainer "
+                        "is written as trained (%d epochs)", start_epoch, ts.epochs, start_epoch)
     game.evaluations = evaluations_before
     try:  # only now: a refusal above leaves no folder behind
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{option}: cannot create the folder of {output}: {exc.strerror or exc}") from None
 
-    steps_per_epoch = math.ceil(len(train_idx) / ts.images_per_step)
-    total_steps = ts.epochs * steps_per_epoch
-    started = time.monotonic()
-    epoch_seconds: list[float] = []
-    for epoch in range(start_epoch, ts.epochs):
-        t0 = time.monotonic()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        perm = rng.permutation(len(train_idx))
-        losses, last_line = [], t0
-        net.train()
-        for step, (a, b) in enumerate(_utils.chunk_ranges(len(perm), ts.images_per_step)):
-            views = np.stack([_view(train_photos[j], cfg.preprocess, rng if ts.augment else None) for j in perm[a:b]])
-            x = torch.from_numpy(normalise(views, cfg.preprocess)).to(dev)
-            masks = shapley_masks(rng, b - a, ts.pairs, m)
-            with torch.no_grad():
-                fills, features, v_all, v_none, v_s = game(x, masks)
-            lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            with torch.enable_grad():  # also when the caller has switched autograd off
-                loss = _loss(net, weight, x, fills, features, torch.from_numpy(masks).float().to(dev), v_all, v_none,
-                             v_s)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            if time.monotonic() - last_line > 30:
-                last_line = time.monotonic()
-                log.info("train: epoch %d/%d step %d/%d loss %.4g", epoch + 1, ts.epochs, step + 1,
-                         steps_per_epoch, float(np.mean(losses)))
-        val_loss = val_r2 = None
-        if hold is not None:
+    where = {"epoch": start_epoch, "validating": False}  # for the line a stop signal prints
+    try:
+        with stop_signals():
+            steps_per_epoch = math.ceil(len(train_idx) / ts.images_per_step)
+            total_steps = ts.epochs * steps_per_epoch
+            started = time.monotonic()
+            epoch_seconds: list[float] = []
+            for epoch in range(start_epoch, ts.epochs):
+                t0 = time.monotonic()
+                rng = np.random.default_rng([cfg.seed, epoch])
+                perm = rng.permutation(len(train_idx))
+                losses, last_line = [], t0
+                net.train()
+                for step, (a, b) in enumerate(_utils.chunk_ranges(len(perm), ts.images_per_step)):
+                    views = np.stack([_view(train_photos[j], cfg.preprocess, rng if ts.augment else None) for j in perm[a:b]])
+                    x = torch.from_numpy(normalise(views, cfg.preprocess)).to(dev)
+                    masks = shapley_masks(rng, b - a, ts.pairs, m)
+                    with torch.no_grad():
+                        fills, features, v_all, v_none, v_s = game(x, masks)
+                    lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
+                    for group in optimiser.param_groups:
+                        group["lr"] = lr
+                    with torch.enable_grad():  # also when the caller has switched autograd off
+                        loss = _loss(net, weight, x, fills, features, torch.from_numpy(masks).float().to(dev), v_all, v_none,
+                                     v_s)
+                        optimiser.zero_grad(set_to_none=True)
+                        loss.backward()
+                    optimiser.step()
+                    losses.append(float(loss.detach()))
+                    if time.monotonic() - last_line > 30:
+                        last_line = time.monotonic()
+                        log.info("train: epoch %d/%d step %d/%d loss %.4g", epoch + 1, ts.epochs, step + 1,
+                                 steps_per_epoch, float(np.mean(losses)))
+                val_loss = val_r2 = None
+                if hold is not None:
+                    net.eval()
+                    with torch.no_grad():
+                        val_loss = float(_loss(net, weight, hold_x, *hold[:6]))
+                    val_r2 = 1 - val_loss / hold[6] if hold[6] > 0 else None
+                epoch_seconds.append(time.monotonic() - t0)
+                history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val_loss, "val_r2": val_r2})
+                elapsed = seconds_before + time.monotonic() - started
+                _save_atomic({"signature": signature, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
+                              "epoch": epoch + 1, "history": history, "seconds": elapsed,
+                              "evaluations": game.evaluations}, state_path)
+                where["epoch"] = epoch + 1
+                eta = float(np.mean(epoch_seconds)) * (ts.epochs - epoch - 1)
+                val = "" if val_loss is None else f", held-out loss {val_loss:.4g} (R^2 {val_r2:.3f})"
+                log.info("train: epoch %d/%d loss %.4g%s, %.1f s/epoch, ETA %s", epoch + 1, ts.epochs,
+                         history[-1]["loss"], val, epoch_seconds[-1], _fmt(eta))
+            seconds = seconds_before + time.monotonic() - started
             net.eval()
-            with torch.no_grad():
-                val_loss = float(_loss(net, weight, hold_x, *hold[:6]))
-            val_r2 = 1 - val_loss / hold[6] if hold[6] > 0 else None
-        epoch_seconds.append(time.monotonic() - t0)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val_loss, "val_r2": val_r2})
-        elapsed = seconds_before + time.monotonic() - started
-        _save_atomic({"signature": signature, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
-                      "epoch": epoch + 1, "history": history, "seconds": elapsed,
-                      "evaluations": game.evaluations}, state_path)
-        eta = float(np.mean(epoch_seconds)) * (ts.epochs - epoch - 1)
-        val = "" if val_loss is None else f", held-out loss {val_loss:.4g} (R^2 {val_r2:.3f})"
-        log.info("train: epoch %d/%d loss %.4g%s, %.1f s/epoch, ETA %s", epoch + 1, ts.epochs,
-                 history[-1]["loss"], val, epoch_seconds[-1], _fmt(eta))
-    seconds = seconds_before + time.monotonic() - started
-    net.eval()
 
-    kernel_r = None
-    validation: dict[str, Any] = {"holdout_images": n_hold}
-    if history:
-        validation.update(val_loss=history[-1]["val_loss"], val_r2=history[-1]["val_r2"])
-    if hold is not None and ts.validate_nsamples > 0:
-        count = min(n_hold, ts.validate_images)
-        log.info("train: validating on %d held-out images against Kernel SHAP with %d samples each",
-                 count, ts.validate_nsamples)
-        feats = None if hold[1] is None else torch.cat([hold[1][:count], hold[1][n_hold:n_hold + count]])
-        kernel_r = _validate(net, weight, model, hold_x[:count], hold[0][:count], feats, hold[3][:count],
-                             hold[4][:count], cfg, grid, fill, ts.validate_nsamples, batch_size, dev, labels)
-        validation.update(kernel_nsamples=ts.validate_nsamples, kernel_images=count, kernel_median_pearson=kernel_r)
-        log.info("train: median Pearson r against Kernel SHAP (%d samples) on held-out images: %.3f",
-                 ts.validate_nsamples, kernel_r)
+            kernel_r = None
+            validation: dict[str, Any] = {"holdout_images": n_hold}
+            if history:
+                validation.update(val_loss=history[-1]["val_loss"], val_r2=history[-1]["val_r2"])
+            count, nsamples = validation_size(n_hold, ts.validate_images, ts.validate_nsamples, game.evaluations)
+            if hold is not None and nsamples > 0:
+                where["validating"] = True
+                log.info("train: validating on %d held-out images against Kernel SHAP with %d samples each "
+                         "(%d model evaluations, %.0f %% of the training's %d)", count, nsamples, count * nsamples,
+                         100 * count * nsamples / max(game.evaluations, 1), game.evaluations)
+                feats = None if hold[1] is None else torch.cat([hold[1][:count], hold[1][n_hold:n_hold + count]])
+                t_val = time.monotonic()
+                kernel_r = _validate(net, weight, model, hold_x[:count], hold[0][:count], feats, hold[3][:count],
+                                     hold[4][:count], cfg, grid, fill, nsamples, batch_size, dev, labels)
+                validation.update(kernel_nsamples=nsamples, kernel_images=count, kernel_median_pearson=kernel_r,
+                                  kernel_seconds=round(time.monotonic() - t_val, 3))
+                log.info("train: median Pearson r against Kernel SHAP (%d samples) on held-out images: %.3f "
+                         "(validation %.1f s, training %.1f s)", nsamples, kernel_r, time.monotonic() - t_val, seconds)
 
+    except TrainStopped as stopped:
+        done = where["epoch"]
+        during = "the final validation" if where["validating"] else f"epoch {done + 1}/{ts.epochs}"
+        kept = (f"the training state after epoch {done} is in {state_path}" if done else
+                "no epoch had finished, nothing is kept")
+        raise TrainStopped(stopped.signal_name, stopped.code,
+                           f"train: stopped by {stopped.signal_name} during {during}; {kept}: rerun the same "
+                           f"command to resume") from None
     data = {
         "format": amortized.FORMAT, "version": amortized.VERSION,
         "model": {"arch": cfg.model.arch, "fingerprint": model_fp, "outputs": outputs},
@@ -384,14 +488,14 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         "network": {"kind": kind, "channels": channels, "outputs": outputs, "grid": grid, "width": ts.width,
                     "dim": 0 if classifier is None else int(classifier.in_features)},
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "training": {"images": len(train_idx), "epochs": ts.epochs, "pairs": ts.pairs, "seconds": round(seconds, 3),
+        "training": {"images": len(train_idx), "epochs": len(history), "pairs": ts.pairs, "seconds": round(seconds, 3),
                      "model_evaluations": game.evaluations, "history": history, "seed": int(cfg.seed)},
         "validation": validation,
     }
     _save_atomic(data, output)
     if state_path.exists():
         state_path.unlink()
-    return TrainResult(output, ts.epochs, seconds, game.evaluations, validation.get("val_loss"),
+    return TrainResult(output, len(history), seconds, game.evaluations, validation.get("val_loss"),
                        validation.get("val_r2"), kernel_r)
 
 
@@ -407,9 +511,18 @@ def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn
     context = ExplainContext(model=model, layer=None, layer_name="input", background=x[:0],
                              mean=tuple(cfg.preprocess.mean), std=tuple(cfg.preprocess.std), device=dev,
                              batch_size=batch_size, settings=settings)
-    reference = kernel.Explainer(context).explain(x, min(3, v_all.shape[1]), list(range(x.shape[0])))
-    ref = _player_values(reference.values, labels)  # (N, k, M)
-    classes = torch.from_numpy(reference.classes).to(dev)
+    explainer = kernel.Explainer(context)
+    parts, started, last_line = [], time.monotonic(), 0.0
+    for i in range(x.shape[0]):  # one image at a time: a progress line while minutes pass
+        parts.append(explainer.explain(x[i:i + 1], min(3, v_all.shape[1]), [i]))
+        now = time.monotonic()
+        if now - last_line > 10 or i + 1 == x.shape[0]:
+            last_line = now
+            eta = (now - started) / (i + 1) * (x.shape[0] - i - 1)
+            log.info("train: validation image %d/%d against Kernel SHAP, %.1f s/image, ETA %s", i + 1, x.shape[0],
+                     (now - started) / (i + 1), _fmt(eta))
+    ref = _player_values(np.concatenate([p.values for p in parts]), labels)  # (N, k, M)
+    classes = torch.from_numpy(np.concatenate([p.classes for p in parts])).to(dev)
     with torch.no_grad():
         phi = amortized.efficient(amortized.raw_values(net, x, fills, features, weight), v_all - v_none)  # (N, C, M)
         ours = phi.gather(1, classes[:, :, None].expand(-1, -1, phi.shape[-1])).cpu().numpy()
@@ -451,8 +564,9 @@ def _equal(a: Any, b: Any) -> bool:
         return False
 
 
-def _state_problem(state: dict[str, Any], epochs: int) -> str | None:
-    """Why a ``.train`` state with the right signature cannot be resumed (None: it can)."""
+def _state_problem(state: dict[str, Any], epochs: int = 100_000) -> str | None:
+    """Why a ``.train`` state with the right signature cannot be resumed (None: it can). ``epochs``
+    bounds its epoch: the schema's most, as the count may change on a resume."""
     number = (int, float)
     if not isinstance(state.get("net"), dict) or not isinstance(state.get("optimiser"), dict):
         return "'net' and 'optimiser' must be mappings"

@@ -5,6 +5,7 @@ refused, an interrupted training resumes to the same explainer."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import signal
@@ -336,3 +337,65 @@ def test_settings_refuse_slic_players():
     with pytest.raises(ConfigError) as info:
         validate_explainer({"name": "amortized", "segments": {"n_segments": 20}}, "cfg.yaml")
     assert "grid" in info.value.message
+
+
+def test_validation_size_keeps_the_default_check_within_a_fifth_of_training():
+    from explain_cli.train import validation_size
+
+    assert validation_size(40, 8, "auto", 1_000_000) == (8, 2000)  # a large training: the full check
+    images, nsamples = validation_size(40, 8, "auto", 50_000)  # 20 %: 10,000 evaluations
+    assert images * nsamples <= 10_000 and nsamples == 2000 and images == 5
+    images, nsamples = validation_size(40, 8, "auto", 5_000)  # 1,000: one image, fewer samples
+    assert (images, nsamples) == (1, 1000)
+    assert validation_size(40, 8, "auto", 100) == (1, 200)  # the floor: a noisier reference is no check
+    assert validation_size(3, 8, 600, 100) == (3, 600)  # asked for: as asked
+
+
+def test_train_sigterm_line_named_refusal_changed_epochs_and_r_in_run_json_and_report(tmp_path):
+    """SIGTERM says where the state is (exit 143); a resume with other pairs is refused naming the key;
+    one with other epochs resumes; validation has progress lines; run.json and the report show r."""
+    (tmp_path / "tinyamo.py").write_text(MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("tinyamo")
+        torch.save(module.make().state_dict(), tmp_path / "tiny.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tinyamo", None)
+    write_folder(tmp_path / "train", 24, seed=3)
+    settings = {"epochs": 100_000, "pairs": 2, "images_per_step": 8, "width": 4, "augment": False,
+                "holdout": 0.25}
+    config = write_config(tmp_path, "cfg.yaml", {"name": "amortized", "checkpoint": "explainer.pt",
+                                                 "segments": {"grid": GRID}, "train": settings})
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]), "OMP_NUM_THREADS": "1"}
+    state = tmp_path / "explainer.pt.train"
+    proc = subprocess.Popen([sys.executable, "-m", "explain_cli", "train", str(config)], cwd=tmp_path, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM during epoch" in stderr and str(state) in stderr and "rerun" in stderr, stderr
+    done = torch.load(state, weights_only=True)["epoch"]
+    refused = cli("train", str(config), "--set", "explainer.train.pairs=3", cwd=tmp_path)
+    assert refused.returncode == 2 and "explainer.train.pairs: 2 -> 3" in refused.stderr, refused.stderr
+    resumed = cli("train", str(config), "--set", f"explainer.train.epochs={done + 1}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {state} after epoch {done} of {done + 1}" in resumed.stderr
+    assert "train: validation image 1/1 against Kernel SHAP" in resumed.stderr  # 6 held out; the budget: 1
+    data = torch.load(tmp_path / "explainer.pt", weights_only=True)
+    assert data["training"]["epochs"] == done + 1 and not state.exists()
+    r = data["validation"]["kernel_median_pearson"]
+    assert data["validation"]["kernel_images"] == 1 and data["validation"]["kernel_nsamples"] == 200
+    run_config = write_config(tmp_path, "run.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "train")
+    ran = cli("run", str(run_config), "--limit", "2", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["explainer_training"]["kernel_median_pearson"] == pytest.approx(r)
+    assert info["explainer_training"]["epochs"] == done + 1
+    assert "Explainer vs Kernel SHAP" in (tmp_path / "out" / "report.html").read_text()

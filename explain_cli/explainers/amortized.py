@@ -66,9 +66,18 @@ class TrainSettings(BaseModel):
                                                      "head has 8 x width")
     holdout: float = Field(0.2, ge=0, lt=1, description="fraction of the images held out for validation")
     augment: bool = Field(True, description="random crops (50-100 % of the area) and horizontal flips")
-    validate_nsamples: int = Field(2000, ge=0, le=100_000, description="kernel evaluations per held-out "
-                                   "image for the final check against Kernel SHAP (0: skip it)")
-    validate_images: int = Field(8, ge=1, le=10_000, description="held-out images in that check")
+    validate_nsamples: int | Literal["auto"] = Field(
+        "auto", description="kernel evaluations per held-out image for the final check against Kernel SHAP "
+                            "(0: skip it); auto: up to 2000, with validate_images, so that the check costs at "
+                            "most 20 % of the training's model evaluations (at least 1 image x 200)")
+    validate_images: int = Field(8, ge=1, le=10_000, description="held-out images in that check (at most)")
+
+    @field_validator("validate_nsamples")
+    @classmethod
+    def _nsamples(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 100_000:
+            raise ValueError("must be 0..100000 or auto")
+        return v
 
 
 class Settings(ExplainerSettings):
@@ -295,6 +304,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if problem:
         raise ConfigError(key, f"{path} is damaged or was not written by explain-cli train: {problem}")
     return data
+
+
+def training_record(config: Any) -> dict[str, Any] | None:
+    """run.json's ``explainer_training``: how the amortized explainer of ``config`` was trained and how
+    far its maps agreed with Kernel SHAP on held-out images (``kernel_median_pearson``), so a run's
+    reader can judge its maps; None for other explainers or an unreadable file (prepare refuses it)."""
+    settings = config.explainer_settings
+    if getattr(settings, "name", None) != "amortized" or not getattr(settings, "checkpoint", None):
+        return None
+    try:
+        data = load_checkpoint(config.resolve(settings.checkpoint))
+    except ConfigError:
+        return None
+    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    validation = data.get("validation") if isinstance(data.get("validation"), dict) else {}
+    keep = ("holdout_images", "val_r2", "kernel_images", "kernel_nsamples", "kernel_median_pearson")
+    return {"file": str(config.resolve(settings.checkpoint)),
+            "images": training.get("images"), "epochs": training.get("epochs"),
+            **{k: validation.get(k) for k in keep}}
 
 
 def _is_int(value: Any, low: int = 1) -> bool:
