@@ -48,7 +48,7 @@ import torch
 from explain_cli import masking
 from explain_cli.config import Config
 from explain_cli.errors import ConfigError, ImageError, UserError
-from explain_cli.explainers import _utils, amortized
+from explain_cli.explainers import _precision, _utils, amortized
 
 #: Tiles a slide config trains on at most (held in memory as images): a seeded sample of the planned tiles.
 MAX_TRAIN_TILES = 4000
@@ -285,6 +285,9 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     model = model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    # precision as in run: the game's evaluations (and the validation's kernel) under autocast, so the
+    # explainer learns the game run will play; the explainer network itself trains in float32.
+    model = _precision.with_precision(model, cfg.precision, dev)
     batch_size, _ = initial_batch_size(cfg.batch_size, dev)
 
     rels = discover_images(input_dir, cfg.input.include, cfg.input.exclude)
@@ -510,7 +513,7 @@ def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn
     settings = kernel.Settings(segments={"grid": grid}, fill=fill, nsamples=nsamples)
     context = ExplainContext(model=model, layer=None, layer_name="input", background=x[:0],
                              mean=tuple(cfg.preprocess.mean), std=tuple(cfg.preprocess.std), device=dev,
-                             batch_size=batch_size, settings=settings)
+                             batch_size=batch_size, settings=settings, precision=cfg.precision)
     explainer = kernel.Explainer(context)
     parts, started, last_line = [], time.monotonic(), 0.0
     for i in range(x.shape[0]):  # one image at a time: a progress line while minutes pass

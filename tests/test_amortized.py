@@ -399,3 +399,92 @@ def test_train_sigterm_line_named_refusal_changed_epochs_and_r_in_run_json_and_r
     assert info["explainer_training"]["kernel_median_pearson"] == pytest.approx(r)
     assert info["explainer_training"]["epochs"] == done + 1
     assert "Explainer vs Kernel SHAP" in (tmp_path / "out" / "report.html").read_text()
+
+
+# The pooling switches with an environment variable: the same weights (same fingerprint) with and
+# without the global-average structure a features explainer reads. SEEN records the autocast dtype
+# of every forward, to tell whether train ran the model under its precision.
+SWITCH_MODEL = textwrap.dedent('''
+    import os
+    import torch
+    from torch import nn
+
+    SEEN = []
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.amax((2, 3)) if os.environ.get("TINY_POOL") == "max" else x.mean((2, 3))
+
+    class Net(nn.Sequential):
+        def forward(self, x):
+            SEEN.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+            return super().forward(x)
+
+    def make(num_classes=3):
+        torch.manual_seed(0)
+        net = Net(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                  Pool(), nn.Linear(16, num_classes))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(2)
+        return net
+''')
+
+
+def test_feature_map_is_found_under_low_precision():
+    """bfloat16 autocast (and a model whose own weights are bfloat16) finds the same feature map and
+    classifier as float32: on the GAP test model and on an untrained torchvision resnet18."""
+    import torchvision
+
+    from explain_cli.explainers import _precision
+
+    namespace: dict[str, Any] = {}
+    exec(GAP_MODEL, namespace)
+    for model, size, outputs in ((namespace["make"]().eval(), SIZE, 3),
+                                 (torchvision.models.resnet18(num_classes=10).eval(), 64, 10)):
+        plain = amortized.find_feature_map(model, size, 3, outputs)
+        assert plain is not None
+        low = amortized.find_feature_map(_precision.with_precision(model, "bfloat16", torch.device("cpu")),
+                                         size, 3, outputs)
+        assert low is not None and low[0] is plain[0] and low[1] is plain[1]
+        halved = amortized.find_feature_map(model.to(torch.bfloat16), size, 3, outputs)
+        assert halved is not None and halved[1] is plain[1]
+
+
+def test_train_honours_precision_and_validate_probes_like_run(tmp_path):
+    """train runs the model under the config's precision (and refuses float16 on the CPU, exit 2 naming
+    ``precision``); a features explainer trained under bfloat16 runs under bfloat16; on the same weights
+    without global average pooling, validate and run both refuse it for that reason (exit 2)."""
+    from explain_cli.errors import ConfigError
+
+    (tmp_path / "tinyswitch.py").write_text(SWITCH_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("tinyswitch")
+        torch.save(module.make().state_dict(), tmp_path / "tiny.pt")
+        write_folder(tmp_path / "train", 48, seed=1)
+        write_folder(tmp_path / "held", 2, seed=2)
+        explainer = {"name": "amortized", "checkpoint": "explainer.pt", "segments": {"grid": GRID}, "fill": "mean",
+                     "train": {**TRAIN, "epochs": 1, "validate_nsamples": 0, "network": "features"}}
+        config = write_config(tmp_path, "train.yaml", explainer, module="tinyswitch", precision="bfloat16")
+        with pytest.raises(ConfigError) as info:
+            train(load_config(config, ["precision=float16"]), tmp_path / "f16.pt")
+        assert info.value.key == "precision"
+        module.SEEN.clear()
+        train(load_config(config), tmp_path / "explainer.pt")
+        # float32: counting the outputs and the structure probe (find_feature_map); every game
+        # evaluation after them under bfloat16
+        assert module.SEEN[:2] == [torch.float32] * 2 and len(module.SEEN) > 4
+        assert set(module.SEEN[2:]) == {torch.bfloat16}
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tinyswitch", None)
+    assert torch.load(tmp_path / "explainer.pt", weights_only=True)["network"]["kind"] == "features"
+    run_config = write_config(tmp_path, "run.yaml", {"name": "amortized", "checkpoint": "explainer.pt"}, "held",
+                              module="tinyswitch", precision="bfloat16")
+    for command, extra in (("validate", ()), ("run", ("--output", str(tmp_path / "out-max")))):
+        done = cli(command, str(run_config), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        done = cli(command, str(run_config), *extra, cwd=tmp_path, env={"TINY_POOL": "max"})
+        assert done.returncode == 2, (command, done.stderr)
+        assert "not a linear layer of the global average of a feature map" in done.stderr, (command, done.stderr)

@@ -38,7 +38,7 @@ from torch import nn
 
 from explain_cli import masking
 from explain_cli.errors import ConfigError
-from explain_cli.explainers import _utils, base
+from explain_cli.explainers import _precision, _utils, base
 from explain_cli.explainers.base import Attribution, ExplainerSettings
 from explain_cli.masking import SegmentSettings
 from explain_cli.targets import BatchTargets, as_targets
@@ -207,18 +207,33 @@ def forward_reading_features(model: nn.Module, rows: torch.Tensor, batch_size: i
     return torch.cat([head, _utils.forward_in_chunks(model, rows[keep:], batch_size)]), torch.cat(maps)
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` equal up to rounding in the coarser of their dtypes: a model whose own weights
+    are bfloat16 rounds at 8e-3, where a fixed float32 tolerance would see no structure at all."""
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+    tol = max(1e-4, 16 * eps)
+    return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
+
+
 def find_feature_map(model: nn.Module, size: int, channels: int, num_outputs: int,
                      device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Linear] | None:
     """(feature module, classifier) when the model's outputs are a linear layer of the global
     average of a (N, D, h, w) feature map, checked numerically on a probe of two random images;
-    None otherwise (other heads, token models, extra layers after the pooling)."""
+    None otherwise (other heads, token models, extra layers after the pooling).
+
+    The probe runs the model without its ``precision`` wrapper, in float32: the structure is a
+    property of the layers, and under bfloat16 autocast the pooled vector and the mean of the map
+    differ by bfloat16 rounding (8e-3), which a float32 tolerance reads as "no feature map"."""
+    model = _precision.unwrap(model)
     records: list[tuple[nn.Module, Any, Any]] = []
     handles = [m.register_forward_hook(lambda mod, inp, out: records.append((mod, inp, out)))
                for name, m in model.named_modules() if name]
     try:
         with torch.no_grad():
-            probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-            out = model(probe)
+            probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+            param = next(model.parameters(), None)
+            out = model(probe.to(device=device, dtype=param.dtype if param is not None and param.is_floating_point()
+                                 else torch.float32))
     finally:
         for h in handles:
             h.remove()
@@ -226,18 +241,38 @@ def find_feature_map(model: nn.Module, size: int, channels: int, num_outputs: in
         return None
     for i in range(len(records) - 1, -1, -1):
         mod, inp, res = records[i]
-        if isinstance(mod, nn.Linear) and isinstance(res, torch.Tensor) and res.shape == out.shape \
-                and torch.allclose(res.float(), out.float(), rtol=1e-4, atol=1e-5):
+        if isinstance(mod, nn.Linear) and isinstance(res, torch.Tensor) and res.shape == out.shape and _close(res, out):
             pooled = inp[0] if inp else None
             if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2:
                 return None
             for j in range(i - 1, -1, -1):
                 fmod, _, f = records[j]
                 if isinstance(f, torch.Tensor) and f.dim() == 4 and f.shape[:2] == pooled.shape \
-                        and f.shape[2] * f.shape[3] > 1 and torch.allclose(f.float().mean((2, 3)), pooled.float(), rtol=1e-4, atol=1e-5):
+                        and f.shape[2] * f.shape[3] > 1 and _close(f.float().mean((2, 3)), pooled):
                     return fmod, mod
             return None
     return None
+
+
+def feature_map_for(data: dict[str, Any], model: nn.Module, channels: int, path: Path | str,
+                    device: torch.device | str = "cpu", source: str | None = None) -> tuple[nn.Module, nn.Linear] | None:
+    """The feature module and classifier a features checkpoint ``data`` reads in ``model`` (None for
+    a pixels checkpoint); refuses (exit 2) a model without that structure or of another feature size.
+    ``check_run`` (so ``validate``) and the explainer (``run``) call this one probe, so both refuse
+    the same checkpoints for the same reason."""
+    if data["network"]["kind"] != "features":
+        return None
+    found = find_feature_map(model, int(data["preprocess"]["size"]), channels, int(data["model"]["outputs"]), device)
+    dim = int(data["network"]["dim"])
+    if found is None:
+        refuse(path, ["it is a features explainer, which reads the feature map before the model's global "
+                      "average pooling and linear classifier, and this model's outputs are not a linear layer of "
+                      "the global average of a feature map (train a pixels explainer: train.network: pixels)"],
+               source)
+    if found[1].in_features != dim:
+        refuse(path, [f"it reads a {dim}-channel feature map before global pooling; this model's has "
+                      f"{found[1].in_features} channels"], source)
+    return found
 
 
 def raw_values(net: nn.Module, x: torch.Tensor, fills: torch.Tensor, features: torch.Tensor | None,
@@ -431,6 +466,9 @@ class Explainer(base.Explainer):
                                 arch=config.model.arch, preprocess=preprocess_record(config.preprocess),
                                 grid=None if settings.segments is None else settings.segments.grid,
                                 fill=settings.fill), config._source)
+        param = next(model.parameters(), None)
+        feature_map_for(data, model, len(config.preprocess.mean), path,
+                        param.device if param is not None else "cpu", config._source)
         settings.checkpoint = str(path)
 
     def __init__(self, context: base.ExplainContext) -> None:
@@ -455,13 +493,8 @@ class Explainer(base.Explainer):
         self.features: nn.Module | None = None
         self.classifier: nn.Linear | None = None
         if isinstance(self.net, FeatureNet):
-            size = int(self.data["preprocess"]["size"])
-            found = find_feature_map(context.model, size, len(context.mean), int(self.data["model"]["outputs"]),
-                                     context.device)
-            if found is None or found[1].in_features != int(self.data["network"]["dim"]):
-                refuse(path, ["it reads the model's feature map before global pooling, and this model has none "
-                              "of the recorded size"])
-            self.features, self.classifier = found
+            self.features, self.classifier = feature_map_for(self.data, context.model, len(context.mean), path,
+                                                             context.device)
         self.net.to(context.device).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
