@@ -502,3 +502,24 @@ def test_class_entries_are_stripped_so_top_k_and_label_keep_their_meaning():
     assert targets.TargetsConfig(classes=["top_k ", " tumor"]).classes == ["top_k", "tumor"]
     with pytest.raises(ValueError, match="from_csv"):
         targets.TargetsConfig(classes=[" label"])  # still needs the truth CSV, not a class named ' label'
+
+
+@pytest.mark.parametrize("explainer", ["deep", "partition"])
+def test_sigmoid_negative_class_is_exact_for_deep_and_partition_with_metrics(binary_project, explainer):
+    """The negative class of a two-name sigmoid model goes through deep's exact rules and the masked
+    outputs of partition: values sum to the explained probability; the metrics read 1 - p for it."""
+    (binary_project / "labels.txt").write_text("normal\ntumor\n")
+    proc = _cli("run", binary_project / "config.yaml", "--no-progress", "--explainer", explainer,
+                "--class", "normal", "--class", "tumor", "--set", "targets.output=probability",
+                "--set", "metrics=[deletion]", "--set", "model.layer=input")
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics failed" not in proc.stderr
+    rows = _rows(binary_project / "out" / "topk.csv")
+    assert len(rows) == 6
+    for normal, tumor in zip(rows[::2], rows[1::2]):
+        assert (normal["class_name"], tumor["class_name"]) == ("normal", "tumor")
+        assert abs(float(normal["output"]) + float(tumor["output"]) - 1) < 1e-5  # p(normal) = 1 - p(tumour)
+        for row in (normal, tumor):
+            gap = float(row["output"]) - float(row["base_value"])
+            assert abs(float(row["shap_sum"]) - gap) <= 1e-3 * max(abs(gap), 1e-3)
+            assert row["deletion_auc"] != ""
