@@ -163,9 +163,22 @@ class OutputConfig(_Section):
         default="gray", description="what the class panels show under the map: gray (the image in gray at 45% "
         "opacity, 2nd-98th percentile contrast stretch), heat (the colour image at 80%), shap "
         "(shap.image_plot's faint 15% gray)")
-    caption: bool = Field(default=True, description="a line under the overlay: image, explainer, layer")
+    caption: bool = Field(default=True, description="a line under the overlay: image, explainer, layer, and "
+                          "each map's stability and additivity error when known")
+    scale: Literal["per_image", "run"] | float = Field(
+        default="per_image", description="the overlays' colour limit: per_image (each image its own), run (one "
+        "limit for the whole run, from a calibration sample every shard agrees on) or a positive number")
 
     _dir_given = field_validator("dir")(_path_given)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        if v in ("per_image", "run"):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+        raise ValueError(f"must be per_image, run or a positive number (a fixed colour limit), got {v!r}")
 
 
 class TissueConfig(_Section):

@@ -383,6 +383,7 @@ def merge(output_dir: Path) -> MergeSummary:
             "shard_seconds_total": round(sum(seconds), 3) if seconds else None,
             "versions": first.get("versions"),
             "metrics": _merged_metrics(infos, topk),
+            "overlay_scale": _merged_scale(infos),
             "per_shard": per_shard,
             # every shard's run records (reruns included), oldest first
             "runs": sorted((r for info in infos.values() for r in (info.get("runs") or []) if isinstance(r, dict)),
@@ -408,6 +409,32 @@ def _stitch_slides(output_dir: Path, config: Any) -> None:
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     write_heatmaps(output_dir, output_dir / "topk.csv", output_dir / "errors.csv", str(explainer.get("name", "?")),
                    str(model.get("layer", "?")), bool(heatmap.get("tiff", False)))
+
+
+def _merged_scale(infos: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The shards' ``overlay_scale`` (explain_cli/overlay_scale.py): one entry when they agree
+    (the same calibration gives the same limit; 0.1 % allows another device's rounding), else
+    each shard's, with a warning: their overlays are then drawn on different scales."""
+    import logging
+
+    entries = [info.get("overlay_scale") for _, info in sorted(infos.items())]
+    known = [e for e in entries if isinstance(e, dict)]
+    if not known:
+        return None
+    limits = [e.get("limit") for e in known]
+    same_mode = len({e.get("mode") for e in known}) == 1
+    numbers = [v for v in limits if isinstance(v, (int, float))]
+    agree = same_mode and len(known) == len(entries) and (
+        len(numbers) == 0 and all(v is None for v in limits)
+        or len(numbers) == len(limits) and max(numbers) <= min(numbers) * 1.001)
+    if agree:
+        return known[0]
+    shown = ", ".join(f"shard {i}: " + (f"{e.get('mode')} {e.get('limit')}" if isinstance(e, dict) else "none")
+                      for i, e in enumerate(entries))
+    logging.getLogger("explain_cli").warning(
+        "merge: the shards drew their overlays on different colour scales (output.scale; %s); rerun the "
+        "shards that differ with --overwrite to put them on one", shown)
+    return {"mode": "differs", "per_shard": entries}
 
 
 def _merged_metrics(infos: dict[int, dict[str, Any]], topk: list[list[str]]) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from explain_cli import __version__
 from explain_cli import names as _names
-from explain_cli import resume, targets
+from explain_cli import overlay_scale, resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ImageError, NothingSelected, UserError
@@ -80,6 +80,7 @@ class Prepared:
     walk_errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): errors.csv rows
     left_out: dict[str, int] = field(default_factory=dict)  # files the patterns left out: excluded, not_included
     slides: Any = None  # slides.plan.SlidePlans of a slide run: the images are its tiles
+    overlay_limit: float | None = None  # output.scale's colour limit for every overlay (None: each its own)
 
     @property
     def source(self) -> Any:
@@ -373,7 +374,8 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
                    segments=None if segments is None else segments[j],
                    values_path=None if values_path is None else str(values_path), classes=classes,
                    style=prep.config.output.style, caption=overlay_caption(prep, rel),
-                   value_std=None if attribution.value_std is None else attribution.value_std[j][slots])
+                   value_std=None if attribution.value_std is None else attribution.value_std[j][slots],
+                   limit=prep.overlay_limit, trust=overlay_trust(attribution, j, slots))
     err = attribution.additivity_error[j]
     used = getattr(attribution, "nsamples_used", None)
     used_cell = None if used is None else int(used[j])
@@ -395,6 +397,16 @@ def write_job(prep: Prepared, rel: str, j: int, pixels: np.ndarray, attribution,
             + slide_cells(prep, rel, job.values[i])
             for i, (r, c, name) in enumerate(zip(slots, classes, names))]
     return job, rows
+
+
+def overlay_trust(attribution, j: int, slots) -> list:
+    """What the overlay says about each map's trust: its topk.csv stability, additivity error,
+    output and base value (render.Trust)."""
+    from explain_cli.render import Trust
+
+    return [Trust(stability=_cell(attribution.stability, j, r), additivity_error=_cell(attribution.additivity_error, j, r),
+                  output=_cell(attribution.outputs, j, r), base_value=_cell(attribution.base_values, j, r))
+            for r in slots]
 
 
 def slide_cells(prep: Prepared, rel: str, values: np.ndarray) -> list[Any]:
@@ -585,6 +597,9 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
             "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
         }
         runs = earlier_runs(run_json)  # every run into this folder keeps its record, newest last
+        previous_scale = overlay_scale.stored(run_json) if listed or failed_before else None  # a resume keeps it
+        if previous_scale is not None:  # what the overlays already written were drawn with
+            run_info["overlay_scale"] = previous_scale
         run_info["runs"] = runs + [run_record(run_info, None)]
         write_json(run_json, run_info)
         failure: str | None = None
@@ -608,6 +623,10 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                     background = (load_background(prep) if prep.explainer_class.uses_background
                                   else empty_background(prep))
                     explainer = make_explainer(prep, background)
+                    if tile_overlays:  # the colour limit is known before the first overlay (overlay_scale.py)
+                        prep.overlay_limit, run_info["overlay_scale"] = overlay_scale.resolve(
+                            prep, explainer, previous_scale, stop.check)
+                        write_json(run_json, run_info)
                     step = getattr(explainer, "images_per_step", 8)
                     writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
                     per_image = getattr(explainer, "evaluations_per_image", lambda: None)()

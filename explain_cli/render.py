@@ -7,7 +7,11 @@ contrast-stretched grayscale at 45 % opacity, more visible than shap's 15 %), al
 symmetric colour scale, a horizontal "SHAP value" colour bar below, and a one-line caption
 (image, explainer, layer) at the bottom. Unlike ``shap.image_plot`` it works for any k (shap raises for some k, e.g. 3),
 for layer-sized attributions (upsampled to the image) and for superpixel explainers
-(each segment filled with its value, boundaries drawn faintly).
+(each segment filled with its value, boundaries drawn faintly). Given each map's ``Trust``
+(topk.csv's numbers), the caption ends with their stability and additivity error, a map below
+the trust threshold is faded with a note under its panel, and a map of numeric residue is drawn
+empty with the note "no attribution" (docs/trust.md, "On the overlay"). The colour limit is the
+image's own, or one given for the run (``output.scale``, explain_cli/overlay_scale.py).
 
 Why no matplotlib: this runs once per image for 10^4-10^6 images, and with matplotlib even a
 stripped-down figure (one axes, no pyplot, no colorbar axes) cost ~85 ms CPU per SVG and ~55 ms
@@ -48,11 +52,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from explain_cli.metrics import UNSTABLE
 from explain_cli.write import atomic_write_bytes
 
-__all__ = ["Layout", "STYLES", "Style", "channel_map", "fit_caption", "clean_text", "colorbar_ticks", "colormap", "compose_panels",
-           "fit_title", "format_title", "layout", "overlay_bytes", "render_overlay", "segment_fill",
-           "symmetric_limit", "RED_TRANSPARENT_BLUE_LUT"]
+__all__ = ["Layout", "STYLES", "Style", "Trust", "channel_map", "fit_caption", "clean_text", "colorbar_ticks", "colormap",
+           "compose_panels", "fit_title", "format_title", "layout", "no_attribution", "overlay_bytes", "render_overlay",
+           "segment_fill", "symmetric_limit", "trust_caption", "RED_TRANSPARENT_BLUE_LUT"]
 
 
 def _red_transparent_blue_lut(n: int = 256) -> np.ndarray:
@@ -97,8 +102,19 @@ STYLES = {"gray": Style("gray", 0.45, (2.0, 98.0)), "shap": Style("gray", GRAY_A
 DEFAULT_STYLE = "gray"
 #: Limit used when every attribution is zero (or not finite): keeps the colour scale valid.
 MIN_LIMIT = 1e-8
+#: A map is "no attribution" when the sum of |value| over its channel sum (all its colours could
+#: show) is below this share of the explained output's magnitude (at least 1). The float32
+#: rounding residue of the outputs a map is made from (about 1.2e-7 of them per model call, a
+#: few hundred calls) lies far below it, and so does an attribution that could not move the
+#: output by a thousandth (a probability by 0.1 point): a per-image colour scale would stretch
+#: either to full colour. The values themselves stay in topk.csv and values/*.npz.
+NEGLIGIBLE = 1e-3
+#: An untrusted map (unstable, or additivity error beyond |output - base|) is drawn with its
+#: colours at this share of their opacity: still there to look at, visibly not like a good one.
+FADED = 0.35
 
-TITLE_PT, MIN_TITLE_PT, TICK_PT, LABEL_PT, CAPTION_PT = 9.0, 6.0, 7.0, 8.0, 6.5
+TITLE_PT, MIN_TITLE_PT, TICK_PT, LABEL_PT, CAPTION_PT, NOTE_PT = 9.0, 6.0, 7.0, 8.0, 6.5, 6.5
+NOTE_WARN, NOTE_PLAIN = (176, 0, 32), (85, 85, 85)  # a faded map's note / "no attribution"
 _FONT_FAMILY = "DejaVu Sans, Bitstream Vera Sans, Arial, Helvetica, sans-serif"
 
 # XML 1.0 cannot hold C0 controls (except tab/newline/return), lone surrogates or U+FFFE/FFFF,
@@ -125,6 +141,83 @@ def format_title(name: str, probability: float, label: bool = False, contrast: s
     if contrast is not None:
         head += f" rather than {clean_text(contrast)}"
     return f"{head}: p = {float(probability):.2f}"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What topk.csv says about one map, for its panel: ``stability`` (None: not computed), and
+    the explained ``output``, its ``base_value`` and ``additivity_error`` (None: not known)."""
+
+    stability: float | None = None
+    additivity_error: float | None = None
+    output: float | None = None
+    base_value: float | None = None
+
+    @property
+    def delta(self) -> float | None:
+        """|output - base_value|: what the map's values should sum to, in magnitude."""
+        if self.output is None or self.base_value is None:
+            return None
+        return abs(self.output - self.base_value)
+
+    @property
+    def scale(self) -> float:
+        """The magnitude numeric noise is judged against: the larger of |output|, |base| and 1."""
+        return max([1.0] + [abs(v) for v in (self.output, self.base_value) if v is not None and math.isfinite(v)])
+
+    @property
+    def unstable(self) -> bool:
+        return self.stability is not None and self.stability < UNSTABLE
+
+    @property
+    def not_additive(self) -> bool:
+        """The values miss output - base by more than output - base itself."""
+        delta = self.delta
+        return self.additivity_error is not None and delta is not None and self.additivity_error > delta
+
+    def relative_error(self) -> str | None:
+        """The additivity error as a share of |output - base|, for the caption."""
+        delta = self.delta
+        if self.additivity_error is None or delta is None:
+            return None
+        if delta == 0:
+            return "0%" if self.additivity_error == 0 else f"{self.additivity_error:.2g} (output = base)"
+        share = self.additivity_error / delta
+        return f"{share:.1%}" if share < 0.1 else f"{share:.0%}"
+
+    def note(self) -> str:
+        """Why the panel is faded ("" when it is not), short enough for the line under a panel."""
+        if self.unstable and self.not_additive:
+            return f"faded: unstable ({self.stability:.2f}), additivity error {self.relative_error()}"
+        if self.unstable:
+            return f"faded: unstable (stability {self.stability:.2f})"
+        if self.not_additive:
+            return f"faded: additivity error {self.relative_error()}"
+        return ""
+
+
+def no_attribution(values: np.ndarray, scale: float = 1.0) -> bool:
+    """Whether a map (C, h, w) says nothing: the sum of |value| of its channel sum is at most
+    ``NEGLIGIBLE * max(scale, 1)`` (``scale``: Trust.scale), or no value is finite. Such a map is
+    drawn empty with a note instead of having its residue stretched over the whole colour scale.
+    The sum, not the largest value: partition spreads a real effect thinly over many pixels."""
+    summed = np.abs(np.asarray(values, dtype=np.float64).sum(axis=-3))
+    finite = summed[np.isfinite(summed)]
+    return finite.size == 0 or float(finite.sum()) <= NEGLIGIBLE * max(float(scale), 1.0)
+
+
+def trust_caption(trust: Sequence[Trust]) -> str:
+    """The caption's numbers, one per panel in order: "stability 0.94, 0.36  ·  additivity error
+    0.4%, 121% of |output − base|"; a part whose numbers are unknown for every panel is left out."""
+    parts = []
+    stab = [t.stability for t in trust]
+    if any(v is not None for v in stab):
+        parts.append("stability " + ", ".join("\u2013" if v is None else f"{v:.2f}" for v in stab))
+    errors = [t.relative_error() for t in trust]
+    if any(e is not None for e in errors):
+        parts.append("additivity error " + ", ".join("\u2013" if e is None else e for e in errors)
+                     + " of |output \u2212 base|")
+    return "  \u00b7  ".join(parts)
 
 
 # --- fonts and text -----------------------------------------------------------------------------
@@ -291,14 +384,15 @@ def _lut_index(maps: np.ndarray, limit: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _blend_table(opacity: float = GRAY_ALPHA) -> np.ndarray:
+def _blend_table(opacity: float = GRAY_ALPHA, strength: float = 1.0) -> np.ndarray:
     """Every panel colour: (colour-map bin 0..256 with 256 = NaN) x (image level 0..255)
-    -> RGB uint8, the colour map's RGBA over the image level faded to ``opacity`` on white
+    -> RGB uint8, the colour map's RGBA (its alpha times ``strength``: FADED for an untrusted
+    map) over the image level faded to ``opacity`` on white
     (shap draws the gray image at alpha 0.15 on white, then the map on top). A panel is then
     one table look-up per pixel (per channel for a colour base)."""
     lut = np.concatenate([RED_TRANSPARENT_BLUE_LUT, np.zeros((1, 4))])
     faded = 1.0 - opacity + opacity * np.arange(256) / 255.0
-    alpha = lut[:, None, 3:4]
+    alpha = lut[:, None, 3:4] * strength
     rgb = lut[:, None, :3] * alpha + faded[None, :, None] * (1.0 - alpha)
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).reshape(-1, 3)
 
@@ -328,10 +422,11 @@ def _boundaries(segments: np.ndarray) -> np.ndarray:
 
 
 def _panel_rgb(base: np.ndarray, smap: np.ndarray, limit: float,
-               boundary: np.ndarray | None, opacity: float = GRAY_ALPHA) -> np.ndarray:
-    """Composite one class panel: the colour map (with its alpha) over the faded image (``base``
-    (H, W) gray levels, or (H, W, 3) colour), then the faint boundaries. Returns (H, W, 3) uint8."""
-    table = _blend_table(opacity)
+               boundary: np.ndarray | None, opacity: float = GRAY_ALPHA, strength: float = 1.0) -> np.ndarray:
+    """Composite one class panel: the colour map (with its alpha times ``strength``) over the faded
+    image (``base`` (H, W) gray levels, or (H, W, 3) colour), then the faint boundaries. Returns
+    (H, W, 3) uint8."""
+    table = _blend_table(opacity, strength)
     index = _lut_index(smap, limit)
     index *= 256
     if base.ndim == 2:
@@ -356,13 +451,28 @@ def _as_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def compose_panels(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None, *,
-                   segments: np.ndarray | None = None, style: str = DEFAULT_STYLE) -> tuple[list[np.ndarray], float]:
+                   segments: np.ndarray | None = None, style: str = DEFAULT_STYLE, limit: float | None = None,
+                   trust: Sequence[Trust] | None = None) -> tuple[list[np.ndarray], float]:
     """The k+1 panels of the figure at the image's resolution, and the colour limit.
 
     ``pixels`` is the (H, W, 3) uint8 image fed to the model, ``values`` the (k, C, h, w)
     attributions in rank order (or (C, h, w) for one class), ``segments`` an optional (H, W)
     label map. Panel 0 is the image itself, panel i the composite of class i-1, (H, W, 3) uint8.
+    ``limit``: the colour scale's limit (``output.scale`` run or a number); None: this image's
+    own (:func:`symmetric_limit` of its maps). ``trust``: one :class:`Trust` per class; a map
+    without attribution is drawn empty, an untrusted one faded (see :func:`_compose`).
     """
+    panels, limit, _ = _compose(pixels, values, n_titles, segments=segments, style=style, limit=limit, trust=trust)
+    return panels, limit
+
+
+def _compose(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None, *,
+             segments: np.ndarray | None = None, style: str = DEFAULT_STYLE, limit: float | None = None,
+             trust: Sequence[Trust] | None = None) -> tuple[list[np.ndarray], float, list[tuple[str, bool]]]:
+    """:func:`compose_panels` plus each class panel's note and whether it is a warning:
+    ("no attribution", False) for a map within numeric noise of zero (drawn empty, left out of
+    the per-image limit), (Trust.note(), True) for an unstable or non-additive map (drawn
+    FADED), ("", False) otherwise."""
     pixels = _as_pixels(pixels)
     H, W = pixels.shape[:2]
     values = np.asarray(values)
@@ -373,16 +483,30 @@ def compose_panels(pixels: np.ndarray, values: np.ndarray, n_titles: int | None 
     k = values.shape[0]
     if n_titles is not None and n_titles != k:
         raise ValueError(f"{n_titles} titles for {k} classes")
+    trust = list(trust) if trust is not None else [Trust()] * k
+    if len(trust) != k:
+        raise ValueError(f"{len(trust)} trust entries for {k} classes")
     maps = channel_map(values, (H, W))
     boundary = None
     if segments is not None:
         seg = np.asarray(segments)
         maps = segment_fill(maps, seg)
         boundary = _boundaries(seg)
-    limit = symmetric_limit(maps)
+    empty = [no_attribution(values[i], trust[i].scale) for i in range(k)]
+    if limit is None:
+        shown = [i for i in range(k) if not empty[i]]
+        limit = symmetric_limit(maps[shown]) if shown else MIN_LIMIT
+    elif not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"the colour limit must be a positive number, got {limit!r}")
     look = STYLES[style]
     base = _gray_levels(pixels, look.stretch) if look.base == "gray" else pixels.astype(np.intp)
-    return [pixels] + [_panel_rgb(base, maps[i], limit, boundary, look.opacity) for i in range(k)], limit
+    panels, notes = [pixels], []
+    for i in range(k):
+        note = "" if empty[i] else trust[i].note()
+        smap = np.zeros_like(maps[i]) if empty[i] else maps[i]
+        panels.append(_panel_rgb(base, smap, limit, boundary, look.opacity, FADED if note else 1.0))
+        notes.append(("no attribution", False) if empty[i] else (note, bool(note)))
+    return panels, float(limit), notes
 
 
 # --- layout -------------------------------------------------------------------------------------
@@ -407,12 +531,15 @@ class Layout:
     tick_label_y: float
     label_y: float
     caption_y: float = 0.0  # top of the caption line (0: no caption)
+    note_y: float = 0.0  # top of the line of panel notes under the panels (0: no notes)
 
 
-def layout(k: int, image_size: tuple[int, int], caption: bool = False) -> Layout:
+def layout(k: int, image_size: tuple[int, int], caption: bool = False, notes: bool = False) -> Layout:
     """The figure layout for k classes and an (H, W) image: panels side by side in
     ``PANEL_INCHES`` cells, titles above, the colour bar centred below (as image_plot), and
-    with ``caption`` one more line at the bottom."""
+    with ``caption`` one more line at the bottom; with ``notes`` a line under the panels for
+    their notes ("no attribution", why a map is faded). Without either, the layout is as before
+    they existed, so such overlays keep their bytes."""
     H, W = image_size
     pt = 72.0
     pw = PANEL_INCHES * pt
@@ -420,7 +547,8 @@ def layout(k: int, image_size: tuple[int, int], caption: bool = False) -> Layout
     gap, title_h, bar_gap, bar_h, bottom = 0.08 * pt, 0.32 * pt, 0.12 * pt, 0.12 * pt, 0.42 * pt
     width = (k + 1) * pw + gap
     caption_h = 0.16 * pt if caption else 0.0
-    height = title_h + ph + bar_gap + bar_h + bottom + caption_h
+    note_h = 0.14 * pt if notes else 0.0
+    height = title_h + ph + note_h + bar_gap + bar_h + bottom + caption_h
     cell_w = pw - gap
     scale = min(cell_w / W, ph / H)
     iw, ih = W * scale, H * scale
@@ -428,27 +556,31 @@ def layout(k: int, image_size: tuple[int, int], caption: bool = False) -> Layout
                    for i in range(k + 1))
     title_x = tuple(gap + i * pw + cell_w / 2 for i in range(1, k + 1))
     bar_w = min(0.6 * width, 4.0 * pt)
-    bar_y = title_h + ph + bar_gap
+    bar_y = title_h + ph + note_h + bar_gap
     return Layout(width=width, height=height, panels=panels, title_x=title_x,
                   title_y=title_h - 0.06 * pt, title_width=cell_w,
                   bar=((width - bar_w) / 2, bar_y, bar_w, bar_h), tick_len=0.03 * pt,
                   tick_label_y=bar_y + bar_h + 0.05 * pt, label_y=bar_y + bar_h + 0.2 * pt,
-                  caption_y=bar_y + bar_h + bottom - 0.02 * pt if caption else 0.0)
+                  caption_y=bar_y + bar_h + bottom - 0.02 * pt if caption else 0.0,
+                  note_y=title_h + ph + 0.04 * pt if notes else 0.0)
 
 
-def fit_caption(text: str, width_pt: float) -> str:
-    """The caption cut with an ellipsis to ``width_pt`` at CAPTION_PT (never shrunk)."""
-    text = clean_text(text)[:_MAX_CHARS]
-    if text_width_pt(text, CAPTION_PT) <= width_pt:
-        return text
+def fit_caption(text: str, width_pt: float, tail: str = "", size_pt: float = CAPTION_PT) -> str:
+    """The caption ``text + tail`` cut with an ellipsis to ``width_pt`` at ``size_pt`` (never
+    shrunk); the cut falls in ``text``, so a ``tail`` (the trust numbers) stays whole if it fits."""
+    text, tail = clean_text(text)[:_MAX_CHARS], clean_text(tail)[:_MAX_CHARS]
+    if text_width_pt(text + tail, size_pt) <= width_pt:
+        return text + tail
+    if text_width_pt("\u2026" + tail, size_pt) > width_pt:
+        text, tail = text + tail, ""
     lo, hi = 0, len(text)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if text_width_pt(text[:mid].rstrip() + "\u2026", CAPTION_PT) <= width_pt:
+        if text_width_pt(text[:mid].rstrip() + "\u2026" + tail, size_pt) <= width_pt:
             lo = mid
         else:
             hi = mid - 1
-    return text[:lo].rstrip() + "\u2026"
+    return text[:lo].rstrip() + "\u2026" + tail
 
 
 def colorbar_ticks(limit: float) -> list[float]:
@@ -509,7 +641,7 @@ def _png(rgb: np.ndarray, dpi: int | None = None) -> bytes:
 
 
 def _png_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], limit: float,
-                lay: Layout, dpi: int, caption: str = "") -> bytes:
+                lay: Layout, dpi: int, caption: str = "", notes: Sequence[tuple[str, bool]] = ()) -> bytes:
     s = dpi / 72.0
 
     def px(v: float) -> int:
@@ -542,6 +674,10 @@ def _png_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], limit
     if caption:
         draw.text((lay.panels[0][0] * s, lay.caption_y * s), caption, fill=(85, 85, 85),
                   font=_font(CAPTION_PT * s), anchor="la")
+    for (text, warn), x in zip(notes, lay.title_x):
+        if text:
+            draw.text((x * s, lay.note_y * s), text, fill=NOTE_WARN if warn else NOTE_PLAIN,
+                      font=_font(NOTE_PT * s), anchor="ma")
     return _png(np.asarray(image), dpi)
 
 
@@ -558,7 +694,8 @@ def _num(v: float) -> str:
 
 
 def _svg_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], full_titles: list[str],
-                limit: float, lay: Layout, dpi: int, caption: str = "") -> bytes:
+                limit: float, lay: Layout, dpi: int, caption: str = "",
+                notes: Sequence[tuple[str, bool]] = ()) -> bytes:
     # width/height in pixels at ``dpi`` (the size of the PNG at that dpi); content in points
     s = dpi / 72.0
     # SVG places text by its baseline; the PNG (Pillow anchors) by its ascender/descender line
@@ -603,6 +740,12 @@ def _svg_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], full_
     if caption:
         out.append(f'<text id="caption" x="{_num(lay.panels[0][0])}" y="{_num(lay.caption_y + ascent * CAPTION_PT)}" '
                    f'font-size="{_num(CAPTION_PT)}" fill="#555555">{_xml(caption)}</text>\n')
+    for i, ((text, warn), x) in enumerate(zip(notes, lay.title_x), start=1):
+        if text:
+            colour = "#{:02x}{:02x}{:02x}".format(*(NOTE_WARN if warn else NOTE_PLAIN))
+            kind = "warning" if warn else "empty"
+            out.append(f'<text id="note-{i}" class="{kind}" x="{_num(x)}" y="{_num(lay.note_y + ascent * NOTE_PT)}" '
+                       f'font-size="{_num(NOTE_PT)}" text-anchor="middle" fill="{colour}">{_xml(text)}</text>\n')
     out.append('</g>\n</svg>\n')
     return "".join(out).encode("utf-8")
 
@@ -611,7 +754,8 @@ def _svg_figure(panels: list[np.ndarray], titles: list[tuple[str, float]], full_
 
 def overlay_bytes(pixels: np.ndarray, values: np.ndarray, titles: Sequence[str], *,
                   fmt: str = "svg", dpi: int = 100, segments: np.ndarray | None = None,
-                  style: str = DEFAULT_STYLE, caption: str = "") -> bytes:
+                  style: str = DEFAULT_STYLE, caption: str = "", limit: float | None = None,
+                  trust: Sequence[Trust] | None = None) -> bytes:
     """The overlay file's content (see :func:`render_overlay`)."""
     if fmt not in ("svg", "png"):
         raise ValueError(f"unsupported overlay format {fmt!r} (svg or png)")
@@ -620,19 +764,24 @@ def overlay_bytes(pixels: np.ndarray, values: np.ndarray, titles: Sequence[str],
     dpi = int(dpi)
     if dpi < 1:
         raise ValueError(f"dpi must be positive, got {dpi}")
-    panels, limit = compose_panels(pixels, values, len(titles), segments=segments, style=style)
-    lay = layout(len(panels) - 1, panels[0].shape[:2], caption=bool(caption))
+    panels, limit, notes = _compose(pixels, values, len(titles), segments=segments, style=style, limit=limit,
+                                    trust=trust)
+    lay = layout(len(panels) - 1, panels[0].shape[:2], caption=bool(caption), notes=any(n for n, _ in notes))
     full = [clean_text(t) for t in titles]
     fitted = [fit_title(t, lay.title_width) for t in full]
-    text = fit_caption(caption, lay.width - 2 * lay.panels[0][0]) if caption else ""
+    numbers = trust_caption(trust) if trust else ""
+    text = fit_caption(caption, lay.width - 2 * lay.panels[0][0], "  \u00b7  " + numbers if numbers else "") \
+        if caption else ""
+    notes = [(fit_caption("", lay.title_width, n, NOTE_PT) if n else "", warn) for n, warn in notes]
     if fmt == "png":
-        return _png_figure(panels, fitted, limit, lay, dpi, text)
-    return _svg_figure(panels, fitted, full, limit, lay, dpi, text)
+        return _png_figure(panels, fitted, limit, lay, dpi, text, notes)
+    return _svg_figure(panels, fitted, full, limit, lay, dpi, text, notes)
 
 
 def render_overlay(pixels: np.ndarray, values: np.ndarray, titles: Sequence[str], path: Path, *,
                    fmt: str = "svg", dpi: int = 100, segments: np.ndarray | None = None,
-                   style: str = DEFAULT_STYLE, caption: str = "") -> None:
+                   style: str = DEFAULT_STYLE, caption: str = "", limit: float | None = None,
+                   trust: Sequence[Trust] | None = None) -> None:
     """Render the overlay of one image and write it atomically to ``path`` (folders created).
 
     ``pixels`` is the (H, W, 3) uint8 image fed to the model, ``values`` the (k, C, h, w)
@@ -640,10 +789,14 @@ def render_overlay(pixels: np.ndarray, values: np.ndarray, titles: Sequence[str]
     safe), ``segments`` an optional (H, W) superpixel label map. ``dpi`` is pixels per inch:
     the PNG's resolution, and the SVG's nominal size (its panels always embed the image at its
     own resolution). ``style`` is one of STYLES (``output.style``); ``caption`` a line at the
-    bottom (image, explainer, layer), none when empty. The file is built in memory and written with ``atomic_write_bytes``, so a
+    bottom (image, explainer, layer), none when empty, followed by the trust numbers when
+    ``trust`` (one :class:`Trust` per class) knows them; ``limit`` the colour limit of a run or
+    fixed scale (``output.scale``; None: this image's own). A map within numeric noise of zero
+    is drawn empty and noted "no attribution"; an unstable or non-additive one faded, with a
+    note under its panel saying why. The file is built in memory and written with ``atomic_write_bytes``, so a
     killed run never leaves a half-written overlay (the pipeline treats an existing overlay as
     done); identical inputs give byte-identical files (no dates or ids from a clock).
     """
     data = overlay_bytes(pixels, values, titles, fmt=fmt, dpi=dpi, segments=segments, style=style,
-                         caption=caption)
+                         caption=caption, limit=limit, trust=trust)
     atomic_write_bytes(Path(path), data)

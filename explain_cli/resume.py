@@ -12,7 +12,7 @@ executes (``device``; like ``merge``, we accept its float-rounding differences),
 (``batch_size``) and how many processes write its overlays (``workers``), which images it selects (``input.include/exclude``: the selection may grow),
 where the outputs go (``output.dir``) and which files are written besides the CSV rows
 (``output.format``, ``output.save_values``: missing files are simply redone), how overlays look
-(``output.style``, ``output.caption``: overlays already written keep their look), and
+(``output.style``, ``output.caption``, ``output.scale``: overlays already written keep their look), and
 ``model.trust_checkpoint`` (it permits loading, it does not change the weights). Command-line
 options (progress, log file, limit, shard, verbosity) are not part of the config at all.
 ``model.checkpoint``, ``labels`` and an amortized explainer's ``explainer.checkpoint``
@@ -47,7 +47,7 @@ from explain_cli.errors import UserError
 
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
-                "output.format", "output.save_values", "output.style", "output.caption", "model.checkpoint", "model.trust_checkpoint",
+                "output.format", "output.save_values", "output.style", "output.caption", "output.scale", "model.checkpoint", "model.trust_checkpoint",
                 "labels", "targets.classes", "targets.contrast", "targets.from_csv.path", "explainer.checkpoint",
                 "slides.overlays", "slides.heatmap.tiff"}  # slides: extra files, not other numbers
 #: Fingerprint entries that are file digests ({'sha256', 'size', 'mtime_ns'}) or None.

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from explain_cli.discover import source_path
 from explain_cli.errors import ImageError
 from explain_cli.images import load_preprocessed
 from explain_cli.write import OutputError, is_fatal_os_error
+
+if TYPE_CHECKING:
+    from explain_cli.render import Trust
 
 log = logging.getLogger("explain_cli")
 
@@ -197,6 +200,8 @@ class WriteJob:
     style: str = "gray"             # output.style
     caption: str = ""               # the overlay's bottom line (image, explainer, layer)
     value_std: np.ndarray | None = None  # float32 (k, h, w) std of each pixel's value (kernel), into the npz
+    limit: float | None = None      # output.scale's colour limit (None: the image's own)
+    trust: list[Trust] | None = None  # per class: stability, additivity error, output, base (render.Trust)
 
 
 def write_files(job: WriteJob) -> None:
@@ -209,7 +214,8 @@ def write_files(job: WriteJob) -> None:
         save_values(Path(job.values_path), job.values, job.classes, job.segments, job.value_std)
     if job.overlay_path is not None:
         render_overlay(job.pixels, job.values, job.titles, Path(job.overlay_path), fmt=job.fmt,
-                       dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption)
+                       dpi=job.dpi, segments=job.segments, style=job.style, caption=job.caption,
+                       limit=job.limit, trust=job.trust)
 
 
 def _worker_init(parent_pid: int) -> None:

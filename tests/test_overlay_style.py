@@ -80,7 +80,8 @@ def test_run_writes_caption_and_style(tiny_project):
     assert runner.invoke(app, ["run", str(cfg), "--no-progress", "--limit", "1"]).exit_code == 0
     svg = (tiny_project / "out" / "overlays" / "a" / "one.png.svg").read_text()
     texts = {t.get("id"): t.text for t in ET.fromstring(svg).iter(f"{SVG}text")}
-    assert texts["caption"] == "a/one.png  \u00b7  gradient explainer  \u00b7  layer input"
+    # then the maps' trust numbers (tests/test_overlay_trust.py)
+    assert texts["caption"].startswith("a/one.png  \u00b7  gradient explainer  \u00b7  layer input  \u00b7  stability ")
     data = yaml.safe_load(cfg.read_text())
     data["output"].update(style="heat", caption=False, dir="heat")
     (tiny_project / "heat.yaml").write_text(yaml.safe_dump(data))
