@@ -406,6 +406,43 @@ def validate(
     print(line)
 
 
+@app.command(epilog="Example:\n\n  explain-cli check configs/demo.yaml --images 4\n\n"
+             "Exit 5: the check failed (the maps do not change when the model's weights are randomised).\n\n"
+             + EXIT_CODES_HELP)
+def check(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    images: int = typer.Option(8, "--images", min=1, help="Images of the input to check on (the first N)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Folder for check.csv and check.png (default: OUTPUT_DIR/check)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Stop the cascade after this many layers (default: all; at least 2)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
+    explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Model-randomisation sanity check (Adebayo et al. 2018): randomise the model's weights from the
+    top layer down and see whether the maps change; exit 5 naming the explainer and layer when they
+    do not (explain_cli/check.py)."""
+    _setup_logging(verbose, quiet, None)
+    try:
+        _usable_paths(CONFIG=config, __output=output)
+        from explain_cli.check import EXIT_CHECK_FAILED, run_check
+
+        cfg = _load(config, set_, {"device": device, "explainer.name": explainer})
+        result = run_check(cfg, images, output.resolve() if output else None, steps=steps)
+    except UserError as exc:
+        raise _fail(exc, exc.exit_code)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001
+        raise _unexpected(exc, verbose)
+    print(result.verdict(), file=sys.stderr)
+    if not quiet:
+        print(f"wrote {result.output_dir / 'check.csv'} and check.png", file=sys.stderr)
+    if not result.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
 def _slides_line(plans) -> str:
     """validate's line on a slide run: slides, tiles kept and skipped, how they are read."""
     kept = sum(len(p.tiles) for p in plans.slides.values())
