@@ -480,6 +480,8 @@ def score_step(run_metrics: RunMetrics, explainer, items: list[tuple[str, np.nda
 def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer, stop: StopFlag,
            run_metrics: RunMetrics, overlay_path, values_path) -> None:
     """decode -> explain -> write, a step at a time, until done or a signal."""
+    if stop.signal_name:  # a stop during output.scale's calibration: not one model call more
+        return
     cfg = prep.config
     spec, truth = prep.targets, prep.truth
     with contextlib.closing(decoded_steps(prep.source, todo, step, cfg.preprocess,

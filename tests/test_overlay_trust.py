@@ -224,3 +224,32 @@ def test_fixed_scale_in_a_run_and_bad_values_exit_2(tiny_project):
     cfg.write_text(yaml.safe_dump(data))
     result = runner.invoke(app, ["validate", str(cfg)])
     assert result.exit_code == 2 and "output.scale" in result.output and "per_image, run" in result.output
+
+
+def test_a_stop_during_calibration_stops_the_run_before_any_overlay(tiny_project, monkeypatch):
+    """SIGTERM while the calibration sample is explained: no overlay on an unknown scale, exit 143,
+    and the rerun calibrates and finishes."""
+    from explain_cli import job
+
+    calls = []
+    original = job.StopFlag.check
+
+    def term_at_first_call(self, rows: int = 0) -> None:
+        calls.append(rows)
+        self.signal_name = "SIGTERM"  # as the handler would
+        original(self, rows)
+
+    monkeypatch.setattr(job.StopFlag, "check", term_at_first_call)
+    runner = CliRunner()
+    cfg = tiny_project / "config.yaml"
+    out = tiny_project / "out"
+    result = runner.invoke(app, ["run", str(cfg), "--no-progress", "--set", "output.scale=run"])
+    assert result.exit_code == 143, result.output
+    assert len(calls) == 1  # the first model call of the calibration
+    assert not list(out.rglob("*.svg"))
+    assert json.loads((out / "run.json").read_text())["overlay_scale"]["limit"] is None
+    monkeypatch.setattr(job.StopFlag, "check", original)
+    result = runner.invoke(app, ["run", str(cfg), "--no-progress", "--set", "output.scale=run"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["overlay_scale"]["limit"] > 0
+    assert len(list(out.rglob("*.svg"))) == 4
