@@ -494,11 +494,12 @@ def run_config(cfg: "Config", options: "RunOptions", build: Callable[..., Any] |
 
 
 def run(config: ConfigLike, *, limit: int | None = None, overwrite: bool = False, shard: str | None = None,
+        relabel: bool = False,
         progress: bool = False, base_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> RunResult:
     """Run the batch job: the CLI's outputs (overlays, topk.csv, errors.csv, run.json,
     report.html) in output.dir, resumable, with the CLI's exit code in the result.
 
-    ``limit``, ``overwrite``, ``shard`` ("I/N") and ``progress`` are the CLI's options; overrides
+    ``limit``, ``overwrite``, ``shard`` ("I/N"), ``relabel`` and ``progress`` are the CLI's options; overrides
     are config keys as in ``explain``. A model ``explain`` loaded for the same config is reused.
 
     Example::
@@ -510,7 +511,7 @@ def run(config: ConfigLike, *, limit: int | None = None, overwrite: bool = False
     from explain_cli.pipeline import RunOptions, Shard
 
     cfg = load_config(config, overrides, base_dir)
-    options = RunOptions(limit=limit, progress=progress, overwrite=overwrite,
+    options = RunOptions(limit=limit, progress=progress, overwrite=overwrite, relabel=relabel,
                          shard=Shard.parse(shard) if shard else None)
     with _CACHE.lock:
         summary = run_config(cfg, options, build=_CACHE.builder(cfg))

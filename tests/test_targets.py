@@ -496,6 +496,16 @@ def test_truth_csv_that_grows_resumes_and_a_changed_label_is_refused_or_relabell
     rows = _rows(out / "topk.csv")
     assert len(rows) == 4 and {r["image"]: r for r in rows}["three.bmp"]["label"] == "<bird>"
     assert {r["image"]: r for r in rows}["three.bmp"]["class_name"] == "<bird>"
+    import explain_cli  # the Python API takes the same flag
+
+    truth.write_text(truth.read_text().replace("three.bmp,<bird>", "three.bmp,fish $x$"))
+    same = {"targets": {"classes": ["label"], "from_csv": {"path": "truth.csv"}}, "workers": 0}
+    from explain_cli.errors import UserError
+
+    with pytest.raises(UserError, match="three.bmp"):
+        explain_cli.run(tiny_project / "config.yaml", **same)
+    result = explain_cli.run(tiny_project / "config.yaml", relabel=True, **same)
+    assert result.exit_code == 0 and result.explained == 1 and result.already_done == 3
 
 
 def test_class_entries_are_stripped_so_top_k_and_label_keep_their_meaning():
