@@ -463,7 +463,7 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
             count, nsamples = validation_size(n_hold, ts.validate_images, ts.validate_nsamples, game.evaluations)
             if hold is not None and nsamples > 0:
                 where["validating"] = True
-                log.info("train: validating on %d held-out images against Kernel SHAP with %d samples each "
+                log.info("train: validating on %d held-out image(s) against Kernel SHAP with %d samples each "
                          "(%d model evaluations, %.0f %% of the training's %d)", count, nsamples, count * nsamples,
                          100 * count * nsamples / max(game.evaluations, 1), game.evaluations)
                 feats = None if hold[1] is None else torch.cat([hold[1][:count], hold[1][n_hold:n_hold + count]])
