@@ -53,9 +53,10 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def cascade_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's learned parts, top (output) first: its children with parameters, containers
-    (Sequential, ModuleList, ModuleDict) opened into their members, so a ResNet's steps are ``fc``,
-    ``layer4.1``, ``layer4.0``, ... and an EfficientNet's ``classifier``, ``bn2``, ``conv_head``,
-    ``blocks.6.0``, ... (registration order is taken as forward order)."""
+    (Sequential, ModuleList, ModuleDict) opened into their members, a normalisation layer grouped
+    with the layer below it, so a ResNet's steps are ``fc``, ``layer4.1``, ``layer4.0``, ...,
+    ``bn1+conv1`` and an EfficientNet's ``classifier``, ``bn2+conv_head``, ``blocks.6.0``, ...
+    (registration order is taken as forward order)."""
     units: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, module: nn.Module) -> None:
@@ -69,7 +70,24 @@ def cascade_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     walk("", model)
     if not units and any(True for _ in model.parameters(recurse=False)):
         units.append(("(model)", model))
-    return units[::-1]
+    merged: list[tuple[str, nn.Module]] = []
+    held: list[tuple[str, nn.Module]] = []
+    for name, unit in units[::-1]:
+        if _is_norm(unit):  # randomised with the layer below it, whose output it normalises
+            held.append((name, unit))
+            continue
+        group = held + [(name, unit)]
+        merged.append(("+".join(n for n, _ in group), nn.ModuleList([u for _, u in group]) if held else unit))
+        held = []
+    if held:
+        merged.append(("+".join(n for n, _ in held), nn.ModuleList([u for _, u in held])))
+    return merged
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer (torch's and timm's BatchNormAct2d, LayerNorm2d, ...)."""
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
+        or "Norm" in type(module).__name__
 
 
 def randomise(module: nn.Module, seed: int) -> None:
