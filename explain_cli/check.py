@@ -198,7 +198,8 @@ def _maps(explainer: Any, batch: torch.Tensor, targets: Any, seeds: list[int]) -
 def run_check(cfg: Any, images: int = 8, output_dir: Path | None = None, device: str | None = None,
               steps: int | None = None) -> CheckResult:
     """Run the cascade on the first ``images`` images of the config's input; write ``check.csv``
-    (one row per step and image) and ``check.png`` (the first image's map down the cascade) to
+    (one row per step and image), ``check.png`` (the first image's map down the cascade) and
+    ``check.html`` (both on one offline page) to
     ``output_dir`` (default: ``output.dir``/check). ``steps`` stops the cascade early (at least
     the decision step is always run)."""
     from explain_cli import pipeline
@@ -264,7 +265,29 @@ def run_check(cfg: Any, images: int = 8, output_dir: Path | None = None, device:
     write_csv(result, out / "check.csv")
     _figure(gallery, ["trained"] + [f"{s.step}: {s.layer}" for s in result.steps], out / "check.png", rels[0])
     result.output_dir = out
+    write_html(result, out / "check.html", out / "check.png")
     return result
+
+
+def write_html(result: CheckResult, path: Path, figure: Path) -> None:
+    """One offline page: the verdict, the median per step and the first image's maps down the cascade."""
+    import base64
+    import html
+
+    rows = "".join(
+        f"<tr{' class=decision' if result.decision is s else ''}><td>{s.step}</td><td>{html.escape(s.layer)}</td>"
+        f"<td>{_fmt(s.median)}</td><td>{_fmt(s.median_abs)}</td><td>{s.seconds:.1f}</td></tr>" for s in result.steps)
+    image = base64.b64encode(figure.read_bytes()).decode("ascii")
+    colour = "#1a7f37" if result.passed else "#cf222e"
+    path.write_text(
+        "<!doctype html><meta charset=utf-8><title>explain-cli check</title>"
+        "<style>body{font:14px sans-serif;margin:2em}td,th{padding:2px 10px;text-align:right}"
+        "tr.decision{font-weight:bold}</style>"
+        f"<h1>Model-randomisation check</h1><p style='color:{colour}'>{html.escape(result.verdict())}</p>"
+        f"<p>{len(result.images)} images; Spearman of each step's maps with the trained model's maps (median over "
+        f"images; the verdict at step {result.decision_step}, threshold |r| &lt; {result.threshold}).</p>"
+        "<table><tr><th>step</th><th>randomised (and everything above)</th><th>Spearman</th><th>abs maps</th>"
+        f"<th>s</th></tr>{rows}</table><p><img src='data:image/png;base64,{image}' alt='maps down the cascade'></p>")
 
 
 def _fmt(value: float | None) -> str:

@@ -412,7 +412,7 @@ def validate(
 def check(
     config: Path = typer.Argument(..., help="YAML config file."),
     images: int = typer.Option(8, "--images", min=1, help="Images of the input to check on (the first N)."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Folder for check.csv and check.png (default: OUTPUT_DIR/check)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Folder for check.csv, check.png and check.html (default: OUTPUT_DIR/check)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Stop the cascade after this many layers (default: all; at least 2)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE. Repeatable."),
     explainer: Optional[str] = typer.Option(None, "--explainer", help=_EXPLAINER_HELP),
@@ -438,7 +438,7 @@ def check(
         raise _unexpected(exc, verbose)
     print(result.verdict(), file=sys.stderr)
     if not quiet:
-        print(f"wrote {result.output_dir / 'check.csv'} and check.png", file=sys.stderr)
+        print(f"wrote {result.output_dir / 'check.html'} (check.csv, check.png)", file=sys.stderr)
     if not result.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 

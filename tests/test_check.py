@@ -144,6 +144,8 @@ def test_gradient_at_the_input_passes_on_a_trained_cnn(project):
     verdict = [r for r in rows if r["passed"]]
     assert len(verdict) == 1 and verdict[0]["passed"] == "true" and verdict[0]["step"] == "2"
     assert (result.output_dir / "check.png").stat().st_size > 0
+    page = (result.output_dir / "check.html").read_text()
+    assert "check passed: explainer gradient at layer input" in page and "data:image/png;base64," in page
 
 
 def test_a_fixed_edge_detector_fails_with_exit_5(project):
