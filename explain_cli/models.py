@@ -589,6 +589,15 @@ def count_outputs(model: nn.Module, size: int) -> int:
     return int(out[0].numel())
 
 
+def _first_input(inputs: dict[str, Any], name: str):
+    """A forward pre-hook that keeps module ``name``'s first positional input in ``inputs``
+    (its first call only: a module called twice keeps what it saw first)."""
+    def hook(module: nn.Module, args: tuple) -> None:
+        if name not in inputs:
+            inputs[name] = args[0] if args else None
+    return hook
+
+
 def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: int) -> dict | None:
     """Check, with one dummy (1, 3, size, size) forward, that a layer target takes what gradient and
     deep explain: a 4-D (N, C, H, W) feature map (returns None), an (N, H, W, C) one or NesT's
@@ -603,14 +612,8 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
         return None
     inputs: dict[str, Any] = {}
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if name not in inputs:
-                inputs[name] = args[0] if args else None
-        return hook
-
     _forward_with_hooks(model, size, layer.named_modules(),
-                        lambda module, name: module.register_forward_pre_hook(hook_for(name)))
+                        lambda module, name: module.register_forward_pre_hook(_first_input(inputs, name)))
     value = inputs.get("")
     if value is None and isinstance(layer, torch.jit.ScriptModule):
         raise ConfigError("model.layer", f"layer '{layer_name}' is TorchScript, which runs outside Python, so its "
@@ -681,15 +684,9 @@ def working_layers(model: nn.Module, layer_name: str, size: int, limit: int = 2)
 
     inputs: dict[str, Any] = {}
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if name not in inputs:
-                inputs[name] = args[0] if args else None
-        return hook
-
     modules = dict(model.named_modules())
     _forward_with_hooks(model, size, modules.items(),
-                        lambda module, name: module.register_forward_pre_hook(hook_for(name)))
+                        lambda module, name: module.register_forward_pre_hook(_first_input(inputs, name)))
     around = [name for name, _ in _utils._ancestors(model, layer_name) if name]
     inside = sorted((name for name in modules if name.startswith(layer_name + ".")), key=lambda n: n.count("."))
     called = list(inputs)  # in call order
