@@ -170,8 +170,10 @@ def curves(model: nn.Module, x: np.ndarray, y: np.ndarray, maps: np.ndarray, ste
 
 
 def explain(explainer_cls, settings, model: nn.Module, layer, layer_name: str, background: torch.Tensor,
-            x: np.ndarray, y: np.ndarray, chunk: int = 25) -> tuple[np.ndarray, float]:
-    """(N, SIZE, SIZE) maps of each image's true class, and seconds per image."""
+            x: np.ndarray, y: np.ndarray, chunk: int = 25,
+            stabilities: list[float] | None = None) -> tuple[np.ndarray, float]:
+    """(N, SIZE, SIZE) maps of each image's true class, and seconds per image; each map's split-half
+    stability (where the explainer gives one) is appended to ``stabilities``."""
     ctx = ExplainContext(model=model, layer=layer, layer_name=layer_name, background=background, mean=MEAN, std=STD,
                          device=torch.device("cpu"), batch_size=512, settings=settings)
     expl = explainer_cls(ctx)
@@ -181,6 +183,8 @@ def explain(explainer_cls, settings, model: nn.Module, layer, layer_name: str, b
         xb, yb = torch.from_numpy(x[a:a + chunk]), y[a:a + chunk]
         att = expl.explain(xb, spec.for_batch([(int(c),) for c in yb]), list(range(a, a + len(yb))))
         out.append(to_map(att.values))
+        if stabilities is not None and att.stability is not None:
+            stabilities.extend(float(v) for v in np.asarray(att.stability)[:, 0] if np.isfinite(v))
     return np.concatenate(out), (time.monotonic() - t0) / len(x)
 
 
@@ -289,10 +293,14 @@ def main() -> None:
     say("| map | in-mask share of positive attribution | pointing game | deletion AUC (lower better) "
         "| insertion AUC (higher better) | s / image |")
     say("| --- | ---: | ---: | ---: | ---: | ---: |")
+    reliability: list[str] = []
     for name, cls, settings, model, layer, layer_name in rows:
         if any(s in name for s in skip):
             continue
-        maps, per_image = explain(cls, settings, model, layer, layer_name, background, x_ev, y_ev)
+        stab: list[float] = []
+        maps, per_image = explain(cls, settings, model, layer, layer_name, background, x_ev, y_ev, stabilities=stab)
+        if stab:
+            reliability.append(f"{name.split(',')[0]} {np.median(stab):.3f}")
         share, point = scores(maps, m_ev)
         dele, ins = curves(cnn, x_ev, y_ev, maps)
         say(f"| {name} | {share:.3f} | {point:.3f} | {dele:.3f} | {ins:.3f} | {per_image:.4f} |")
@@ -332,6 +340,9 @@ def main() -> None:
         f"{point:.3f} | {dele:.3f} | {ins:.3f} | 0 |")
     say(f"| (a uniformly random map, expected) | {OBJ * OBJ / SIZE / SIZE:.3f} | {OBJ * OBJ / SIZE / SIZE:.3f} | | | |")
     say("")
+    if reliability:
+        say("# median split-half stability of the maps (their estimated correlation with a rerun; kernel: "
+            "from the variance of its values): " + "; ".join(reliability))
     say(f"# total {time.monotonic() - started:.0f} s; load average before {load_before[0]:.1f}, after "
         f"{os.getloadavg()[0]:.1f} (1 min; the CPU is shared)")
     args.out.write_text("\n".join(lines) + "\n")
