@@ -28,8 +28,8 @@ another seed). Baselines that know nothing: a centred Gaussian blob (the same ma
 image), gradient at the input of the *untrained* network (same architecture, its initial weights)
 and the amortized network untrained; a uniformly random map would put 6.25 % in the mask and point
 in 6.25 % of images. No ViT: a small one trained from scratch here reached 71 % held-out accuracy
-after 40 epochs on 6,000 images (docs/trust.md). The default run takes about 15 minutes of a busy 2-core CPU (kernel@2000 a
-quarter of it: ``--skip kernel@2000``).
+after 40 epochs on 6,000 images (docs/trust.md). The default run takes 2.5 minutes of an idle 2-core CPU, 13 under load 4-5
+(kernel@2000 a quarter of it: ``--skip kernel@2000``).
 """
 
 from __future__ import annotations
