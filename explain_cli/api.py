@@ -387,7 +387,7 @@ def _explain_items(prep: "Prepared", explainer: Any, good: list[tuple[str, Any, 
         good = [item for item in good if truth.of(item[0]) is not None]
     metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline,
                          targets.activation_for(spec.activation, prep.num_outputs))
-    step = getattr(explainer, "images_per_step", 8)
+    step = explainer.images_per_step
     results = []
     for start in range(0, len(good), step):
         for items, result in pipeline.explain_step(explainer, good[start:start + step], prep.device, spec,

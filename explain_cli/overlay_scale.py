@@ -118,7 +118,7 @@ def _calibrate(prep, explainer, sample: list[str], check: Callable[[int], None] 
         good = [item for item in good if prep.truth.of(item[0]) is not None]
     maps: list[np.ndarray] = []
     used: list[str] = []
-    step = max(1, int(getattr(explainer, "images_per_step", 8)))  # the run's step: its memory bound
+    step = max(1, int(explainer.images_per_step))  # the run's step: its memory bound
     results = []
     with counting_evaluations(check) if check is not None else contextlib.nullcontext():
         for start in range(0, len(good), step):

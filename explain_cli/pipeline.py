@@ -188,9 +188,7 @@ def prepare(config: Config, options: RunOptions, device: str | None = None, buil
     layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = targets.with_negative(load_labels(labels_path, num_outputs), config.targets, num_outputs, config._source)
-    check_run = getattr(explainer_class, "check_run", None)
-    if check_run is not None:  # an explainer trained for one model and config (amortized) refuses others
-        check_run(config, model, num_outputs)
+    explainer_class.check_run(config, model, num_outputs)  # e.g. amortized: trained for another model
     spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source, num_outputs)
     truth = None
     if config.targets.from_csv is not None:
@@ -629,9 +627,9 @@ def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> Ru
                         prep.overlay_limit, run_info["overlay_scale"] = overlay_scale.resolve(
                             prep, explainer, previous_scale, stop.check)
                         write_json(run_json, run_info)
-                    step = getattr(explainer, "images_per_step", 8)
+                    step = explainer.images_per_step
                     writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
-                    per_image = getattr(explainer, "evaluations_per_image", lambda: None)()
+                    per_image = explainer.evaluations_per_image()
                     progress.set_evaluations_per_image(per_image)
                     from explain_cli.explainers._utils import counting_evaluations
 

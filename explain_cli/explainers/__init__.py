@@ -17,6 +17,12 @@ _MODULES = {
 }
 
 
+def register(name: str, module: str) -> None:
+    """Make ``explainer.name: NAME`` load ``module`` (which defines ``Settings`` and ``Explainer``):
+    how a new explainer joins (docs/explainers.md, "Adding an explainer")."""
+    _MODULES[name] = module
+
+
 def names() -> list[str]:
     return sorted(_MODULES)
 

@@ -145,6 +145,10 @@ class Attribution:
         return np.abs(self.shap_sum - (self.outputs - self.base_values))
 
 
+#: Images per explain() call unless an explainer says otherwise (``Explainer.images_per_step``).
+DEFAULT_IMAGES_PER_STEP = 8
+
+
 class Explainer(ABC):
     """Base class: subclasses implement :meth:`explain` for a batch of images."""
 
@@ -159,6 +163,21 @@ class Explainer(ABC):
     def __init__(self, context: ExplainContext) -> None:
         self.context = context
         self.settings = context.settings
+
+    # --- hooks the pipeline calls; override where the default does not fit ----------------------
+
+    @classmethod
+    def check_run(cls, config: Any, model: "nn.Module", num_outputs: int) -> None:  # noqa: F821
+        """Refuse (raise ConfigError, exit 2) a config this explainer cannot serve, before any
+        work: called by ``pipeline.prepare``, so ``validate`` refuses it too. The default accepts
+        every config; amortized refuses a checkpoint trained for another model or setting."""
+
+    @property
+    def images_per_step(self) -> int:
+        """Images handed to one :meth:`explain` call (the pipeline's step: decode, explain and write
+        overlap step by step, and a stop drops at most one step). Default 8; masking explainers
+        raise it so one round of masks fills a model batch."""
+        return DEFAULT_IMAGES_PER_STEP
 
     def evaluations_per_image(self) -> int | None:
         """Model evaluations (rows through the model) one image costs, as ``count_evaluations``
