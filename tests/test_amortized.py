@@ -158,6 +158,7 @@ def assert_matches_exact_shapley(root: Path, module: Any, name: str) -> None:
     np.testing.assert_allclose(attribution.shap_sum, attribution.outputs - attribution.base_values, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matches_exact_shapley_values_on_held_out_images(project):
     root, result, tinyamo = project
     assert result.kernel_pearson is not None and result.kernel_pearson > 0.5  # the training's own check ran
@@ -169,6 +170,7 @@ def test_matches_exact_shapley_values_on_held_out_images(project):
 GAP_MODEL = MODEL_SOURCE.format(channels=16, pool=1, features=16)  # global average pooling: features
 
 
+@pytest.mark.slow
 def test_features_network_on_a_pooling_model(tmp_path):
     """A model that ends in global average pooling and a linear layer gets the features network
     (auto): a head on its 8 x 8 feature map whose values go through the model's own classifier; it
@@ -193,6 +195,7 @@ def test_features_network_on_a_pooling_model(tmp_path):
         assert info.value.key == "explainer.train.network"
 
 
+@pytest.mark.slow
 def test_efficiency_is_exact(project):
     root, _, tinyamo = project
     cfg, x, attribution = held_out_run(root)
@@ -207,6 +210,7 @@ def test_efficiency_is_exact(project):
     assert attribution.stability is None
 
 
+@pytest.mark.slow
 def test_targets_choose_classes_and_a_contrast(project):
     """Any class can be explained (the network outputs all of them); a contrast is the difference of
     two classes' values, still exactly efficient; a quantity other than the logit is refused."""
@@ -236,6 +240,7 @@ def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_checkpoint_is_data_and_run_writes_exact_additivity(project):
     root, _, _ = project
     data = torch.load(root / "explainer.pt", weights_only=True)
@@ -253,6 +258,7 @@ def test_checkpoint_is_data_and_run_writes_exact_additivity(project):
     assert all(r["stability"] == "" and r["deletion_auc"] != "" for r in rows)
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_refused(project):
     from explain_cli.errors import ConfigError
     from explain_cli.pipeline import RunOptions, prepare
@@ -280,6 +286,7 @@ def test_mismatched_checkpoint_is_refused(project):
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_training_resumes_after_kill(tmp_path, project):
     root, _, _ = project
     for name in ("tinyamo.py", "tiny.pt"):
@@ -295,8 +302,8 @@ def test_training_resumes_after_kill(tmp_path, project):
         deadline = time.monotonic() + 300
         while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
     finally:
+        proc.kill()  # SIGKILL; a no-op once the process has exited and been reaped (no stale pid)
         proc.wait()
     assert state.exists() and not (tmp_path / "killed.pt").exists()
     saved = torch.load(state, weights_only=True)
@@ -351,6 +358,7 @@ def test_validation_size_keeps_the_default_check_within_a_fifth_of_training():
     assert validation_size(3, 8, 600, 100) == (3, 600)  # asked for: as asked
 
 
+@pytest.mark.slow
 def test_train_sigterm_line_named_refusal_changed_epochs_and_r_in_run_json_and_report(tmp_path):
     """SIGTERM says where the state is (exit 143); a resume with other pairs is refused naming the key;
     one with other epochs resumes; validation has progress lines; run.json and the report show r."""

@@ -276,6 +276,7 @@ def test_import_loads_neither_torch_nor_shap():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_example_runs(tmp_path):
     """examples/notebook.py end to end, with EXAMPLE_FAST (64 px, few samples) to keep it fast."""
     env = {**os.environ, "MPLBACKEND": "Agg", "EXAMPLE_OUT": str(tmp_path), "EXAMPLE_FAST": "1"}

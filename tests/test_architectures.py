@@ -13,14 +13,13 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from test_deep import BOUND_FLOAT32, BOUND_FLOAT64, arch_data, calibrate, make, relative_additivity
-
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
 
 NUM_CLASSES = 10
 

@@ -65,7 +65,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("target", ["input", "layer"])
 def test_agrees_with_shap(model, data, target, smoothing):
-    shap = pytest.importorskip("shap")
+    import shap
     background, images = data
     x = images[[0, 2]]  # two images with different top classes
     layer = None if target == "input" else model.conv2
@@ -231,7 +231,7 @@ def test_stratified_estimator_is_unbiased(model, data, target):
 
 @pytest.mark.parametrize("target", ["input", "layer"])
 def test_stratified_agrees_with_shap_at_a_large_count(model, data, target):
-    shap = pytest.importorskip("shap")
+    import shap
     background, images = data
     x = images[[0, 2]]
     layer = None if target == "input" else model.conv2
@@ -311,7 +311,7 @@ def test_layer_path_is_complete_on_a_residual_network(residual, data):
 
 
 def test_layer_path_is_complete_on_resnet18(data):
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     torch.manual_seed(0)
     net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     background, images = data

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, TINY_MODEL, write_images
+from conftest import REPO, TINY_MODEL, gated_env, wait_for_gate, write_images
 from explain_cli import stages
 from explain_cli.cli import app
 from explain_cli.config import load_config, parse_override
@@ -259,15 +259,15 @@ def test_output_paths_of_the_wrong_kind_exit_2_before_any_work(tiny_project, wha
 def test_sighup_stops_like_sigterm_and_the_run_resumes(tiny_project):
     write_images(tiny_project / "images", [f"many/im{i:02d}.png" for i in range(24)], seed=1)
     out = tiny_project / "out"
+    gate, hold = gated_env(tiny_project, out / "topk.csv")  # held mid-run: the signal cannot come too late
     proc = subprocess.Popen([sys.executable, "-m", "explain_cli", "run", str(tiny_project / "config.yaml"),
                              "--output", str(out), "--workers", "0", "--no-progress"],
-                            env=env_for(tiny_project), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not ((out / "topk.csv").exists() and len((out / "topk.csv").read_text().splitlines()) > 1):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+                            env={**env_for(tiny_project), **gate}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_gate(proc, hold)
     proc.send_signal(signal.SIGHUP)
-    _, stderr = proc.communicate(timeout=120)
+    hold.unlink()
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 129, stderr
     assert "SIGHUP received: finishing the current model call" in stderr and "stopped by SIGHUP" in stderr
     assert "Traceback" not in stderr

@@ -491,10 +491,10 @@ MEMORY_SCRIPT = textwrap.dedent('''
     from explain_cli.images import load_preprocessed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = PreprocessConfig(size=224, resize=sys.argv[2])
-    t = time.monotonic()
+    t = time.process_time()  # CPU time (all threads): a loaded machine cannot make it fail
     pixels, x = load_preprocessed(Path(sys.argv[1]), cfg)
     assert pixels.shape == (224, 224, 3) and x.shape == (3, 224, 224)
-    print(time.monotonic() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print(time.process_time() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 ''')
 
 
@@ -509,8 +509,9 @@ def test_extreme_aspect_images_cost_what_their_output_costs(tmp_path, size):
         proc = subprocess.run([sys.executable, str(script), str(path), mode], capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr
-        seconds, grown_mb = map(float, proc.stdout.split())
-        assert seconds < 2 and grown_mb < 100, (mode, seconds, grown_mb)
+        cpu_seconds, grown_mb = map(float, proc.stdout.split())
+        # CPU seconds, not wall-clock: a decode of the whole strip at full size would cost far more
+        assert cpu_seconds < 2 and grown_mb < 100, (mode, cpu_seconds, grown_mb)
 
 
 def test_memory_error_on_one_image_is_an_error_row(tiny_project, monkeypatch):

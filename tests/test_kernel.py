@@ -192,7 +192,7 @@ def test_grid_and_slic_keys_are_exclusive():
 # -- agreement with shap -------------------------------------------------------------------------
 
 def test_agrees_with_shap_kernel_explainer(model, images):
-    shap = pytest.importorskip("shap")
+    import shap
     nsamples = 1500
     result = make(model, segments={"n_segments": 16}, nsamples=nsamples).explain(images[:2], 2, [11, 12])
     for n in range(2):
@@ -246,7 +246,7 @@ def test_efficiency_outputs_and_painting(model, images):
 
 
 def test_painted_map_is_what_the_renderer_fills(model, images):
-    render = pytest.importorskip("explain_cli.render")
+    from explain_cli import render
     result = make(model, segments={"n_segments": 12}, nsamples=100).explain(images[:1], 2, [1])
     maps = result.values[0].sum(1)  # the renderer's channel sum
     np.testing.assert_allclose(render.segment_fill(maps, result.segments[0]), maps, rtol=1e-5, atol=1e-7)
@@ -540,7 +540,7 @@ def test_leverage_converges_to_the_exact_shapley_values():
 
 
 def test_leverage_agrees_with_shap_kernel_explainer_at_a_large_count(model, images):
-    shap = pytest.importorskip("shap")
+    import shap
     nsamples = 3000
     result = make(model, segments={"n_segments": 16}, nsamples=nsamples, sampling="leverage").explain(
         images[:2], 2, [21, 22])

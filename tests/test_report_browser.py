@@ -309,7 +309,10 @@ def test_five_thousand_images_stay_responsive(tmp_path, browser, serve):
         "return Array.from(document.querySelectorAll('#rows td.num:nth-child(6) div:first-child'), d => d.textContent)")]
     assert probs == sorted(probs, reverse=True) and len(probs) == 100  # stability, highest first
     assert "filtered from 5,000" in timing["info"] and timing["rows"] == 100
-    assert max(timing["sort"], timing["sort2"], timing["filter"]) < 1000, timing
+    # Wall-clock, so only a generous bound: ~25 ms on an idle CPU, 200x headroom for a loaded CI machine.
+    # The page's cost is asserted deterministically above (100 rows in the DOM, fewer than 100 thumbnails
+    # fetched); this catches only a sort or filter that went quadratic over the 5,000 rows.
+    assert max(timing["sort"], timing["sort2"], timing["filter"]) < 5000, timing
     print(f"5000 images: build {build_s:.2f} s, {size_mb:.2f} MB, load {load_s:.2f} s, "
           f"sort {timing['sort']:.0f}/{timing['sort2']:.0f} ms, filter {timing['filter']:.0f} ms, "
           f"{fetched} thumbnails fetched")

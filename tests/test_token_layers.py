@@ -10,7 +10,9 @@ import textwrap
 
 import numpy as np
 import pytest
+import timm
 import torch
+import torchvision
 import yaml
 from torch import nn
 from typer.testing import CliRunner
@@ -21,9 +23,6 @@ from explain_cli.explainers import _utils, deep, gradient
 from explain_cli.explainers.base import ExplainContext
 from explain_cli.models import check_layer_input
 from test_deep import BOUND_FLOAT32, relative_additivity
-
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
 
 SIZE = 32
 
@@ -133,7 +132,7 @@ def test_gradient_at_a_token_layer_agrees_with_shap(data, layer_name):
     are exact (every sample is the image) and a handful of samples compares them to float precision
     (shap runs one batch-1 forward per sample; the Monte-Carlo agreement at a layer is tested on a
     conv layer in test_gradient.py, and the sampling does not depend on the layer input's shape)."""
-    shap = pytest.importorskip("shap")
+    import shap
     model = small_vit()
     _, images = data
     x = images[1:2]
