@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from explain_cli import __version__
 from explain_cli.errors import UserError
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, quote_cell, atomic_write_text, parse_csv,
                                read_csv_text)
+
+log = logging.getLogger("explain_cli")
 
 SHARD_FILE = re.compile(r"^(topk|errors|run)\.shard-(\d+)-of-(\d+)\.(csv|json)$")
 KINDS = {"topk": "csv", "errors": "csv", "run": "json"}
@@ -407,8 +410,12 @@ def _stitch_slides(output_dir: Path, config: Any) -> None:
     heatmap = slides.get("heatmap") if isinstance(slides.get("heatmap"), dict) else {}
     explainer = config.get("explainer") if isinstance(config.get("explainer"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    write_heatmaps(output_dir, output_dir / "topk.csv", output_dir / "errors.csv", str(explainer.get("name", "?")),
-                   str(model.get("layer", "?")), bool(heatmap.get("tiff", False)))
+    try:
+        write_heatmaps(output_dir, output_dir / "topk.csv", output_dir / "errors.csv", str(explainer.get("name", "?")),
+                       str(model.get("layer", "?")), bool(heatmap.get("tiff", False)))
+    except Exception as exc:  # noqa: BLE001 - the merged CSVs are written; a rerun of merge redraws
+        log.warning("could not draw the slide heatmaps (%s: %s); the merged topk.csv holds every tile, "
+                    "rerun `explain-cli merge` to draw them", type(exc).__name__, exc)
 
 
 def _merged_scale(infos: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
