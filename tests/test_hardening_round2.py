@@ -5,6 +5,8 @@ first, kernel's std is NaN where it cannot be estimated. Tiny model, 16 px: seco
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import subprocess
 from pathlib import Path
@@ -80,19 +82,25 @@ def test_train_output_below_a_file_or_a_folder_is_exit_2_before_the_model_is_bui
     assert_usage_error(invoke("train", cfg, "--set", "explainer.checkpoint=afile/e.pt"), "explainer.checkpoint")
 
 
-def test_train_and_init_into_a_read_only_mount_are_exit_2_naming_it(tiny_project, tmp_path):
-    mnt = tmp_path / "ro"
+@contextlib.contextmanager
+def _tmpfs(mnt, options: str):
+    """A tmpfs mounted at ``mnt`` with ``options`` for the block (skips where mounting is not allowed)."""
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace')}")
     try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_train_and_init_into_a_read_only_mount_are_exit_2_naming_it(tiny_project, tmp_path):
+    with _tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
         result = invoke("train", amortized_config(tiny_project), "--output", mnt / "sub" / "e.pt")
         assert_usage_error(result, "read-only file system", str(mnt))
         result = invoke("init", "python:tinynet:make", "-o", mnt / "c.yaml")
         assert_usage_error(result, "read-only file system", str(mnt))
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # -- 5. user errors are exit 2 --------------------------------------------------------------------------
@@ -251,12 +259,7 @@ def test_kernel_std_is_nan_where_too_few_coalitions_were_drawn():
 
 
 def test_merge_and_report_in_a_read_only_folder_are_exit_2_naming_it(tiny_project, tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace')}")
-    try:
+    with _tmpfs(tmp_path / "ro", "size=16m") as mnt:
         cfg = tiny_project / "config.yaml"
         for i in range(2):
             assert invoke("run", cfg, "--no-progress", "--output", mnt / "out", "--shard", f"{i}/2").exit_code == 0
@@ -265,8 +268,6 @@ def test_merge_and_report_in_a_read_only_folder_are_exit_2_naming_it(tiny_projec
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         assert_usage_error(invoke("merge", mnt / "out"), "read-only file system", str(mnt / "out"))
         assert_usage_error(invoke("report", mnt / "whole"), "read-only file system", str(mnt / "whole"))
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_train_refuses_to_overwrite_the_model_checkpoint_or_the_config(tiny_project):

@@ -446,15 +446,23 @@ CHANNELS_LAST_NET = textwrap.dedent('''
 ''')
 
 
+def _deep_values_config(project, arch: str, layer: str, size: int | None = None):
+    """The tiny project's config.yaml rewritten for ``arch`` at ``layer``: deep, values saved."""
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["model"].update({"arch": arch, "checkpoint": None, "layer": layer})
+    if size is not None:
+        config["preprocess"]["size"] = size
+    config["explainer"] = {"name": "deep"}
+    config["output"]["save_values"] = True
+    path = project / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def test_validate_and_run_at_a_channels_last_layer(tiny_project):
     """validate says the layer takes (H, W, C) maps; run saves them as (C, H, W) and records the layout."""
     (tiny_project / "nhwc.py").write_text(CHANNELS_LAST_NET)
-    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
-    config["model"].update({"arch": "python:nhwc:make", "checkpoint": None, "layer": "stage"})
-    config["explainer"] = {"name": "deep"}
-    config["output"]["save_values"] = True
-    path = tiny_project / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _deep_values_config(tiny_project, "python:nhwc:make", "stage")
     runner = CliRunner()
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
@@ -502,14 +510,7 @@ def test_validate_and_run_at_blocked_tokens_and_refuse_folded_ones(tiny_project)
     saved map is the 16x16 grid); MobileViT's unfolded patches are refused at validate (exit 2) naming the
     MobileViT block, which validates."""
     (tiny_project / "layoutnets.py").write_text(LAYOUT_NETS)
-    config = yaml.safe_load((tiny_project / "config.yaml").read_text())
-    config["model"].update({"arch": "python:layoutnets:nest", "checkpoint": None,
-                            "layer": "levels.0.transformer_encoder.0"})
-    config["preprocess"]["size"] = 64
-    config["explainer"] = {"name": "deep"}
-    config["output"]["save_values"] = True
-    path = tiny_project / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _deep_values_config(tiny_project, "python:layoutnets:nest", "levels.0.transformer_encoder.0", size=64)
     runner = CliRunner()
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
