@@ -6,7 +6,6 @@ first, kernel's std is NaN where it cannot be estimated. Tiny model, 16 px: seco
 from __future__ import annotations
 
 import contextlib
-
 import json
 import subprocess
 from pathlib import Path
