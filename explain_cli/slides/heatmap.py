@@ -119,7 +119,7 @@ def _thumbnail(info: dict[str, Any], tile_rows: dict[str, tuple[int, int]]) -> I
     small scale. None when the source is gone (the heatmap is then drawn on white)."""
     from explain_cli.slides.plan import thumbnail_size
 
-    size = thumbnail_size(tuple(info["dimensions"]), info.get("mpp"), info.get("thumbnail_mpp") or 16.0)
+    size = thumbnail_size(tuple(info["dimensions"]), info.get("mpp"), info["thumbnail_mpp"])  # slide.json: the plan's
     if info["kind"] == "file":
         from explain_cli.slides.reader import open_slide
 
@@ -246,7 +246,7 @@ def _npz_bytes(maps: SlideMaps, info: dict[str, Any]) -> bytes:
 
 
 def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, explainer: str, layer: str,
-                   tiff: bool = False, thumbnail_mpp: float = 16.0, redraw: set[str] | None = None) -> list[dict[str, Any]]:
+                   tiff: bool = False, redraw: set[str] | None = None) -> list[dict[str, Any]]:
     """Stitch and draw every slide with a slide.json under out_dir/slides; write slides/index.json.
     Returns the index entries. ``redraw``: only these slides (and any never drawn) get new
     figures; the others only their index entry (a nightly rerun with nothing new draws nothing:
@@ -277,7 +277,6 @@ def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, exp
                 failed[ident] += 1
     index = []
     for ident, info in sorted(infos.items()):
-        info.setdefault("thumbnail_mpp", thumbnail_mpp)
         draw = redraw is None or ident in redraw or not (slide_dir(out_dir, ident) / "maps.npz").exists()
         entry = _draw_slide(out_dir, info, rows_by_slide[ident], failed[ident], explainer, layer, tiff, draw)
         index.append(entry)
