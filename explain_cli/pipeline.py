@@ -26,14 +26,15 @@ from explain_cli import __version__
 from explain_cli import names as _names
 from explain_cli import overlay_scale, resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
-from explain_cli.discover import discover_images
+from explain_cli.discover import discover_images, source_path
 from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ImageError, NothingSelected, UserError
+from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, StopRequested, device_info, earlier_runs, now, output_lock,  # noqa: F401
                              resolve_device, run_record, share_cpus, versions)  # (Shard, resolve_device: public here too)
 from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
 from explain_cli.report import write_report_or_warn
-from explain_cli.stages import WriteJob, Writer, decode_one, decoded_steps
+from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.targets import BatchTargets, TargetSpec, Truth
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, CsvLog, nonfinite_result, read_csv_images,
                                remove_files, write_json)
@@ -251,22 +252,24 @@ def load_background(prep: Prepared):
     cfg = prep.config
     bg_cfg = cfg.background
     if bg_cfg.dir is not None:
-        source: Any = cfg.resolve(bg_cfg.dir)  # a folder: checked by prepare
-        pool = discover_images(source, cfg.input.include, [])
+        root = cfg.resolve(bg_cfg.dir)  # a folder: checked by prepare
+        pool = [source_path(root, p) for p in discover_images(root, cfg.input.include, [])]
         want = bg_cfg.count
     else:
-        source, pool = prep.source, list(prep.all_images)  # the input folder, or a slide run's tiles
+        pool = list(prep.all_images) if prep.slides is not None else \
+            [source_path(prep.input_dir, p) for p in prep.all_images]
         want = bg_cfg.from_input or 50
     rng = random.Random(cfg.seed)
     order = rng.sample(pool, len(pool))
     arrays = []
-    for rel in order:
+    for path in order:
         if len(arrays) >= want:
             break
         try:
-            arrays.append(decode_one(source, rel, cfg.preprocess)[2])
+            arrays.append(prep.slides.source.decode(path, cfg.preprocess)[1] if isinstance(path, str)
+                          else load_preprocessed(path, cfg.preprocess)[1])
         except ImageError as exc:
-            log.warning("background: skipping %s (%s)", rel, exc)
+            log.warning("background: skipping %s (%s)", path, exc)
     if not arrays:
         raise UserError("background: no readable background image (check background.* and input.dir)")
     bg = np.stack(arrays)
