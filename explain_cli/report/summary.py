@@ -126,20 +126,42 @@ def _status(outputs: RunOutputs) -> tuple[str, str]:
     return f"sharded, not merged: {done} of {total} shards complete (then: explain-cli merge)", "warn"
 
 
-def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: list[dict[str, Any]]) -> str:
-    run = outputs.run or (outputs.shards[0][1] if outputs.shards else {})
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
-    explainer = config.get("explainer") if isinstance(config.get("explainer"), dict) else {}
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    infos = [run] if outputs.run and not outputs.run.get("merged") else [i for _, i in outputs.shards]
+def _sub(info: dict[str, Any], key: str) -> dict[str, Any]:
+    """``info[key]`` when it is a dict (run.json is read defensively), else {}."""
+    value = info.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _summary_infos(outputs: RunOutputs) -> list[dict[str, Any]]:
+    """The run records the counts and times add up: run.json's (unmerged), else the shards'."""
+    infos = [outputs.run] if outputs.run and not outputs.run.get("merged") else [i for _, i in outputs.shards]
     if not infos and outputs.run:
         infos = [outputs.run]
+    return infos
 
+
+def _counts(infos: list[dict[str, Any]], key: str) -> list[int]:
+    """``counts[key]`` of each record that has counts."""
+    return [int(_number(i["counts"].get(key)) or 0) for i in infos if isinstance(i.get("counts"), dict)]
+
+
+def _explained_card(images: list[dict[str, Any]], infos: list[dict[str, Any]]) -> str:
+    already = sum(_counts(infos, "already_done"))
+    # input.exclude applies to the whole folder: every shard counts the same files
+    excluded = max(_counts(infos, "excluded"), default=0)
+    notes = (f"{already:,} of them from an earlier run" if already else "",
+             f"{excluded:,} skipped by input.exclude" if excluded else "")
+    return _card("Images explained", f"{len(images):,}", "; ".join(n for n in notes if n))
+
+
+def _failed_card(outputs: RunOutputs) -> str:
     failed = len({r.get("image") for r in outputs.errors if r.get("image")})
-    seconds = [s for s in (_number(i.get("seconds")) for i in infos) if s is not None]
-    total_s = sum(seconds) if seconds else _number(run.get("shard_seconds_total"))
-    explained_now = sum(int(_number((i.get("counts") or {}).get("explained")) or 0) for i in infos
-                        if isinstance(i.get("counts"), dict))
+    return _card("Failed", f"{failed:,}", "see Failed images below" if failed else "", "bad" if failed else "")
+
+
+def _rate_note(total_s: float | None, infos: list[dict[str, Any]]) -> str:
+    """'2.10 images/s; started 2026-...' (or 's per image' below one image a second)."""
+    explained_now = sum(_counts(infos, "explained"))
     rate = ""
     if total_s and explained_now:
         per_s = explained_now / total_s
@@ -147,69 +169,104 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
     started = [str(i["started"]) for i in infos if i.get("started")]
     if started:
         rate += ("; " if rate else "") + "started " + min(started).replace("T", " ").replace("+00:00", " UTC")
+    return rate
+
+
+def _time_card(run: dict[str, Any], infos: list[dict[str, Any]]) -> str:
+    seconds = [s for s in (_number(i.get("seconds")) for i in infos) if s is not None]
+    total_s = sum(seconds) if seconds else _number(run.get("shard_seconds_total"))
+    return _card("Time", _fmt_seconds(total_s), ("summed over shards; " if len(infos) > 1 else "")
+                 + _runs_note(run) + _rate_note(total_s, infos))
+
+
+def _device_card(infos: list[dict[str, Any]]) -> str:
     devices = sorted({str(i.get("device_name") or i.get("device")) for i in infos
                       if i.get("device_name") or i.get("device")})
     device_note = ", ".join(sorted({str(i.get("device")) for i in infos if i.get("device")}))
-    already = sum(int(_number((i.get("counts") or {}).get("already_done")) or 0) for i in infos
-                  if isinstance(i.get("counts"), dict))
-    # input.exclude applies to the whole folder: every shard counts the same files
-    excluded = max((int(_number((i.get("counts") or {}).get("excluded")) or 0) for i in infos
-                    if isinstance(i.get("counts"), dict)), default=0)
-    cards = [
-        _card("Images explained", f"{len(images):,}", "; ".join(n for n in (
-            f"{already:,} of them from an earlier run" if already else "",
-            f"{excluded:,} skipped by input.exclude" if excluded else "") if n)),
-        _card("Failed", f"{failed:,}", "see Failed images below" if failed else "", "bad" if failed else ""),
-        _card("Time", _fmt_seconds(total_s), ("summed over shards; " if len(infos) > 1 else "")
-              + _runs_note(run) + rate),
-        _card("Device", ", ".join(devices) or "-", device_note),
+    return _card("Device", ", ".join(devices) or "-", device_note)
+
+
+def _setup_cards(run: dict[str, Any]) -> list[str]:
+    """The Explainer and Model cards, from the run's config."""
+    config = _sub(run, "config")
+    explainer = _sub(config, "explainer")
+    model = _sub(config, "model")
+    return [
         _card("Explainer", str(explainer.get("name", "-")),
               ", ".join(f"{k} {v}" for k, v in explainer.items() if k != "name" and not isinstance(v, dict))),
         _card("Model", str(model.get("arch", "-")), f"layer {model.get('layer', 'input')}; {_weights_note(run)}",
               "warn" if _weights_note(run) == "random weights" else ""),
     ]
-    ref = _random_reference(outputs)
+
+
+def _top1(images: list[dict[str, Any]], i: int) -> list[float]:
+    """Column ``i``'s value of each image's first explained class, where it has one."""
+    return [img["v"][i][0] for img in images if img["v"][i] and img["v"][i][0] is not None]
+
+
+def _samples_card(col: dict[str, Any], used: list[float]) -> str:
+    """nsamples: auto: the median samples per image and how many images stopped at max_nsamples."""
+    if not used:
+        return ""
+    hit = sum(1 for v in used if v >= col["warn_at"])
+    return _card("Samples (auto)", f"{statistics.median(used):.0f}",
+                 f"median per image; {hit} image(s) hit max_nsamples {col['warn_at']:.0f} before "
+                 "target_stability" if hit else "median per image; every map reached target_stability",
+                 "warn" if hit else "")
+
+
+def _quality_card(col: dict[str, Any], values: list[float], ref: dict[str, float]) -> str:
+    """The median stability, deletion or insertion AUC of the top-1 maps (the AUCs beside their random reference)."""
+    if not values:
+        return ""
+    key = col["key"]
+    median = statistics.median(values)
+    if key == "stability":
+        note = "median over top-1 classes; below 0.5: raise explainer.nsamples"
+        tone = "warn" if median < 0.5 else ""
+    else:
+        better = "lower" if key == "deletion_auc" else "higher"
+        note = f"median, top-1 classes ({better} is better)"
+        if key in ref:
+            note += f"; random pixel order: {ref[key]:.3f}"
+        tone = ""
+    return _card(f"{col['label']}", f"{median:.3f}" if key != "stability" else f"{median:.2f}", note, tone)
+
+
+def _metric_cards(images: list[dict[str, Any]], columns: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
+    """One card per summarised column: samples (nsamples auto), stability, deletion and insertion AUC."""
+    cards = []
     for col in columns:
         key = col["key"]
         if key == "nsamples_used" and col.get("warn_at") is not None:
-            i = columns.index(col)
-            used = [img["v"][i][0] for img in images if img["v"][i] and img["v"][i][0] is not None]
-            hit = sum(1 for v in used if v >= col["warn_at"])
-            if used:
-                cards.append(_card("Samples (auto)", f"{statistics.median(used):.0f}",
-                                   f"median per image; {hit} image(s) hit max_nsamples {col['warn_at']:.0f} before "
-                                   "target_stability" if hit else "median per image; every map reached target_stability",
-                                   "warn" if hit else ""))
-            continue
-        if key not in ("stability", "deletion_auc", "insertion_auc"):
-            continue
-        i = columns.index(col)
-        values = [img["v"][i][0] for img in images if img["v"][i] and img["v"][i][0] is not None]
-        if not values:
-            continue
-        median = statistics.median(values)
-        if key == "stability":
-            note = "median over top-1 classes; below 0.5: raise explainer.nsamples"
-            tone = "warn" if median < 0.5 else ""
-        else:
-            better = "lower" if key == "deletion_auc" else "higher"
-            note = f"median, top-1 classes ({better} is better)"
-            if key in ref:
-                note += f"; random pixel order: {ref[key]:.3f}"
-            tone = ""
-        cards.append(_card(f"{col['label']}", f"{median:.3f}" if key != "stability" else f"{median:.2f}", note, tone))
-    trained = run.get("explainer_training") if isinstance(run.get("explainer_training"), dict) else {}
-    r = trained.get("kernel_median_pearson")
-    if isinstance(r, (int, float)) and not isinstance(r, bool):  # an amortized explainer's own check
-        cards.append(_card("Explainer vs Kernel SHAP", f"{r:.2f}",
-                           f"median Pearson r of the trained explainer's maps and Kernel SHAP's on "
-                           f"{trained.get('kernel_images')} held-out image(s), {trained.get('kernel_nsamples')} "
-                           f"samples each (explain-cli train); below 0.5 the maps are a rough guide at best",
-                           "warn" if r < 0.5 else ""))
+            cards.append(_samples_card(col, _top1(images, columns.index(col))))
+        elif key in ("stability", "deletion_auc", "insertion_auc"):
+            cards.append(_quality_card(col, _top1(images, columns.index(col)), ref))
+    return [c for c in cards if c]
 
-    settings: list[tuple[str, str]] = []
-    _flatten("", config, settings)
-    versions = run.get("versions") if isinstance(run.get("versions"), dict) else {}
+
+def _training_card(run: dict[str, Any]) -> str:
+    """An amortized explainer's own check against Kernel SHAP (run.json explainer_training), '' without one."""
+    trained = _sub(run, "explainer_training")
+    r = trained.get("kernel_median_pearson")
+    if not isinstance(r, (int, float)) or isinstance(r, bool):
+        return ""
+    return _card("Explainer vs Kernel SHAP", f"{r:.2f}",
+                 f"median Pearson r of the trained explainer's maps and Kernel SHAP's on "
+                 f"{trained.get('kernel_images')} held-out image(s), {trained.get('kernel_nsamples')} "
+                 f"samples each (explain-cli train); below 0.5 the maps are a rough guide at best",
+                 "warn" if r < 0.5 else "")
+
+
+def _read_from(outputs: RunOutputs) -> str:
+    """'run.json, run.shard-1-of-2.json; topk.csv': the files the page was built from."""
+    return (", ".join(["run.json"] if outputs.run else []) + (", " if outputs.run and outputs.shards else "")
+            + ", ".join(n for n, _ in outputs.shards) + "; " + ", ".join(outputs.topk_files))
+
+
+def _about_rows(outputs: RunOutputs, run: dict[str, Any], ref: dict[str, float]) -> list[tuple[str, Any]]:
+    """The Run table of the details: status, times, counts, host, command, ... (the unset ones left out)."""
+    command = run.get("command")
     about = [(k, v) for k, v in (
         ("status", run.get("status")), ("started", run.get("started")), ("finished", run.get("finished")),
         ("seconds", run.get("seconds") if run.get("seconds") is not None else run.get("shard_seconds_total")),
@@ -218,32 +275,52 @@ def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: li
         ("host", run.get("host")), ("torch threads", run.get("torch_threads")),
         ("peak GPU memory (MB)", run.get("peak_gpu_memory_mb")),
         ("config file", run.get("config_file")),
-        ("command", " ".join(map(str, run["command"])) if isinstance(run.get("command"), list) else run.get("command")),
-        ("read from", ", ".join(["run.json"] if outputs.run else []) + (", " if outputs.run and outputs.shards else "")
-         + ", ".join(n for n, _ in outputs.shards) + "; " + ", ".join(outputs.topk_files)),
+        ("command", " ".join(map(str, command)) if isinstance(command, list) else command),
+        ("read from", _read_from(outputs)),
     ) if v is not None and v != ""]
     if ref:
         about.append(("random-order reference", ", ".join(f"{k} {v:.4g}" for k, v in ref.items())))
-    shard_rows = ""
-    if outputs.shards:
-        head = "<tr><th>file</th><th>status</th><th>host</th><th>device</th><th>explained</th><th>failed</th><th>time</th><th>finished</th></tr>"
-        body = []
-        for name, info in outputs.shards:
-            counts = info.get("counts") if isinstance(info.get("counts"), dict) else {}
-            body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
-                name, info.get("status"), info.get("host"), info.get("device_name") or info.get("device"),
-                counts.get("explained"), counts.get("failed"), _fmt_seconds(info.get("seconds")),
-                info.get("finished"))) + "</tr>")
-        shard_rows = f'<h3>Shards</h3><table class="grid">{head}{"".join(body)}</table>'
-    shard_rows += _runs_table(run)
-    details = (
+    return about
+
+
+def _shards_table(outputs: RunOutputs) -> str:
+    """One row per shard's run.shard-*.json ('' for an unsharded run)."""
+    if not outputs.shards:
+        return ""
+    head = "<tr><th>file</th><th>status</th><th>host</th><th>device</th><th>explained</th><th>failed</th><th>time</th><th>finished</th></tr>"
+    body = []
+    for name, info in outputs.shards:
+        counts = _sub(info, "counts")
+        body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
+            name, info.get("status"), info.get("host"), info.get("device_name") or info.get("device"),
+            counts.get("explained"), counts.get("failed"), _fmt_seconds(info.get("seconds")),
+            info.get("finished"))) + "</tr>")
+    return f'<h3>Shards</h3><table class="grid">{head}{"".join(body)}</table>'
+
+
+def _details_html(outputs: RunOutputs, run: dict[str, Any], ref: dict[str, float]) -> str:
+    """The folded 'Run details, settings and versions' block."""
+    settings: list[tuple[str, str]] = []
+    _flatten("", _sub(run, "config"), settings)
+    versions = _sub(run, "versions")
+    shard_rows = _shards_table(outputs) + _runs_table(run)
+    return (
         '<details class="more"><summary>Run details, settings and versions</summary><div class="cols">'
-        f'<div><h3>Run</h3>{_kv_table(about)}{shard_rows}</div>'
+        f'<div><h3>Run</h3>{_kv_table(_about_rows(outputs, run, ref))}{shard_rows}</div>'
         f'<div><h3>Settings</h3>{_kv_table(settings)}</div>'
         f'<div><h3>Versions</h3>{_kv_table(list(versions.items()))}</div>'
         '</div></details>'
     )
-    return f'<section class="cards">{"".join(cards)}</section>{details}'
+
+
+def _summary_html(outputs: RunOutputs, images: list[dict[str, Any]], columns: list[dict[str, Any]]) -> str:
+    """The cards (counts, time, device, explainer, model, the maps' quality) and the folded run details."""
+    run = outputs.run or (outputs.shards[0][1] if outputs.shards else {})
+    infos = _summary_infos(outputs)
+    ref = _random_reference(outputs)
+    cards = [_explained_card(images, infos), _failed_card(outputs), _time_card(run, infos), _device_card(infos),
+             *_setup_cards(run), *_metric_cards(images, columns, ref), _training_card(run)]
+    return f'<section class="cards">{"".join(cards)}</section>{_details_html(outputs, run, ref)}'
 
 
 def _errors_html(outputs: RunOutputs) -> str:
