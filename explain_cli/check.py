@@ -198,10 +198,12 @@ def _maps(explainer: Any, batch: torch.Tensor, targets: Any, seeds: list[int]) -
 def run_check(cfg: Any, images: int = 8, output_dir: Path | None = None, device: str | None = None,
               steps: int | None = None) -> CheckResult:
     """Run the cascade on the first ``images`` images of the config's input; write ``check.csv``
-    (one row per step and image), ``check.png`` (the first image's map down the cascade) and
+    (one row per step and image), ``check.png`` (the first image's map down the cascade),
+    ``maps/step-*.png`` (the same maps one small PNG each, for report.html) and
     ``check.html`` (both on one offline page) to
     ``output_dir`` (default: ``output.dir``/check). ``steps`` stops the cascade early (at least
-    the decision step is always run)."""
+    the decision step is always run). With the default folder, a run's report.html beside it is
+    rewritten with its Sanity check section."""
     from explain_cli import pipeline
     from explain_cli.errors import ConfigError
     from explain_cli.explainers import _precision
@@ -264,9 +266,45 @@ def run_check(cfg: Any, images: int = 8, output_dir: Path | None = None, device:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / "check.csv")
     _figure(gallery, ["trained"] + [f"{s.step}: {s.layer}" for s in result.steps], out / "check.png", rels[0])
+    write_map_pngs(gallery, out / MAPS_DIR)
     result.output_dir = out
     write_html(result, out / "check.html", out / "check.png")
+    if output_dir is None and (out.parent / "report.html").exists():  # the run's report gains its Sanity check section
+        from explain_cli.report import write_report_or_warn
+
+        write_report_or_warn(out.parent)
     return result
+
+
+#: The folder (in the check's output) of the first image's map after each step: ``step-0.png`` (the trained
+#: model), ``step-1.png``, ...; report.html's Sanity check section shows them.
+MAPS_DIR = "maps"
+#: The longest side of those PNGs in pixels (a map is scaled up by whole pixels, or down, to about this).
+MAP_PNG_SIZE = 128
+
+
+def write_map_pngs(maps: list[np.ndarray], folder: Path) -> None:
+    """Each map as a small PNG, red positive, blue negative, white 0, on its own symmetric colour
+    limit (the Spearman compares ranks, not sizes); older ``step-*.png`` files are removed first."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("step-*.png"):
+        old.unlink()
+    colours = colormaps["bwr"]
+    for i, grid in enumerate(maps):
+        grid = np.asarray(grid, dtype=np.float64)
+        limit = float(np.abs(grid).max()) or 1.0
+        rgb = (colours((grid / limit + 1) / 2)[..., :3] * 255).round().astype(np.uint8)
+        picture = Image.fromarray(rgb)
+        scale = MAP_PNG_SIZE / max(grid.shape)
+        if scale >= 2:
+            picture = picture.resize((grid.shape[1] * int(scale), grid.shape[0] * int(scale)), Image.NEAREST)
+        elif scale < 1:
+            picture = picture.resize((max(1, round(grid.shape[1] * scale)), max(1, round(grid.shape[0] * scale))),
+                                     Image.BOX)
+        picture.save(folder / f"step-{i}.png", optimize=True)
 
 
 def write_html(result: CheckResult, path: Path, figure: Path) -> None:

@@ -15,10 +15,13 @@ import platform
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from explain_cli import __version__
 from explain_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from explain_cli.record import RunEntry
 
 log = logging.getLogger("explain_cli")
 
@@ -141,54 +144,72 @@ def _holder(path: Path) -> str:
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
-def _running_shards(output_dir: Path) -> list[str]:
-    """'shard I/N (pid P)' for each shard whose lock is held now."""
+def _flock(fh, shared: bool = False) -> bool:
+    """Take ``fh``'s lock without waiting (shared or exclusive); False when another process holds it."""
     import fcntl
 
+    try:
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a run (or merge) holds the lock file ``path`` now (never creates the file)."""
+    import fcntl
+
+    try:
+        fh = open(path, "r")
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    with fh:
+        if not _flock(fh):
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def _running_shards(output_dir: Path) -> list[str]:
+    """'shard I/N (pid P)' for each shard whose lock is held now."""
     held = []
     for path in sorted(output_dir.glob(".explain-cli.shard-*-of-*.lock")):
         try:
-            with open(path, "r") as fh:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    i, n = path.name[len(".explain-cli.shard-"):-len(".lock")].split("-of-")
-                    held.append(f"shard {i}/{n}{_holder(path)}")
+            if lock_held(path):
+                i, n = path.name[len(".explain-cli.shard-"):-len(".lock")].split("-of-")
+                held.append(f"shard {i}/{n}{_holder(path)}")
         except (OSError, ValueError):
             continue
     return held
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: Path, suffix: str) -> Iterator[None]:
+def output_lock(output_dir: Path, suffix: str, merging: bool = False) -> Iterator[None]:
     """One run per shard and output folder: a second one exits 2 instead of interleaving.
 
-    ``.explain-cli.lock`` is taken exclusively by an unsharded run (and by merge) and shared by
-    every shard run, so an unsharded run and shard runs never write into one folder together;
-    each shard also holds its own lock. The refusal names the run that holds the folder.
+    ``.explain-cli.lock`` is taken exclusively by an unsharded run and by merge (``merging``) and
+    shared by every shard run, so an unsharded run and shard runs never write into one folder
+    together; each shard also holds its own lock. The refusal names the run that holds the folder.
     """
-    import fcntl
-
     output_dir.mkdir(parents=True, exist_ok=True)
     main_path = output_dir / ".explain-cli.lock"
     main = open(main_path, "a+")
     own = open(output_dir / f".explain-cli{suffix}.lock", "a+") if suffix else main
     try:
-        try:
-            fcntl.flock(main, (fcntl.LOCK_SH if suffix else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
+        if not _flock(main, shared=bool(suffix)):
+            if merging:
+                raise UserError(f"another explain-cli run or merge is writing to {output_dir} (lock "
+                                f"{main_path.name} is held{_holder(main_path)}); wait for it")
             if suffix:
                 other = f"an unsharded run or a merge{_holder(main_path)}"
             else:
                 other = ", ".join(_running_shards(output_dir)) or f"another run or merge{_holder(main_path)}"
             raise UserError(f"another explain-cli run is writing to {output_dir}: {other}; sharded and "
                             f"unsharded runs cannot share an output folder: wait for it or use another "
-                            f"output.dir") from None
-        try:
-            fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+                            f"output.dir")
+        if not _flock(own):
             raise UserError(f"another explain-cli run is writing to {output_dir} (lock {Path(own.name).name} "
-                            f"is held{_holder(Path(own.name))}); wait for it or use another output.dir") from None
+                            f"is held{_holder(Path(own.name))}); wait for it or use another output.dir")
         own.seek(0)
         own.truncate()
         own.write(f"{os.getpid()}\n")
@@ -430,30 +451,20 @@ def now() -> str:
 MAX_RUN_RECORDS = 200
 
 
-def earlier_runs(run_json: Path) -> list[dict[str, Any]]:
+def earlier_runs(run_json: Path) -> list[RunEntry]:
     """The run records of an earlier run.json in this folder (``runs``, newest last); a run.json
-    written before records existed becomes one record. [] when there is none or it is unreadable."""
-    import json
+    written before records existed becomes one record. [] when there is none, it is unreadable, or
+    it is a merge's; malformed entries are left out (the run rewrites the file)."""
+    from explain_cli.record import RunRecord, RunRecordError
 
     try:
-        info = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = RunRecord.read(run_json, lenient=True)
+    except RunRecordError:
         return []
-    if not isinstance(info, dict) or info.get("merged"):
+    if info.merged:
         return []
-    runs = info.get("runs")
-    if isinstance(runs, list):
-        return [r for r in runs if isinstance(r, dict)][-(MAX_RUN_RECORDS - 1):]
-    if info.get("started"):
-        return [run_record(info, None)]
+    if info.runs is not None:
+        return info.runs[-(MAX_RUN_RECORDS - 1):]
+    if info.started:
+        return [info.run_entry(None)]
     return []
-
-
-def run_record(info: Mapping[str, Any], exit_code: int | None) -> dict[str, Any]:
-    """One run's entry in run.json ``runs``: when, how it ended, what it did, where."""
-    shard = info.get("shard")
-    return {"started": info.get("started"), "finished": info.get("finished"), "seconds": info.get("seconds"),
-            "status": info.get("status"), "exit_code": exit_code, "counts": info.get("counts"),
-            "host": info.get("host"),
-            "shard": f"{shard['index']}/{shard['count']}" if isinstance(shard, dict) else None}
-

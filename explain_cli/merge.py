@@ -21,17 +21,17 @@ left in place. This module does not import torch.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from explain_cli import __version__
 from explain_cli.errors import UserError
+from explain_cli.job import lock_held, output_lock
+from explain_cli.record import Counts, RunRecord, RunRecordError, ShardSummary
 from explain_cli.write import (ERROR_COLUMNS, TOPK_COLUMNS, quote_cell, atomic_write_text, parse_csv,
                                read_csv_text)
 
@@ -81,38 +81,6 @@ def _scan(output_dir: Path) -> dict[int, dict[tuple[str, int], Path]]:
     return found
 
 
-def _lock_held(path: Path) -> bool:
-    """Whether a run holds this shard's lock file (never creates the file)."""
-    import fcntl
-
-    try:
-        fh = open(path, "r")
-    except FileNotFoundError:
-        return False
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
-
-
-@contextlib.contextmanager
-def _merge_lock(output_dir: Path) -> Iterator[None]:
-    """The unsharded run's lock: a merge and an unsharded run never write topk.csv together."""
-    import fcntl
-
-    path = output_dir / ".explain-cli.lock"
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another explain-cli run or merge is writing to {output_dir} "
-                            f"(lock {path.name} is held); wait for it") from None
-        yield
-
-
 def _read_csv(path: Path, columns: list[str]) -> list[list[str]]:
     """Rows (without the header) of a shard CSV; a torn last record (a killed run) is dropped.
     Cells stay escaped as written (names.escape): merge copies them unchanged."""
@@ -137,10 +105,10 @@ def _flatten(data: Any, prefix: tuple = ()) -> dict[tuple, Any]:
     return {prefix: data}
 
 
-def _comparable_config(info: dict[str, Any]) -> dict[tuple, Any]:
+def _comparable_config(info: RunRecord) -> dict[tuple, Any]:
     """The run.json config, flattened, without per-shard keys, with paths made absolute."""
-    flat = _flatten(info.get("config") or {})
-    config_file = info.get("config_file")
+    flat = _flatten(info.config or {})
+    config_file = info.config_file
     base = Path(config_file).parent if config_file else None
     for key in PATH_KEYS:
         value = flat.get(key)
@@ -150,39 +118,14 @@ def _comparable_config(info: dict[str, Any]) -> dict[tuple, Any]:
     return {k: v for k, v in flat.items() if k not in PER_SHARD_KEYS}
 
 
-def _load_run_json(path: Path) -> dict[str, Any]:
+def _load_run_json(path: Path) -> RunRecord:
+    """A shard's (or an earlier merge's) run.json; UserError naming the file when it is unusable."""
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(info, dict):
-        raise UserError(f"{path}: not an explain-cli run.json")
-    problem = _run_json_problem(info)
-    if problem:
-        raise UserError(f"{path}: not an explain-cli run.json ({problem}); rerun that shard with --overwrite")
-    return info
-
-
-#: The entries of a run.json that merge reads, and their types (None is allowed for each).
-_RUN_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "status": (str,), "shard": (dict,), "config": (dict,), "config_file": (str,), "images_found": (int,),
-    "counts": (dict,), "runs": (list,), "metrics": (dict,), "started": (str,), "finished": (str,),
-    "seconds": (int, float), "limit": (int,), "merged": (bool,)}
-#: Entries of run.json's ``metrics`` that merge adds up, and their types.
-_METRICS_TYPES: dict[str, tuple[type, ...]] = {"rows": (int,), "model_evaluations": (int,), "mean": (dict,),
-                                               "random_reference": (dict,)}
-
-
-def _run_json_problem(info: dict[str, Any]) -> str | None:
-    """Why a run.json read back (perhaps edited or damaged) cannot be merged; None when it can."""
-    for entries, types, prefix in ((info, _RUN_JSON_TYPES, ""),
-                                   (info.get("metrics") or {}, _METRICS_TYPES, "metrics.")):
-        for key, kinds in types.items():
-            value = entries.get(key)
-            wrong_bool = isinstance(value, bool) and bool not in kinds
-            if value is not None and (wrong_bool or not isinstance(value, kinds)):
-                return f"{prefix}{key} is {type(value).__name__}, expected {' or '.join(k.__name__ for k in kinds)}"
-    return None
+        return RunRecord.read(path)
+    except RunRecordError as exc:
+        if exc.problem.startswith("cannot read"):
+            raise UserError(f"{path}: {exc.problem}") from None
+        raise UserError(f"{exc}; rerun that shard with --overwrite") from None
 
 
 def _render_csv(columns: list[str], rows: list[list[str]]) -> str:
@@ -202,8 +145,28 @@ def _write_if_changed(path: Path, text: str, summary: MergeSummary) -> None:
         summary.written.append(path.name)
 
 
-def _check_shards(output_dir: Path, found: dict[int, dict[tuple[str, int], Path]]) -> tuple[int, dict[int, dict]]:
-    """The N of the run and each shard's run.json; UserError naming every problem otherwise."""
+def _check_shards(output_dir: Path, found: dict[int, dict[tuple[str, int], Path]]) -> tuple[int, dict[int, RunRecord]]:
+    """The N of the run and each shard's run.json; UserError naming every problem otherwise:
+    the shard files (:func:`_one_run`), each shard's state (:func:`_shard_problems`), then that
+    they ran one config on one input folder (:func:`_agreement_problems`)."""
+    count, files = _one_run(output_dir, found)
+    problems: list[str] = []
+    stray = sorted(p.name for (kind, i), p in files.items() if i >= count)
+    if stray:
+        problems.append(f"shard index out of range for N={count}: {', '.join(stray)}")
+    infos: dict[int, RunRecord] = {}
+    for i in range(count):
+        problems += _shard_problems(output_dir, files, i, count, infos)
+    if problems:
+        raise _refuse(output_dir, problems)
+    problems = _agreement_problems(infos, count)
+    if problems:
+        raise _refuse(output_dir, problems)
+    return count, infos
+
+
+def _one_run(output_dir: Path, found: dict[int, dict[tuple[str, int], Path]]) -> tuple[int, dict[tuple[str, int], Path]]:
+    """N and the shard files, when the folder holds shard files of one N; UserError otherwise."""
     if not found:
         if (output_dir / "topk.csv").exists():
             raise _refuse(output_dir, ["no shard files (topk.shard-I-of-N.csv) here: topk.csv is already "
@@ -218,48 +181,48 @@ def _check_shards(output_dir: Path, found: dict[int, dict[tuple[str, int], Path]
             problems.append(f"N={count}: {', '.join(names)}")
         raise _refuse(output_dir, problems)
     (count, files), = found.items()
-    problems: list[str] = []
-    stray = sorted(p.name for (kind, i), p in files.items() if i >= count)
-    if stray:
-        problems.append(f"shard index out of range for N={count}: {', '.join(stray)}")
-    infos: dict[int, dict] = {}
-    for i in range(count):
-        missing = [shard_name(k, i, count) for k in KINDS if (k, i) not in files]
-        if len(missing) == len(KINDS):
-            problems.append(f"shard {i} of {count} is missing: no {', '.join(missing)} "
-                            f"(run it: explain-cli run CONFIG --shard {i}/{count})")
-            continue
-        if ("run", i) not in files:
-            problems.append(f"shard {i} of {count}: {missing[0] if len(missing) == 1 else ', '.join(missing)} "
-                            f"missing (rerun the shard: explain-cli run CONFIG --shard {i}/{count})")
-            continue
-        run_path = files[("run", i)]
-        info = _load_run_json(run_path)
-        infos[i] = info
-        status = info.get("status")
-        rerun = f"rerun it to finish: explain-cli run CONFIG --shard {i}/{count}"
-        if _lock_held(output_dir / f".explain-cli.shard-{i}-of-{count}.lock"):
-            problems.append(f"shard {i} of {count} is still running ({run_path.name}: status "
-                            f"{status!r}); merge when it has finished")
-        elif status == "interrupted":
-            by = info.get("interrupted_by") or "a signal"
-            problems.append(f"shard {i} of {count} was interrupted by {by} ({run_path.name}); {rerun}")
-        elif status != "complete":
-            problems.append(f"shard {i} of {count} did not finish ({run_path.name}: status {status!r}, "
-                            f"the job was killed); {rerun}")
-        elif missing:
-            problems.append(f"shard {i} of {count}: {', '.join(missing)} missing; {rerun}")
-        shard = info.get("shard") or {}
-        if status == "complete" and (shard.get("index"), shard.get("count")) != (i, count):
-            problems.append(f"{run_path.name} describes shard {shard.get('index')}/{shard.get('count')}, "
-                            f"not {i}/{count} (renamed file?)")
-        if info.get("limit") is not None:
-            problems.append(f"shard {i} of {count} ran with --limit {info['limit']} ({run_path.name}): "
-                            f"not every image of the shard was explained; rerun it without --limit")
-    if problems:
-        raise _refuse(output_dir, problems)
+    return count, files
 
-    # One config for all shards (up to per-shard keys), and the same input folder listing.
+
+def _shard_problems(output_dir: Path, files: dict[tuple[str, int], Path], i: int, count: int,
+                    infos: dict[int, RunRecord]) -> list[str]:
+    """Why shard ``i`` cannot be merged (missing files, still running, interrupted, killed, renamed,
+    --limit); its run.json goes into ``infos``."""
+    missing = [shard_name(k, i, count) for k in KINDS if (k, i) not in files]
+    if len(missing) == len(KINDS):
+        return [f"shard {i} of {count} is missing: no {', '.join(missing)} "
+                f"(run it: explain-cli run CONFIG --shard {i}/{count})"]
+    if ("run", i) not in files:
+        return [f"shard {i} of {count}: {missing[0] if len(missing) == 1 else ', '.join(missing)} "
+                f"missing (rerun the shard: explain-cli run CONFIG --shard {i}/{count})"]
+    run_path = files[("run", i)]
+    info = infos[i] = _load_run_json(run_path)
+    problems = []
+    status = info.status
+    rerun = f"rerun it to finish: explain-cli run CONFIG --shard {i}/{count}"
+    if lock_held(output_dir / f".explain-cli.shard-{i}-of-{count}.lock"):
+        problems.append(f"shard {i} of {count} is still running ({run_path.name}: status "
+                        f"{status!r}); merge when it has finished")
+    elif status == "interrupted":
+        by = info.interrupted_by or "a signal"
+        problems.append(f"shard {i} of {count} was interrupted by {by} ({run_path.name}); {rerun}")
+    elif status != "complete":
+        problems.append(f"shard {i} of {count} did not finish ({run_path.name}: status {status!r}, "
+                        f"the job was killed); {rerun}")
+    elif missing:
+        problems.append(f"shard {i} of {count}: {', '.join(missing)} missing; {rerun}")
+    shard = (info.shard.index, info.shard.count) if info.shard is not None else (None, None)
+    if status == "complete" and shard != (i, count):
+        problems.append(f"{run_path.name} describes shard {shard[0]}/{shard[1]}, not {i}/{count} (renamed file?)")
+    if info.limit is not None:
+        problems.append(f"shard {i} of {count} ran with --limit {info.limit} ({run_path.name}): "
+                        f"not every image of the shard was explained; rerun it without --limit")
+    return problems
+
+
+def _agreement_problems(infos: dict[int, RunRecord], count: int) -> list[str]:
+    """One config for all shards (up to per-shard keys), and the same input folder listing."""
+    problems = []
     ref_i = 0
     ref = _comparable_config(infos[ref_i])
     ref_name = shard_name("run", ref_i, count)
@@ -273,18 +236,29 @@ def _check_shards(output_dir: Path, found: dict[int, dict[tuple[str, int], Path]
         if diffs:
             shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
             problems.append(f"{shard_name('run', i, count)} and {ref_name} have different configs ({shown})")
-    found_counts = {i: info.get("images_found") for i, info in infos.items()}
+    found_counts = {i: info.images_found for i, info in infos.items()}
     if len({v for v in found_counts.values() if v is not None}) > 1:
         listing = ", ".join(f"{shard_name('run', i, count)}: {v}" for i, v in sorted(found_counts.items()))
         problems.append(f"the shards saw different numbers of input images ({listing}): the input folder "
                         f"changed between shard runs; rerun every shard with --overwrite")
-    if problems:
-        raise _refuse(output_dir, problems)
-    return count, infos
+    return problems
+
+
+@dataclass
+class _Rows:
+    """The shards' rows as merge gathers them: topk and errors rows, which shard lists each image."""
+
+    topk: list[list[str]] = field(default_factory=list)
+    errors: list[list[str]] = field(default_factory=list)
+    owner: dict[str, tuple[int, str]] = field(default_factory=dict)  # image -> (shard, file) that first lists it
+    reported: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+    per_shard: list[ShardSummary] = field(default_factory=list)
 
 
 def merge(output_dir: Path) -> MergeSummary:
-    """Check the shard files of ``output_dir`` and write topk.csv, errors.csv and run.json."""
+    """Check the shard files of ``output_dir`` and write topk.csv, errors.csv and run.json: check
+    the shards, gather their rows, check the rows, write the merged files."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise UserError(f"merge: not a folder: {output_dir}")
@@ -293,110 +267,107 @@ def merge(output_dir: Path) -> MergeSummary:
     from explain_cli.config import check_output_dir
 
     check_output_dir(output_dir, key="merge")  # a read-only folder: exit 2 naming it, not an OSError
-    with _merge_lock(output_dir):
+    with output_lock(output_dir, "", merging=True):
         found = _scan(output_dir)
         count, infos = _check_shards(output_dir, found)
-        files = found[count]
-
         run_json = output_dir / "run.json"
-        if run_json.exists():
-            existing = _load_run_json(run_json)
-            if not existing.get("merged"):
-                raise _refuse(output_dir, [
-                    "topk.csv, errors.csv and run.json here are from an unsharded run (run.json has no "
-                    "'merged' entry); merging would overwrite them: move them away first"])
-        elif (output_dir / "topk.csv").exists():
-            raise _refuse(output_dir, ["topk.csv here is not from an earlier merge (no run.json with "
-                                       "'merged'); merging would overwrite it: move it away first"])
-
-        topk: list[list[str]] = []
-        errors: list[list[str]] = []
-        owner: dict[str, tuple[int, str]] = {}  # image -> (shard, file) that first lists it
-        reported: set[str] = set()
-        problems: list[str] = []
-        per_shard = []
+        _check_earlier_result(output_dir, run_json)
+        rows = _Rows()
         for i in range(count):
-            shard_images: set[str] = set()
-            for kind, columns, sink in (("topk", TOPK_COLUMNS, topk), ("errors", ERROR_COLUMNS, errors)):
-                path = files[(kind, i)]
-                rows = _read_csv(path, columns)
-                seen_keys: set[tuple[str, str]] = set()
-                for row in rows:
-                    if len(row) != len(columns):
-                        problems.append(f"{path.name}: a row has {len(row)} fields, expected {len(columns)}: {row!r}")
-                        continue
-                    image = row[0]
-                    key = (image, row[1] if kind == "topk" else "")
-                    if key in seen_keys:
-                        problems.append(f"{path.name} lists {image}" + (f" rank {row[1]}" if kind == "topk" else "")
-                                        + " twice")
-                        continue
-                    seen_keys.add(key)
-                    prev = owner.get(image)
-                    if prev is not None and prev != (i, path.name) and image not in reported:
-                        reported.add(image)
-                        where = "two shards" if prev[0] != i else "one shard's topk and errors"
-                        problems.append(f"{image} is in {where}: {prev[1]} and {path.name}")
-                    owner.setdefault(image, (i, path.name))
-                    shard_images.add(image)
-                    sink.append(row)
-            counts = infos[i].get("counts") or {}
-            selected = counts.get("selected")
-            if isinstance(selected, int) and selected != len(shard_images):
-                problems.append(f"shard {i} of {count}: {shard_name('run', i, count)} counts {selected} images, "
-                                f"but {shard_name('topk', i, count)} and {shard_name('errors', i, count)} "
-                                f"list {len(shard_images)}; rerun the shard (with --overwrite if images were "
-                                f"removed from the input folder)")
-            per_shard.append({
-                "index": i, "run_json": shard_name("run", i, count), "images": len(shard_images),
-                "host": infos[i].get("host"), "device": infos[i].get("device"),
-                "device_name": infos[i].get("device_name"), "started": infos[i].get("started"),
-                "finished": infos[i].get("finished"), "seconds": infos[i].get("seconds"),
-                "counts": counts,
-            })
-        if problems:
-            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-            raise _refuse(output_dir, shown)
-        found_total = {info.get("images_found") for info in infos.values()} - {None}
-        if found_total and len(owner) != next(iter(found_total)):
-            raise _refuse(output_dir, [f"the shards list {len(owner)} images but the input folder had "
-                                       f"{next(iter(found_total))}; some shard files do not belong to this run"])
-
-        topk.sort(key=lambda r: r[0])  # stable: an image's rows keep the asked order (targets.classes)
-        errors.sort(key=lambda r: r[0])
-        summary = MergeSummary(output_dir=output_dir, shards=count, images=len(owner),
-                               explained=len({r[0] for r in topk}), failed=len({r[0] for r in errors}),
-                               topk_rows=len(topk))
-        first = infos[0]
-        seconds = [s["seconds"] for s in per_shard if isinstance(s.get("seconds"), (int, float))]
-        started = [s["started"] for s in per_shard if s.get("started")]
-        finished = [s["finished"] for s in per_shard if s.get("finished")]
-        merged_info = {
-            "explain_cli": __version__,
-            "status": "complete",
-            "merged": True,
-            "shards": count,
-            "config_file": first.get("config_file"),
-            "config": first.get("config"),
-            "weights": first.get("weights"),
-            "counts": {"images": summary.images, "explained": summary.explained,
-                       "failed": summary.failed, "topk_rows": summary.topk_rows},
-            "started": min(started) if started else None,
-            "finished": max(finished) if finished else None,
-            "shard_seconds_total": round(sum(seconds), 3) if seconds else None,
-            "versions": first.get("versions"),
-            "metrics": _merged_metrics(infos, topk),
-            "overlay_scale": _merged_scale(infos),
-            "per_shard": per_shard,
-            # every shard's run records (reruns included), oldest first
-            "runs": sorted((r for info in infos.values() for r in (info.get("runs") or []) if isinstance(r, dict)),
-                           key=lambda r: str(r.get("started"))),
-        }
-        _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, topk), summary)
-        _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, errors), summary)
-        _write_if_changed(run_json, json.dumps(merged_info, indent=2, default=str) + "\n", summary)
-        _stitch_slides(output_dir, first.get("config"))
+            _gather_shard(rows, found[count], i, count, infos[i])
+        _check_rows(output_dir, rows, infos)
+        rows.topk.sort(key=lambda r: r[0])  # stable: an image's rows keep the asked order (targets.classes)
+        rows.errors.sort(key=lambda r: r[0])
+        summary = MergeSummary(output_dir=output_dir, shards=count, images=len(rows.owner),
+                               explained=len({r[0] for r in rows.topk}), failed=len({r[0] for r in rows.errors}),
+                               topk_rows=len(rows.topk))
+        _write_if_changed(output_dir / "topk.csv", _render_csv(TOPK_COLUMNS, rows.topk), summary)
+        _write_if_changed(output_dir / "errors.csv", _render_csv(ERROR_COLUMNS, rows.errors), summary)
+        _write_if_changed(run_json, _merged_record(summary, infos, rows).text() + "\n", summary)
+        _stitch_slides(output_dir, infos[0].config)
     return summary
+
+
+def _check_earlier_result(output_dir: Path, run_json: Path) -> None:
+    """UserError when topk.csv or run.json here are an unsharded run's (a merge would overwrite them)."""
+    if run_json.exists():
+        if not _load_run_json(run_json).merged:
+            raise _refuse(output_dir, [
+                "topk.csv, errors.csv and run.json here are from an unsharded run (run.json has no "
+                "'merged' entry); merging would overwrite them: move them away first"])
+    elif (output_dir / "topk.csv").exists():
+        raise _refuse(output_dir, ["topk.csv here is not from an earlier merge (no run.json with "
+                                   "'merged'); merging would overwrite it: move it away first"])
+
+
+def _gather_shard(rows: _Rows, files: dict[tuple[str, int], Path], i: int, count: int, info: RunRecord) -> None:
+    """Shard ``i``'s topk and errors rows into ``rows``, with the problems they show (a short row, an
+    image listed twice, or by two shards, or a count that is not its run.json's)."""
+    shard_images: set[str] = set()
+    for kind, columns, sink in (("topk", TOPK_COLUMNS, rows.topk), ("errors", ERROR_COLUMNS, rows.errors)):
+        path = files[(kind, i)]
+        seen_keys: set[tuple[str, str]] = set()
+        for row in _read_csv(path, columns):
+            if len(row) != len(columns):
+                rows.problems.append(f"{path.name}: a row has {len(row)} fields, expected {len(columns)}: {row!r}")
+                continue
+            image = row[0]
+            key = (image, row[1] if kind == "topk" else "")
+            if key in seen_keys:
+                rows.problems.append(f"{path.name} lists {image}" + (f" rank {row[1]}" if kind == "topk" else "")
+                                     + " twice")
+                continue
+            seen_keys.add(key)
+            prev = rows.owner.get(image)
+            if prev is not None and prev != (i, path.name) and image not in rows.reported:
+                rows.reported.add(image)
+                where = "two shards" if prev[0] != i else "one shard's topk and errors"
+                rows.problems.append(f"{image} is in {where}: {prev[1]} and {path.name}")
+            rows.owner.setdefault(image, (i, path.name))
+            shard_images.add(image)
+            sink.append(row)
+    counts = info.counts or Counts()
+    if counts.selected is not None and counts.selected != len(shard_images):
+        rows.problems.append(f"shard {i} of {count}: {shard_name('run', i, count)} counts {counts.selected} images, "
+                             f"but {shard_name('topk', i, count)} and {shard_name('errors', i, count)} "
+                             f"list {len(shard_images)}; rerun the shard (with --overwrite if images were "
+                             f"removed from the input folder)")
+    rows.per_shard.append(ShardSummary(
+        index=i, run_json=shard_name("run", i, count), images=len(shard_images), host=info.host,
+        device=info.device, device_name=info.device_name, started=info.started, finished=info.finished,
+        seconds=info.seconds, counts=counts))
+
+
+def _check_rows(output_dir: Path, rows: _Rows, infos: dict[int, RunRecord]) -> None:
+    """UserError with the rows' problems, or when the shards list another number of images than
+    the input folder had."""
+    if rows.problems:
+        shown = rows.problems[:20] + ([f"... and {len(rows.problems) - 20} more"] if len(rows.problems) > 20 else [])
+        raise _refuse(output_dir, shown)
+    found_total = {info.images_found for info in infos.values()} - {None}
+    if found_total and len(rows.owner) != next(iter(found_total)):
+        raise _refuse(output_dir, [f"the shards list {len(rows.owner)} images but the input folder had "
+                                   f"{next(iter(found_total))}; some shard files do not belong to this run"])
+
+
+def _merged_record(summary: MergeSummary, infos: dict[int, RunRecord], rows: _Rows) -> RunRecord:
+    """The merged run.json: the first shard's config, the counts of the merged rows, every shard's
+    times and run records. Nothing of its own changes between merges (idempotent)."""
+    first = infos[0]
+    seconds = [s.seconds for s in rows.per_shard if s.seconds is not None]
+    started = [s.started for s in rows.per_shard if s.started]
+    finished = [s.finished for s in rows.per_shard if s.finished]
+    return RunRecord(
+        explain_cli=__version__, status="complete", merged=True, shards=summary.shards,
+        config_file=first.config_file, config=first.config, weights=first.weights,
+        counts=Counts(images=summary.images, explained=summary.explained, failed=summary.failed,
+                      topk_rows=summary.topk_rows),
+        started=min(started) if started else None, finished=max(finished) if finished else None,
+        shard_seconds_total=round(sum(seconds), 3) if seconds else None,
+        versions=first.versions, metrics=_merged_metrics(infos, rows.topk), overlay_scale=_merged_scale(infos),
+        per_shard=rows.per_shard,
+        # every shard's run records (reruns included), oldest first
+        runs=sorted((r for info in infos.values() for r in (info.runs or [])), key=lambda r: str(r.started)))
 
 
 def _stitch_slides(output_dir: Path, config: Any) -> None:
@@ -418,13 +389,13 @@ def _stitch_slides(output_dir: Path, config: Any) -> None:
                     "rerun `explain-cli merge` to draw them", type(exc).__name__, exc)
 
 
-def _merged_scale(infos: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+def _merged_scale(infos: dict[int, RunRecord]) -> dict[str, Any] | None:
     """The shards' ``overlay_scale`` (explain_cli/overlay_scale.py): one entry when they agree
     (the same calibration gives the same limit; 0.1 % allows another device's rounding), else
     each shard's, with a warning: their overlays are then drawn on different scales."""
     import logging
 
-    entries = [info.get("overlay_scale") for _, info in sorted(infos.items())]
+    entries = [info.overlay_scale for _, info in sorted(infos.items())]
     known = [e for e in entries if isinstance(e, dict)]
     if not known:
         return None
@@ -444,7 +415,7 @@ def _merged_scale(infos: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     return {"mode": "differs", "per_shard": entries}
 
 
-def _merged_metrics(infos: dict[int, dict[str, Any]], topk: list[list[str]]) -> dict[str, Any] | None:
+def _merged_metrics(infos: dict[int, RunRecord], topk: list[list[str]]) -> dict[str, Any] | None:
     """The shards' run.json ``metrics`` combined; the stability median from the merged rows."""
     from explain_cli.metrics import merge_summaries
 
@@ -455,7 +426,8 @@ def _merged_metrics(infos: dict[int, dict[str, Any]], topk: list[list[str]]) -> 
             stabilities.append(float(row[column]))
         except ValueError:
             pass
-    return merge_summaries([infos[i].get("metrics") for i in sorted(infos)], stabilities)
+    return merge_summaries([None if infos[i].metrics is None else infos[i].metrics.dump() for i in sorted(infos)],
+                           stabilities)
 
 
 def _rank(text: str) -> int:

@@ -27,12 +27,14 @@ from explain_cli import names as _names
 from explain_cli import overlay_scale, resume, targets
 from explain_cli.config import Config, check_output_dir, resolved_dict
 from explain_cli.discover import discover_images, source_path
-from explain_cli.errors import EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ImageError, NothingSelected, UserError
+from explain_cli.errors import (EXIT_IMAGES_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ImageError, NothingSelected,
+                                UserError)
 from explain_cli.images import load_preprocessed
 from explain_cli.job import (Shard, StopFlag, StopRequested, device_info, earlier_runs, now, output_lock,  # noqa: F401
-                             resolve_device, run_record, share_cpus, versions)  # (Shard, resolve_device: public here too)
+                             resolve_device, share_cpus, versions)  # (Shard, resolve_device: public here too)
 from explain_cli.metrics import UNSTABLE, RunMetrics
 from explain_cli.progress import Progress
+from explain_cli.record import RunEntry, RunRecord
 from explain_cli.report import write_report_or_warn
 from explain_cli.stages import WriteJob, Writer, decoded_steps
 from explain_cli.targets import BatchTargets, TargetSpec, Truth
@@ -511,188 +513,276 @@ def stream(prep: Prepared, explainer, todo: list[str], step: int, writer: Writer
                 return
 
 
+@dataclass
+class _Plan:
+    """What a run into the folder does, decided before the first explanation (plan and resume):
+    its files, the images left to do, its CSV logs and its run.json record."""
+
+    prep: Prepared
+    suffix: str
+    walk_errors: list[tuple[str, str]]
+    names: dict[str, str] = field(default_factory=dict)
+    todo: list[str] = field(default_factory=list)
+    topk_log: Any = None
+    errors_log: Any = None
+    record: RunRecord = field(default_factory=RunRecord)
+    runs: list[RunEntry] = field(default_factory=list)  # the earlier runs' records, newest last
+    previous_scale: dict[str, Any] | None = None  # the overlay_scale of the run.json this run resumes
+
+    @property
+    def tile_overlays(self) -> bool:
+        slides = self.prep.config.slides
+        return slides is None or slides.overlays
+
+    def path(self, kind: str) -> Path:
+        """topk.csv, errors.csv or run.json of this run (a shard's: topk.shard-I-of-N.csv, ...)."""
+        return self.prep.output_dir / f"{kind}{self.suffix}.{'json' if kind == 'run' else 'csv'}"
+
+    def overlay_path(self, rel: str) -> Path | None:
+        if not self.tile_overlays:
+            return None
+        return self.prep.output_dir / "overlays" / f"{self.names[rel]}.{self.prep.config.output.format}"
+
+    def values_path(self, rel: str) -> Path | None:
+        if not self.prep.config.output.save_values:
+            return None
+        return self.prep.output_dir / "values" / f"{self.names[rel]}.npz"
+
+    def save_record(self) -> None:
+        write_json(self.path("run"), self.record.dump())
+
+
+@dataclass
+class _Execution:
+    """The stages of a run while it executes, for the clean-up and the record after it."""
+
+    progress: Progress
+    run_metrics: RunMetrics
+    stop: StopFlag = field(default_factory=StopFlag)
+    writer: Writer | None = None
+    explainer: Any = None
+    failure: str | None = None  # why the run failed (an exception), None when it did not
+    exit_code: int | None = None  # the exit code of a failure
+
+
 def run(config: Config, options: RunOptions, prep: Prepared | None = None) -> RunSummary:
-    """Explain every selected image and write the outputs; see the module docstring."""
+    """Explain every selected image and write the outputs; see the module docstring. Three steps:
+    plan and resume (:func:`_plan`), execute (:func:`_execute`), record (:func:`_finish`)."""
     import torch
 
     started = time.monotonic()
     prep = prep or prepare(config, options)
-    cfg = prep.config
-    out_dir = prep.output_dir
     suffix = prep.shard.suffix if prep.shard else ""
     # walk errors are reported once: by the unsharded run or shard 0
     walk_errors = prep.walk_errors if prep.shard is None or prep.shard.index == 0 else []
-    summary = RunSummary(selected=len(prep.images) + len(walk_errors), output_dir=out_dir,
+    summary = RunSummary(selected=len(prep.images) + len(walk_errors), output_dir=prep.output_dir,
                          excluded=prep.left_out.get("excluded", 0))
-    names: dict[str, str] = {}
-
-    tile_overlays = cfg.slides is None or cfg.slides.overlays
-
-    def overlay_path(rel: str) -> Path | None:
-        if not tile_overlays:
-            return None
-        return out_dir / "overlays" / f"{names[rel]}.{cfg.output.format}"
-
-    def values_path(rel: str) -> Path | None:
-        return out_dir / "values" / f"{names[rel]}.npz" if cfg.output.save_values else None
-
-    with output_lock(out_dir, suffix):
-        names.update(output_names(prep.all_images, _names.is_case_insensitive(out_dir)))
-        if prep.slides is not None:  # a tile's overlay: overlays/<slide file>/<x>_<y>.<fmt>, like any image's
-            from explain_cli.slides.heatmap import write_slide_info
-
-            write_slide_info(out_dir, prep.slides)
-        topk_path = out_dir / f"topk{suffix}.csv"
-        errors_path = out_dir / f"errors{suffix}.csv"
-        run_json = out_dir / f"run{suffix}.json"
-        if options.overwrite:
-            for p in (topk_path, errors_path):
-                p.unlink(missing_ok=True)
-            other = "png" if cfg.output.format == "svg" else "svg"  # stale overlays of the other format
-            remove_files(out_dir / "overlays" / f"{names[rel]}.{other}" for rel in prep.images)
-            if not tile_overlays:
-                remove_files(out_dir / "overlays" / f"{names[rel]}.{cfg.output.format}" for rel in prep.images)
-        listed = read_csv_images(topk_path)
-        failed_before = read_csv_images(errors_path)
-        from explain_cli.models import checkpoint_path, weights_info
-
-        ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
-        weights = weights_info(cfg.model, cfg.resolve)
-        fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
-                                         None if prep.truth is None else prep.truth.path)
-        relabelled: set[str] = set()
-        if listed or failed_before:
-            resume.check_resume(run_json, fingerprint, out_dir)
-            if prep.truth is not None:  # the truth CSV may have grown: its rows of done images are compared
-                relabelled = resume.relabelled(topk_path, prep.truth, prep.labels, options.relabel)
-            _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, names,
-                                          [("overlays", cfg.output.format), ("values", "npz")])
-        done = {rel for rel in prep.images if rel in listed and rel not in relabelled and (not tile_overlays or overlay_path(rel).exists())
-                and (values_path(rel) is None or values_path(rel).exists())}
-        todo = [rel for rel in prep.images if rel not in done]
-        summary.skipped = len(done)
-        if done:
-            log.info("resuming: %d of %d images already done", len(done), len(prep.images))
-        topk_log = CsvLog(topk_path, TOPK_COLUMNS, drop_images=set(todo) & listed)
-        # errors.csv lists exactly the images of this input that still fail: rows of images
-        # retried now, already done, removed or excluded go; those this run did not select
-        # (--limit) stay
-        errors_log = CsvLog(errors_path, ERROR_COLUMNS,
-                            drop_images=failed_before - (set(prep.all_images) - set(prep.images)))
-        for rel, reason in walk_errors:
-            log.warning("%s: %s", rel, reason)
-        errors_log.append([list(problem) for problem in walk_errors])
-        summary.failed += len(walk_errors)
-        run_info: dict[str, Any] = {
-            "explain_cli": __version__, "status": "running", "started": now(),
-            "config_file": str(Path(cfg._source).resolve()) if cfg._source else None,
-            "config": resolved_dict(cfg), "shard": None if prep.shard is None else
-            {"index": prep.shard.index, "count": prep.shard.count},
-            # a walk error is an entry too (errors.csv): merge checks every entry is listed once
-            "images_found": len(prep.all_images) + len(prep.walk_errors), "limit": options.limit, "layer_tokens": prep.layer_tokens,
-            "weights": weights,
-            "targets": describe_targets(prep),
-            "explainer_training": explainer_training(cfg),
-            "versions": versions(), **device_info(prep.device),
-            "command": sys.argv, "host": platform.node(), "fingerprint": fingerprint,
-        }
-        runs = earlier_runs(run_json)  # every run into this folder keeps its record, newest last
-        previous_scale = overlay_scale.stored(run_json) if listed or failed_before else None  # a resume keeps it
-        if previous_scale is not None:  # what the overlays already written were drawn with
-            run_info["overlay_scale"] = previous_scale
-        run_info["runs"] = runs + [run_record(run_info, None)]
-        write_json(run_json, run_info)
-        failure: str | None = None
-        exit_code: int | None = None
-
-        progress = Progress(len(todo), enabled=options.progress)
-        run_metrics = RunMetrics(cfg.metrics, cfg.metrics_steps, cfg.metrics_baseline,
-                                 targets.activation_for(prep.targets.activation, prep.num_outputs))
-        stop = StopFlag()
-        writer = None
-        explainer = None
+    with output_lock(prep.output_dir, suffix):
+        plan = _plan(prep, options, _Plan(prep, suffix, walk_errors), summary)
+        ex = _Execution(Progress(len(plan.todo), enabled=options.progress),
+                        RunMetrics(prep.config.metrics, prep.config.metrics_steps, prep.config.metrics_baseline,
+                                   targets.activation_for(prep.targets.activation, prep.num_outputs)))
         threads_before = torch.get_num_threads()
         try:
-            with stop.installed():
-                if todo:
-                    cpus = share_cpus(cfg.workers, len(todo))
-                    run_info.update(cpus)
-                    write_json(run_json, run_info)
-                    # the workers start while the background loads
-                    writer = Writer(topk_log, errors_log, summary, progress, workers=cpus["workers"])
-                    background = (load_background(prep) if prep.explainer_class.uses_background
-                                  else empty_background(prep))
-                    explainer = make_explainer(prep, background)
-                    if tile_overlays:  # the colour limit is known before the first overlay (overlay_scale.py)
-                        prep.overlay_limit, run_info["overlay_scale"] = overlay_scale.resolve(
-                            prep, explainer, previous_scale, stop.check)
-                        write_json(run_json, run_info)
-                    step = explainer.images_per_step
-                    writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
-                    per_image = explainer.evaluations_per_image()
-                    progress.set_evaluations_per_image(per_image)
-                    from explain_cli.explainers._utils import counting_evaluations
-
-                    with counting_evaluations(progress.evaluated), counting_evaluations(stop.check):
-                        try:
-                            stream(prep, explainer, todo, step, writer, stop, run_metrics, overlay_path,
-                                   values_path)
-                        except StopRequested:
-                            pass  # the step in flight is dropped (its images are redone by the rerun)
-                    writer.drain()
-                    # a signal after the last image changes nothing: every image is done or failed
-                    handled = summary.explained + summary.failed - len(walk_errors)
-                    summary.interrupted = stop.signal_name if handled < len(todo) else None
-                    if stop.signal_name and summary.interrupted is None:
-                        log.info("%s came after the last image: the run is complete", stop.signal_name)
+            with ex.stop.installed():
+                if plan.todo:
+                    _execute(prep, plan, ex, summary)
         except KeyboardInterrupt:
-            summary.interrupted = stop.signal_name or "SIGINT"
-            if writer is not None:
-                writer.close(force=True)
+            summary.interrupted = ex.stop.signal_name or "SIGINT"
+            if ex.writer is not None:
+                ex.writer.close(force=True)
         except BaseException as exc:
-            failure = str(exc) or type(exc).__name__
-            exit_code = EXIT_USAGE if isinstance(exc, UserError) else 1
+            ex.failure = str(exc) or type(exc).__name__
+            ex.exit_code = EXIT_USAGE if isinstance(exc, UserError) else 1
             raise
         finally:
-            if writer is not None:
-                writer.close()
-            torch.set_num_threads(threads_before)
-            if prep.slides is not None:
-                prep.slides.source.close()
-            progress.close()
-            topk_log.close()
-            errors_log.close()
+            _close(prep, plan, ex, threads_before)
             summary.seconds = time.monotonic() - started
-            run_info.update({
-                "status": "failed" if failure else "interrupted" if summary.interrupted else "complete",
-                "finished": now(), "seconds": round(summary.seconds, 3),
-                "counts": {"selected": summary.selected, "already_done": summary.skipped,
-                           "explained": summary.explained, "failed": summary.failed,
-                           "excluded": summary.excluded, "not_included": prep.left_out.get("not_included", 0),
-                           **({"not_matched": prep.left_out["not_matched"]} if "not_matched" in prep.left_out else {})},
-            })
-            run_info["metrics"] = run_metrics.summary()
-            median = run_metrics.median_stability()
-            if median is not None and median < UNSTABLE:
-                log.warning("median stability of the maps is %.2f (< %.1f): they would change a lot in a rerun "
-                            "at another seed; raise explainer.nsamples (gradient, kernel) or the background "
-                            "size (deep)", median, UNSTABLE)
-            if summary.interrupted:
-                run_info["interrupted_by"] = summary.interrupted
-            if failure:
-                run_info["error"] = failure
-            if explainer is not None:
-                run_info["batch_size_used"] = explainer.context.batch_size
-                if explainer.context.batch_probe is not None:
-                    run_info["batch_size_auto"] = explainer.context.batch_probe.summary()
-            if prep.device.type == "cuda":
-                run_info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
-            run_info["runs"] = runs + [run_record(run_info, summary.exit_code if failure is None else exit_code)]
-            write_json(run_json, run_info)
-            if prep.slides is not None and failure is None and not summary.interrupted:
-                write_slide_heatmaps(prep, out_dir, suffix, todo)
-            write_report_or_warn(out_dir)
+            _finish(prep, plan, ex, summary)
     return summary
+
+
+def _plan(prep: Prepared, options: RunOptions, plan: _Plan, summary: RunSummary) -> _Plan:
+    """Plan and resume: the output names, what an --overwrite removes, the check that the folder's
+    results are of the same settings, the images left to do, the CSV logs and the first run.json."""
+    cfg, out_dir = prep.config, prep.output_dir
+    plan.names.update(output_names(prep.all_images, _names.is_case_insensitive(out_dir)))
+    if prep.slides is not None:  # a tile's overlay: overlays/<slide file>/<x>_<y>.<fmt>, like any image's
+        from explain_cli.slides.heatmap import write_slide_info
+
+        write_slide_info(out_dir, prep.slides)
+    topk_path, errors_path = plan.path("topk"), plan.path("errors")
+    if options.overwrite:
+        _remove_for_overwrite(plan)
+    listed = read_csv_images(topk_path)
+    failed_before = read_csv_images(errors_path)
+    fingerprint, relabelled = _check_resume(prep, options, plan, listed, failed_before)
+    done = {rel for rel in prep.images if rel in listed and rel not in relabelled and _files_exist(plan, rel)}
+    plan.todo = [rel for rel in prep.images if rel not in done]
+    summary.skipped = len(done)
+    if done:
+        log.info("resuming: %d of %d images already done", len(done), len(prep.images))
+    plan.topk_log = CsvLog(topk_path, TOPK_COLUMNS, drop_images=set(plan.todo) & listed)
+    # errors.csv lists exactly the images of this input that still fail: rows of images
+    # retried now, already done, removed or excluded go; those this run did not select
+    # (--limit) stay
+    plan.errors_log = CsvLog(errors_path, ERROR_COLUMNS,
+                             drop_images=failed_before - (set(prep.all_images) - set(prep.images)))
+    for rel, reason in plan.walk_errors:
+        log.warning("%s: %s", rel, reason)
+    plan.errors_log.append([list(problem) for problem in plan.walk_errors])
+    summary.failed += len(plan.walk_errors)
+    plan.record = _start_record(prep, options, fingerprint)
+    run_json = plan.path("run")
+    plan.runs = earlier_runs(run_json)  # every run into this folder keeps its record, newest last
+    plan.previous_scale = overlay_scale.stored(run_json) if listed or failed_before else None  # a resume keeps it
+    if plan.previous_scale is not None:  # what the overlays already written were drawn with
+        plan.record.overlay_scale = plan.previous_scale
+    plan.record.runs = plan.runs + [plan.record.run_entry(None)]
+    plan.save_record()
+    return plan
+
+
+def _remove_for_overwrite(plan: _Plan) -> None:
+    """--overwrite: the CSV logs go, and the overlays of the other format (or, without tile
+    overlays, every overlay) of the selected images."""
+    prep = plan.prep
+    cfg, out_dir = prep.config, prep.output_dir
+    for p in (plan.path("topk"), plan.path("errors")):
+        p.unlink(missing_ok=True)
+    other = "png" if cfg.output.format == "svg" else "svg"  # stale overlays of the other format
+    remove_files(out_dir / "overlays" / f"{plan.names[rel]}.{other}" for rel in prep.images)
+    if not plan.tile_overlays:
+        remove_files(out_dir / "overlays" / f"{plan.names[rel]}.{cfg.output.format}" for rel in prep.images)
+
+
+def _check_resume(prep: Prepared, options: RunOptions, plan: _Plan, listed: set[str],
+                  failed_before: set[str]) -> tuple[dict[str, Any], set[str]]:
+    """This run's fingerprint and the done images to redo (their truth-CSV label changed); a
+    UserError when the folder holds results of other settings (resume.check_resume)."""
+    from explain_cli.models import checkpoint_path
+
+    cfg, out_dir, run_json = prep.config, prep.output_dir, plan.path("run")
+    ckpt = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
+    fingerprint = resume.fingerprint(cfg, ckpt, resume.stored_fingerprint(run_json), prep.targets,
+                                     None if prep.truth is None else prep.truth.path)
+    relabelled: set[str] = set()
+    if listed or failed_before:
+        resume.check_resume(run_json, fingerprint, out_dir)
+        if prep.truth is not None:  # the truth CSV may have grown: its rows of done images are compared
+            relabelled = resume.relabelled(plan.path("topk"), prep.truth, prep.labels, options.relabel)
+        _names.migrate_legacy_outputs(out_dir, prep.all_images, listed, plan.names,
+                                      [("overlays", cfg.output.format), ("values", "npz")])
+    return fingerprint, relabelled
+
+
+def _files_exist(plan: _Plan, rel: str) -> bool:
+    """Whether a listed image's files (overlay, values) are all there."""
+    overlay, values = plan.overlay_path(rel), plan.values_path(rel)
+    return (overlay is None or overlay.exists()) and (values is None or values.exists())
+
+
+def _start_record(prep: Prepared, options: RunOptions, fingerprint: dict[str, Any]) -> RunRecord:
+    """run.json as a run starts: what it runs, where, with which settings."""
+    from explain_cli.models import weights_info
+
+    cfg = prep.config
+    return RunRecord(
+        explain_cli=__version__, status="running", started=now(),
+        config_file=str(Path(cfg._source).resolve()) if cfg._source else None,
+        config=resolved_dict(cfg),
+        shard=None if prep.shard is None else {"index": prep.shard.index, "count": prep.shard.count},
+        # a walk error is an entry too (errors.csv): merge checks every entry is listed once
+        images_found=len(prep.all_images) + len(prep.walk_errors), limit=options.limit,
+        layer_tokens=prep.layer_tokens, weights=weights_info(cfg.model, cfg.resolve),
+        targets=describe_targets(prep), explainer_training=explainer_training(cfg),
+        versions=versions(), **device_info(prep.device),
+        command=sys.argv, host=platform.node(), fingerprint=fingerprint,
+    )
+
+
+def _execute(prep: Prepared, plan: _Plan, ex: _Execution, summary: RunSummary) -> None:
+    """Explain the images left to do: the writer's workers, the background, the explainer, the
+    colour scale, then the stream of steps until done or a signal."""
+    cfg = prep.config
+    cpus = share_cpus(cfg.workers, len(plan.todo))
+    for key, value in cpus.items():
+        setattr(plan.record, key, value)
+    plan.save_record()
+    # the workers start while the background loads
+    ex.writer = writer = Writer(plan.topk_log, plan.errors_log, summary, ex.progress, workers=cpus["workers"])
+    background = load_background(prep) if prep.explainer_class.uses_background else empty_background(prep)
+    ex.explainer = explainer = make_explainer(prep, background)
+    if plan.tile_overlays:  # the colour limit is known before the first overlay (overlay_scale.py)
+        prep.overlay_limit, plan.record.overlay_scale = overlay_scale.resolve(
+            prep, explainer, plan.previous_scale, ex.stop.check)
+        plan.save_record()
+    step = explainer.images_per_step
+    writer.max_pending = 2 * step + cpus["workers"]  # two steps in flight, one image per worker
+    ex.progress.set_evaluations_per_image(explainer.evaluations_per_image())
+    from explain_cli.explainers._utils import counting_evaluations
+
+    with counting_evaluations(ex.progress.evaluated), counting_evaluations(ex.stop.check):
+        try:
+            stream(prep, explainer, plan.todo, step, writer, ex.stop, ex.run_metrics, plan.overlay_path,
+                   plan.values_path)
+        except StopRequested:
+            pass  # the step in flight is dropped (its images are redone by the rerun)
+    writer.drain()
+    # a signal after the last image changes nothing: every image is done or failed
+    handled = summary.explained + summary.failed - len(plan.walk_errors)
+    summary.interrupted = ex.stop.signal_name if handled < len(plan.todo) else None
+    if ex.stop.signal_name and summary.interrupted is None:
+        log.info("%s came after the last image: the run is complete", ex.stop.signal_name)
+
+
+def _close(prep: Prepared, plan: _Plan, ex: _Execution, threads_before: int) -> None:
+    """After the run, however it ended: the writer, torch's threads, the slides, the logs."""
+    import torch
+
+    if ex.writer is not None:
+        ex.writer.close()
+    torch.set_num_threads(threads_before)
+    if prep.slides is not None:
+        prep.slides.source.close()
+    ex.progress.close()
+    plan.topk_log.close()
+    plan.errors_log.close()
+
+
+def _finish(prep: Prepared, plan: _Plan, ex: _Execution, summary: RunSummary) -> None:
+    """Record: run.json's final status, counts and metrics; then the slides' heatmaps and the report."""
+    import torch
+
+    record = plan.record
+    record.status = "failed" if ex.failure else "interrupted" if summary.interrupted else "complete"
+    record.finished = now()
+    record.seconds = round(summary.seconds, 3)
+    record.counts = {"selected": summary.selected, "already_done": summary.skipped,
+                     "explained": summary.explained, "failed": summary.failed,
+                     "excluded": summary.excluded, "not_included": prep.left_out.get("not_included", 0),
+                     **({"not_matched": prep.left_out["not_matched"]} if "not_matched" in prep.left_out else {})}
+    record.metrics = ex.run_metrics.summary()
+    median = ex.run_metrics.median_stability()
+    if median is not None and median < UNSTABLE:
+        log.warning("median stability of the maps is %.2f (< %.1f): they would change a lot in a rerun "
+                    "at another seed; raise explainer.nsamples (gradient, kernel) or the background "
+                    "size (deep)", median, UNSTABLE)
+    if summary.interrupted:
+        record.interrupted_by = summary.interrupted
+    if ex.failure:
+        record.error = ex.failure
+    if ex.explainer is not None:
+        record.batch_size_used = ex.explainer.context.batch_size
+        if ex.explainer.context.batch_probe is not None:
+            record.batch_size_auto = ex.explainer.context.batch_probe.summary()
+    if prep.device.type == "cuda":
+        record.peak_gpu_memory_mb = round(torch.cuda.max_memory_allocated(prep.device) / 2**20, 1)
+    record.runs = plan.runs + [record.run_entry(summary.exit_code if ex.failure is None else ex.exit_code)]
+    plan.save_record()
+    if prep.slides is not None and ex.failure is None and not summary.interrupted:
+        write_slide_heatmaps(prep, prep.output_dir, plan.suffix, plan.todo)
+    write_report_or_warn(prep.output_dir)
 
 
 def write_slide_heatmaps(prep: Prepared, out_dir: Path, suffix: str, todo: list[str]) -> None:

@@ -161,51 +161,26 @@ def fingerprint(config, checkpoint: Path | None, previous: dict[str, Any] | None
     return result
 
 
-def _is_digest(value: Any) -> bool:
-    return value is None or (isinstance(value, dict) and isinstance(value.get("sha256"), str)
-                             and all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
-                                     for k in ("size", "mtime_ns", "ctime_ns") if k in value))
-
-
-def fingerprint_problem(fp: Any) -> str | None:
-    """Why ``fp`` (read from a run.json) is not a fingerprint as :func:`fingerprint` writes it; None
-    when it is. A hand-edited or foreign run.json must be refused, not crash the comparison."""
-    if not isinstance(fp, dict):
-        return "the fingerprint is not a mapping"
-    settings = fp.get("settings")
-    if not isinstance(settings, dict):
-        return "fingerprint.settings is not a mapping"
-    for key in DIGEST_KEYS:
-        if not _is_digest(fp.get(key)):
-            return f"fingerprint.{key} is not a file digest"
-    code = fp.get("model_code")
-    if code is not None and not (isinstance(code, dict) and all(_is_digest(v) for v in code.values())):
-        return "fingerprint.model_code is not a mapping of file digests"
-    targets = fp.get("targets")
-    if targets is not None and not (isinstance(targets, dict) and isinstance(targets.get("classes"), list)
-                                    and isinstance(targets.get("contrast"), (int, type(None)))
-                                    and not isinstance(targets.get("contrast"), bool)):
-        return "fingerprint.targets is not {classes: [...], contrast: ...}"
-    return None
-
-
 def _read_fingerprint(run_json: Path) -> tuple[dict[str, Any] | None, str]:
-    """The stored fingerprint and, when there is none, why."""
-    try:
-        info = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The stored fingerprint and, when there is none, why. Its shape is record.Fingerprint's: a
+    hand-edited or foreign run.json must be refused, not crash the comparison."""
+    from explain_cli.record import RunRecord, RunRecordError
+
+    if not run_json.is_file():
         return None, f"{run_json.name} is missing or unreadable"
-    if not isinstance(info, dict):
+    try:
+        info = RunRecord.read(run_json, lenient=True)
+    except RunRecordError as exc:
+        if "cannot read" in exc.problem:
+            return None, f"{run_json.name} is missing or unreadable"
         return None, f"{run_json.name} is not a JSON object"
-    if "fingerprint" in info:
-        problem = fingerprint_problem(info["fingerprint"])
-        if problem:
-            return None, f"{run_json.name} is malformed ({problem})"
-        return info["fingerprint"], ""
-    if isinstance(info.get("config"), dict):
-        config_file = info.get("config_file")
-        base = Path(config_file).parent if isinstance(config_file, str) and config_file else None
-        return {"settings": _settings(info["config"], base)}, ""
+    if "fingerprint" in info.dropped:
+        return None, f"{run_json.name} is malformed ({info.dropped['fingerprint']})"
+    if info.fingerprint is not None:
+        return info.fingerprint.dump(), ""
+    if info.config is not None:
+        base = Path(info.config_file).parent if info.config_file else None
+        return {"settings": _settings(info.config, base)}, ""
     return None, f"{run_json.name} has no fingerprint and no config"
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -176,3 +178,64 @@ def test_spearman():
     assert spearman(a, a ** 3) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(a, np.zeros(10)) is None
+
+
+def test_the_run_report_shows_the_check(project):
+    """report.html of the run folder gains a Sanity check section once `check` wrote output.dir/check:
+    the verdict, the median Spearman per step and the first image's map after each step."""
+    out = project / "out"
+    shutil.rmtree(out / "check", ignore_errors=True)  # test_gradient_at_the_input_passes_on_a_trained_cnn's
+    done = cli("run", "pass.yaml", "--no-progress", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert 'id="check"' not in (out / "report.html").read_text(encoding="utf-8")
+    sys.path.insert(0, str(project))
+    try:
+        result = run_check(load_config(project / "pass.yaml"), images=6, steps=2)
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("tinycheck", None)
+    assert result.output_dir == out / "check"
+    maps = sorted(p.name for p in (out / "check" / "maps").iterdir())
+    assert maps == ["step-0.png", "step-1.png", "step-2.png"]  # the trained model, then each step
+    for name in maps:
+        with Image.open(out / "check" / "maps" / name) as picture:
+            assert picture.size == (120, 120)  # the 24 px map scaled up by 5
+    page = (out / "report.html").read_text(encoding="utf-8")  # rewritten by the check
+    section = page[page.index('<section id="check">'):]
+    section = section[:section.index("</section>")]
+    assert '<h2>Sanity check <span class="count">passed</span></h2>' in section
+    assert "explainer gradient at layer input" in section and "6 image(s)" in section
+    for step in result.steps:
+        assert f'<td class="file">{step.layer}</td><td>{step.median:.3f}</td>' in section
+    assert f"median Spearman {result.decision.median:.3f} after step 2" in section
+    assert [f"check/maps/{name}" for name in maps] == re.findall(r'<img src="([^"]+)"', section)
+
+
+def test_the_sanity_section_from_check_csv(tmp_path):
+    """A failed check, hostile names escaped, maps that are missing left out; no check/ -> no section."""
+    from explain_cli.report import build_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "topk.csv").write_text("image,rank,class_index,class_name,probability\na.png,1,0,cat,0.9\n")
+    before = build_report(out)
+    assert 'id="check"' not in before
+    (out / "check" / "maps").mkdir(parents=True)
+    layer = "<b>x</b>"
+    with open(out / "check" / "check.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["step", "layer", "image", "spearman", "spearman_abs", "explainer", "explained_layer",
+                    "threshold", "decision_step", "passed"])
+        w.writerow([1, "fc", "<img>.png", "0.97", "0.9", "gradient", "input", "", "", ""])
+        w.writerow([1, "fc", "(median)", "0.97", "0.9", "gradient", "input", 0.5, 2, ""])
+        w.writerow([2, layer, "<img>.png", "0.96", "0.9", "gradient", "input", "", "", ""])
+        w.writerow([2, layer, "(median)", "0.96", "0.9", "gradient", "input", 0.5, 2, "false"])
+    Image.new("RGB", (4, 4)).save(out / "check" / "maps" / "step-0.png")
+    Image.new("RGB", (4, 4)).save(out / "check" / "maps" / "step-2.png")
+    page = build_report(out)
+    start = page.index('<section id="check">')
+    assert page[:start] + page[page.index("</section>", start) + len("</section>"):] == before
+    assert '<span class="count bad">FAILED</span>' in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page and "&lt;img&gt;.png" in page
+    assert "median Spearman 0.960 after step 2" in page
+    assert re.findall(r'<img src="([^"]+)"', page) == ["check/maps/step-0.png", "check/maps/step-2.png"]
