@@ -129,10 +129,7 @@ def _config_from_dict(data: Mapping[str, Any], flat: list[tuple[str, Any]], base
         cfg = _config.Config.model_validate(tree, strict=True)
     except ValidationError as exc:
         _config._raise_validation(exc, _config.Config, "")
-    cfg._base_dir = base_dir.resolve()
-    cfg._source = ""
-    cfg._explainer_settings = _config.validate_explainer(cfg.explainer, "")
-    return cfg
+    return _config.finish(cfg, base_dir.resolve(), "")
 
 
 # --- what explain() keeps between calls -----------------------------------------------------------
@@ -198,7 +195,7 @@ class _Cache:
         cfg = prep.config
         key = _key(id(prep.model), id(background), prep.explainer_class.name,
                    cfg.explainer_settings.model_dump(mode="json"), cfg.batch_size, cfg.precision,
-                   cfg.model.layer, cfg.preprocess.mean, cfg.preprocess.std, str(prep.device))
+                   cfg.model.layer, cfg.preprocess.norm, str(prep.device))
         if self.explainer is None or self.explainer[0] != key:
             self.explainer = None
             self.explainer = (key, pipeline.make_explainer(prep, background))
@@ -286,40 +283,47 @@ def _is_pil(value: Any) -> bool:
 
 
 def _preprocess_picture(picture: Any, preprocess: Any) -> tuple[Any, Any]:
-    """A PIL image or an (H, W, 3) uint8 array, resized and normalised like a decoded file."""
+    """A PIL image or an array, resized and normalised like a decoded file: an (H, W, 3) or (H, W)
+    uint8 array is a picture like a PNG's; any other array is raw data like a .npy file's ((H, W, C)
+    or (C, H, W), scaled by preprocess.intensity)."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    from explain_cli.images import _to_rgb, normalise, resize
+    from explain_cli.images import model_input, to_picture
 
     if isinstance(picture, np.ndarray):
-        if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] not in (1, 3, 4):
-            raise ImageError(f"an array image must be (H, W, 3) uint8, got {picture.shape} {picture.dtype}")
-        picture = Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture)
+        if picture.dtype == np.uint8 and (picture.ndim == 2 or picture.ndim == 3 and picture.shape[2] in (1, 3, 4)):
+            picture = Image.fromarray(picture[..., 0] if picture.ndim == 3 and picture.shape[2] == 1 else picture)
+        elif preprocess.transform is None:
+            return model_input(to_picture(picture, preprocess), preprocess)
+        else:
+            return model_input(picture, preprocess)
     elif not _is_pil(picture):
         raise ImageError(f"not an image: {type(picture).__name__} (give paths, PIL images, arrays or a tensor)")
-    pixels = resize(_to_rgb(ImageOps.exif_transpose(picture)), preprocess)
-    return pixels, normalise(pixels, preprocess)
+    return model_input(ImageOps.exif_transpose(picture), preprocess)
 
 
 def _tensor_inputs(prep: "Prepared", batch: Any) -> list[tuple[str, Any, Any]]:
-    """A tensor is the model input itself: (N, 3, size, size) (or one image), normalised with
+    """A tensor is the model input itself: (N, C, H, W) (or one image), normalised with
     preprocess.mean/std; its display pixels are un-normalised from it."""
     import numpy as np
+
+    from explain_cli.images import display_pixels
 
     pre = prep.config.preprocess
     x = batch.detach().cpu().float()
     if x.dim() == 3:
         x = x[None]
-    if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (pre.size, pre.size):
-        raise UserError(f"images: a tensor must be the model input, (N, 3, {pre.size}, {pre.size}) normalised "
+    c, h, w = pre.input_shape
+    if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w):
+        raise UserError(f"images: a tensor must be the model input, (N, {c}, {h}, {w}) normalised "
                         f"with preprocess.mean/std; got {tuple(batch.shape)} (give paths or PIL images to have "
                         f"them resized and normalised)")
     arrays = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-    mean = np.asarray(pre.mean, np.float32)[:, None, None]
-    std = np.asarray(pre.std, np.float32)[:, None, None]
-    pixels = np.clip(np.rint((arrays * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    return [(f"tensor[{i}]", pixels[i], arrays[i]) for i in range(len(arrays))]
+    mean = np.asarray(pre.norm[0], np.float32)[:, None, None]
+    std = np.asarray(pre.norm[1], np.float32)[:, None, None]
+    unit = (arrays * std + mean).transpose(0, 2, 3, 1)
+    return [(f"tensor[{i}]", display_pixels(unit[i], pre), arrays[i]) for i in range(len(arrays))]
 
 
 def explain(config: ConfigLike, images: ImagesLike = None, *, limit: int | None = None,
@@ -590,6 +594,14 @@ def _load_images(output_dir: Path, rows_of: dict[str, list[dict[str, str]]], nam
     from explain_cli.images import load_preprocessed
 
     preprocess = PreprocessConfig.model_validate((info.get("config") or {}).get("preprocess") or {})
+    if pixels and preprocess.transform is not None:
+        from explain_cli.errors import ConfigError
+        from explain_cli.transform import resolve
+
+        try:  # the transform's module is looked up beside the images' folder, then on sys.path
+            resolve(preprocess, input_dir)
+        except ConfigError:
+            pixels = False  # the maps load; the pictures under them are gray
     results = []
     unreadable = []
     for rel in names:
@@ -604,7 +616,7 @@ def _load_images(output_dir: Path, rows_of: dict[str, list[dict[str, str]]], nam
         keep = [i for i, c in enumerate(classes)
                 if ranks is None or int(_number(by_class.get(int(c), {}).get("rank"))) in ranks]
         rows = [by_class.get(int(classes[i]), {}) for i in keep]
-        picture = np.full((preprocess.size, preprocess.size, 3), 128, np.uint8)
+        picture = np.full(values.shape[-2:] + (3,), 128, np.uint8)
         if pixels:
             try:
                 picture = load_preprocessed(source_path(input_dir, rel), preprocess)[0]

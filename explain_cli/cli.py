@@ -486,7 +486,7 @@ def layers(
         if config is not None:
             cfg = _load(config, [])
             model = build_model(cfg.model, lambda p: cfg.resolve(p))
-            side = size or cfg.preprocess.size
+            side = size or cfg.preprocess.input_shape
         else:
             try:
                 library = arch.startswith(("torchvision:", "timm:"))  # shapes only: weights do not matter

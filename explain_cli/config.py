@@ -111,22 +111,116 @@ class ModelConfig(_Section):
         return self
 
 
+class IntensityRange(_Section):
+    range: list[float] = Field(description="[lo, hi]: raw values lo..hi map to 0..1 (then mean/std), "
+                               "values outside are clipped; e.g. [0, 4095] for 12-bit data")
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not v[0] < v[1]:
+            raise ValueError(f"is [lo, hi] with lo < hi (got {v})")
+        return v
+
+
+class DisplayNormalisation(_Section):
+    mean: list[float] = Field(description="the mean the user transform normalises with, one value per channel")
+    std: list[float] = Field(description="the std the user transform normalises with, one value per channel")
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+#: preprocess keys a user ``transform`` replaces (it resizes, crops and normalises itself).
+TRANSFORM_REPLACES = ("size", "resize", "crop_fraction", "mean", "std", "interpolation", "channels")
+
+
 class PreprocessConfig(_Section):
-    size: int = Field(default=224, ge=8, le=4096, description="side of the square model input")
+    size: int | tuple[int, int] = Field(default=224, description="the model input: one side (square) or "
+                                        "[height, width], each 8..4096")
+    channels: int = Field(default=3, ge=1, le=64, description="input channels of the model: 3 (RGB), 1 "
+                          "(grayscale: no RGB round trip) or N (a multi-page TIFF or .npy array per image)")
     resize: Literal["stretch", "crop"] = Field(default="stretch", description="stretch to size x size, or resize the short side to size/crop_fraction and centre-crop")
     crop_fraction: float = Field(default=0.875, ge=0.05, le=1)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
+        default="bilinear", description="resampling filter (Pillow's, antialiased, as torchvision's Resize on "
+        "PIL images)")
     mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD))
+    intensity: Literal["per_image"] | IntensityRange | None = Field(
+        default=None, description="raw value -> 0..1: {range: [lo, hi]} (a fixed window), per_image (each image "
+        "stretched to its own min..max) or unset: 8-bit data / 255; 16-bit and float data then need this key")
+    transform: str | None = Field(default=None, description="python:pkg.module:callable: your own eval transform "
+                                  "(PIL image in, CHW tensor out) instead of the keys above")
+    display: DisplayNormalisation | None = Field(
+        default=None, description="with transform: the mean/std it normalises with, when its last step is not "
+        "a torchvision Normalize (overlays and masking explainers undo it)")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        sides = list(v) if isinstance(v, (list, tuple)) else [v]
+        if len(sides) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+            raise ValueError(f"must be a whole number or [height, width] (got {v!r})")
+        if not all(8 <= s <= 4096 for s in sides):
+            raise ValueError(f"each side must be within 8..4096 (got {v!r})")
+        return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+    @field_validator("transform")
+    @classmethod
+    def _transform(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("python:") or v.count(":") != 2 or not all(v.split(":"))):
+            raise ValueError(f"is written python:pkg.module:callable (got {v!r})")
+        return v
 
     @model_validator(mode="after")
     def _channels(self) -> "PreprocessConfig":
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std need 3 values (RGB)")
+        given = self.model_fields_set
+        if self.transform is not None:
+            fields = type(self).model_fields
+            clash = [k for k in TRANSFORM_REPLACES  # a dumped config (run.json) holds the defaults: not a clash
+                     if k in given and getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+            if clash:
+                raise ValueError(f"transform replaces preprocess.{', preprocess.'.join(clash)}: remove "
+                                 f"{'it' if len(clash) == 1 else 'them'} (the transform resizes and normalises)")
+            return self
+        if self.display is not None:
+            raise ValueError("display applies with preprocess.transform only (mean/std are the normalisation)")
+        n = self.channels
+        if n != 3 and not {"mean", "std"} <= given:
+            raise ValueError(f"channels is {n}: give mean and std with {n} value{'s' if n > 1 else ''} each "
+                             f"(the ImageNet defaults are 3 RGB values)")
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f"mean and std need {n} value{'s' if n > 1 else ''} each (channels: {n}); got "
+                             f"{len(self.mean)} and {len(self.std)}")
         if not all(-10 <= m <= 10 for m in self.mean):
             raise ValueError(f"mean values must be within [-10, 10] on the 0-1 scale (got {self.mean})")
         if not all(1e-3 <= s <= 10 for s in self.std):
             raise ValueError(f"std values must be within [0.001, 10] on the 0-1 scale (got {self.std})")
         return self
+
+    #: output.display_channels, copied here by Config: the decoder draws the display image.
+    _display_channels: tuple[int, ...] | None = None
+    #: With ``transform``: what it makes (explain_cli.transform.resolve): input_shape, mean, std.
+    _resolved: dict[str, Any] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        return self.input_shape[1:]  # type: ignore[return-value]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one model input (a transform's output shape when there is one)."""
+        if self._resolved is not None:
+            return tuple(self._resolved["input_shape"])  # type: ignore[return-value]
+        h, w = (self.size, self.size) if isinstance(self.size, int) else self.size
+        return (self.channels, int(h), int(w))
+
+    @property
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the model input is normalised with (a transform's own when there is one)."""
+        if self._resolved is not None:
+            return tuple(self._resolved["mean"]), tuple(self._resolved["std"])
+        return tuple(self.mean), tuple(self.std)
 
 
 class InputConfig(_Section):
@@ -168,6 +262,9 @@ class OutputConfig(_Section):
     scale: Literal["per_image", "run"] | float = Field(
         default="per_image", description="the overlays' colour limit: per_image (each image its own), run (one "
         "limit for the whole run, from a calibration sample every shard agrees on) or a positive number")
+    display_channels: list[int] | None = Field(
+        default=None, description="the input channels the overlay shows (0-based): one (gray) or three (an RGB "
+        "composite); default: the image itself for 1 or 3 channels, channels 0-2 for more")
 
     _dir_given = field_validator("dir")(_path_given)
 
@@ -298,13 +395,26 @@ class Config(_Section):
         raise ValueError(f"must be auto or a whole number >= 0 (0 writes overlays in the main process), got {v!r}")
 
     @model_validator(mode="after")
+    def _display_channels(self) -> "Config":
+        shown = self.output.display_channels
+        if shown is not None:
+            n = self.preprocess.channels
+            if len(shown) not in (1, 3):
+                raise ValueError(f"output.display_channels: give one channel (gray) or three (RGB), got {shown}")
+            if self.preprocess.transform is None and not all(0 <= c < n for c in shown):
+                raise ValueError(f"output.display_channels: channels are 0..{n - 1} (preprocess.channels: {n}), "
+                                 f"got {shown}")
+            self.preprocess._display_channels = tuple(shown)
+        return self
+
+    @model_validator(mode="after")
     def _background_memory(self) -> "Config":
         count = self.background.count if self.background.dir is not None else self.background.from_input
-        size = self.preprocess.size
-        need = (count or 0) * 3 * size * size * 4
+        c, h, w = self.preprocess.input_shape
+        need = (count or 0) * c * h * w * 4
         if need > MAX_BACKGROUND_BYTES:
             key = "background.count" if self.background.dir is not None else "background.from_input"
-            raise ValueError(f"{key}: {count} background images of {size}x{size} need "
+            raise ValueError(f"{key}: {count} background images of {c}x{h}x{w} need "
                              f"{need / 2**30:.1f} GiB (limit {MAX_BACKGROUND_BYTES // 2**30} GiB); "
                              f"use fewer images or a smaller preprocess.size")
         return self
@@ -620,9 +730,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
         config = Config.model_validate(data, strict=True)
     except ValidationError as exc:
         _raise_validation(exc, Config, source)
-    config._base_dir = path.resolve().parent
+    return finish(config, path.resolve().parent, source)
+
+
+def finish(config: Config, base_dir: Path, source: str) -> Config:
+    """The steps after validation, shared by load_config and the Python API's dicts: the folder paths
+    resolve against, the explainer's settings, and a user transform's output shape and normalisation."""
+    config._base_dir = base_dir
     config._source = source
     config._explainer_settings = validate_explainer(config.explainer, source)
+    if config.preprocess.transform is not None:
+        from explain_cli.transform import resolve
+
+        resolve(config.preprocess, base_dir, source)
     return config
 
 

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from explain_cli.config import ModelConfig
+from explain_cli import input_shape
+from explain_cli.input_shape import InputSize
 from explain_cli.errors import ConfigError
 
 log = logging.getLogger("explain_cli")
@@ -555,18 +557,18 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def _dummy_forward(model: nn.Module, size: int) -> Any:
-    x = torch.zeros(1, 3, size, size, device=_device_of(model))
+def _dummy_forward(model: nn.Module, size: InputSize) -> Any:
+    x = input_shape.zeros(size, device=_device_of(model))
     try:
         with torch.no_grad():
             return model(x)
     except Exception as exc:  # noqa: BLE001 - a shape error here is a config problem
-        raise ConfigError("model", f"a dummy forward pass of one (1, 3, {size}, {size}) image failed: "
-                                   f"{type(exc).__name__}: {exc} (check model.arch, model.kwargs and "
-                                   "preprocess.size)") from None
+        raise ConfigError("model", f"a dummy forward pass of one {input_shape.text(size)} image failed: "
+                                   f"{type(exc).__name__}: {exc} (check model.arch, model.kwargs, "
+                                   "preprocess.size and preprocess.channels)") from None
 
 
-def _forward_with_hooks(model: nn.Module, size: int, modules: Any, register: Any) -> None:
+def _forward_with_hooks(model: nn.Module, size: InputSize, modules: Any, register: Any) -> None:
     """One dummy forward with ``register(module, name)`` hooks on ``modules``, removed in ``finally``."""
     handles = []
     try:
@@ -581,7 +583,7 @@ def _forward_with_hooks(model: nn.Module, size: int, modules: Any, register: Any
             handle.remove()
 
 
-def count_outputs(model: nn.Module, size: int) -> int:
+def count_outputs(model: nn.Module, size: InputSize) -> int:
     """How many outputs (classes) the model has, from one dummy forward: labels must match it."""
     out = _first_tensor(_dummy_forward(model, size))
     if out is None or out.dim() == 0:
@@ -598,8 +600,8 @@ def _first_input(inputs: dict[str, Any], name: str):
     return hook
 
 
-def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: int) -> dict | None:
-    """Check, with one dummy (1, 3, size, size) forward, that a layer target takes what gradient and
+def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str, size: InputSize) -> dict | None:
+    """Check, with one dummy (1, C, H, W) forward, that a layer target takes what gradient and
     deep explain: a 4-D (N, C, H, W) feature map (returns None), an (N, H, W, C) one or NesT's
     (N, blocks, tokens, C) (returns its layout, for run.json) or a (N, tokens, C) token sequence that
     maps onto the patch grid (returns the mapping, for run.json). ConfigError otherwise: a 4-D input
@@ -621,7 +623,7 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
                                          "or 'input'")
     if value is None:
         raise ConfigError("model.layer", f"layer '{layer_name}' was not called in the model's forward pass "
-                                         f"(one dummy ({size} x {size}) image); {_LAYERS_HINT}")
+                                         f"(one dummy {input_shape.text(size)} image); {_LAYERS_HINT}")
     if not isinstance(value, torch.Tensor):
         # the shallowest submodules that take one map, blocks before single ops (HRNet: the branches)
         modules = dict(layer.named_modules())
@@ -675,7 +677,7 @@ def _with_suggestions(message: str, suggestions: list[str]) -> str:
 _SUGGESTIONS_TRIED = 12
 
 
-def working_layers(model: nn.Module, layer_name: str, size: int, limit: int = 2) -> list[str]:
+def working_layers(model: nn.Module, layer_name: str, size: InputSize, limit: int = 2) -> list[str]:
     """Up to ``limit`` layers near ``layer_name`` that gradient and deep can explain, to suggest when
     it is refused: its nearest enclosing modules first, then its own submodules (shallowest first),
     then the layers called before it (nearest first), whose input (one dummy forward) is one row
@@ -710,9 +712,9 @@ def working_layers(model: nn.Module, layer_name: str, size: int, limit: int = 2)
     return found
 
 
-def list_layers(model: nn.Module, size: int) -> list[tuple[str, str, tuple | None]]:
+def list_layers(model: nn.Module, size: InputSize) -> list[tuple[str, str, tuple | None]]:
     """(dotted name, module type, output shape or None if not called) of every module, in
-    named_modules order, from one dummy (1, 3, size, size) forward: to choose ``model.layer``."""
+    named_modules order, from one dummy (1, C, H, W) forward: to choose ``model.layer``."""
     modules = list(model.named_modules())
     shapes: dict[str, tuple] = {}
 
@@ -742,16 +744,16 @@ class LayerInfo:
     blocks: bool = False  # a 4-D input of blocks of tokens (N, blocks, tokens, C) (NesT levels)
 
 
-def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
+def layer_table(model: nn.Module, size: InputSize) -> list[LayerInfo]:
     """Every module with its input (explained) shape, output shape and map resolution, from one
-    dummy (1, 3, size, size) forward (and one at twice the size, which tells the spatial
+    dummy (1, C, H, W) forward (and one at twice the size, which tells the spatial
     dimensions of a 4-D input from its channels: ``_utils.map_layout``); the model itself is the
     'input' row (pixels)."""
     from explain_cli.explainers import _utils
 
     modules = list(model.named_modules())
 
-    def shapes_at(side: int) -> tuple[dict[str, Any], dict[str, tuple | None]]:
+    def shapes_at(side: InputSize) -> tuple[dict[str, Any], dict[str, tuple | None]]:
         inputs: dict[str, Any] = {}
         outputs: dict[str, tuple | None] = {}
 
@@ -768,14 +770,14 @@ def layer_table(model: nn.Module, size: int) -> list[LayerInfo]:
 
     inputs, outputs = shapes_at(size)
     try:
-        probe = {name: tuple(v.shape) for name, v in shapes_at(2 * size)[0].items() if isinstance(v, torch.Tensor)}
+        probe = {name: tuple(v.shape) for name, v in shapes_at(input_shape.scaled(size, 2))[0].items() if isinstance(v, torch.Tensor)}
     except ConfigError:  # a model of one input size: the square pair decides
         probe = {}
     named = dict(modules)
     blockable = {name: named[name] for name, v in inputs.items() if name and isinstance(v, torch.Tensor)
                  and v.dim() == 4 and v.shape[0] == 1 and _utils.needs_quadrant_probe(tuple(v.shape), probe.get(name))}
     changes = _utils.quadrant_changes(model, blockable, size) if blockable else {}
-    rows = [LayerInfo("input", "(pixels)", (1, 3, size, size), None, (size, size))]
+    rows = [LayerInfo("input", "(pixels)", (1,) + input_shape.chw(size), None, input_shape.chw(size)[1:])]
     for name, module in modules:
         if not name:
             continue

@@ -168,6 +168,8 @@ def prepare(config: Config, options: RunOptions, device: str | None = None, buil
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
         images = images[: options.limit]
+    if slide_plans is None:
+        check_intensity(config, input_dir, images)
 
     dev = resolve_device(device or config.device)
     from explain_cli.explainers import _precision
@@ -186,8 +188,8 @@ def prepare(config: Config, options: RunOptions, device: str | None = None, buil
         raise ConfigError("model.layer", f"the {explainer_class.name} explainer masks input pixels and cannot "
                                          f"explain layer '{config.model.layer}'; set model.layer: input",
                           config._source)
-    num_outputs = count_outputs(model, config.preprocess.size)
-    layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.size)
+    num_outputs = count_outputs(model, config.preprocess.input_shape)
+    layer_tokens = check_layer_input(model, layer, config.model.layer, config.preprocess.input_shape)
     labels_path = config.resolve(config.labels) if config.labels else None
     labels = targets.with_negative(load_labels(labels_path, num_outputs), config.targets, num_outputs, config._source)
     explainer_class.check_run(config, model, num_outputs)  # e.g. amortized: trained for another model
@@ -246,6 +248,22 @@ def check_output_files(output_dir: Path, suffix: str, save_values: bool) -> None
             raise ConfigError("output.dir", f"{path} exists and is not a folder: move it away, or use another output.dir")
 
 
+#: Images the up-front preprocessing check decodes (a folder is usually of one kind of file).
+INTENSITY_PROBES = 3
+
+
+def check_intensity(config: Config, input_dir: Path, images: list[str]) -> None:
+    """Exit 2 naming ``preprocess.intensity`` when the first images are 16-bit or float and the key is
+    unset (their 0-1 scale is unknown), before a folder of them becomes a folder of errors.csv rows;
+    a later such image is that image's error row."""
+    from explain_cli.images import intensity_problem
+
+    for rel in images[:INTENSITY_PROBES]:
+        problem = intensity_problem(source_path(input_dir, rel), config.preprocess)
+        if problem is not None:
+            raise ConfigError("preprocess.intensity", f"{rel}: {problem}", config._source)
+
+
 def load_background(prep: Prepared):
     """The background set: sampled with the seed from the whole input list (before sharding,
     so every shard uses the same one) or from background.dir. Warns when it is degenerate."""
@@ -287,8 +305,7 @@ def empty_background(prep: Prepared):
     """A zero-image background for explainers that define "absent" themselves (masking)."""
     import torch
 
-    size = prep.config.preprocess.size
-    return torch.zeros((0, 3, size, size), device=prep.device)
+    return torch.zeros((0,) + prep.config.preprocess.input_shape, device=prep.device)
 
 
 def make_explainer(prep: Prepared, background):
@@ -302,13 +319,12 @@ def make_explainer(prep: Prepared, background):
     cfg = prep.config
     batch_size, auto = initial_batch_size(cfg.batch_size, prep.device)
     context = ExplainContext(model=prep.model, layer=prep.layer, layer_name=cfg.model.layer,
-                             background=background, mean=tuple(cfg.preprocess.mean),
-                             std=tuple(cfg.preprocess.std), device=prep.device,
+                             background=background, mean=cfg.preprocess.norm[0],
+                             std=cfg.preprocess.norm[1], device=prep.device,
                              batch_size=batch_size, settings=cfg.explainer_settings,
                              precision=cfg.precision, batch_size_auto=auto)
     if cfg.batch_size == "auto" and prep.device.type == "cpu":
-        size = cfg.preprocess.size
-        example = torch.zeros((1, 3, size, size), device=prep.device)
+        example = torch.zeros((1,) + cfg.preprocess.input_shape, device=prep.device)
         plan_cpu(context, example, prep.explainer_class.backward, memory_headroom())
     return prep.explainer_class(context)
 

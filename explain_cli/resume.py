@@ -47,7 +47,7 @@ from explain_cli.errors import UserError
 
 #: Resolved-config keys (dotted) that do not change results; see the module docstring.
 IGNORED_KEYS = {"device", "batch_size", "workers", "input.include", "input.exclude", "output.dir",
-                "output.format", "output.save_values", "output.style", "output.caption", "output.scale", "model.checkpoint", "model.trust_checkpoint",
+                "output.format", "output.save_values", "output.style", "output.caption", "output.scale", "output.display_channels", "model.checkpoint", "model.trust_checkpoint",
                 "labels", "targets.classes", "targets.contrast", "targets.from_csv.path", "explainer.checkpoint",
                 "slides.overlays", "slides.heatmap.tiff"}  # slides: extra files, not other numbers
 #: Fingerprint entries that are file digests ({'sha256', 'size', 'mtime_ns'}) or None.
@@ -59,7 +59,10 @@ NEW_KEY_DEFAULTS = {"targets.output": "logit", "targets.activation": "auto", "ta
                     "targets.from_csv.separator": None, "targets.negative": None, "targets.threshold": 0.5,
                     "explainer.sampling": "shap",  # kernel: shap's coalitions (gradient's key predates no run.json of it)
                     "explainer.stability_from": "split_half",  # kernel: the stability column's estimate before it
-                    "slides": None}  # runs before slides existed explained images
+                    "slides": None,  # runs before slides existed explained images
+                    # preprocessing keys of issue 28: their defaults are the fixed preprocessing before them
+                    "preprocess.channels": 3, "preprocess.interpolation": "bilinear", "preprocess.intensity": None,
+                    "preprocess.transform": None, "preprocess.display": None}
 #: Config paths compared as absolute paths.
 PATH_KEYS = {"input.dir", "background.dir"}
 

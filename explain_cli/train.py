@@ -151,24 +151,23 @@ def shapley_masks(rng: np.random.Generator, n: int, pairs: int, m: int) -> np.nd
 
 
 def _view(img: Any, preprocess: Any, rng: np.random.Generator | None) -> np.ndarray:
-    """(size, size, 3) uint8 as the pipeline preprocesses it; with ``rng`` a random crop of 50-100 %
-    of the area (aspect 3:4 to 4:3) and a horizontal flip half the time."""
-    from PIL import Image
-
-    from explain_cli.images import resize
+    """The picture (images.read_picture) resized as the pipeline preprocesses it (uint8 for an 8-bit
+    picture, float on the 0-1 scale otherwise); with ``rng`` a random crop of 50-100 % of the area
+    (aspect 3:4 to 4:3, in the filter of preprocess.interpolation) and a horizontal flip half the time."""
+    from explain_cli.images import picture_size, resize
 
     if rng is None:
         return resize(img, preprocess)
-    width, height = img.size
+    width, height = picture_size(img)
     area = width * height * rng.uniform(0.5, 1.0)
     ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     w = int(min(width, max(1, round(math.sqrt(area * ratio)))))
     h = int(min(height, max(1, round(math.sqrt(area / ratio)))))
     x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    out = img.resize((preprocess.size, preprocess.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+    out = resize(img, preprocess, box=(x0, y0, x0 + w, y0 + h))
     if rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -193,7 +192,7 @@ class _Game:
         self.model = model
         self.features = features
         self.labels = torch.from_numpy(labels.reshape(-1)).to(device)
-        self.mean, self.std = tuple(cfg.preprocess.mean), tuple(cfg.preprocess.std)
+        self.mean, self.std = cfg.preprocess.norm
         self.batch_size = batch_size
         self.fill = fill
         self.device = device
@@ -243,7 +242,7 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     ``option`` names where ``output`` came from, for the refusal of an unwritable one."""
     from explain_cli.autobatch import initial_batch_size
     from explain_cli.discover import discover_images, source_path
-    from explain_cli.images import load_image, normalise
+    from explain_cli.images import normalise, read_picture, to_picture
     from explain_cli.job import resolve_device
     from explain_cli.models import build_model, count_outputs
 
@@ -257,7 +256,12 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
                           cfg._source)
     ts: amortized.TrainSettings = settings.train
     grid, fill = settings.grid(), settings.fill_or_default()
-    size = cfg.preprocess.size
+    if cfg.preprocess.transform is not None:
+        raise ConfigError("preprocess.transform", "train makes random crops of each image with preprocess.size "
+                                                  "and friends; a user transform cannot be cropped: train with the "
+                                                  "preprocess keys that match it", cfg._source)
+    height, width = cfg.preprocess.shape
+    size = min(height, width)
     if grid < 2:
         raise ConfigError("explainer.segments.grid", f"a {grid} x {grid} grid is one player, whose value is always "
                                                      "v(all) - v(none): nothing to train; use grid: 2 or more",
@@ -280,7 +284,7 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     dev = resolve_device(device or cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, lambda p: cfg.resolve(p))
-    outputs = count_outputs(model, size)
+    outputs = count_outputs(model, cfg.preprocess.input_shape)
     model_fp = amortized.fingerprint(model)
     model = model.to(dev).eval()
     for p in model.parameters():
@@ -304,7 +308,8 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     photos, names = [], []
     for rel in rels:
         try:
-            photos.append(tiles.image(rel) if tiles is not None else load_image(source_path(input_dir, rel)))
+            photos.append(to_picture(tiles.image(rel), cfg.preprocess) if tiles is not None
+                          else read_picture(source_path(input_dir, rel), cfg.preprocess))
             names.append(rel)
         except ImageError as exc:
             log.warning("train: skipping %s (%s)", rel, exc)
@@ -316,10 +321,11 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     log.info("train: %d images for training, %d held out for validation; %d x %d players, fill %s, "
              "%d model outputs, device %s", len(train_idx), n_hold, grid, grid, fill, outputs, dev)
 
-    labels = masking.grid_labels(size, size, grid)
+    labels = masking.grid_labels(height, width, grid)
     m = grid * grid
-    channels = len(cfg.preprocess.mean)
-    found = None if ts.network == "pixels" else amortized.find_feature_map(model, size, channels, outputs, dev)
+    channels = cfg.preprocess.input_shape[0]
+    found = None if ts.network == "pixels" else amortized.find_feature_map(model, cfg.preprocess.shape, channels,
+                                                                            outputs, dev)
     if ts.network == "features" and found is None:
         raise ConfigError("explainer.train.network", "features needs a model whose outputs are a linear layer of "
                                                      "the global average of a feature map (most CNNs); this one is "
@@ -356,7 +362,7 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     train_photos = []
     for i in train_idx:
         img = photos[i]
-        short = min(img.size)
+        short = 0 if isinstance(img, np.ndarray) else min(img.size)  # arrays (16-bit, N channels): kept whole
         if short > 2 * size:
             scale = 2 * size / short
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
@@ -512,7 +518,7 @@ def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn
 
     settings = kernel.Settings(segments={"grid": grid}, fill=fill, nsamples=nsamples)
     context = ExplainContext(model=model, layer=None, layer_name="input", background=x[:0],
-                             mean=tuple(cfg.preprocess.mean), std=tuple(cfg.preprocess.std), device=dev,
+                             mean=cfg.preprocess.norm[0], std=cfg.preprocess.norm[1], device=dev,
                              batch_size=batch_size, settings=settings, precision=cfg.precision)
     explainer = kernel.Explainer(context)
     parts, started, last_line = [], time.monotonic(), 0.0

@@ -11,6 +11,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from explain_cli import input_shape
+from explain_cli.input_shape import InputSize
+
 log = logging.getLogger("explain_cli")
 
 # Listeners told how many rows each model call of an explain() evaluated: the progress heartbeat
@@ -391,9 +394,9 @@ def quadrant_share(changes: torch.Tensor, layout: MapLayout) -> float:
 
 
 def quadrant_changes(model: torch.nn.Module, layers: dict[str, torch.nn.Module],
-                     size: int) -> dict[str, torch.Tensor]:
+                     size: InputSize) -> dict[str, torch.Tensor]:
     """``|h(x_q) - h(x)|`` (4, *input shape) of each named layer's first input, for one random image
-    x of ``size`` px and the four images x_q that differ from it in one quadrant (one forward of 5
+    x of ``size`` (px, or (C, H, W)) and the four images x_q that differ from it in one quadrant (one forward of 5
     images; a layer whose input has another batch, or a model that fails, gives no entry)."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -407,12 +410,14 @@ def quadrant_changes(model: torch.nn.Module, layers: dict[str, torch.nn.Module],
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(1, 3, size, size, generator=g)
+    channels, height, width = input_shape.chw(size)
+    base = torch.randn(1, channels, height, width, generator=g)
     images = base.repeat(5, 1, 1, 1)
-    half, side = size // 2, max(1, size // 4)  # the change: the middle of the quadrant, away from its edges
-    for q, (r, c) in enumerate([(0, 0), (0, size - half), (size - half, 0), (size - half, size - half)]):
-        r, c = r + (half - side) // 2, c + (half - side) // 2
-        images[q + 1, :, r:r + side, c:c + side] += 2 * torch.randn(3, side, side, generator=g)
+    # the change: the middle of the quadrant, away from its edges
+    half_h, side_h, half_w, side_w = height // 2, max(1, height // 4), width // 2, max(1, width // 4)
+    for q, (r, c) in enumerate([(0, 0), (0, width - half_w), (height - half_h, 0), (height - half_h, width - half_w)]):
+        r, c = r + (half_h - side_h) // 2, c + (half_w - side_w) // 2
+        images[q + 1, :, r:r + side_h, c:c + side_w] += 2 * torch.randn(channels, side_h, side_w, generator=g)
     handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad():
@@ -479,15 +484,15 @@ _LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDi
 
 
 def layer_layout(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str, shape: tuple[int, ...],
-                 size: int) -> MapLayout:
+                 size: InputSize) -> MapLayout:
     """:func:`decide_layout` of ``layer``'s 4-D input ``shape`` (seen at ``size`` px), probing the
     model once at twice that size and, where the input could be blocks of tokens, once with one
     quadrant of the image changed; cached per layer module, shape and size (validate and every
     explainer ask the same question)."""
-    key = (tuple(shape[1:]), int(size))
+    key = (tuple(shape[1:]), input_shape.chw(size))
     cache = _LAYOUTS.setdefault(layer, {})
     if key not in cache:
-        probe = _probe_shape(model, layer, 2 * size)
+        probe = _probe_shape(model, layer, input_shape.scaled(size, 2))
         changes = None
         if needs_quadrant_probe(tuple(shape), probe):
             changes = quadrant_changes(model, {layer_name: layer}, size).get(layer_name)
@@ -497,7 +502,7 @@ def layer_layout(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str
     return cache[key]
 
 
-def _probe_shape(model: torch.nn.Module, layer: torch.nn.Module, size: int) -> tuple[int, ...] | None:
+def _probe_shape(model: torch.nn.Module, layer: torch.nn.Module, size: InputSize) -> tuple[int, ...] | None:
     """The shape of ``layer``'s first input for one zero image of ``size`` px (None: the model fails)."""
     seen: list[tuple[int, ...]] = []
 
@@ -511,7 +516,7 @@ def _probe_shape(model: torch.nn.Module, layer: torch.nn.Module, size: int) -> t
     handle = layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+            model(input_shape.zeros(size, device=device, dtype=dtype))
     except Exception:  # noqa: BLE001 - a model of one fixed input size: no evidence from this probe
         return None
     finally:
@@ -520,7 +525,7 @@ def _probe_shape(model: torch.nn.Module, layer: torch.nn.Module, size: int) -> t
 
 
 def layer_map(values: torch.Tensor, model: torch.nn.Module, layer_name: str,
-              layer: torch.nn.Module | None = None, size: int | None = None) -> torch.Tensor:
+              layer: torch.nn.Module | None = None, size: InputSize | None = None) -> torch.Tensor:
     """Per-image attributions (N, k, *layer input shape) as (N, k, C, h, w): a token layer's
     (N, k, tokens, C) goes onto the patch grid, its prefix tokens dropped; a feature map is put in
     (C, H, W) order by :func:`layer_layout` (given ``layer`` and the input ``size``); the input's

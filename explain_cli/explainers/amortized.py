@@ -215,7 +215,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
 
 
-def find_feature_map(model: nn.Module, size: int, channels: int, num_outputs: int,
+def _trained_size(data: dict[str, Any]) -> int | tuple[int, int]:
+    """The checkpoint's input size: a side, or (height, width)."""
+    size = data["preprocess"]["size"]
+    return int(size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def find_feature_map(model: nn.Module, size: int | tuple[int, int], channels: int, num_outputs: int,
                      device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Linear] | None:
     """(feature module, classifier) when the model's outputs are a linear layer of the global
     average of a (N, D, h, w) feature map, checked numerically on a probe of two random images;
@@ -230,7 +236,8 @@ def find_feature_map(model: nn.Module, size: int, channels: int, num_outputs: in
                for name, m in model.named_modules() if name]
     try:
         with torch.no_grad():
-            probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+            height, width = (size, size) if isinstance(size, int) else size
+            probe = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
             param = next(model.parameters(), None)
             out = model(probe.to(device=device, dtype=param.dtype if param is not None and param.is_floating_point()
                                  else torch.float32))
@@ -262,7 +269,7 @@ def feature_map_for(data: dict[str, Any], model: nn.Module, channels: int, path:
     the same checkpoints for the same reason."""
     if data["network"]["kind"] != "features":
         return None
-    found = find_feature_map(model, int(data["preprocess"]["size"]), channels, int(data["model"]["outputs"]), device)
+    found = find_feature_map(model, _trained_size(data), channels, int(data["model"]["outputs"]), device)
     dim = int(data["network"]["dim"])
     if found is None:
         refuse(path, ["it is a features explainer, which reads the feature map before the model's global "
@@ -315,9 +322,17 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def preprocess_record(preprocess: Any) -> dict[str, Any]:
-    return {"size": int(preprocess.size), "resize": str(preprocess.resize),
-            "crop_fraction": float(preprocess.crop_fraction),
-            "mean": [float(v) for v in preprocess.mean], "std": [float(v) for v in preprocess.std]}
+    """The preprocessing an explainer was trained with; keys added later (channels, interpolation,
+    intensity) only when not their default, so older checkpoints still match."""
+    size = preprocess.size
+    record = {"size": int(size) if isinstance(size, int) else [int(v) for v in size],
+              "resize": str(preprocess.resize), "crop_fraction": float(preprocess.crop_fraction),
+              "mean": [float(v) for v in preprocess.mean], "std": [float(v) for v in preprocess.std]}
+    for key, default in (("channels", 3), ("interpolation", "bilinear"), ("intensity", None)):
+        value = getattr(preprocess, key, default)
+        if value != default:
+            record[key] = value if key != "intensity" or isinstance(value, str) else {"range": list(value.range)}
+    return record
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -377,6 +392,9 @@ def checkpoint_problem(data: dict[str, Any]) -> str | None:
             return f"'{section}' is missing or not a mapping"
         for name, kind in fields.items():
             item = value.get(name)
+            if section == "preprocess" and name == "size" and isinstance(item, list) and len(item) == 2 \
+                    and all(_is_int(v) for v in item):
+                continue  # [height, width]
             if not (_is_int(item) if kind is int else isinstance(item, kind)):
                 return f"'{section}.{name}' is missing or not {'a positive integer' if kind is int else kind.__name__}"
     network = data["network"]
@@ -427,6 +445,8 @@ def mismatches(data: dict[str, Any], *, model_fingerprint: str | None = None, ou
         for name, value in preprocess.items():
             if data["preprocess"].get(name) != value:
                 problems.append(f"preprocess.{name} is {value!r}, it was trained with {data['preprocess'].get(name)!r}")
+        for name in sorted(set(data["preprocess"]) - set(preprocess)):
+            problems.append(f"preprocess.{name} is its default, it was trained with {data['preprocess'][name]!r}")
     if grid is not None and int(data["players"]["grid"]) != int(grid):
         problems.append(f"explainer.segments.grid is {grid}, it was trained for grid {data['players']['grid']}")
     if fill is not None and data["fill"] != fill:
@@ -467,7 +487,7 @@ class Explainer(base.Explainer):
                                 grid=None if settings.segments is None else settings.segments.grid,
                                 fill=settings.fill), config._source)
         param = next(model.parameters(), None)
-        feature_map_for(data, model, len(config.preprocess.mean), path,
+        feature_map_for(data, model, config.preprocess.input_shape[0], path,
                         param.device if param is not None else "cpu", config._source)
         settings.checkpoint = str(path)
 
@@ -514,9 +534,10 @@ class Explainer(base.Explainer):
         n_images, channels, height, width = images.shape
         if len(seeds) != n_images:
             raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
-        size = int(self.data["preprocess"]["size"])
-        if (height, width) != (size, size):
-            raise ConfigError("preprocess.size", f"the explainer was trained on {size} x {size} images, "
+        size = self.data["preprocess"]["size"]
+        trained = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if (height, width) != trained:
+            raise ConfigError("preprocess.size", f"the explainer was trained on {trained[0]} x {trained[1]} images, "
                                                  f"got {height} x {width}")
         labels = masking.grid_labels(height, width, self.grid)
         with torch.no_grad():

@@ -315,7 +315,7 @@ class Explainer(base.Explainer):
                 self._run_round(images, classes_dev, targets, draws, active, size, sums)
                 still = []
                 for i in active:
-                    stability[i] = self._stability(sums[0], i, draws[i].used, images.shape[-1])
+                    stability[i] = self._stability(sums[0], i, draws[i].used, tuple(images.shape[1:]))
                     asked = stability[i][selection.valid[i]]  # the batch's padding slots do not count
                     finite = asked[np.isfinite(asked)]
                     reached = finite.size == 0 or float(finite.min()) >= settings.target_stability
@@ -334,7 +334,7 @@ class Explainer(base.Explainer):
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / used.view((-1,) + (1,) * (halves.dim() - 2))).contiguous()
         shap_sum = values.flatten(2).sum(2)  # at a token layer: every token, prefix tokens included
-        values = _utils.layer_map(values, model, ctx.layer_name, ctx.layer, size=images.shape[-1])  # (N, k, C, H, W)
+        values = _utils.layer_map(values, model, ctx.layer_name, ctx.layer, size=tuple(images.shape[1:]))  # (N, k, C, H, W)
         _utils.warn_if_cancelling(values, ctx.layer_name, "gradient", self._warned_layers)
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
@@ -347,7 +347,7 @@ class Explainer(base.Explainer):
             nsamples_capped=capped if auto else None,
         )
 
-    def _stability(self, phi: torch.Tensor, i: int, used: list[int], size: int) -> np.ndarray:
+    def _stability(self, phi: torch.Tensor, i: int, used: list[int], size: tuple[int, ...]) -> np.ndarray:
         """(k,) split-half stability of image ``i`` from its two half sums (NaN with an empty half)."""
         if min(used) < 1:
             return np.full(phi.shape[0], np.nan)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from explain_cli.errors import ImageError
-from explain_cli.images import load_image, normalise, resize
+from explain_cli.images import load_image, load_preprocessed, model_input
 from explain_cli.slides.plan import SlidePlans
 from explain_cli.slides.reader import ReaderCache
 
@@ -35,13 +35,17 @@ class TileSource:
         return reader.read(x, y, plan.level, (plan.read_size, plan.read_size))
 
     def decode(self, rel: str, preprocess) -> tuple[np.ndarray, np.ndarray]:
-        """(display uint8 HxWx3, model input float32 3xHxW) of one tile; ImageError on failure."""
-        img = self.image(rel)
+        """(display uint8 HxWx3, model input float32 CxHxW) of one tile; ImageError on failure. A
+        pre-cut tile file is read like any image (16-bit, N channels); a slide's region is 8-bit RGB."""
         try:
-            pixels = resize(img, preprocess)
-        except MemoryError:
-            raise ImageError("out of memory while resizing") from None
-        return pixels, normalise(pixels, preprocess)
+            plan, _, _ = self.plans.locate(rel)
+        except (KeyError, ValueError):
+            raise ImageError("not a tile of this run's slides") from None
+        if plan.kind == "tiles":
+            from explain_cli.discover import source_path
+
+            return load_preprocessed(source_path(self.input_dir, rel), preprocess)
+        return model_input(self.image(rel), preprocess)
 
     def close(self) -> None:
         self.readers.close()

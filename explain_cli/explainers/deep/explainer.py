@@ -274,12 +274,12 @@ class Explainer(base.Explainer):
             spread = torch.stack([(outputs[i] - targets.explained(ref_outputs, classes[i].expand(n_refs, -1))).abs()
                                   .mean(0) for i in range(n_images)])
             self._warn_inexact(tape, shap_sum, outputs, base_values, spread)
-        values = _utils.layer_map(values, ctx.model, ctx.layer_name, ctx.layer, size=shown.shape[-1])  # (N, k, C, h, w)
+        values = _utils.layer_map(values, ctx.model, ctx.layer_name, ctx.layer, size=tuple(shown.shape[1:]))  # (N, k, C, h, w)
         _utils.warn_if_cancelling(values, ctx.layer_name, "deep", self._warned_layers)
         stability = None
         if n_refs >= 2:
             half_maps = [_utils.layer_map(halves[:, :, h], ctx.model, ctx.layer_name, ctx.layer,
-                                         size=shown.shape[-1]) for h in (0, 1)]
+                                         size=tuple(shown.shape[1:])) for h in (0, 1)]
             stability = split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
