@@ -18,6 +18,7 @@ A user ``preprocess.transform`` replaces resize and normalisation (:mod:`explain
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 import warnings
@@ -270,21 +271,52 @@ def picture_size(picture: Picture) -> tuple[int, int]:
     return picture.size if isinstance(picture, Image.Image) else (picture.shape[1], picture.shape[0])
 
 
-def crop_box(width: int, height: int, cfg: PreprocessConfig) -> tuple[float, float, float, float]:
-    """The region of a ``width`` x ``height`` image that ``resize: crop`` keeps, in source pixels.
+#: ``resize: crop`` resizes the whole image first (exactly torchvision's Resize + CenterCrop) while
+#: that intermediate image is at most this many times the output's area; beyond (a 1 x 20000 strip
+#: would need 256 x 5 million pixels) it resamples only the kept region (same region, one step: within
+#: one grey level of the two-step result).
+TWO_STEP_AREA = 16
 
-    The same region as resizing (aspect kept) until the image covers size/crop_fraction on both
-    sides and cutting the centre, computed without that intermediate image (which for a 1x20000
-    strip was 256x5 million pixels). For a square size: the short side resized to size/crop_fraction.
-    """
+
+def crop_geometry(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of ``resize: crop`` for a ``width`` x ``height``
+    image: the image resized with its aspect kept to cover floor(size / crop_fraction) (timm's
+    ``scale_size``), then the centre cut. A square size resizes the short side as torchvision's
+    ``Resize(int)`` does (long side truncated); [H, W] as timm's ``ResizeKeepRatio``. The cut's
+    offset is torchvision's CenterCrop's (rounded half to even)."""
     out_h, out_w = cfg.shape
-    short_h = max(out_h, int(round(out_h / cfg.crop_fraction)))
-    short_w = max(out_w, int(round(out_w / cfg.crop_fraction)))
-    scale = max(short_h / height, short_w / width)
-    big_w, big_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
-    left, top = (big_w - out_w) // 2, (big_h - out_h) // 2
-    sx, sy = width / big_w, height / big_h
+    scale_h = max(out_h, math.floor(out_h / cfg.crop_fraction))
+    scale_w = max(out_w, math.floor(out_w / cfg.crop_fraction))
+    if scale_h == scale_w:
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = scale_h, int(scale_h * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    else:
+        ratio = min(height / scale_h, width / scale_w)
+        new_w, new_h = round(width / ratio), round(height / ratio)
+    new_w, new_h = max(new_w, out_w), max(new_h, out_h)
+    return new_w, new_h, int(round((new_w - out_w) / 2.0)), int(round((new_h - out_h) / 2.0))
+
+
+def crop_box(width: int, height: int, cfg: PreprocessConfig) -> tuple[float, float, float, float]:
+    """The region of a ``width`` x ``height`` image that ``resize: crop`` keeps, in source pixels
+    (:func:`crop_geometry` mapped back onto the source)."""
+    out_h, out_w = cfg.shape
+    new_w, new_h, left, top = crop_geometry(width, height, cfg)
+    sx, sy = width / new_w, height / new_h
     return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
+
+
+def _resize_one(img: Image.Image, cfg: PreprocessConfig, box: tuple[float, float, float, float] | None) -> Image.Image:
+    """One Pillow image (8-bit, or one float channel) at the model's size."""
+    out_h, out_w = cfg.shape
+    resample = FILTERS[cfg.interpolation]
+    if box is not None or cfg.resize == "stretch":
+        return img.resize((out_w, out_h), resample, box=box)
+    new_w, new_h, left, top = crop_geometry(img.width, img.height, cfg)
+    if new_w * new_h > TWO_STEP_AREA * out_w * out_h:
+        return img.resize((out_w, out_h), resample, box=crop_box(img.width, img.height, cfg))
+    return img.resize((new_w, new_h), resample).crop((left, top, left + out_w, top + out_h))
 
 
 def resize(picture: Picture, cfg: PreprocessConfig,
@@ -292,18 +324,13 @@ def resize(picture: Picture, cfg: PreprocessConfig,
     """The picture at the model's size: (H, W, 3) or (H, W) uint8 for an 8-bit picture, (H, W, C)
     float32 for an array picture. ``box`` (source pixels) overrides stretch/crop.
 
-    Work and memory are bounded by the output size: ``crop`` resamples only the kept region
-    (Pillow's ``box``), whatever the aspect ratio of the source.
+    Work and memory are bounded by the output size (see TWO_STEP_AREA), whatever the aspect ratio
+    of the source.
     """
-    out_h, out_w = cfg.shape
-    width, height = picture_size(picture)
-    if box is None and cfg.resize == "crop":
-        box = crop_box(width, height, cfg)
-    resample = FILTERS[cfg.interpolation]
     if isinstance(picture, Image.Image):
-        return np.asarray(picture.resize((out_w, out_h), resample, box=box), dtype=np.uint8)
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(picture[..., c]), "F")
-                           .resize((out_w, out_h), resample, box=box), dtype=np.float32)
+        return np.asarray(_resize_one(picture, cfg, box), dtype=np.uint8)
+    channels = [np.asarray(_resize_one(Image.fromarray(np.ascontiguousarray(picture[..., c]), "F"), cfg, box),
+                           dtype=np.float32)
                 for c in range(picture.shape[-1])]
     return np.stack(channels, axis=-1)
 

@@ -116,18 +116,20 @@ def file_digest(path: Path | None, previous: dict[str, Any] | None = None) -> di
 
 
 def model_code_files(config) -> list[Path]:
-    """The source files that define a ``python:`` model: the factory's module and every module
+    """The source files that define a ``python:`` model or transform: their modules and every module
     loaded from the config's folder (what the factory imported there). Call after the model is
     built. Empty for torchvision, timm and torchscript."""
-    if not config.model.arch.startswith("python:"):
+    specs = [spec for spec in (config.model.arch, config.preprocess.transform)  # a user transform: like a factory
+             if spec and spec.startswith("python:")]
+    if not specs:
         return []
-    module_name = config.model.arch.split(":", 1)[1].rpartition(":")[0]
     base = os.path.realpath(config._base_dir)
     own = os.path.dirname(os.path.realpath(__file__)) + os.sep  # explain-cli itself (a config at a repo root)
     files = set()
-    factory_file = getattr(sys.modules.get(module_name), "__file__", None)
-    if factory_file:
-        files.add(os.path.realpath(factory_file))
+    for spec in specs:
+        module_file = getattr(sys.modules.get(spec.split(":", 1)[1].rpartition(":")[0]), "__file__", None)
+        if module_file:
+            files.add(os.path.realpath(module_file))
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if isinstance(path, str) and path.endswith(".py"):
