@@ -395,6 +395,10 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20
 #: Free memory at the top of the heap is returned to the system only beyond this.
 TRIM_THRESHOLD = 2**30
+#: ``EXPLAIN_CLI_NO_MALLOPT=1`` in the environment leaves glibc's allocator at its defaults (an
+#: environment variable, not a config key: the setting is the process's, made before any config is read,
+#: and holds for an embedding program's other work too).
+NO_MALLOPT_ENV = "EXPLAIN_CLI_NO_MALLOPT"
 _allocator_tuned = False
 
 
@@ -402,10 +406,14 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for the next model call instead of returning it (once per
     process; True when set). By default every large tensor is a fresh mmap, unmapped on free, so
     each model call page-faults its whole working set in again: on 2 cores that cost more system
-    time than the arithmetic (docs/performance.md). Other C libraries are left alone."""
+    time than the arithmetic (docs/performance.md). Other C libraries are left alone, and so is
+    glibc when :data:`NO_MALLOPT_ENV` is set to anything but '' or '0'."""
     global _allocator_tuned
     if _allocator_tuned:
         return True
+    if os.environ.get(NO_MALLOPT_ENV, "").strip() not in ("", "0"):
+        log.debug("%s set: glibc's malloc thresholds left at their defaults", NO_MALLOPT_ENV)
+        return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
             return False
