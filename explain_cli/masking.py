@@ -219,9 +219,11 @@ def segment(pixels: np.ndarray, segments: SegmentSettings) -> np.ndarray:
     from skimage.segmentation import slic
 
     as_uint8 = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    if as_uint8.ndim == 3 and as_uint8.shape[-1] == 1:
+        as_uint8 = as_uint8[..., 0]  # one channel: SLIC on the gray image (a trailing axis would be a 3rd dimension)
     labels = slic(as_uint8, n_segments=int(segments.n_segments), compactness=float(segments.compactness),
                   sigma=float(segments.sigma), start_label=0,
-                  channel_axis=-1 if as_uint8.shape[-1] > 1 else None)
+                  channel_axis=-1 if as_uint8.ndim == 3 else None)
     # SLIC's labels are normally 0..M-1 already; make sure they are contiguous.
     _, inverse = np.unique(labels, return_inverse=True)
     return inverse.reshape(labels.shape).astype(np.int64)

@@ -445,7 +445,8 @@ def mismatches(data: dict[str, Any], *, model_fingerprint: str | None = None, ou
         for name, value in preprocess.items():
             if data["preprocess"].get(name) != value:
                 problems.append(f"preprocess.{name} is {value!r}, it was trained with {data['preprocess'].get(name)!r}")
-        for name in sorted(set(data["preprocess"]) - set(preprocess)):
+        full = "size" in preprocess  # a whole preprocess_record (not only mean/std): its absent keys are defaults
+        for name in sorted(set(data["preprocess"]) - set(preprocess)) if full else []:
             problems.append(f"preprocess.{name} is its default, it was trained with {data['preprocess'][name]!r}")
     if grid is not None and int(data["players"]["grid"]) != int(grid):
         problems.append(f"explainer.segments.grid is {grid}, it was trained for grid {data['players']['grid']}")
