@@ -363,10 +363,16 @@ def validate(
     classes: List[str] = typer.Option([], "--class", help="Explain this class (a name from the label file, an index, 'label' or 'top_k'); repeatable, in order. Same as --set targets.classes=[...]."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="Override input.dir."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    check_predictions: Optional[bool] = typer.Option(
+        None, "--check-predictions/--no-check-predictions",
+        help="Run the model on up to 50 labelled images with the configured preprocessing and print how many "
+             "it gets right (labels: targets.from_csv, else folders named after classes). Default: on when "
+             "targets.from_csv is set."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=_VERBOSE_HELP),
 ) -> None:
-    """Check config, model, checkpoint, layer, labels and input folder; print the resolved config
-    and how many images a run would process. Explains nothing."""
+    """Check config, model, checkpoint, layer, labels and input folder; print the resolved config,
+    each preprocess value with where it came from (and the model's own, when it has one), and how many
+    images a run would process. Explains nothing."""
     _setup_logging(verbose, False, None)
     try:
         _usable_paths(CONFIG=config, __input=input_dir)
@@ -404,6 +410,35 @@ def validate(
     if asked["truth_csv"]:
         line += f"; labels for {asked['images_with_label']} of {len(prep.images)} images from {asked['truth_csv']}"
     print(line)
+    try:
+        _check_preprocessing(prep, check_predictions)
+    except UserError as exc:
+        raise _fail(exc, exc.exit_code)
+    except Exception as exc:  # noqa: BLE001
+        raise _unexpected(exc, verbose)
+
+
+def _check_preprocessing(prep, check_predictions: Optional[bool]) -> None:
+    """validate's preprocess block and prediction check (explain_cli/preprocess_check.py)."""
+    from explain_cli.preprocess_check import check_predictions as predictions, differences, model_view, \
+        preprocess_lines
+
+    pre = prep.config.preprocess
+    view = model_view(prep.config.model, prep.model)
+    print("\n".join(preprocess_lines(pre, view)))
+    differing = differences(pre, view) if view is not None else []
+    if differing and view.trained:
+        log.warning("preprocess differs from %s in %s: the model was trained on other inputs (allowed; see "
+                    "docs/preprocessing.md)", view.source, ", ".join(f"preprocess.{k}" for k in differing))
+    if check_predictions is False or (check_predictions is None and prep.truth is None):
+        return
+    found = predictions(prep, ask_folders=True)
+    if found is None:
+        raise UserError("--check-predictions: no labelled image: set targets.from_csv (a truth CSV) or put the "
+                        "images in folders named after their classes (images/<class>/...)")
+    print(found.line())
+    if found.warning():
+        log.warning("%s", found.warning())
 
 
 @app.command(epilog="Example:\n\n  explain-cli check configs/demo.yaml --images 4\n\n"
