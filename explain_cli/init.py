@@ -80,34 +80,24 @@ def _guess_classes(checkpoint: Path, cfg: ModelConfig) -> int | None:
     return int(last[-1].shape[0]) if last else None
 
 
-def _preprocess(arch: str, pretrained: bool, resize: str | None = None) -> tuple[dict[str, Any], str]:
-    """The preprocessing to write and why (the comment on ``resize``). The library's pretrained weights
-    get their own evaluation transform (a centre crop); anything else, a custom checkpoint above all,
-    is stretched unless ``resize`` says otherwise: its training transform is unknown, and a crop would
-    silently zoom in on every image and cut its borders (a 224 px tile loses 12.5 % of each side)."""
-    source, _, name = arch.partition(":")
+def _preprocess(arch: str, pretrained: bool, resize: str | None = None) -> tuple[dict[str, Any], str, str | None]:
+    """The preprocessing to write, why (the comment on ``resize``) and where the library's values came
+    from (None: explain-cli's defaults). The library's pretrained weights get their own evaluation
+    transform (size, centre crop, interpolation, mean, std: explain_cli/preprocess_check.py); anything
+    else, a custom checkpoint above all, is stretched unless ``resize`` says otherwise: its training
+    transform is unknown, and a crop would silently zoom in on every image and cut its borders (a
+    224 px tile loses 12.5 % of each side)."""
+    from explain_cli.preprocess_check import library_preprocess
+
+    source = arch.partition(":")[0]
     library = pretrained and source in ("torchvision", "timm")
-    out: dict[str, Any] = {"size": 224, "resize": "crop", "crop_fraction": 0.875,
+    out: dict[str, Any] = {"size": 224, "resize": "crop", "crop_fraction": 0.875, "interpolation": "bilinear",
                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    try:
-        if not library:
-            pass  # no metadata to read: the ImageNet mean and std, the usual start of fine-tuning
-        elif source == "timm":
-            import timm.models
-
-            cfg = timm.models.get_pretrained_cfg(name)
-            if cfg is not None:
-                out.update(size=int(cfg.input_size[-1]), crop_fraction=float(cfg.crop_pct or 0.875),
-                           mean=[round(float(m), 4) for m in cfg.mean], std=[round(float(s), 4) for s in cfg.std])
-        elif source == "torchvision" and pretrained:
-            import torchvision.models
-
-            transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-            crop = int(transforms.crop_size[0])
-            out.update(size=crop, crop_fraction=round(crop / int(transforms.resize_size[0]), 4),
-                       mean=[float(m) for m in transforms.mean], std=[float(s) for s in transforms.std])
-    except Exception:  # noqa: BLE001 - a model without metadata keeps the ImageNet defaults
-        pass
+    # without metadata (or weights of its own): the ImageNet mean and std, the usual start of fine-tuning
+    found = library_preprocess(arch) if library else None
+    if found is not None:
+        out.update(found[0])
+        out["_notes"] = found[2]
     chosen = resize or ("crop" if library else "stretch")
     if chosen == "stretch":
         del out["crop_fraction"]
@@ -119,7 +109,7 @@ def _preprocess(arch: str, pretrained: bool, resize: str | None = None) -> tuple
         why = ("custom weights: their training transform is unknown, and a centre crop would cut every "
                "image's borders; use crop (--resize crop) if the model was trained on centre crops")
     out["resize"] = chosen
-    return out, why
+    return out, why, None if found is None else found[1]
 
 
 def starter_config(model: str, arch: str | None, config_path: Path, input_dir: Path,
@@ -167,7 +157,8 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
             notes.append(f"pretrained weights: {pretrained_file(arch)}")
         except ConfigError as exc:
             notes.append(f"validate and run will fail until the weights are there: {exc.message}")
-    pre, resize_why = _preprocess(arch, chosen == "pretrained", resize)
+    pre, resize_why, origin = _preprocess(arch, chosen == "pretrained", resize)
+    pre_notes = pre.pop("_notes", {})
     net = build_model(shapes_cfg, lambda p: Path(p))  # as the config will build it (pretrained: its shape)
     outputs = count_outputs(net, pre["size"])
     rows = [r for r in layer_table(net, pre["size"]) if not r.problem and r.name != "input"]
@@ -205,9 +196,11 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
                  "one output: the sigmoid's class (the only one)")
     pre_why = ("as the weights were trained (from the library's metadata)" if library and chosen == "pretrained"
                else "check against how the model was trained: size, mean and std are ImageNet's")
+    from_model = f"   # from {_comment(origin)}" if origin else ""
     if pre["resize"] == "crop":
         resize_lines = (f"  resize: crop   # {_comment(resize_why)}: short side to size / crop_fraction, then the "
-                        f"centre size x size\n  crop_fraction: {yaml_value(pre['crop_fraction'])}")
+                        f"centre size x size\n  crop_fraction: {yaml_value(pre['crop_fraction'])}{from_model}"
+                        + (f" ({_comment(pre_notes['crop_fraction'])})" if "crop_fraction" in pre_notes else ""))
     else:
         resize_lines = f"  resize: stretch   # the whole image to size x size; {_comment(resize_why)}"
     name = _comment(config_path.name)
@@ -225,10 +218,11 @@ model:
 #   (all of them, with shapes: explain-cli layers {name})
 {labels}
 preprocess:                # {pre_why}
-  size: {yaml_value(pre['size'])}
+  size: {yaml_value(pre['size'])}{from_model or "   # one side, or [height, width]"}
 {resize_lines}
-  mean: {yaml_value(pre['mean'])}
-  std: {yaml_value(pre['std'])}
+  interpolation: {yaml_value(pre['interpolation'])}{from_model or "   # bilinear | bicubic | nearest"}
+  mean: {yaml_value(pre['mean'])}{from_model or "   # ImageNet's (the default)"}
+  std: {yaml_value(pre['std'])}{from_model or "   # ImageNet's (the default)"}
 input:
   dir: {yaml_value(meant_input)}   # your images, walked recursively
   exclude: []   # e.g. ["*-02*"] to skip files by name

@@ -180,8 +180,8 @@ def model_view(model_cfg: Any, model: Any = None) -> ModelView | None:
     if view is not None:
         view.trained = model_cfg.weights == "pretrained" or source == "python"
         if not view.trained:
-            what = "random (untrained)" if model_cfg.weights == "random" else "from model.checkpoint"
-            view.source += f" (a reference: the weights are {what}; check against how they were trained)"
+            view.source += (" (a reference only: the weights are random)" if model_cfg.weights == "random" else
+                            " (a reference only: model.checkpoint's weights may have been trained otherwise)")
     return view
 
 
@@ -287,6 +287,12 @@ def preprocess_lines(pre: Any, view: ModelView | None) -> list[str]:
         if view is not None and key in view.values:
             line += f"  model: {_show(view.values[key])}"
             line += "   <- differs" if key in differing else ""
+            if key == "crop_fraction" and key in differing and view.resize_sides is not None \
+                    and _hw(configured["size"][0]) == _hw(view.values["size"]):
+                h, w = _hw(configured["size"][0])
+                i = 0 if h <= w else 1
+                mine = (resize_side(h, value), resize_side(w, value))[i]
+                line += f" (short side to {mine} px; the model's transform: {view.resize_sides[i]} px)"
         lines.append(line.rstrip())
     if view is not None:
         lines += [f"#   note: {note}" for note in view.notes]
@@ -299,9 +305,10 @@ def preprocess_lines(pre: Any, view: ModelView | None) -> list[str]:
     return lines
 
 
-def library_preprocess(arch: str) -> tuple[dict[str, Any], str] | None:
+def library_preprocess(arch: str) -> tuple[dict[str, Any], str, dict[str, str]] | None:
     """For ``init``: the preprocess values of a torchvision:/timm: architecture's pretrained weights
-    (size, crop_fraction, interpolation, mean, std) and where they came from; None without metadata."""
+    (size, crop_fraction, interpolation, mean, std), where they came from, and a note per key where
+    the value is not the library's number as written (crop_fraction); None without metadata."""
     from explain_cli.config import ModelConfig
 
     try:
@@ -312,9 +319,19 @@ def library_preprocess(arch: str) -> tuple[dict[str, Any], str] | None:
         return None
     values = {k: view.values[k] for k in ("size", "crop_fraction", "interpolation", "mean", "std")
               if k in view.values}
-    values["mean"] = [round(v, 4) for v in values.get("mean", [])] or None
-    values["std"] = [round(v, 4) for v in values.get("std", [])] or None
-    return {k: v for k, v in values.items() if v is not None}, view.source
+    notes = {}
+    if "crop_fraction" in values and view.resize_sides is not None:
+        h, w = _hw(values["size"])
+        side = f"{view.resize_sides[0]}" if h <= w else f"{view.resize_sides[1]}"
+        notes["crop_fraction"] = f"short side to {side} px, then the centre crop"
+        if arch.startswith("timm:"):
+            import timm.models
+
+            crop_pct = getattr(timm.models.get_pretrained_cfg(arch.partition(":")[2]), "crop_pct", None)
+            if crop_pct is not None and abs(float(crop_pct) - values["crop_fraction"]) > 1e-9:
+                notes["crop_fraction"] = (f"timm's crop_pct {float(crop_pct):g}: short side to {side} px as timm "
+                                          f"(floor({h} / {float(crop_pct):g})), then the centre crop")
+    return values, view.source, notes
 
 
 # -- predictions on labelled images ------------------------------------------------------------------
