@@ -18,9 +18,9 @@ Two checks, both printed by ``explain-cli validate`` (``init`` uses the first to
 Mapping timm's data config to the preprocess keys: ``input_size`` (C, H, W) is ``channels`` and
 ``size`` (``[H, W]`` when not square), ``interpolation`` and ``mean``/``std`` as they are, and
 ``crop_pct`` (timm's evaluation transform: resize the short side to ``floor(size / crop_pct)``, then
-the centre crop) is ``resize: crop`` with ``crop_fraction`` = ``crop_pct``, or, where our rounding
-of ``size / crop_fraction`` would land one pixel off timm's floor, the nearest fraction that resizes
-to the same side (e.g. 0.953191 for 224 px at crop_pct 0.95: 235 px, as timm).
+the centre crop) is ``resize: crop`` with ``crop_fraction`` = ``crop_pct`` (``resize: crop`` is that
+same transform). torchvision's weights give ``resize_size`` and ``crop_size``: ``crop_fraction`` is
+their ratio, rounded to 4 decimals where that still resizes to ``resize_size`` (0.9655 for 224 / 232).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class ModelView:
 
 
 def resize_side(side: int, crop_fraction: float) -> int:
-    """The side ``resize: crop`` resizes to before cutting ``side`` pixels (images.crop_box's rule)."""
-    return max(side, int(round(side / crop_fraction)))
+    """The side ``resize: crop`` resizes to before cutting ``side`` pixels: floor(side / crop_fraction),
+    timm's ``scale_size`` (images.crop_geometry's rule)."""
+    return max(side, math.floor(side / crop_fraction))
 
 
 def _hw(size: Any) -> tuple[int, int]:
