@@ -161,8 +161,8 @@ def fill_pixels(pixels: np.ndarray, fill: Any) -> np.ndarray:
             raise ValueError(f"fill {_FILL_HELP} (got {fill!r})")
         return blur(pixels, size)
     colour = np.asarray(fill, np.float32).reshape(-1) / 255.0
-    if colour.shape[0] == 1:
-        colour = np.repeat(colour, pixels.shape[-1])
+    if colour.shape[0] == 1 or (colour.shape[0] != pixels.shape[-1] and np.all(colour == colour[0])):
+        colour = np.repeat(colour[:1], pixels.shape[-1])  # a grey level (parsed as [g, g, g]) fits any channel count
     if colour.shape[0] != pixels.shape[-1]:
         raise ValueError(f"fill colour has {colour.shape[0]} values for {pixels.shape[-1]} channels")
     return np.broadcast_to(colour, pixels.shape).copy()

@@ -42,7 +42,7 @@ EXPLAINERS = {
     "partition_blur": ({"name": "partition", "max_evals": 40, "batch_size": 10, "mask": "blur(4,4)"}, "input"),
     "partition_inpaint": ({"name": "partition", "max_evals": 40, "batch_size": 10, "mask": "inpaint_telea"}, "input"),
     "kernel_slic": ({"name": "kernel", "nsamples": 30, "segments": {"n_segments": 6}}, "input"),
-    "kernel_grid": ({"name": "kernel", "nsamples": 30, "segments": {"grid": 3}}, "input"),
+    "kernel_grid": ({"name": "kernel", "nsamples": 30, "segments": {"grid": 3}, "fill": 128}, "input"),
 }
 
 
@@ -100,7 +100,8 @@ def test_every_explainer_runs_on_one_and_n_channel_models(tmp_path, monkeypatch,
     settings, layer = EXPLAINERS[case]
     preprocess, make_images, count = CHANNEL_CASES[channels]
     make_images(tmp_path / "images")
-    extra = {"metrics": ["deletion", "insertion"], "metrics_steps": 4} if case == "gradient_input" else {}
+    extra = {"metrics": ["deletion", "insertion"], "metrics_steps": 4, "metrics_baseline": 128} \
+        if case == "gradient_input" else {}  # a grey level fills any channel count
     cfg = project(tmp_path, monkeypatch, channels, preprocess, settings, layer, **extra)
     result = invoke("run", cfg, "--no-progress")
     if case == "partition_inpaint" and channels == 5:
