@@ -220,6 +220,10 @@ def plan_slide_run(config: Config, input_dir: Path, files: list[str], walk_error
         raise ConfigError("preprocess.resize", "crop cuts each tile's border away, so the heatmap would not "
                                                "cover the slide: slides need preprocess.resize: stretch "
                                                "(a square tile to the model's square input)", config._source)
+    if config.preprocess.channels not in (1, 3) and config.slides.from_names is None:
+        raise ConfigError("preprocess.channels", f"a slide's regions are RGB: a {config.preprocess.channels}-channel "
+                                                 "model needs pre-tiled files of its channels (slides.from_names)",
+                          config._source)
     plans = plan_slides(input_dir, files, config.slides)
     walk_errors.extend(plans.errors)
     walk_errors.sort()

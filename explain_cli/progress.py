@@ -19,7 +19,8 @@ log = logging.getLogger("explain_cli")
 LINE_INTERVAL = 5.0
 
 
-def _fmt_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+    """'1:02:03' (h:mm:ss), '2:03' (m:ss) below an hour: progress lines' elapsed times and ETAs."""
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -123,8 +124,8 @@ class Progress:
                 eta = (self.total - done) / rate
         if done >= self.total:
             eta = 0.0
-        eta_s = _fmt_seconds(eta) if eta == eta else "?"
-        return f"{text}, elapsed {_fmt_seconds(elapsed)}, ETA {eta_s}"
+        eta_s = format_seconds(eta) if eta == eta else "?"
+        return f"{text}, elapsed {format_seconds(elapsed)}, ETA {eta_s}"
 
     def _print(self) -> None:
         print(self.line(), file=self.stream, flush=True)

@@ -49,6 +49,8 @@ from explain_cli import masking
 from explain_cli.config import Config
 from explain_cli.errors import ConfigError, ImageError, UserError
 from explain_cli.explainers import _precision, _utils, amortized
+from explain_cli.progress import format_seconds
+from explain_cli.write import atomic_write, atomic_temp_name
 
 #: Tiles a slide config trains on at most (held in memory as images): a seeded sample of the planned tiles.
 MAX_TRAIN_TILES = 4000
@@ -171,17 +173,9 @@ def _view(img: Any, preprocess: Any, rng: np.random.Generator | None) -> np.ndar
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename: a kill leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save through write.atomic_write (a temporary file in the same folder, fsync, rename): a
+    kill leaves the old file."""
+    atomic_write(path, lambda fh: torch.save(obj, fh), fsync=True)
 
 
 class _Game:
@@ -236,16 +230,103 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
 
 
+@dataclass
+class _Setup:
+    """What a training works with, resolved before the first step: the settings, the frozen model,
+    the game, the explainer network and its optimiser."""
+
+    cfg: Config
+    ts: amortized.TrainSettings
+    grid: int
+    fill: Any
+    dev: Any = None
+    model: Any = None
+    outputs: int = 0
+    model_fp: str = ""
+    batch_size: int = 0
+    labels: Any = None
+    kind: str = "pixels"
+    classifier: Any = None
+    weight: Any = None
+    game: Any = None
+    net: Any = None
+    optimiser: Any = None
+
+    @property
+    def players(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class _Data:
+    """The training images (cached views) and the held-out ones with their fixed game."""
+
+    names: list[str]
+    train_idx: list[int]
+    hold_idx: list[int]
+    train_photos: list[Any]
+    hold_x: Any = None
+    hold: Any = None  # (fills, features, masks, v_all, v_none, v_s, variance of the target)
+
+
+@dataclass
+class _Progress:
+    """Where the training is: the epochs done, their history, time and model evaluations."""
+
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = None  # type: ignore[assignment]
+    seconds_before: float = 0.0
+    evaluations_before: int = 0
+    seconds: float = 0.0
+    where: dict[str, Any] = None  # type: ignore[assignment]  # for the line a stop signal prints
+
+
 def train(cfg: Config, output: Path, restart: bool = False, device: str | None = None,
           option: str = "--output") -> TrainResult:
     """Train, checkpoint each epoch to ``OUTPUT.train``, validate, write ``output`` (see the module doc).
-    ``option`` names where ``output`` came from, for the refusal of an unwritable one."""
-    from explain_cli.autobatch import initial_batch_size
-    from explain_cli.discover import discover_images, source_path
-    from explain_cli.images import normalise, read_picture, to_picture
-    from explain_cli.job import resolve_device
-    from explain_cli.models import build_model, count_outputs
+    ``option`` names where ``output`` came from, for the refusal of an unwritable one. The steps:
+    check the config, build the model and the game, read the data, resume a state, fit, validate,
+    write the explainer file."""
+    setup, input_dir = _check_config(cfg)
+    output = Path(output)
+    check_output_file(output, option)
+    _check_not_an_input(cfg, output, option)
+    _build_model(setup, device)
+    data = _read_data(setup, input_dir)
+    _build_network(setup)
+    _hold_out(setup, data)
+    _cache_views(setup, data)
+    signature = _signature(setup, data)
+    state_path = output.with_name(output.name + ".train")
+    progress = _resume(setup, state_path, signature, restart)
+    setup.game.evaluations = progress.evaluations_before
+    try:  # only now: a refusal above leaves no folder behind
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option}: cannot create the folder of {output}: {exc.strerror or exc}") from None
+    progress.where = {"epoch": progress.start_epoch, "validating": False}
+    try:
+        with stop_signals():
+            _fit(setup, data, progress, signature, state_path)
+            setup.net.eval()
+            validation, kernel_r = _final_validation(setup, data, progress)
+    except TrainStopped as stopped:
+        done = progress.where["epoch"]
+        during = "the final validation" if progress.where["validating"] else f"epoch {done + 1}/{setup.ts.epochs}"
+        kept = (f"the training state after epoch {done} is in {state_path}" if done else
+                "no epoch had finished, nothing is kept")
+        raise TrainStopped(stopped.signal_name, stopped.code,
+                           f"train: stopped by {stopped.signal_name} during {during}; {kept}: rerun the same "
+                           f"command to resume") from None
+    _save_atomic(_explainer_file(setup, data, progress, validation), output)
+    if state_path.exists():
+        state_path.unlink()
+    return TrainResult(output, len(progress.history), progress.seconds, setup.game.evaluations,
+                       validation.get("val_loss"), validation.get("val_r2"), kernel_r)
 
+
+def _check_config(cfg: Config) -> tuple[_Setup, Path]:
+    """The settings, refused (ConfigError naming the key) where they cannot train; the input folder."""
     settings = cfg.explainer_settings
     if settings.name != "amortized":
         raise ConfigError("explainer.name", f"train fits an amortized explainer: set explainer.name: amortized "
@@ -254,14 +335,13 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     if cfg.model.layer != "input":
         raise ConfigError("model.layer", "the amortized explainer masks input patches: set model.layer: input",
                           cfg._source)
-    ts: amortized.TrainSettings = settings.train
-    grid, fill = settings.grid(), settings.fill_or_default()
+    setup = _Setup(cfg, settings.train, settings.grid(), settings.fill_or_default())
+    grid = setup.grid
     if cfg.preprocess.transform is not None:
         raise ConfigError("preprocess.transform", "train makes random crops of each image with preprocess.size "
                                                   "and friends; a user transform cannot be cropped: train with the "
                                                   "preprocess keys that match it", cfg._source)
-    height, width = cfg.preprocess.shape
-    size = min(height, width)
+    size = min(cfg.preprocess.shape)
     if grid < 2:
         raise ConfigError("explainer.segments.grid", f"a {grid} x {grid} grid is one player, whose value is always "
                                                      "v(all) - v(none): nothing to train; use grid: 2 or more",
@@ -272,8 +352,11 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     input_dir = cfg.resolve(cfg.input.dir)
     if not input_dir.is_dir():
         raise ConfigError("input.dir", f"not a folder: {input_dir}", cfg._source)
-    output = Path(output)
-    check_output_file(output, option)
+    return setup, input_dir
+
+
+def _check_not_an_input(cfg: Config, output: Path, option: str) -> None:
+    """UserError when the explainer file would overwrite the model's checkpoint or the config."""
     from explain_cli.models import checkpoint_path
 
     model_file = checkpoint_path(cfg.model.checkpoint, cfg.resolve) if cfg.model.checkpoint else None
@@ -281,19 +364,35 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
         if other is not None and os.path.realpath(output) == os.path.realpath(other):
             raise UserError(f"{option}: {output} is {what}; training would overwrite it: give another file")
 
-    dev = resolve_device(device or cfg.device)
+
+def _build_model(setup: _Setup, device: str | None) -> None:
+    """The frozen model on its device, under the config's precision; its outputs and fingerprint."""
+    from explain_cli.autobatch import initial_batch_size
+    from explain_cli.job import resolve_device
+    from explain_cli.models import build_model, count_outputs
+
+    cfg = setup.cfg
+    setup.dev = dev = resolve_device(device or cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, lambda p: cfg.resolve(p))
-    outputs = count_outputs(model, cfg.preprocess.input_shape)
-    model_fp = amortized.fingerprint(model)
+    setup.outputs = count_outputs(model, cfg.preprocess.input_shape)
+    setup.model_fp = amortized.fingerprint(model)
     model = model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     # precision as in run: the game's evaluations (and the validation's kernel) under autocast, so the
     # explainer learns the game run will play; the explainer network itself trains in float32.
-    model = _precision.with_precision(model, cfg.precision, dev)
-    batch_size, _ = initial_batch_size(cfg.batch_size, dev)
+    setup.model = _precision.with_precision(model, cfg.precision, dev)
+    setup.batch_size, _ = initial_batch_size(cfg.batch_size, dev)
 
+
+def _read_data(setup: _Setup, input_dir: Path) -> _Data:
+    """Data: the readable images of the input folder (a slide config's tiles), split into training
+    and held-out images by the seed."""
+    from explain_cli.discover import discover_images, source_path
+    from explain_cli.images import read_picture, to_picture
+
+    cfg, ts = setup.cfg, setup.ts
     rels = discover_images(input_dir, cfg.input.include, cfg.input.exclude)
     tiles = None
     if cfg.slides is not None:  # a slide config trains on its tiles (a seeded sample: all are held in memory)
@@ -319,193 +418,239 @@ def train(cfg: Config, output: Path, restart: bool = False, device: str | None =
     n_hold = 0 if ts.holdout == 0 or len(photos) < 2 else min(len(photos) - 1, max(1, round(ts.holdout * len(photos))))
     hold_idx, train_idx = sorted(order[:n_hold].tolist()), sorted(order[n_hold:].tolist())
     log.info("train: %d images for training, %d held out for validation; %d x %d players, fill %s, "
-             "%d model outputs, device %s", len(train_idx), n_hold, grid, grid, fill, outputs, dev)
+             "%d model outputs, device %s", len(train_idx), n_hold, setup.grid, setup.grid, setup.fill,
+             setup.outputs, setup.dev)
+    return _Data(names, train_idx, hold_idx, photos)  # train_photos: every picture until _cache_views
 
-    labels = masking.grid_labels(height, width, grid)
-    m = grid * grid
+
+def _build_network(setup: _Setup) -> None:
+    """Game: the masking game of the grid's players; the explainer network (a head on the model's
+    feature map, or the pixels network) and its optimiser."""
+    cfg, ts, dev = setup.cfg, setup.ts, setup.dev
+    height, width = cfg.preprocess.shape
+    setup.labels = masking.grid_labels(height, width, setup.grid)
     channels = cfg.preprocess.input_shape[0]
-    found = None if ts.network == "pixels" else amortized.find_feature_map(model, cfg.preprocess.shape, channels,
-                                                                            outputs, dev)
+    found = None if ts.network == "pixels" else amortized.find_feature_map(setup.model, cfg.preprocess.shape,
+                                                                            channels, setup.outputs, dev)
     if ts.network == "features" and found is None:
         raise ConfigError("explainer.train.network", "features needs a model whose outputs are a linear layer of "
                                                      "the global average of a feature map (most CNNs); this one is "
                                                      "not: use network: pixels (or auto)", cfg._source)
-    kind = "features" if found is not None else "pixels"
-    feature_module, classifier = found if found is not None else (None, None)
-    weight = None if classifier is None else classifier.weight
-    log.info("train: explainer network %s%s", kind, "" if found is None else
-             f" (a head on the {classifier.in_features}-channel feature map before global pooling)")
-    game = _Game(model, labels, cfg, batch_size, fill, dev, feature_module)
-    if kind == "features":
-        net: torch.nn.Module = amortized.FeatureNet(classifier.in_features, grid, 8 * ts.width).to(dev)
+    setup.kind = "features" if found is not None else "pixels"
+    feature_module, setup.classifier = found if found is not None else (None, None)
+    setup.weight = None if setup.classifier is None else setup.classifier.weight
+    log.info("train: explainer network %s%s", setup.kind, "" if found is None else
+             f" (a head on the {setup.classifier.in_features}-channel feature map before global pooling)")
+    setup.game = _Game(setup.model, setup.labels, cfg, setup.batch_size, setup.fill, dev, feature_module)
+    if setup.kind == "features":
+        setup.net = amortized.FeatureNet(setup.classifier.in_features, setup.grid, 8 * ts.width).to(dev)
     else:
-        net = amortized.ExplainerNet(channels, outputs, grid, ts.width).to(dev)
-    optimiser = torch.optim.Adam(net.parameters(), lr=ts.learning_rate)
+        setup.net = amortized.ExplainerNet(channels, setup.outputs, setup.grid, ts.width).to(dev)
+    setup.optimiser = torch.optim.Adam(setup.net.parameters(), lr=ts.learning_rate)
 
-    # Held-out images: preprocessed exactly as run does, fixed coalitions, model outputs once.
+
+def _hold_out(setup: _Setup, data: _Data) -> None:
+    """Held-out images: preprocessed exactly as run does, fixed coalitions, model outputs once."""
+    from explain_cli.images import normalise
+
+    cfg, ts, dev, game = setup.cfg, setup.ts, setup.dev, setup.game
+    n_hold = len(data.hold_idx)
+    if not n_hold:
+        return
+    photos = data.train_photos
     hold_x = torch.from_numpy(np.stack([normalise(_view(photos[i], cfg.preprocess, None), cfg.preprocess)
-                                        for i in hold_idx])) if n_hold else None
-    hold = None
-    if hold_x is not None:
-        hold_x = hold_x.to(dev)
-        hold_masks = shapley_masks(np.random.default_rng([cfg.seed, 7_919]), n_hold, ts.pairs, m)
-        with torch.no_grad():
-            hold_out = [game(hold_x[a:b], hold_masks[a:b]) for a, b in _utils.chunk_ranges(n_hold, ts.images_per_step)]
-        fills, v_all, v_none, v_s = (torch.cat([p[i] for p in hold_out]) for i in (0, 2, 3, 4))
-        features = None if kind == "pixels" else torch.cat([torch.cat([p[1][:len(p[0])] for p in hold_out]),
-                                                            torch.cat([p[1][len(p[0]):] for p in hold_out])])
-        target = v_s - v_none[:, None]
-        hold = (fills, features, torch.from_numpy(hold_masks).float().to(dev), v_all, v_none, v_s,
-                float((target - target.mean()).square().mean()))
+                                        for i in data.hold_idx])).to(dev)
+    hold_masks = shapley_masks(np.random.default_rng([cfg.seed, 7_919]), n_hold, ts.pairs, setup.players)
+    with torch.no_grad():
+        hold_out = [game(hold_x[a:b], hold_masks[a:b]) for a, b in _utils.chunk_ranges(n_hold, ts.images_per_step)]
+    fills, v_all, v_none, v_s = (torch.cat([p[i] for p in hold_out]) for i in (0, 2, 3, 4))
+    features = None if setup.kind == "pixels" else torch.cat([torch.cat([p[1][:len(p[0])] for p in hold_out]),
+                                                              torch.cat([p[1][len(p[0]):] for p in hold_out])])
+    target = v_s - v_none[:, None]
+    data.hold_x = hold_x
+    data.hold = (fills, features, torch.from_numpy(hold_masks).float().to(dev), v_all, v_none, v_s,
+                 float((target - target.mean()).square().mean()))
 
-    # Cached photos for the training views: at most twice the model's input on the short side.
-    train_photos = []
-    for i in train_idx:
+
+def _cache_views(setup: _Setup, data: _Data) -> None:
+    """Cached photos for the training views: at most twice the model's input on the short side."""
+    size = min(setup.cfg.preprocess.shape)
+    photos = data.train_photos
+    cached = []
+    for i in data.train_idx:
         img = photos[i]
         short = 0 if isinstance(img, np.ndarray) else min(img.size)  # arrays (16-bit, N channels): kept whole
         if short > 2 * size:
             scale = 2 * size / short
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-        train_photos.append(img)
-    del photos
+        cached.append(img)
+    data.train_photos = cached
 
-    signature = {"fingerprint": model_fp, "arch": cfg.model.arch, "outputs": outputs, "grid": grid, "fill": fill,
-                 "preprocess": amortized.preprocess_record(cfg.preprocess),
-                 "train": {k: v for k, v in ts.model_dump(mode="json").items() if k not in RESUMABLE_KEYS},
-                 "network": kind,
-                 "images": [names[i] for i in train_idx], "holdout": [names[i] for i in hold_idx],
-                 "seed": int(cfg.seed)}
-    state_path = output.with_name(output.name + ".train")
-    start_epoch, history, seconds_before, evaluations_before = 0, [], 0.0, 0
-    if state_path.exists() and not restart:
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{state_path}: not a training state ({type(exc).__name__}); delete it or pass --restart") from None
-        if not isinstance(state, dict) or not _equal(state.get("signature"), signature):
-            diffs = signature_differences(state.get("signature") if isinstance(state, dict) else None, signature)
-            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-            raise UserError(f"{state_path} is the state of a training with another config, model or image list "
-                            f"({shown}); pass --restart to start over (or delete it)")
-        problem = _state_problem(state)
-        if problem is None:
-            try:
-                net.load_state_dict(state["net"])
-                optimiser.load_state_dict(state["optimiser"])
-            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-                problem = f"its network or optimiser does not fit ({type(exc).__name__}: {str(exc)[:200]})"
-        if problem is not None:
-            raise UserError(f"{state_path}: not a training state of this explain-cli ({problem}); delete it or "
-                            f"pass --restart")
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        seconds_before, evaluations_before = float(state["seconds"]), int(state["evaluations"])
-        log.info("train: resuming from %s after epoch %d of %d", state_path, start_epoch, ts.epochs)
-        if start_epoch > ts.epochs:
-            log.warning("train: the state is after epoch %d, more than explainer.train.epochs (%d): the explainer "
-                        "is written as trained (%d epochs)", start_epoch, ts.epochs, start_epoch)
-    game.evaluations = evaluations_before
-    try:  # only now: a refusal above leaves no folder behind
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{option}: cannot create the folder of {output}: {exc.strerror or exc}") from None
 
-    where = {"epoch": start_epoch, "validating": False}  # for the line a stop signal prints
+def _signature(setup: _Setup, data: _Data) -> dict[str, Any]:
+    """What a training state must have been made with to be resumed."""
+    cfg, ts = setup.cfg, setup.ts
+    return {"fingerprint": setup.model_fp, "arch": cfg.model.arch, "outputs": setup.outputs, "grid": setup.grid,
+            "fill": setup.fill, "preprocess": amortized.preprocess_record(cfg.preprocess),
+            "train": {k: v for k, v in ts.model_dump(mode="json").items() if k not in RESUMABLE_KEYS},
+            "network": setup.kind,
+            "images": [data.names[i] for i in data.train_idx], "holdout": [data.names[i] for i in data.hold_idx],
+            "seed": int(cfg.seed)}
+
+
+def _resume(setup: _Setup, state_path: Path, signature: dict[str, Any], restart: bool) -> _Progress:
+    """Checkpoint: the state of an interrupted training of the same signature, loaded into the
+    network and optimiser (UserError for another training's or a damaged state); a fresh start
+    without one (or with ``restart``)."""
+    progress = _Progress(history=[])
+    if not state_path.exists() or restart:
+        return progress
     try:
-        with stop_signals():
-            steps_per_epoch = math.ceil(len(train_idx) / ts.images_per_step)
-            total_steps = ts.epochs * steps_per_epoch
-            started = time.monotonic()
-            epoch_seconds: list[float] = []
-            for epoch in range(start_epoch, ts.epochs):
-                t0 = time.monotonic()
-                rng = np.random.default_rng([cfg.seed, epoch])
-                perm = rng.permutation(len(train_idx))
-                losses, last_line = [], t0
-                net.train()
-                for step, (a, b) in enumerate(_utils.chunk_ranges(len(perm), ts.images_per_step)):
-                    views = np.stack([_view(train_photos[j], cfg.preprocess, rng if ts.augment else None) for j in perm[a:b]])
-                    x = torch.from_numpy(normalise(views, cfg.preprocess)).to(dev)
-                    masks = shapley_masks(rng, b - a, ts.pairs, m)
-                    with torch.no_grad():
-                        fills, features, v_all, v_none, v_s = game(x, masks)
-                    lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
-                    for group in optimiser.param_groups:
-                        group["lr"] = lr
-                    with torch.enable_grad():  # also when the caller has switched autograd off
-                        loss = _loss(net, weight, x, fills, features, torch.from_numpy(masks).float().to(dev), v_all, v_none,
-                                     v_s)
-                        optimiser.zero_grad(set_to_none=True)
-                        loss.backward()
-                    optimiser.step()
-                    losses.append(float(loss.detach()))
-                    if time.monotonic() - last_line > 30:
-                        last_line = time.monotonic()
-                        log.info("train: epoch %d/%d step %d/%d loss %.4g", epoch + 1, ts.epochs, step + 1,
-                                 steps_per_epoch, float(np.mean(losses)))
-                val_loss = val_r2 = None
-                if hold is not None:
-                    net.eval()
-                    with torch.no_grad():
-                        val_loss = float(_loss(net, weight, hold_x, *hold[:6]))
-                    val_r2 = 1 - val_loss / hold[6] if hold[6] > 0 else None
-                epoch_seconds.append(time.monotonic() - t0)
-                history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val_loss, "val_r2": val_r2})
-                elapsed = seconds_before + time.monotonic() - started
-                _save_atomic({"signature": signature, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
-                              "epoch": epoch + 1, "history": history, "seconds": elapsed,
-                              "evaluations": game.evaluations}, state_path)
-                where["epoch"] = epoch + 1
-                eta = float(np.mean(epoch_seconds)) * (ts.epochs - epoch - 1)
-                val = "" if val_loss is None else f", held-out loss {val_loss:.4g} (R^2 {val_r2:.3f})"
-                log.info("train: epoch %d/%d loss %.4g%s, %.1f s/epoch, ETA %s", epoch + 1, ts.epochs,
-                         history[-1]["loss"], val, epoch_seconds[-1], _fmt(eta))
-            seconds = seconds_before + time.monotonic() - started
-            net.eval()
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{state_path}: not a training state ({type(exc).__name__}); delete it or pass --restart") from None
+    if not isinstance(state, dict) or not _equal(state.get("signature"), signature):
+        diffs = signature_differences(state.get("signature") if isinstance(state, dict) else None, signature)
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(f"{state_path} is the state of a training with another config, model or image list "
+                        f"({shown}); pass --restart to start over (or delete it)")
+    problem = _state_problem(state)
+    if problem is None:
+        try:
+            setup.net.load_state_dict(state["net"])
+            setup.optimiser.load_state_dict(state["optimiser"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            problem = f"its network or optimiser does not fit ({type(exc).__name__}: {str(exc)[:200]})"
+    if problem is not None:
+        raise UserError(f"{state_path}: not a training state of this explain-cli ({problem}); delete it or "
+                        f"pass --restart")
+    progress.start_epoch, progress.history = int(state["epoch"]), list(state["history"])
+    progress.seconds_before, progress.evaluations_before = float(state["seconds"]), int(state["evaluations"])
+    epochs = setup.ts.epochs
+    log.info("train: resuming from %s after epoch %d of %d", state_path, progress.start_epoch, epochs)
+    if progress.start_epoch > epochs:
+        log.warning("train: the state is after epoch %d, more than explainer.train.epochs (%d): the explainer "
+                    "is written as trained (%d epochs)", progress.start_epoch, epochs, progress.start_epoch)
+    return progress
 
-            kernel_r = None
-            validation: dict[str, Any] = {"holdout_images": n_hold}
-            if history:
-                validation.update(val_loss=history[-1]["val_loss"], val_r2=history[-1]["val_r2"])
-            count, nsamples = validation_size(n_hold, ts.validate_images, ts.validate_nsamples, game.evaluations)
-            if hold is not None and nsamples > 0:
-                where["validating"] = True
-                log.info("train: validating on %d held-out image(s) against Kernel SHAP with %d samples each "
-                         "(%d model evaluations, %.0f %% of the training's %d)", count, nsamples, count * nsamples,
-                         100 * count * nsamples / max(game.evaluations, 1), game.evaluations)
-                feats = None if hold[1] is None else torch.cat([hold[1][:count], hold[1][n_hold:n_hold + count]])
-                t_val = time.monotonic()
-                kernel_r = _validate(net, weight, model, hold_x[:count], hold[0][:count], feats, hold[3][:count],
-                                     hold[4][:count], cfg, grid, fill, nsamples, batch_size, dev, labels)
-                validation.update(kernel_nsamples=nsamples, kernel_images=count, kernel_median_pearson=kernel_r,
-                                  kernel_seconds=round(time.monotonic() - t_val, 3))
-                log.info("train: median Pearson r against Kernel SHAP (%d samples) on held-out images: %.3f "
-                         "(validation %.1f s, training %.1f s)", nsamples, kernel_r, time.monotonic() - t_val, seconds)
 
-    except TrainStopped as stopped:
-        done = where["epoch"]
-        during = "the final validation" if where["validating"] else f"epoch {done + 1}/{ts.epochs}"
-        kept = (f"the training state after epoch {done} is in {state_path}" if done else
-                "no epoch had finished, nothing is kept")
-        raise TrainStopped(stopped.signal_name, stopped.code,
-                           f"train: stopped by {stopped.signal_name} during {during}; {kept}: rerun the same "
-                           f"command to resume") from None
-    data = {
+def _fit(setup: _Setup, data: _Data, progress: _Progress, signature: dict[str, Any], state_path: Path) -> None:
+    """Fit loop: the epochs left, each followed by the held-out loss and the training state on disk."""
+    ts = setup.ts
+    steps_per_epoch = math.ceil(len(data.train_idx) / ts.images_per_step)
+    started = time.monotonic()
+    epoch_seconds: list[float] = []
+    for epoch in range(progress.start_epoch, ts.epochs):
+        t0 = time.monotonic()
+        losses = _epoch(setup, data, epoch, steps_per_epoch)
+        val_loss, val_r2 = _held_out_loss(setup, data)
+        epoch_seconds.append(time.monotonic() - t0)
+        progress.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val_loss,
+                                 "val_r2": val_r2})
+        elapsed = progress.seconds_before + time.monotonic() - started
+        _save_atomic({"signature": signature, "net": setup.net.state_dict(), "optimiser": setup.optimiser.state_dict(),
+                      "epoch": epoch + 1, "history": progress.history, "seconds": elapsed,
+                      "evaluations": setup.game.evaluations}, state_path)
+        progress.where["epoch"] = epoch + 1
+        eta = float(np.mean(epoch_seconds)) * (ts.epochs - epoch - 1)
+        val = "" if val_loss is None else f", held-out loss {val_loss:.4g} (R^2 {val_r2:.3f})"
+        log.info("train: epoch %d/%d loss %.4g%s, %.1f s/epoch, ETA %s", epoch + 1, ts.epochs,
+                 progress.history[-1]["loss"], val, epoch_seconds[-1], format_seconds(eta))
+    progress.seconds = progress.seconds_before + time.monotonic() - started
+
+
+def _epoch(setup: _Setup, data: _Data, epoch: int, steps_per_epoch: int) -> list[float]:
+    """One pass over the training images (random views and coalitions from the seed and the epoch
+    only, so a resumed training is the same); the step losses."""
+    from explain_cli.images import normalise
+
+    cfg, ts, dev, net, optimiser = setup.cfg, setup.ts, setup.dev, setup.net, setup.optimiser
+    total_steps = ts.epochs * steps_per_epoch
+    t0 = time.monotonic()
+    rng = np.random.default_rng([cfg.seed, epoch])
+    perm = rng.permutation(len(data.train_idx))
+    losses, last_line = [], t0
+    net.train()
+    for step, (a, b) in enumerate(_utils.chunk_ranges(len(perm), ts.images_per_step)):
+        views = np.stack([_view(data.train_photos[j], cfg.preprocess, rng if ts.augment else None) for j in perm[a:b]])
+        x = torch.from_numpy(normalise(views, cfg.preprocess)).to(dev)
+        masks = shapley_masks(rng, b - a, ts.pairs, setup.players)
+        with torch.no_grad():
+            fills, features, v_all, v_none, v_s = setup.game(x, masks)
+        lr = 0.5 * ts.learning_rate * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        with torch.enable_grad():  # also when the caller has switched autograd off
+            loss = _loss(net, setup.weight, x, fills, features, torch.from_numpy(masks).float().to(dev), v_all, v_none,
+                         v_s)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if time.monotonic() - last_line > 30:
+            last_line = time.monotonic()
+            log.info("train: epoch %d/%d step %d/%d loss %.4g", epoch + 1, ts.epochs, step + 1,
+                     steps_per_epoch, float(np.mean(losses)))
+    return losses
+
+
+def _held_out_loss(setup: _Setup, data: _Data) -> tuple[float | None, float | None]:
+    """Validation: the loss on the held-out images and its R^2 (None without held-out images)."""
+    hold = data.hold
+    if hold is None:
+        return None, None
+    setup.net.eval()
+    with torch.no_grad():
+        val_loss = float(_loss(setup.net, setup.weight, data.hold_x, *hold[:6]))
+    return val_loss, (1 - val_loss / hold[6] if hold[6] > 0 else None)
+
+
+def _final_validation(setup: _Setup, data: _Data, progress: _Progress) -> tuple[dict[str, Any], float | None]:
+    """The explainer file's ``validation``: the last held-out loss and, on some held-out images, the
+    median Pearson r against Kernel SHAP (validation_size says how many, with how many samples)."""
+    ts, game, hold = setup.ts, setup.game, data.hold
+    n_hold = len(data.hold_idx)
+    kernel_r = None
+    validation: dict[str, Any] = {"holdout_images": n_hold}
+    if progress.history:
+        validation.update(val_loss=progress.history[-1]["val_loss"], val_r2=progress.history[-1]["val_r2"])
+    count, nsamples = validation_size(n_hold, ts.validate_images, ts.validate_nsamples, game.evaluations)
+    if hold is not None and nsamples > 0:
+        progress.where["validating"] = True
+        log.info("train: validating on %d held-out image(s) against Kernel SHAP with %d samples each "
+                 "(%d model evaluations, %.0f %% of the training's %d)", count, nsamples, count * nsamples,
+                 100 * count * nsamples / max(game.evaluations, 1), game.evaluations)
+        feats = None if hold[1] is None else torch.cat([hold[1][:count], hold[1][n_hold:n_hold + count]])
+        t_val = time.monotonic()
+        kernel_r = _validate(setup.net, setup.weight, setup.model, data.hold_x[:count], hold[0][:count], feats,
+                             hold[3][:count], hold[4][:count], setup.cfg, setup.grid, setup.fill, nsamples,
+                             setup.batch_size, setup.dev, setup.labels)
+        validation.update(kernel_nsamples=nsamples, kernel_images=count, kernel_median_pearson=kernel_r,
+                          kernel_seconds=round(time.monotonic() - t_val, 3))
+        log.info("train: median Pearson r against Kernel SHAP (%d samples) on held-out images: %.3f "
+                 "(validation %.1f s, training %.1f s)", nsamples, kernel_r, time.monotonic() - t_val,
+                 progress.seconds)
+    return validation, kernel_r
+
+
+def _explainer_file(setup: _Setup, data: _Data, progress: _Progress, validation: dict[str, Any]) -> dict[str, Any]:
+    """What explainer.pt holds: the model it is for, the players, the network and its weights, the
+    training and its validation."""
+    cfg, ts = setup.cfg, setup.ts
+    return {
         "format": amortized.FORMAT, "version": amortized.VERSION,
-        "model": {"arch": cfg.model.arch, "fingerprint": model_fp, "outputs": outputs},
-        "players": {"grid": grid}, "fill": fill,
+        "model": {"arch": cfg.model.arch, "fingerprint": setup.model_fp, "outputs": setup.outputs},
+        "players": {"grid": setup.grid}, "fill": setup.fill,
         "preprocess": amortized.preprocess_record(cfg.preprocess),
-        "network": {"kind": kind, "channels": channels, "outputs": outputs, "grid": grid, "width": ts.width,
-                    "dim": 0 if classifier is None else int(classifier.in_features)},
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "training": {"images": len(train_idx), "epochs": len(history), "pairs": ts.pairs, "seconds": round(seconds, 3),
-                     "model_evaluations": game.evaluations, "history": history, "seed": int(cfg.seed)},
+        "network": {"kind": setup.kind, "channels": cfg.preprocess.input_shape[0], "outputs": setup.outputs,
+                    "grid": setup.grid, "width": ts.width,
+                    "dim": 0 if setup.classifier is None else int(setup.classifier.in_features)},
+        "state_dict": {k: v.detach().cpu() for k, v in setup.net.state_dict().items()},
+        "training": {"images": len(data.train_idx), "epochs": len(progress.history), "pairs": ts.pairs,
+                     "seconds": round(progress.seconds, 3), "model_evaluations": setup.game.evaluations,
+                     "history": progress.history, "seed": int(cfg.seed)},
         "validation": validation,
     }
-    _save_atomic(data, output)
-    if state_path.exists():
-        state_path.unlink()
-    return TrainResult(output, len(history), seconds, game.evaluations, validation.get("val_loss"),
-                       validation.get("val_r2"), kernel_r)
 
 
 def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn.Module, x: torch.Tensor,
@@ -529,7 +674,7 @@ def _validate(net: torch.nn.Module, weight: torch.Tensor | None, model: torch.nn
             last_line = now
             eta = (now - started) / (i + 1) * (x.shape[0] - i - 1)
             log.info("train: validation image %d/%d against Kernel SHAP, %.1f s/image, ETA %s", i + 1, x.shape[0],
-                     (now - started) / (i + 1), _fmt(eta))
+                     (now - started) / (i + 1), format_seconds(eta))
     ref = _player_values(np.concatenate([p.values for p in parts]), labels)  # (N, k, M)
     classes = torch.from_numpy(np.concatenate([p.classes for p in parts])).to(dev)
     with torch.no_grad():
@@ -545,10 +690,11 @@ def check_output_file(output: Path, option: str = "--output") -> None:
 
     state = output.with_name(output.name + ".train")
     # the longest name written beside it (_save_atomic's temporary file of the state), tried below
-    longest = output.with_name(f".{state.name}.tmp-{os.getpid()}")
-    if len(os.fsencode(longest.name)) > 255:  # NAME_MAX of common file systems
+    longest = output.with_name(atomic_temp_name(state))
+    too_long = max(len(os.fsencode(state.name)), len(os.fsencode(longest.name)))
+    if too_long > 255:  # NAME_MAX of common file systems
         raise UserError(f"{option}: the file name {output.name!r} is too long (its training state's "
-                        f"temporary file would be {len(os.fsencode(longest.name))} bytes)")
+                        f"file would be {too_long} bytes)")
     try:
         if output.is_dir():
             raise UserError(f"{option}: {output} is a folder; give the explainer file, e.g. {output / 'explainer.pt'}")
@@ -590,10 +736,3 @@ def _state_problem(state: dict[str, Any], epochs: int = 100_000) -> str | None:
         if not isinstance(value, number) or isinstance(value, bool) or not 0 <= value < 1e18:
             return f"'{key}' must be a number"
     return None
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

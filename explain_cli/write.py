@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -71,15 +71,27 @@ def is_fatal_os_error(exc: BaseException) -> bool:
     return isinstance(exc, OutputError) or (isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename in the same folder (mode 0666 & ~umask)."""
+def atomic_temp_name(path: Path) -> str:
+    """The longest name :func:`atomic_write`'s temporary file for ``path`` can have (its random
+    part as 8 characters): for checking up front that the folder takes such a name."""
+    return "." + os.fsdecode(os.fsencode(path.name)[:200]) + ".XXXXXXXX.tmp"
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any], fsync: bool = False) -> None:
+    """The one atomic writer: ``write(fh)`` fills a temporary file in the same folder (mode 0666 &
+    ~umask), which then replaces ``path``; a kill or an error leaves the old file (and no temporary
+    one). ``fsync``: the data is on disk before the rename (a training state that must survive a
+    power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = "." + os.fsdecode(os.fsencode(path.name)[:200]) + "."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), file_mode())
-            fh.write(data)
+            write(fh)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -87,6 +99,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

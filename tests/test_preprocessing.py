@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision.transforms as T
 import yaml
 from PIL import Image
@@ -379,3 +380,22 @@ def test_broken_array_files_are_image_errors(tmp_path):
     for name in ("bad.npy", "rank4.npy"):
         with pytest.raises(ImageError):
             load_preprocessed(tmp_path / name, cfg)
+
+
+def test_python_api_takes_raw_arrays_and_c_channel_tensors(tmp_path, monkeypatch):
+    import explain_cli
+
+    importable_module(tmp_path, "chnet", CHANNEL_NET, monkeypatch)
+    gray16_images(tmp_path / "images")
+    config = {"model": {"arch": "python:chnet:make", "num_classes": 3, "kwargs": {"channels": 1}},
+              "preprocess": CHANNEL_CASES[1][0], "input": {"dir": "images"}, "background": {"from_input": 3},
+              "explainer": {"name": "deep"}, "device": "cpu", "seed": 0}  # deterministic: the name seeds nothing
+    raw = np.random.default_rng(5).integers(0, 4095, (30, 20), dtype=np.uint16)
+    from_array = explain_cli.explain(config, [raw], base_dir=tmp_path)
+    assert from_array.values.shape[1:4] == (16, 16, 1)
+    pre = PreprocessConfig(**CHANNEL_CASES[1][0])
+    tensor = torch.from_numpy(model_input(raw.astype(np.float32)[..., None] / 4095, pre)[1])[None]
+    from_tensor = explain_cli.explain(config, tensor, base_dir=tmp_path)
+    np.testing.assert_allclose(from_tensor.values, from_array.values, rtol=1e-5, atol=1e-7)
+    with pytest.raises(Exception, match=r"\(N, 1, 16, 16\)"):
+        explain_cli.explain(config, torch.zeros(1, 3, 16, 16), base_dir=tmp_path)
