@@ -192,8 +192,10 @@ def save(src: Path, out: Path) -> None:
                     args = ["run", str(path), "--no-progress", *extra]
                 done = subprocess.run([sys.executable, "-m", "explain_cli", *args], cwd=root, env=env,
                                       capture_output=True, text=True)
-                if done.returncode not in (0, 3):
-                    raise SystemExit(f"{name}: {' '.join(args)} exited {done.returncode}\n{done.stderr[-3000:]}")
+                if done.returncode not in (0, 3):  # kept as far as it got; compare lists what is missing
+                    print(f"{name}: FAILED: {' '.join(args)} exited {done.returncode}\n{done.stderr[-2000:]}",
+                          flush=True)
+                    break
             _keep(case, out / name, root)
             print(f"{name}: saved", flush=True)
 
