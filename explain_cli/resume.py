@@ -197,9 +197,16 @@ def stored_fingerprint(run_json: Path) -> dict[str, Any] | None:
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (keys the old one lacks are skipped
-    for the file digests, so an old run.json compares on its settings alone)."""
+    for the file digests, so an old run.json compares on its settings alone): the settings, the
+    targets, then the files by content."""
+    return _setting_differences(old.get("settings") or {}, new.get("settings") or {}) + \
+        _target_differences(old, new) + _file_differences(old, new)
+
+
+def _setting_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The config keys whose values differ: changed values first, then added or removed keys; a
+    switched explainer is one line (the keys of the other explainer follow from it)."""
     diffs, unset = [], []
-    a, b = old.get("settings") or {}, new.get("settings") or {}
     a = {k: v for k, v in a.items() if k not in IGNORED_KEYS}  # a run.json from before a key was ignored
     switched = a.get("explainer.name", "gradient") != b.get("explainer.name", "gradient")
     if switched:  # the one that matters; the keys of the other explainer follow from it
@@ -211,12 +218,23 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         line = f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
         (diffs if key in a and key in b else unset).append(line)  # changed values before added/removed keys
-    diffs += unset
+    return diffs + unset
+
+
+def _target_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Other classes or contrast, or a truth CSV added or removed (its rows: relabelled(), per image)."""
+    diffs = []
     default_targets = {"classes": ["top_k"], "contrast": None}
     if (old.get("targets") or default_targets) != (new.get("targets") or default_targets):
         diffs.append(f"targets: {old.get('targets') or default_targets} -> {new.get('targets') or default_targets}")
-    if bool(old.get("truth_csv")) != bool(new.get("truth_csv")):  # its rows: relabelled(), per image
+    if bool(old.get("truth_csv")) != bool(new.get("truth_csv")):
         diffs.append("targets.from_csv added or removed")
+    return diffs
+
+
+def _file_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The files compared by content: labels, checkpoint, explainer checkpoint, the model's code."""
+    diffs = []
     for what, label in (("labels", "label file content"), ("checkpoint", "checkpoint content"),
                         ("explainer_checkpoint", "explainer.checkpoint content (a retrained explainer)")):
         if what in old and (old.get(what) or {}).get("sha256") != (new.get(what) or {}).get("sha256"):
