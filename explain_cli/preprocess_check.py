@@ -323,15 +323,11 @@ def library_preprocess(arch: str) -> tuple[dict[str, Any], str, dict[str, str]] 
     notes = {}
     if "crop_fraction" in values and view.resize_sides is not None:
         h, w = _hw(values["size"])
-        side = f"{view.resize_sides[0]}" if h <= w else f"{view.resize_sides[1]}"
-        notes["crop_fraction"] = f"short side to {side} px, then the centre crop"
-        if arch.startswith("timm:"):
-            import timm.models
-
-            crop_pct = getattr(timm.models.get_pretrained_cfg(arch.partition(":")[2]), "crop_pct", None)
-            if crop_pct is not None and abs(float(crop_pct) - values["crop_fraction"]) > 1e-9:
-                notes["crop_fraction"] = (f"timm's crop_pct {float(crop_pct):g}: short side to {side} px as timm "
-                                          f"(floor({h} / {float(crop_pct):g})), then the centre crop")
+        i = 0 if h <= w else 1
+        side, cut = view.resize_sides[i], (h, w)[i]
+        what = "timm's crop_pct" if arch.startswith("timm:") else f"crop_size {cut} / resize_size {side}"
+        notes["crop_fraction"] = (f"{what}: short side to floor({cut} / {values['crop_fraction']:g}) = {side} px, "
+                                  f"then the centre crop")
     return values, view.source, notes
 
 

@@ -162,7 +162,7 @@ def test_init_writes_the_timm_models_own_values_and_says_where_they_came_from(tm
     for key in ("size", "crop_fraction", "interpolation", "mean", "std"):
         line = next(line for line in text.splitlines() if line.startswith(f"  {key}:"))
         assert "# from timm:test_resnet's pretrained config" in line, line
-    assert "short side to 168 px" in text  # floor(160 / 0.95), as timm
+    assert "timm's crop_pct: short side to floor(160 / 0.95) = 168 px" in text
     # the weights are not in the cache here: with random ones, validate finds the model's own values
     result = invoke("validate", cfg, "--set", "model.weights=random")
     assert result.exit_code == 0, result.output
