@@ -298,7 +298,8 @@ def preprocess_lines(pre: Any, view: ModelView | None) -> list[str]:
     if view is not None:
         lines += [f"#   note: {note}" for note in view.notes]
         if differing:
-            keys = ", ".join(f"preprocess.{k}" for k in KEYS if k in differing)
+            made = " (the transform's)" if pre.transform is not None else ""
+            keys = ", ".join(f"preprocess.{k}{made}" for k in KEYS if k in differing)
             lines.append(f"# preprocess differs from the model's own in {keys} (allowed: the maps then explain "
                          f"what the model does to these inputs, not to what it saw in training)")
         else:

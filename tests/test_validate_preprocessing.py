@@ -91,6 +91,23 @@ def test_a_pretrained_timm_model_that_differs_is_a_warning_not_an_error(tmp_path
     assert "unused (resize: stretch)" in _line(result.output, "crop_fraction")
 
 
+def test_a_user_transform_is_compared_by_what_it_makes(tmp_path, monkeypatch):
+    importable_module(tmp_path, "mytf", textwrap.dedent("""
+        from torchvision import transforms as T
+        eval_transform = T.Compose([T.Resize(40), T.CenterCrop(32), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    """), monkeypatch)
+    cfg = _timm_config(tmp_path, transform="python:mytf:eval_transform")
+    result = invoke("validate", cfg)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "#   transform      python:mytf:eval_transform   config" in out
+    assert "transform" in _line(out, "size") and "model: 160" in _line(out, "size")
+    mean = _line(out, "mean")
+    assert "transform's Normalize" in mean and "differs" not in mean
+    assert "in preprocess.size (the transform's) (allowed" in out
+    assert "#   interpolation" not in out  # the transform's own business
+
+
 def test_a_model_without_a_data_config_prints_sources_only(tiny_project):
     result = invoke("validate", tiny_project / "config.yaml")
     assert result.exit_code == 0, result.output
@@ -212,7 +229,7 @@ def _bright_project(root: Path, monkeypatch, n: int = 6, folders: bool = False, 
             rows.append(f"{rel},{name}")
     (root / "truth.csv").write_text("\n".join(rows) + "\n")
     (root / "labels.txt").write_text("dark\nbright\n")
-    config = {"model": {"arch": f"python:brightnet:make", "kwargs": {"outputs": outputs}},
+    config = {"model": {"arch": "python:brightnet:make", "kwargs": {"outputs": outputs}},
               "labels": "labels.txt",
               "preprocess": {"size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
               "input": {"dir": "images"}, "background": {"from_input": 2}, "device": "cpu", "batch_size": 4}
