@@ -112,63 +112,67 @@ def _preprocess(arch: str, pretrained: bool, resize: str | None = None) -> tuple
     return out, why, None if found is None else found[1]
 
 
-def starter_config(model: str, arch: str | None, config_path: Path, input_dir: Path,
-                   num_classes: int | None = None, weights: str = "pretrained", resize: str | None = None
-                   ) -> tuple[str, dict[str, Any], list[str]]:
-    """The text of a starter config for ``model`` (torchvision:NAME, timm:NAME, python:mod:factory,
-    or a checkpoint file with ``arch``), the data it means (what loading the text must give) and
-    notes for the user; ConfigError when the model cannot be built as written."""
-    from explain_cli.models import _is_torchscript, build_model, count_outputs, layer_table, pretrained_file
+def _model_source(model: str, arch: str | None, weights: str, library: bool
+                  ) -> tuple[str, str, str | None, str | None]:
+    """(arch, the option that named it, the weights to write, the checkpoint file) of ``model``: a
+    library or python: architecture, or a checkpoint file with ``--arch`` (UserError otherwise)."""
+    from explain_cli.models import _is_torchscript
 
-    base = config_path.parent
-    notes: list[str] = []
-    checkpoint: str | None = None
-    library = model.startswith(("torchvision:", "timm:"))
     if library or model.startswith("python:"):
         if arch is not None:
             raise UserError("init: --arch goes with a checkpoint file; MODEL is already an architecture")
-        arch, what = model, "MODEL"
-        chosen = weights if library else None
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise UserError(f"init: MODEL must be torchvision:NAME, timm:NAME, python:pkg.module:factory or a "
-                            f"checkpoint file; {path} is none of them")
-        if arch is None and _is_torchscript(path):
-            arch = "torchscript"
-        if arch is None:
-            raise UserError(f"init: {path} is a checkpoint: give its architecture with --arch "
-                            "(e.g. --arch torchvision:resnet50)")
-        checkpoint, chosen, what = str(path.resolve()), None, "--arch"
+        return model, "MODEL", weights if library else None, None
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"init: MODEL must be torchvision:NAME, timm:NAME, python:pkg.module:factory or a "
+                        f"checkpoint file; {path} is none of them")
+    if arch is None and _is_torchscript(path):
+        arch = "torchscript"
+    if arch is None:
+        raise UserError(f"init: {path} is a checkpoint: give its architecture with --arch "
+                        "(e.g. --arch torchvision:resnet50)")
+    return arch, "--arch", None, str(path.resolve())
+
+
+def _shapes_config(what: str, arch: str, checkpoint: str | None, num_classes: int | None, chosen: str | None
+                   ) -> tuple[Any, int | None]:
+    """The model config that builds the network for its shapes (random weights for pretrained ones),
+    and the number of classes: a checkpoint's head decides it when it builds."""
+    from explain_cli.models import build_model
+
     shapes_cfg = _model_config(what, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
                                weights="random" if chosen == "pretrained" else chosen)
-    if checkpoint is not None and num_classes is None and arch != "torchscript":
-        guess = _guess_classes(Path(checkpoint), shapes_cfg)
-        if guess is not None:
-            try:
-                build_model(_model_config(what, arch=arch, checkpoint=checkpoint, num_classes=guess),
-                            lambda p: Path(p))
-                num_classes = guess
-            except ConfigError:
-                pass  # the architecture's own count fits, or nothing does (reported below)
-        shapes_cfg = _model_config(what, arch=arch, checkpoint=checkpoint, num_classes=num_classes)
-    if chosen == "pretrained":
+    if checkpoint is None or num_classes is not None or arch == "torchscript":
+        return shapes_cfg, num_classes
+    guess = _guess_classes(Path(checkpoint), shapes_cfg)
+    if guess is not None:
         try:
-            notes.append(f"pretrained weights: {pretrained_file(arch)}")
-        except ConfigError as exc:
-            notes.append(f"validate and run will fail until the weights are there: {exc.message}")
-    pre, resize_why, origin = _preprocess(arch, chosen == "pretrained", resize)
-    pre_notes = pre.pop("_notes", {})
-    net = build_model(shapes_cfg, lambda p: Path(p))  # as the config will build it (pretrained: its shape)
-    outputs = count_outputs(net, pre["size"])
-    rows = [r for r in layer_table(net, pre["size"]) if not r.problem and r.name != "input"]
+            build_model(_model_config(what, arch=arch, checkpoint=checkpoint, num_classes=guess),
+                        lambda p: Path(p))
+            num_classes = guess
+        except ConfigError:
+            pass  # the architecture's own count fits, or nothing does (reported below)
+    return _model_config(what, arch=arch, checkpoint=checkpoint, num_classes=num_classes), num_classes
+
+
+def _layer_lines(net: Any, size: Any) -> tuple[str, str]:
+    """The comment lines listing the layers a gradient or deep run may explain (the shallow ones),
+    and the line counting the deeper ones ('' when none is left out)."""
+    from explain_cli.models import layer_table
+
+    rows = [r for r in layer_table(net, size) if not r.problem and r.name != "input"]
     shallow = [r for r in rows if r.name.count(".") < LISTED_DEPTH + 1]
     listed = "\n".join(
         _comment(f"#   {r.name:<28} explains {'x'.join(map(str, r.input_shape[1:])):<14} "
                  f"map {r.map_size[0]}x{r.map_size[1]}")
         for r in shallow[:MAX_LISTED])
     more = f"\n#   ... and {len(rows) - min(len(shallow), MAX_LISTED)} deeper ones" if len(rows) > len(shallow[:MAX_LISTED]) else ""
+    return listed, more
 
+
+def _model_lines(arch: str, checkpoint: str | None, chosen: str | None, num_classes: int | None,
+                 base: Path) -> tuple[dict[str, Any], list[str]]:
+    """The ``model:`` section: what it means and its lines."""
     meant_model: dict[str, Any] = {"arch": arch}
     model_lines = [f"  arch: {yaml_value(arch)}"]
     if checkpoint is not None:
@@ -183,26 +187,59 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
         meant_model["num_classes"] = num_classes
         model_lines.append(f"  num_classes: {yaml_value(num_classes)}")
     meant_model["layer"] = "input"
-    meant_input = _rel(input_dir, base)
+    return meant_model, model_lines
+
+
+def _labels_line(outputs: int) -> str:
     if outputs == 1000:
-        labels = "labels: null   # 1000 outputs: the ImageNet class names torchvision ships"
-    elif outputs == 1:
-        labels = ("labels: null   # 1 output (a sigmoid): give a file of its class name, or of two names "
-                  "(negative, then positive) to name both classes")
-    else:
-        labels = f"labels: null   # {outputs} outputs: give a file of {outputs} names (one per line) to replace 'class 0', ..."
+        return "labels: null   # 1000 outputs: the ImageNet class names torchvision ships"
+    if outputs == 1:
+        return ("labels: null   # 1 output (a sigmoid): give a file of its class name, or of two names "
+                "(negative, then positive) to name both classes")
+    return f"labels: null   # {outputs} outputs: give a file of {outputs} names (one per line) to replace 'class 0', ..."
+
+
+def _resize_lines(pre: dict[str, Any], resize_why: str, from_model: str, pre_notes: dict[str, Any]) -> str:
+    if pre["resize"] == "crop":
+        return (f"  resize: crop   # {_comment(resize_why)}: short side to size / crop_fraction, then the "
+                f"centre size x size\n  crop_fraction: {yaml_value(pre['crop_fraction'])}{from_model}"
+                + (f" ({_comment(pre_notes['crop_fraction'])})" if "crop_fraction" in pre_notes else ""))
+    return f"  resize: stretch   # the whole image to size x size; {_comment(resize_why)}"
+
+
+def starter_config(model: str, arch: str | None, config_path: Path, input_dir: Path,
+                   num_classes: int | None = None, weights: str = "pretrained", resize: str | None = None
+                   ) -> tuple[str, dict[str, Any], list[str]]:
+    """The text of a starter config for ``model`` (torchvision:NAME, timm:NAME, python:mod:factory,
+    or a checkpoint file with ``arch``), the data it means (what loading the text must give) and
+    notes for the user; ConfigError when the model cannot be built as written."""
+    from explain_cli.models import build_model, count_outputs, pretrained_file
+
+    base = config_path.parent
+    notes: list[str] = []
+    library = model.startswith(("torchvision:", "timm:"))
+    arch, what, chosen, checkpoint = _model_source(model, arch, weights, library)
+    shapes_cfg, num_classes = _shapes_config(what, arch, checkpoint, num_classes, chosen)
+    if chosen == "pretrained":
+        try:
+            notes.append(f"pretrained weights: {pretrained_file(arch)}")
+        except ConfigError as exc:
+            notes.append(f"validate and run will fail until the weights are there: {exc.message}")
+    pre, resize_why, origin = _preprocess(arch, chosen == "pretrained", resize)
+    pre_notes = pre.pop("_notes", {})
+    net = build_model(shapes_cfg, lambda p: Path(p))  # as the config will build it (pretrained: its shape)
+    outputs = count_outputs(net, pre["size"])
+    listed, more = _layer_lines(net, pre["size"])
+    meant_model, model_lines = _model_lines(arch, checkpoint, chosen, num_classes, base)
+    meant_input = _rel(input_dir, base)
+    labels = _labels_line(outputs)
     top_k = min(2, outputs)
     top_k_why = ("explain the 2 highest-scoring classes" if top_k == 2 else
                  "one output: the sigmoid's class (the only one)")
     pre_why = ("as the weights were trained (from the library's metadata)" if library and chosen == "pretrained"
                else "check against how the model was trained: size, mean and std are ImageNet's")
     from_model = f"   # from {_comment(origin)}" if origin else ""
-    if pre["resize"] == "crop":
-        resize_lines = (f"  resize: crop   # {_comment(resize_why)}: short side to size / crop_fraction, then the "
-                        f"centre size x size\n  crop_fraction: {yaml_value(pre['crop_fraction'])}{from_model}"
-                        + (f" ({_comment(pre_notes['crop_fraction'])})" if "crop_fraction" in pre_notes else ""))
-    else:
-        resize_lines = f"  resize: stretch   # the whole image to size x size; {_comment(resize_why)}"
+    resize_lines = _resize_lines(pre, resize_why, from_model, pre_notes)
     name = _comment(config_path.name)
     command = _comment(f"{model}{f' --arch {arch}' if checkpoint else ''}")
     text = f"""# Starter config written by `explain-cli init {command}`.
