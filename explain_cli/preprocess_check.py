@@ -179,10 +179,13 @@ def model_view(model_cfg: Any, model: Any = None) -> ModelView | None:
         elif model is not None:
             view = timm_view(model, arch)
     if view is not None:
-        view.trained = model_cfg.weights == "pretrained" or source == "python"
-        if not view.trained:
-            view.source += (" (a reference only: the weights are random)" if model_cfg.weights == "random" else
-                            " (a reference only: model.checkpoint's weights may have been trained otherwise)")
+        view.trained = model_cfg.weights == "pretrained"
+        if model_cfg.weights == "random":
+            view.source += " (a reference only: the weights are random)"
+        elif model_cfg.checkpoint is not None:
+            view.source += " (a reference only: model.checkpoint's weights may have been trained otherwise)"
+        elif not view.trained:
+            view.source += " (a reference only: the factory's weights may have been trained otherwise)"
     return view
 
 

@@ -108,6 +108,18 @@ def test_a_user_transform_is_compared_by_what_it_makes(tmp_path, monkeypatch):
     assert "#   interpolation" not in out  # the transform's own business
 
 
+def test_a_python_factory_returning_a_timm_model_is_compared_with_its_pretrained_cfg(tiny_project, monkeypatch):
+    importable_module(tiny_project, "timmfactory", "import timm\n\ndef make():\n"
+                      "    return timm.create_model('test_resnet', pretrained=False, num_classes=3)\n", monkeypatch)
+    result = invoke("validate", tiny_project / "config.yaml", "--set", "model.arch=python:timmfactory:make",
+                    "--set", "model.checkpoint=null", "--set", "model.num_classes=null")
+    assert result.exit_code == 0, result.output
+    assert ("# preprocess: each value, where it came from, and the model's timm pretrained_cfg (a reference only: "
+            "the factory's weights may have been trained otherwise)") in result.output
+    assert "model: 160   <- differs" in _line(result.output, "size")
+    assert "WARNING: preprocess differs" not in result.output
+
+
 def test_a_model_without_a_data_config_prints_sources_only(tiny_project):
     result = invoke("validate", tiny_project / "config.yaml")
     assert result.exit_code == 0, result.output
