@@ -185,33 +185,8 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
     input.dir, else by its file name (or either without the extension) when that names exactly one
     image. A label that names no class is a ConfigError naming the CSV line; rows that match no image
     are counted (the folder may hold fewer images than the CSV)."""
-    key = "targets.from_csv"
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"{key}.path", f"file not found: {path}", source) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}.path", f"{path} is not a UTF-8 text file", source) from None
-    except OSError as exc:
-        raise ConfigError(f"{key}.path", f"cannot read {path}: {exc.strerror or exc}", source) from None
-    try:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
-        rows = [(reader.line_num, row) for row in reader]
-    except csv.Error as exc:
-        raise ConfigError(f"{key}.path", f"{path} is not valid CSV: {exc}", source) from None
-    if not header:
-        raise ConfigError(f"{key}.path", f"{path} is empty (a header row naming the columns is needed)", source)
-    header = [h.strip() for h in header]
-    columns = {}
-    for what, name in (("image", cfg.image), ("class", cfg.class_column)):
-        if name not in header:
-            close = difflib.get_close_matches(name, header, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{key}.{what}", f"{path} has no column {name!r}{hint}; its columns: "
-                                               f"{', '.join(header)}", source)
-        columns[what] = header.index(name)
-
+    header, rows = _read_truth_csv(path, source)
+    columns = _truth_columns(cfg, path, header, source)
     exact = set(images)
     by_key: dict[str, list[str]] = {}
     for rel in images:
@@ -223,22 +198,14 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
         if not any(cell.strip() for cell in row):
             continue
         if len(row) <= max(columns.values()):
-            raise ConfigError(key, f"{path}, line {line}: {len(row)} column(s), the header has {len(header)}", source)
+            raise ConfigError("targets.from_csv", f"{path}, line {line}: {len(row)} column(s), the header has "
+                                                  f"{len(header)}", source)
         # a leading './' goes (lstrip('./') also ate the dot of '.hidden.png' and the '../' of a wrong path),
         # a Windows '\\' is a '/' unless the name as written is an image's (a Linux name may hold a '\\')
         image = row[columns["image"]].strip()
         if image not in exact:
             image = re.sub(r"^(\./)+", "", image.replace("\\", "/"))
-        cell = row[columns["class"]].strip()
-        names = [c.strip() for c in cell.split(cfg.separator)] if cfg.separator else [cell]
-        indices = []
-        for name in names:
-            if not name:
-                raise ConfigError(key, f"{path}, line {line}: the {cfg.class_column!r} cell is empty", source)
-            try:
-                indices.append(class_index(name, labels, key, source))
-            except ConfigError as exc:
-                raise ConfigError(key, f"{path}, line {line}: {exc.message}", source) from None
+        indices = _row_classes(cfg, row[columns["class"]], labels, path, line, source)
         # the exact relative path names one image even when other images share its file name
         hits = [image] if image in exact else by_key.get(image, [])
         if len(hits) != 1:
@@ -249,6 +216,59 @@ def load_truth(cfg: TruthCsvConfig, path: Path, labels: Sequence[str], images: S
             if i not in found[hits[0]]:
                 found[hits[0]].append(i)
     return Truth({rel: tuple(v) for rel, v in found.items()}, path, unmatched)
+
+
+def _read_truth_csv(path: Path, source: str | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The truth CSV's header (stripped) and its rows with their line numbers; ConfigError naming
+    targets.from_csv.path for a file that cannot be read or is no CSV with a header."""
+    key = "targets.from_csv.path"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(key, f"file not found: {path}", source) from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not a UTF-8 text file", source) from None
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}", source) from None
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise ConfigError(key, f"{path} is not valid CSV: {exc}", source) from None
+    if not header:
+        raise ConfigError(key, f"{path} is empty (a header row naming the columns is needed)", source)
+    return [h.strip() for h in header], rows
+
+
+def _truth_columns(cfg: TruthCsvConfig, path: Path, header: list[str], source: str | None) -> dict[str, int]:
+    """The positions of the image and class columns; ConfigError naming the missing one."""
+    columns = {}
+    for what, name in (("image", cfg.image), ("class", cfg.class_column)):
+        if name not in header:
+            close = difflib.get_close_matches(name, header, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"targets.from_csv.{what}", f"{path} has no column {name!r}{hint}; its columns: "
+                                                          f"{', '.join(header)}", source)
+        columns[what] = header.index(name)
+    return columns
+
+
+def _row_classes(cfg: TruthCsvConfig, cell: str, labels: Sequence[str], path: Path, line: int,
+                 source: str | None) -> list[int]:
+    """The class indices of a row's class cell (several with a separator); ConfigError naming the line."""
+    key = "targets.from_csv"
+    cell = cell.strip()
+    names = [c.strip() for c in cell.split(cfg.separator)] if cfg.separator else [cell]
+    indices = []
+    for name in names:
+        if not name:
+            raise ConfigError(key, f"{path}, line {line}: the {cfg.class_column!r} cell is empty", source)
+        try:
+            indices.append(class_index(name, labels, key, source))
+        except ConfigError as exc:
+            raise ConfigError(key, f"{path}, line {line}: {exc.message}", source) from None
+    return indices
 
 
 # -- what an explainer is asked ---------------------------------------------------------------------
