@@ -466,15 +466,10 @@ def compose_panels(pixels: np.ndarray, values: np.ndarray, n_titles: int | None 
     return panels, limit
 
 
-def _compose(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None, *,
-             segments: np.ndarray | None = None, style: str = DEFAULT_STYLE, limit: float | None = None,
-             trust: Sequence[Trust] | None = None) -> tuple[list[np.ndarray], float, list[tuple[str, bool]]]:
-    """:func:`compose_panels` plus each class panel's note and whether it is a warning:
-    ("no attribution", False) for a map within numeric noise of zero (drawn empty, left out of
-    the per-image limit), (Trust.note(), True) for an unstable or non-additive map (drawn
-    FADED), ("", False) otherwise."""
-    pixels = _as_pixels(pixels)
-    H, W = pixels.shape[:2]
+def _checked_values(values: np.ndarray, n_titles: int | None,
+                    trust: Sequence[Trust] | None) -> tuple[np.ndarray, list[Trust]]:
+    """``values`` as (k, C, h, w) (one class's (C, h, w) gets k = 1) and one Trust per class;
+    ValueError when the shapes, the titles or the trust entries do not match."""
     values = np.asarray(values)
     if values.ndim == 3:  # one class
         values = values[None]
@@ -486,6 +481,30 @@ def _compose(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None
     trust = list(trust) if trust is not None else [Trust()] * k
     if len(trust) != k:
         raise ValueError(f"{len(trust)} trust entries for {k} classes")
+    return values, trust
+
+
+def _panel_limit(maps: np.ndarray, empty: list[bool], limit: float | None) -> float:
+    """The colour limit: the given one (checked), else the symmetric limit of the maps that are not empty."""
+    if limit is None:
+        shown = [i for i in range(len(empty)) if not empty[i]]
+        return symmetric_limit(maps[shown]) if shown else MIN_LIMIT
+    if not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"the colour limit must be a positive number, got {limit!r}")
+    return limit
+
+
+def _compose(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None, *,
+             segments: np.ndarray | None = None, style: str = DEFAULT_STYLE, limit: float | None = None,
+             trust: Sequence[Trust] | None = None) -> tuple[list[np.ndarray], float, list[tuple[str, bool]]]:
+    """:func:`compose_panels` plus each class panel's note and whether it is a warning:
+    ("no attribution", False) for a map within numeric noise of zero (drawn empty, left out of
+    the per-image limit), (Trust.note(), True) for an unstable or non-additive map (drawn
+    FADED), ("", False) otherwise."""
+    pixels = _as_pixels(pixels)
+    H, W = pixels.shape[:2]
+    values, trust = _checked_values(values, n_titles, trust)
+    k = values.shape[0]
     maps = channel_map(values, (H, W))
     boundary = None
     if segments is not None:
@@ -493,11 +512,7 @@ def _compose(pixels: np.ndarray, values: np.ndarray, n_titles: int | None = None
         maps = segment_fill(maps, seg)
         boundary = _boundaries(seg)
     empty = [no_attribution(values[i], trust[i].scale) for i in range(k)]
-    if limit is None:
-        shown = [i for i in range(k) if not empty[i]]
-        limit = symmetric_limit(maps[shown]) if shown else MIN_LIMIT
-    elif not (math.isfinite(limit) and limit > 0):
-        raise ValueError(f"the colour limit must be a positive number, got {limit!r}")
+    limit = _panel_limit(maps, empty, limit)
     look = STYLES[style]
     base = _gray_levels(pixels, look.stretch) if look.base == "gray" else pixels.astype(np.intp)
     panels, notes = [pixels], []
