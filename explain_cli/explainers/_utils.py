@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -571,52 +571,44 @@ def cancelling_channels(values: torch.Tensor) -> float:
 
 
 @contextmanager
-def capture_layer_input(layer: torch.nn.Module, make_leaf: bool = False) -> Iterator[LayerInput]:
+def layer_input_hook(layer: torch.nn.Module, rewrite: Callable[[object], object]) -> Iterator[LayerInput]:
+    """For the duration, call ``rewrite(h)`` on the first positional input ``h`` of every forward of
+    ``layer``: the result is recorded (``captured.value``) and, when it is not ``h`` itself, given to the
+    layer instead (its other arguments unchanged). The hook is removed in ``finally``, whatever the body
+    raised: the one forward pre-hook helper of the explainers."""
+    captured = LayerInput()
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+        first = args[0]
+        captured.value = rewrite(first)
+        return None if captured.value is first else (captured.value,) + tuple(args[1:])
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def capture_layer_input(layer: torch.nn.Module, make_leaf: bool = False) -> AbstractContextManager[LayerInput]:
     """Record the first positional input of ``layer`` on every forward.
 
     With ``make_leaf`` the input is replaced by a detached leaf that requires grad, so gradients can
     be taken with respect to it while the part of the network in front of the layer builds no graph.
     """
-    captured = LayerInput()
+    def leaf(first: object) -> object:
+        return first.detach().requires_grad_(True) if make_leaf and isinstance(first, torch.Tensor) else first
 
-    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-        first = args[0]
-        if make_leaf and isinstance(first, torch.Tensor):
-            first = first.detach().requires_grad_(True)
-            captured.value = first
-            return (first,) + tuple(args[1:])
-        captured.value = first
-        return None
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    return layer_input_hook(layer, leaf)
 
 
-@contextmanager
 def replace_layer_input(layer: torch.nn.Module,
-                        replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[LayerInput]:
+                        replace: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[LayerInput]:
     """Replace the first positional input ``h`` of ``layer`` by ``replace(h)`` on every forward; the
     captured value is the replacement (or the input itself when it is not a tensor, for
     ``captured_feature_map`` to refuse). The rest of the model, skip connections that bypass the
     layer included, runs on what it was given."""
-    captured = LayerInput()
-
-    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-        first = args[0]
-        if not isinstance(first, torch.Tensor):
-            captured.value = first
-            return None
-        captured.value = replace(first)
-        return (captured.value,) + tuple(args[1:])
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    return layer_input_hook(layer, lambda first: replace(first) if isinstance(first, torch.Tensor) else first)
 
 
 @contextmanager

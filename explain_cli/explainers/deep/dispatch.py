@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from explain_cli.errors import UserError
 from explain_cli.explainers.deep.attention import mha_rule, sdpa_rule
 from explain_cli.explainers.deep.calls import PLAIN, call_name, float_grad_output, needs_grad, unsupported
 from explain_cli.explainers.deep.elementwise import inplace_twin, pow_rule, unary_rule
@@ -28,14 +29,61 @@ def grid_sample_rule(tape: Tape, func, args, kwargs):
     return unsupported(tape, func) if needs_grad(grid) else PLAIN
 
 
+#: The functions of torch's private module ``torch._C._nn`` the rules are keyed on (what F.gelu, F.silu,
+#: F.hardtanh, ... are or call): each present in every torch this project supports. Others (``hardshrink``)
+#: are taken when there.
+PRIVATE_NN = ("gelu", "softplus", "softshrink", "log_sigmoid", "hardtanh", "leaky_relu", "elu", "silu",
+              "hardswish", "hardsigmoid", "mish", "relu6")
+
+
+def _supported_torch() -> str:
+    """The torch requirement explain-cli was installed with ('torch<=2.14.1,>=2.2'), for messages."""
+    from importlib import metadata
+
+    try:
+        return next(r for r in metadata.requires("explain-cli") or [] if r.split("<")[0].split(">")[0] == "torch")
+    except (metadata.PackageNotFoundError, StopIteration):
+        return "the torch range in pyproject.toml"
+
+
+def private_nn() -> Any:
+    """``torch._C._nn``, checked: a UserError naming the installed torch when the module is missing or
+    lacks one of :data:`PRIVATE_NN` (a private API can change in any release; without its functions the
+    rules of GELU, SiLU, ... would silently not apply)."""
+    module = getattr(getattr(torch, "_C", None), "_nn", None)
+    missing = [n for n in PRIVATE_NN if not callable(getattr(module, n, None))]
+    if module is None or missing:
+        what = "has no torch._C._nn" if module is None else f"has a torch._C._nn without {', '.join(missing)}"
+        raise UserError(f"the deep explainer's rules use torch's private API torch._C._nn (the functions behind "
+                        f"F.gelu, F.silu, ...; explain_cli/explainers/deep/dispatch.py), and the installed torch "
+                        f"{torch.__version__} {what}: install a torch explain-cli supports ({_supported_torch()}), "
+                        f"or use another explainer")
+    return module
+
+
+Put = Callable[[Any, Callable], None]
+
+
 def build_rules() -> dict[Any, Callable]:
-    T = torch.Tensor
+    """Every function or method with a rule -> the rule, family by family (a later family's ``put``
+    replaces an earlier one's rule for the same function, as one long table would)."""
     rules: dict[Any, Callable] = {}
 
     def put(func, rule):
         if func is not None:
             rules[func] = rule
 
+    _activation_rules(put, rules)
+    _product_rules(put)
+    _pooling_rules(put)
+    _normalisation_rules(put)
+    _reduction_rules(put)
+    return rules
+
+
+def _activation_rules(put: Put, rules: dict[Any, Callable]) -> None:
+    """Elementwise functions: the functionals with ``inplace``, torch's and Tensor's, torch._C._nn's."""
+    T = torch.Tensor
     # Python functionals with an ``inplace`` parameter (what nn.ReLU, nn.ReLU6, nn.Hardswish, ... call)
     for name in ("relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "silu", "mish", "elu", "selu",
                  "celu", "leaky_relu", "threshold"):
@@ -55,7 +103,7 @@ def build_rules() -> dict[Any, Callable]:
             fn_ = getattr(holder, name + "_", None)
             if fn is not None and fn_ is not None:
                 put(fn_, unary_rule(fn, True))
-    nn_c = torch._C._nn
+    nn_c = private_nn()
     for name in ("gelu", "softplus", "softshrink", "hardshrink", "log_sigmoid", "hardtanh", "leaky_relu",
                  "elu", "silu", "hardswish", "hardsigmoid", "mish", "relu6"):
         fn = getattr(nn_c, name, None)
@@ -73,6 +121,11 @@ def build_rules() -> dict[Any, Callable]:
         fn = getattr(F, name, None)
         if fn is not None and fn not in rules:
             put(fn, inplace_twin(oop))
+
+
+def _product_rules(put: Put) -> None:
+    """Powers, products and quotients of two input-dependent tensors, matmul and einsum."""
+    T = torch.Tensor
     # powers, scalar / tensor
     put(torch.pow, pow_rule(torch.pow, False))
     put(T.pow, pow_rule(torch.pow, False))
@@ -94,7 +147,11 @@ def build_rules() -> dict[Any, Callable]:
     for fn in (torch.matmul, T.matmul, T.__matmul__, torch.mm, T.mm, torch.bmm, T.bmm):
         put(fn, bilinear_rule(matmul_parts(torch.matmul if fn in (T.__matmul__,) else fn)))
     put(torch.einsum, bilinear_rule(einsum_parts))
-    # max pooling
+
+
+def _pooling_rules(put: Put) -> None:
+    """Max pooling (with and without indices, adaptive), and softmax decomposed into exact rules."""
+    T = torch.Tensor
     put(F.max_pool1d, maxpool_rule(F.max_pool1d_with_indices, 6, 3))
     put(F.max_pool2d, maxpool_rule(F.max_pool2d_with_indices, 6, 4))
     put(F.max_pool3d, maxpool_rule(F.max_pool3d_with_indices, 6, 5))
@@ -114,7 +171,11 @@ def build_rules() -> dict[Any, Callable]:
         put(fn, softmax_rule(False, False))
     for fn in (torch.log_softmax, T.log_softmax):
         put(fn, softmax_rule(True, False))
-    # normalisations (the input's own statistics), attention, maxima
+
+
+def _normalisation_rules(put: Put) -> None:
+    """Normalisations by the input's own statistics, norms, attention."""
+    T = torch.Tensor
     for fn in (F.layer_norm, torch.layer_norm):
         put(fn, layer_norm_rule)
     for fn in (F.group_norm, torch.group_norm):
@@ -132,6 +193,11 @@ def build_rules() -> dict[Any, Callable]:
     put(torch.linalg.norm, vector_norm_rule(("input", "ord", "dim", "keepdim"), "ord", None, linalg_norm=True))
     put(F.scaled_dot_product_attention, sdpa_rule)
     put(F.multi_head_attention_forward, mha_rule)
+
+
+def _reduction_rules(put: Put) -> None:
+    """Maxima and minima, the fused multiply-adds, grid sampling, linear and convolutions."""
+    T = torch.Tensor
     for negate, names in ((False, ("amax", "max", "maximum", "fmax")), (True, ("amin", "min", "minimum", "fmin"))):
         for holder in (torch, T):
             for name in names:
@@ -149,7 +215,6 @@ def build_rules() -> dict[Any, Callable]:
     put(F.linear, weighted_rule(F.linear, ("input", "weight", "bias")))
     for fn in (F.conv1d, F.conv2d, F.conv3d):
         put(fn, weighted_rule(fn, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")))
-    return rules
 
 
 # Operations that are linear in their input-dependent tensor arguments (plain gradients are exact)
