@@ -246,6 +246,37 @@ def _unrolled_order(model: torch.nn.Module, layer_name: str, tokens: int) -> Tok
     return None
 
 
+def _declared_tokens(model: torch.nn.Module, layer_name: str
+                     ) -> tuple[tuple[int, str] | None, tuple[tuple[int, int], str] | None]:
+    """The prefix-token count and the patch grid the nearest modules containing the layer declare,
+    each with its evidence (None: not declared)."""
+    prefix: tuple[int, str] | None = None
+    grid: tuple[tuple[int, int], str] | None = None
+    for _, module in _ancestors(model, layer_name):
+        if prefix is None:
+            prefix = _prefix_of(module)
+        if grid is None:
+            grid = _grid_of(module)
+            if grid is not None and prefix is None and _prefix_of(module) is None:
+                prefix = (0, f"no class token on {type(module).__name__}")
+        if prefix is not None and grid is not None:
+            break
+    return prefix, grid
+
+
+def _square_grid(tokens: int, count: int, prefix: tuple[int, str] | None) -> TokenGrid | None:
+    """The square grid the token count makes, after the declared prefix (or none at this layer)."""
+    for candidate in ((count, 0) if count else (0,)):
+        side = math.isqrt(max(tokens - candidate, 0))
+        if side > 0 and side * side == tokens - candidate:
+            why = prefix[1] if prefix is not None else "none declared by the model"
+            if candidate != count:
+                why = f"none at this layer ({tokens} tokens are a square; {why} counts tokens added later)"
+            return TokenGrid(candidate, (side, side), f"prefix tokens: {why}; square grid from the token count",
+                             assumed=True)
+    return None
+
+
 def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGrid:
     """Map the ``tokens`` of the input of ``layer_name`` onto the patch grid, from what the model
     (or the nearest module containing the layer) declares; otherwise, if the token count minus the
@@ -259,17 +290,7 @@ def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGri
     unrolled = _unrolled_order(model, layer_name, tokens)
     if unrolled is not None:
         return unrolled
-    prefix: tuple[int, str] | None = None
-    grid: tuple[tuple[int, int], str] | None = None
-    for _, module in _ancestors(model, layer_name):
-        if prefix is None:
-            prefix = _prefix_of(module)
-        if grid is None:
-            grid = _grid_of(module)
-            if grid is not None and prefix is None and _prefix_of(module) is None:
-                prefix = (0, f"no class token on {type(module).__name__}")
-        if prefix is not None and grid is not None:
-            break
+    prefix, grid = _declared_tokens(model, layer_name)
     count = prefix[0] if prefix is not None else 0
     if grid is not None:
         cells = grid[0][0] * grid[0][1]
@@ -278,14 +299,9 @@ def token_grid(model: torch.nn.Module, layer_name: str, tokens: int) -> TokenGri
         if count and cells == tokens:
             return TokenGrid(0, grid[0], f"no prefix tokens at this layer ({tokens} tokens = the grid; "
                                          f"{prefix[1]} counts tokens added by later blocks), {grid[1]}")
-    for candidate in ((count, 0) if count else (0,)):
-        side = math.isqrt(max(tokens - candidate, 0))
-        if side > 0 and side * side == tokens - candidate:
-            why = prefix[1] if prefix is not None else "none declared by the model"
-            if candidate != count:
-                why = f"none at this layer ({tokens} tokens are a square; {why} counts tokens added later)"
-            return TokenGrid(candidate, (side, side), f"prefix tokens: {why}; square grid from the token count",
-                             assumed=True)
+    square = _square_grid(tokens, count, prefix)
+    if square is not None:
+        return square
     declared = (f"the model declares {count} prefix token(s) ({prefix[1]})" if prefix is not None
                 else "the model declares no prefix-token count")
     if grid is not None:

@@ -246,14 +246,19 @@ def find_feature_map(model: nn.Module, size: int | tuple[int, int], channels: in
             h.remove()
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
         return None
+    return _pooled_head(records, out)
+
+
+def _pooled_head(records: list[tuple[nn.Module, Any, Any]], out: torch.Tensor) -> tuple[nn.Module, nn.Linear] | None:
+    """From the modules' (module, input, output) in call order: the last linear layer that gives the
+    model's outputs, and the feature module whose map's global average is that layer's input."""
     for i in range(len(records) - 1, -1, -1):
         mod, inp, res = records[i]
         if isinstance(mod, nn.Linear) and isinstance(res, torch.Tensor) and res.shape == out.shape and _close(res, out):
             pooled = inp[0] if inp else None
             if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2:
                 return None
-            for j in range(i - 1, -1, -1):
-                fmod, _, f = records[j]
+            for fmod, _, f in reversed(records[:i]):
                 if isinstance(f, torch.Tensor) and f.dim() == 4 and f.shape[:2] == pooled.shape \
                         and f.shape[2] * f.shape[3] > 1 and _close(f.float().mean((2, 3)), pooled):
                     return fmod, mod
@@ -379,14 +384,22 @@ def _is_int(value: Any, low: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+#: The sections and fields of an explainer file that run reads, with their types.
+_CHECKPOINT_SHAPES = {"model": {"arch": str, "fingerprint": str, "outputs": int}, "players": {"grid": int},
+                      "preprocess": {"size": int, "mean": list, "std": list},
+                      "network": {"channels": int, "outputs": int, "grid": int, "width": int}}
+
+
 def checkpoint_problem(data: dict[str, Any]) -> str | None:
     """Why ``data`` is not an explainer as ``explain-cli train`` writes it (None: it is one): every key
     run reads, with its type, and a state_dict whose names and shapes are those of the recorded
     network (checked on the meta device: a forged size allocates nothing)."""
-    shapes = {"model": {"arch": str, "fingerprint": str, "outputs": int}, "players": {"grid": int},
-              "preprocess": {"size": int, "mean": list, "std": list},
-              "network": {"channels": int, "outputs": int, "grid": int, "width": int}}
-    for section, fields in shapes.items():
+    return _field_problem(data) or _network_problem(data) or _state_dict_problem(data)
+
+
+def _field_problem(data: dict[str, Any]) -> str | None:
+    """A section or field of _CHECKPOINT_SHAPES missing or of another type."""
+    for section, fields in _CHECKPOINT_SHAPES.items():
         value = data.get(section)
         if not isinstance(value, dict):
             return f"'{section}' is missing or not a mapping"
@@ -397,6 +410,12 @@ def checkpoint_problem(data: dict[str, Any]) -> str | None:
                 continue  # [height, width]
             if not (_is_int(item) if kind is int else isinstance(item, kind)):
                 return f"'{section}.{name}' is missing or not {'a positive integer' if kind is int else kind.__name__}"
+    return None
+
+
+def _network_problem(data: dict[str, Any]) -> str | None:
+    """A network kind, grid or size that does not fit the rest of the file; a non-numeric mean or
+    std; a fill kernel's syntax does not read."""
     network = data["network"]
     if network.get("kind", "pixels") not in ("pixels", "features"):
         return f"'network.kind' is {network.get('kind')!r}, not pixels or features"
@@ -411,6 +430,11 @@ def checkpoint_problem(data: dict[str, Any]) -> str | None:
         masking.parse_fill(data.get("fill"))
     except ValueError as exc:
         return f"'fill': {exc}"
+    return None
+
+
+def _state_dict_problem(data: dict[str, Any]) -> str | None:
+    """A state_dict that is no mapping of tensors, or whose names and shapes are not the recorded network's."""
     state = data.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):

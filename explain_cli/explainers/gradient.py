@@ -308,24 +308,7 @@ class Explainer(base.Explainer):
             draws = [_Draws(seed, background.shape[0], settings.sampling == "stratified",
                             tuple(images.shape[1:]) if smoothing > 0 else None, device) for seed in seeds]
             sums: list[torch.Tensor | None] = [None]  # (k, 2N, *explained shape) float32 per-half sums
-            active = list(range(n_images))
-            stability = np.full((n_images, classes.shape[1]), np.nan)
-            capped = np.zeros(n_images, dtype=bool)
-            for round_index, size in enumerate(round_sizes(settings)):
-                self._run_round(images, classes_dev, targets, draws, active, size, sums)
-                still = []
-                for i in active:
-                    stability[i] = self._stability(sums[0], i, draws[i].used, tuple(images.shape[1:]))
-                    asked = stability[i][selection.valid[i]]  # the batch's padding slots do not count
-                    finite = asked[np.isfinite(asked)]
-                    reached = finite.size == 0 or float(finite.min()) >= settings.target_stability
-                    if auto and not reached and round_index + 1 == len(round_sizes(settings)):
-                        capped[i] = True
-                    elif auto and not reached:
-                        still.append(i)
-                active = still
-                if not active:
-                    break
+            stability, capped = self._sample_rounds(images, classes_dev, targets, draws, sums, selection.valid)
 
         phi = sums[0]
         assert phi is not None
@@ -346,6 +329,35 @@ class Explainer(base.Explainer):
             nsamples_used=np.array([sum(d.used) for d in draws], dtype=np.int64),
             nsamples_capped=capped if auto else None,
         )
+
+    def _sample_rounds(self, images: torch.Tensor, classes_dev: torch.Tensor, targets: BatchTargets,
+                       draws: list, sums: list, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rounds of samples (one for a fixed nsamples; for auto, more for the images whose
+        split-half stability is below the target, up to max_nsamples): each image's (k,) stability
+        and whether auto stopped at the cap."""
+        settings: Settings = self.settings  # type: ignore[assignment]
+        auto = settings.nsamples == "auto"
+        n_images = images.shape[0]
+        active = list(range(n_images))
+        stability = np.full((n_images, classes_dev.shape[1]), np.nan)
+        capped = np.zeros(n_images, dtype=bool)
+        rounds = round_sizes(settings)
+        for round_index, size in enumerate(rounds):
+            self._run_round(images, classes_dev, targets, draws, active, size, sums)
+            still = []
+            for i in active:
+                stability[i] = self._stability(sums[0], i, draws[i].used, tuple(images.shape[1:]))
+                asked = stability[i][valid[i]]  # the batch's padding slots do not count
+                finite = asked[np.isfinite(asked)]
+                reached = finite.size == 0 or float(finite.min()) >= settings.target_stability
+                if auto and not reached and round_index + 1 == len(rounds):
+                    capped[i] = True
+                elif auto and not reached:
+                    still.append(i)
+            active = still
+            if not active:
+                break
+        return stability, capped
 
     def _stability(self, phi: torch.Tensor, i: int, used: list[int], size: tuple[int, ...]) -> np.ndarray:
         """(k,) split-half stability of image ``i`` from its two half sums (NaN with an empty half)."""

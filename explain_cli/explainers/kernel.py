@@ -435,6 +435,64 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+class _RowQueue:
+    """Coalition rows of the batch's images waiting for model calls, in order; a call takes the
+    next ``count`` rows (it can span images) and each image's outputs go to its ``outputs``."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, targets: BatchTargets,
+                 classes: torch.Tensor) -> None:
+        self.model, self.images, self.targets, self.classes = model, images, targets, classes
+        self.prepared: list[_Image] = []
+        self.pending: list[tuple[int, int, int]] = []  # (image, first row, stop row) not yet evaluated
+        self.rows = 0
+
+    def add(self, item: _Image, r0: int, r1: int, index: int | None = None) -> None:
+        """Rows r0:r1 of ``item``'s rows_dev (a new image unless ``index`` names a prepared one)."""
+        if index is None:
+            index = len(self.prepared)
+            self.prepared.append(item)
+        self.pending.append((index, r0, r1))
+        self.rows += r1 - r0
+
+    def flush(self, size: int) -> None:
+        """Every pending row, in calls of ``size`` rows and one of the rest."""
+        while self.rows >= size:
+            self.evaluate(size)
+        self.rest()
+
+    def rest(self) -> None:
+        """The pending rows in one call (none without any)."""
+        if self.rows:
+            self.evaluate(self.rows)
+
+    def evaluate(self, count: int) -> None:
+        """One model call on the next ``count`` rows."""
+        pieces, taken = [], 0
+        while taken < count:
+            i, r0, r1 = self.pending[0]
+            r_end = min(r1, r0 + count - taken)
+            pieces.append((i, r0, r_end))
+            taken += r_end - r0
+            if r_end == r1:
+                self.pending.pop(0)
+            else:
+                self.pending[0] = (i, r_end, r1)
+        self.rows -= count
+        parts = []
+        for i, r0, r1 in pieces:
+            item = self.prepared[i]
+            parts.append(masking.compose(item.rows_dev[r0:r1], item.labels_dev, self.images[i], item.fill_dev))
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = _utils.as_2d(self.model(batch))
+        _utils.count_evaluations(count)
+        offset = 0
+        for i, r0, r1 in pieces:
+            piece = out[offset:offset + r1 - r0]
+            self.prepared[i].outputs.append(
+                self.targets.explained(piece, self.classes[i].expand(piece.shape[0], -1)).double())
+            offset += r1 - r0
+
+
 class Explainer(base.Explainer):
     """Kernel SHAP over SLIC superpixels (shap's KernelExplainer with l1_reg=False)."""
 
@@ -497,6 +555,9 @@ class Explainer(base.Explainer):
         return int(self.settings.nsamples) + 2  # coalitions (fewer for few superpixels), all hidden, ranking
 
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
+        """Kernel SHAP of each image: its coalitions' model outputs (rows of all images in shared model
+        calls, :class:`_RowQueue`), more of them for nsamples auto (:meth:`_sample_more`), then the
+        regressions on the CPU (:meth:`_regressions`)."""
         ctx = self.context
         targets = as_targets(targets)
         model = ctx.model
@@ -504,7 +565,7 @@ class Explainer(base.Explainer):
         if images.dim() != 4 or images.shape[1] != len(ctx.mean) or images.shape[1] != len(ctx.std):
             raise ValueError(f"the kernel explainer needs (N, C, H, W) images with C = {len(ctx.mean)} "
                              f"channels; got {tuple(images.shape)}")
-        n_images, channels, height, width = images.shape
+        n_images = images.shape[0]
         if len(seeds) != n_images:
             raise ValueError(f"got {len(seeds)} seeds for {n_images} images")
         self._check_layer()
@@ -514,90 +575,59 @@ class Explainer(base.Explainer):
         with torch.no_grad():
             raw = _utils.forward_in_chunks(model, images, size)
             selection = targets.select(raw)
-            classes = selection.classes
-            fx_dev = targets.explained(raw, classes)
-
+            fx_dev = targets.explained(raw, selection.classes)
             # Rows of all images, in order: each image's all-hidden row, then its coalitions. They are
             # evaluated in model calls of `size` rows (a call can span images). Image i+1 is prepared
             # on the CPU (SLIC, sampling) while the model calls of image i run on the device; nothing
             # waits for the device until the end.
-            prepared: list[_Image] = []
-            pending: list[tuple[int, int, int]] = []  # (image, first row, stop row) not yet evaluated
-            pending_rows = 0
-
-            def evaluate(count: int) -> None:
-                nonlocal pending_rows
-                pieces, taken = [], 0
-                while taken < count:
-                    i, r0, r1 = pending[0]
-                    r_end = min(r1, r0 + count - taken)
-                    pieces.append((i, r0, r_end))
-                    taken += r_end - r0
-                    if r_end == r1:
-                        pending.pop(0)
-                    else:
-                        pending[0] = (i, r_end, r1)
-                pending_rows -= count
-                parts = []
-                for i, r0, r1 in pieces:
-                    item = prepared[i]
-                    parts.append(masking.compose(item.rows_dev[r0:r1], item.labels_dev, images[i], item.fill_dev))
-                batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-                out = _utils.as_2d(model(batch))
-                _utils.count_evaluations(count)
-                offset = 0
-                for i, r0, r1 in pieces:
-                    piece = out[offset:offset + r1 - r0]
-                    prepared[i].outputs.append(
-                        targets.explained(piece, classes[i].expand(piece.shape[0], -1)).double())
-                    offset += r1 - r0
-
+            queue = _RowQueue(model, images, targets, selection.classes)
             for i in range(n_images):
                 item = self._prepare(pixels[i], seeds[i], device, images.dtype)
-                prepared.append(item)
-                pending.append((i, 0, item.rows_dev.shape[0]))
-                pending_rows += item.rows_dev.shape[0]
-                while pending_rows >= (call := autobatch.call_size(ctx)):
+                queue.add(item, 0, item.rows_dev.shape[0])
+                while queue.rows >= (call := autobatch.call_size(ctx)):
                     with autobatch.timed_call(ctx, call):  # CPU auto: the first calls are timed
-                        evaluate(call)
-            if pending_rows:
-                evaluate(pending_rows)
-
+                        queue.evaluate(call)
+            queue.rest()
             fx = fx_dev.double().cpu().numpy()
-            settings: Settings = self.settings  # type: ignore[assignment]
-            active = list(range(n_images)) if settings.nsamples == "auto" else []
-            while active:  # nsamples auto: more coalitions for the images below the target
-                still = []
-                for i in active:
-                    item = prepared[i]
-                    y = torch.cat(item.outputs).cpu().numpy()
-                    _, _, reached = self._convergence(item, y[1:], fx[i], y[0], channels)
-                    reached = reached[np.isfinite(reached)]
-                    if item.sampler is None or item.sampler.complete:
-                        continue
-                    if self._estimable(item) and (reached.size == 0 or reached.min() >= settings.target_stability):
-                        continue
-                    count = min(item.masks.shape[0], int(settings.max_nsamples) - item.masks.shape[0])
-                    added = item.sampler.draw(count) if count > 0 else 0
-                    if added == 0:
-                        item.capped = count <= 0
-                        continue
-                    item.masks, item.weights = item.sampler.masks, item.sampler.weights
-                    item.rows_dev = _to_device(item.masks[-added:], device)
-                    pending.append((i, 0, added))
-                    pending_rows += added
-                    still.append(i)
-                while pending_rows >= size:
-                    evaluate(size)
-                if pending_rows:
-                    evaluate(pending_rows)
-                active = still
+            if self.settings.nsamples == "auto":
+                self._sample_more(queue, fx, images.shape[1], size, device)
+            y_dev = [torch.cat(item.outputs) for item in queue.prepared]
+        return self._regressions(queue.prepared, y_dev, fx, selection, images.shape)
 
-            y_dev = [torch.cat(item.outputs) for item in prepared]
+    def _sample_more(self, queue: "_RowQueue", fx: np.ndarray, channels: int, size: int,
+                     device: torch.device) -> None:
+        """nsamples auto: more coalitions, in rounds, for the images below the target stability."""
+        settings: Settings = self.settings  # type: ignore[assignment]
+        active = list(range(len(queue.prepared)))
+        while active:
+            still = []
+            for i in active:
+                item = queue.prepared[i]
+                y = torch.cat(item.outputs).cpu().numpy()
+                _, _, reached = self._convergence(item, y[1:], fx[i], y[0], channels)
+                reached = reached[np.isfinite(reached)]
+                if item.sampler is None or item.sampler.complete:
+                    continue
+                if self._estimable(item) and (reached.size == 0 or reached.min() >= settings.target_stability):
+                    continue
+                count = min(item.masks.shape[0], int(settings.max_nsamples) - item.masks.shape[0])
+                added = item.sampler.draw(count) if count > 0 else 0
+                if added == 0:
+                    item.capped = count <= 0
+                    continue
+                item.masks, item.weights = item.sampler.masks, item.sampler.weights
+                item.rows_dev = _to_device(item.masks[-added:], device)
+                queue.add(item, 0, added, index=i)
+                still.append(i)
+            queue.flush(size)
+            active = still
 
-        # One transfer back, then the regressions on the CPU (float64).
+    def _regressions(self, prepared: list[_Image], y_dev: list[torch.Tensor], fx: np.ndarray, selection: Any,
+                     shape: Sequence[int]) -> Attribution:
+        """One transfer back, then each image's regression on the CPU (float64), painted on its players."""
         y_all = [y.cpu().numpy() for y in y_dev]
-        k = classes.shape[1]
+        n_images, channels, height, width = shape
+        k = selection.classes.shape[1]
         values = np.empty((n_images, k, channels, height, width), dtype=np.float32)
         shap_sum = np.empty((n_images, k), dtype=np.float64)
         base_values = np.empty((n_images, k), dtype=np.float64)

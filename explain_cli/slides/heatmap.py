@@ -245,13 +245,8 @@ def _npz_bytes(maps: SlideMaps, info: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, explainer: str, layer: str,
-                   tiff: bool = False, redraw: set[str] | None = None) -> list[dict[str, Any]]:
-    """Stitch and draw every slide with a slide.json under out_dir/slides; write slides/index.json.
-    Returns the index entries. ``redraw``: only these slides (and any never drawn) get new
-    figures; the others only their index entry (a nightly rerun with nothing new draws nothing:
-    drawing is about 1 s per slide and class, stitching milliseconds)."""
-    root = out_dir / "slides"
+def _slide_infos(root: Path) -> dict[str, dict[str, Any]]:
+    """Every readable slide.json under ``root``, by slide id."""
     infos: dict[str, dict[str, Any]] = {}
     for path in sorted(root.rglob("slide.json")) if root.is_dir() else []:
         try:
@@ -260,13 +255,11 @@ def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, exp
             continue
         if isinstance(info, dict) and "id" in info:
             infos[info["id"]] = info
-    if not infos:
-        return []
-    rows_by_slide: dict[str, list[dict[str, str]]] = {ident: [] for ident in infos}
-    for row in _read_rows(topk_path):
-        ident = unescape(row.get("slide", "") or "")
-        if ident in rows_by_slide and row.get("cells"):
-            rows_by_slide[ident].append(row)
+    return infos
+
+
+def _failed_tiles(infos: dict[str, dict[str, Any]], errors_path: Path | None) -> dict[str, int]:
+    """Each slide's tiles in errors.csv."""
     failed: dict[str, int] = {ident: 0 for ident in infos}
     if errors_path is not None:
         by_rel = {info["rel"]: ident for ident, info in infos.items()}
@@ -275,6 +268,25 @@ def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, exp
             ident = by_rel.get(image.rpartition("/")[0]) or by_rel.get(image)
             if ident is not None:
                 failed[ident] += 1
+    return failed
+
+
+def write_heatmaps(out_dir: Path, topk_path: Path, errors_path: Path | None, explainer: str, layer: str,
+                   tiff: bool = False, redraw: set[str] | None = None) -> list[dict[str, Any]]:
+    """Stitch and draw every slide with a slide.json under out_dir/slides; write slides/index.json.
+    Returns the index entries. ``redraw``: only these slides (and any never drawn) get new
+    figures; the others only their index entry (a nightly rerun with nothing new draws nothing:
+    drawing is about 1 s per slide and class, stitching milliseconds)."""
+    root = out_dir / "slides"
+    infos = _slide_infos(root)
+    if not infos:
+        return []
+    rows_by_slide: dict[str, list[dict[str, str]]] = {ident: [] for ident in infos}
+    for row in _read_rows(topk_path):
+        ident = unescape(row.get("slide", "") or "")
+        if ident in rows_by_slide and row.get("cells"):
+            rows_by_slide[ident].append(row)
+    failed = _failed_tiles(infos, errors_path)
     index = []
     for ident, info in sorted(infos.items()):
         draw = redraw is None or ident in redraw or not (slide_dir(out_dir, ident) / "maps.npz").exists()

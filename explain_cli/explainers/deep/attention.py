@@ -63,13 +63,11 @@ def mha_rule(tape: Tape, func, args, kwargs):
     if (a["dropout_p"] and a["training"]) or None in helpers:
         return unsupported(tape, func)  # random (training), or a torch without these helpers
     shape_check, canonical_mask, none_or_dtype, in_projection_packed, in_projection = helpers
-    num_heads, attn_mask, kpm = a["num_heads"], a["attn_mask"], a["key_padding_mask"]
-    is_batched = shape_check(query, key, value, kpm, attn_mask, num_heads)
+    attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
+    is_batched = shape_check(query, key, value, kpm, attn_mask, a["num_heads"])
     if not is_batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         kpm = kpm.unsqueeze(0) if kpm is not None else None
-    tgt_len, bsz, embed_dim = query.shape
-    head_dim = embed_dim // num_heads
     kpm = canonical_mask(mask=kpm, mask_name="key_padding_mask", other_type=none_or_dtype(attn_mask),
                          other_name="attn_mask", target_type=query.dtype)
     causal = bool(a["is_causal"])
@@ -86,6 +84,21 @@ def mha_rule(tape: Tape, func, args, kwargs):
         b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
         q, k, v = in_projection(query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"],
                                 b_q, b_k, b_v)
+    q, k, v, attn_mask = _mha_heads(a, q, k, v, attn_mask, kpm, tuple(query.shape))
+    out, weights = _mha_attend(tape, a, q, k, v, attn_mask, causal, tuple(query.shape))
+    if not is_batched:
+        out = out.squeeze(1)
+        weights = weights.squeeze(0) if weights is not None else None
+    return out, weights
+
+
+def _mha_heads(a, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               kpm: torch.Tensor | None, shape: tuple[int, int, int]):
+    """torch's steps between the projections and the attention: bias_k/bias_v, the heads as batch
+    rows (static_k/static_v as given), add_zero_attn, the key padding mask merged into the mask."""
+    tgt_len, bsz, embed_dim = shape
+    num_heads = a["num_heads"]
+    head_dim = embed_dim // num_heads
     if attn_mask is not None and attn_mask.dim() == 2:
         attn_mask = attn_mask.unsqueeze(0)
     if a["bias_k"] is not None and a["bias_v"] is not None:
@@ -107,7 +120,17 @@ def mha_rule(tape: Tape, func, args, kwargs):
     if kpm is not None:
         kpm = kpm.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
         attn_mask = kpm if attn_mask is None else attn_mask + kpm
-    scale = float(head_dim) ** -0.5
+    return q, k, v, attn_mask
+
+
+def _mha_attend(tape: Tape, a, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                causal: bool, shape: tuple[int, int, int]):
+    """The attention core (the bilinear products around the softmax rule), the output projection, and
+    the attention weights torch returns (averaged over heads when asked; None unless need_weights)."""
+    tgt_len, bsz, embed_dim = shape
+    num_heads = a["num_heads"]
+    src_len = k.shape[1]
+    scale = float(embed_dim // num_heads) ** -0.5
     scores = apply_rule(tape, MATMUL, torch.matmul, (q * scale, k.transpose(-2, -1)))
     if causal:
         keep = torch.ones(tgt_len, src_len, dtype=torch.bool, device=scores.device).tril()
@@ -122,7 +145,4 @@ def mha_rule(tape: Tape, func, args, kwargs):
     if a["need_weights"]:
         avg = weights.view(bsz, num_heads, tgt_len, src_len)
         avg = avg.mean(dim=1) if a["average_attn_weights"] else avg
-    if not is_batched:
-        out = out.squeeze(1)
-        avg = avg.squeeze(0) if avg is not None else None
     return out, avg

@@ -119,28 +119,36 @@ class Tape:
         t = self.position
         self.position += 1
         if self.phase == "record":
-            if t == len(self.calls):
-                if not self.first:
-                    raise ModelMismatch("the model made more nonlinear calls on this background chunk than "
-                                         "on the first one")
-                self.calls.append((kind, [None if x is None else Slot(x.shape) for x in tensors]))
-            rec_kind, slots = self.calls[t]
-            if rec_kind != kind or [s is None for s in slots] != [x is None for x in tensors]:
-                raise ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} before")
-            for slot, x in zip(slots, tensors):
-                if slot is None:
-                    continue
-                x = x.detach()
-                if self.probing:
-                    slot.probe = x.clone()
-                    continue
-                if slot.dim is None and self.rows > 1:
-                    slot.locate(x.shape, self.rows)
-                    if slot.probe is not None:
-                        slot.choose_order(x, self.rows)
-                slot.check(x.shape, self.rows)
-                slot.parts.append(slot.split(x, self.rows).clone())
+            self._record(t, kind, tensors)
             return None
+        return self._recorded(t, kind, tensors)
+
+    def _record(self, t: int, kind: str, tensors: tuple[torch.Tensor | None, ...]) -> None:
+        """Record phase: the reference rows of call ``t``'s tensors (the first chunk makes its slots)."""
+        if t == len(self.calls):
+            if not self.first:
+                raise ModelMismatch("the model made more nonlinear calls on this background chunk than "
+                                     "on the first one")
+            self.calls.append((kind, [None if x is None else Slot(x.shape) for x in tensors]))
+        rec_kind, slots = self.calls[t]
+        if rec_kind != kind or [s is None for s in slots] != [x is None for x in tensors]:
+            raise ModelMismatch(f"nonlinear call {t} is a {kind} here and a {rec_kind} before")
+        for slot, x in zip(slots, tensors):
+            if slot is None:
+                continue
+            x = x.detach()
+            if self.probing:
+                slot.probe = x.clone()
+                continue
+            if slot.dim is None and self.rows > 1:
+                slot.locate(x.shape, self.rows)
+                if slot.probe is not None:
+                    slot.choose_order(x, self.rows)
+            slot.check(x.shape, self.rows)
+            slot.parts.append(slot.split(x, self.rows).clone())
+
+    def _recorded(self, t: int, kind: str, tensors: tuple[torch.Tensor | None, ...]) -> tuple:
+        """Explain phase: the recorded reference tensors of call ``t``, one per image row of this chunk."""
         if t >= len(self.calls):
             raise ModelMismatch(f"the model made more nonlinear calls on the images than on the background "
                                  f"({len(self.calls)})")
