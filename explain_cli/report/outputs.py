@@ -3,7 +3,6 @@ shards'), errors.csv; every part read defensively (a missing or unreadable part 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from explain_cli.errors import UserError
+from explain_cli.record import RunRecord, RunRecordError
 from explain_cli.write import parse_csv, read_csv_text
 
 log = logging.getLogger("explain_cli")
@@ -33,12 +33,16 @@ class RunOutputs:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A run.json as record.RunRecord reads it leniently (each entry of its kind; a malformed one left
+    out, with a warning), as JSON data; None when it cannot be read at all."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("report: cannot read %s (%s); left out", path, exc)
+        record = RunRecord.read(path, lenient=True)
+    except RunRecordError as exc:
+        log.warning("report: cannot read %s (%s); left out", path, exc.problem)
         return None
-    return data if isinstance(data, dict) else None
+    for entry, problem in record.dropped.items():
+        log.warning("report: %s: %s is malformed (%s); left out", path, entry, problem)
+    return record.dump()
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
