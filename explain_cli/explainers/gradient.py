@@ -367,6 +367,55 @@ class Explainer(base.Explainer):
                                       self.context.layer, size=size) for h in (0, 1)]
         return split_half_stability(*half_maps, (used[0], used[1]))[0]
 
+    def _forward_rows(self, x: torch.Tensor, ref: torch.Tensor, t_rows: torch.Tensor, rows: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's outputs at the interpolated points of a chunk, the tensor the gradients are of
+        (the input, or the layer's input) and what they multiply: the image's difference from the
+        reference (input), the layer input at the point (path input at a layer), or the layer
+        input's difference from the reference's (path layer)."""
+        ctx = self.context
+        settings: Settings = self.settings  # type: ignore[assignment]
+        if ctx.layer is None:
+            delta = x - ref
+            target = (ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * delta).requires_grad_(True)
+            return _utils.as_2d(ctx.model(target)), target, delta[:rows]
+        if settings.path == "input":
+            z = ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * (x - ref)
+            with _utils.capture_layer_input(ctx.layer, make_leaf=True) as captured:
+                out = _utils.as_2d(ctx.model(z))
+            target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient", rows=z.shape[0])
+            return out, target, target.detach()[:rows]
+        differences: list[torch.Tensor] = []
+
+        def interpolate(h: torch.Tensor) -> torch.Tensor:
+            start_point = ref.to(h.dtype)
+            delta_h = h.detach() - start_point
+            differences.append(delta_h)
+            return (start_point + t_rows.to(h.dtype).view((-1,) + (1,) * (h.dim() - 1)) * delta_h
+                    ).requires_grad_(True)
+
+        with _utils.replace_layer_input(ctx.layer, interpolate) as captured:
+            out = _utils.as_2d(ctx.model(x))
+        target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
+        return out, target, differences[-1][:rows]
+
+    @staticmethod
+    def _add_contributions(sums: list[torch.Tensor | None], explained: torch.Tensor, target: torch.Tensor,
+                           multiplier: torch.Tensor, rows: int, slots: torch.Tensor, scale: float,
+                           halves: int) -> None:
+        """Each class's gradient times the multiplier, added to the half sums (k, halves, ...) by slot."""
+        k = explained.shape[1]
+        for r in range(k):
+            selected = explained[:, r].sum()
+            (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
+            grad = grad[:rows]
+            _precision.check_gradient(grad, scale)
+            contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
+            if sums[0] is None:
+                sums[0] = torch.zeros((k, halves) + tuple(contribution.shape[1:]),
+                                      dtype=torch.float32, device=contribution.device)
+            sums[0][r].index_add_(0, slots, contribution)
+
     def _run_round(self, images: torch.Tensor, classes: torch.Tensor, targets: BatchTargets, draws: list[_Draws],
                    active: list[int], size: int, sums: list[torch.Tensor | None]) -> None:
         """Evaluate one round of ``size`` samples for each active image and add them to the half sums.
@@ -393,7 +442,6 @@ class Explainer(base.Explainer):
         image_all = torch.tensor(active).repeat_interleave(size)
         refs = self.background_layer_inputs() if self.layer_path else ctx.background
         scale = _precision.grad_scale(ctx.model)
-        k = classes.shape[1]
 
         for start, stop in _utils.model_chunks(ctx, rind_all.shape[0]):  # CPU auto: the first calls are timed
             img = image_all[start:stop].to(device)
@@ -413,42 +461,9 @@ class Explainer(base.Explainer):
             rows = stop - start
             if rows == 1:
                 x, ref, t_rows = _utils.two_rows(x), _utils.two_rows(ref), _utils.two_rows(t_rows)
-            if ctx.layer is None:
-                delta = x - ref
-                target = (ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * delta).requires_grad_(True)
-                out = _utils.as_2d(ctx.model(target))
-                multiplier = delta[:rows]
-            elif settings.path == "input":
-                z = ref + t_rows.view((-1,) + (1,) * (x.dim() - 1)) * (x - ref)
-                with _utils.capture_layer_input(ctx.layer, make_leaf=True) as captured:
-                    out = _utils.as_2d(ctx.model(z))
-                target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient", rows=z.shape[0])
-                multiplier = target.detach()[:rows]
-            else:
-                differences: list[torch.Tensor] = []
-
-                def interpolate(h: torch.Tensor) -> torch.Tensor:
-                    start_point = ref.to(h.dtype)
-                    delta_h = h.detach() - start_point
-                    differences.append(delta_h)
-                    return (start_point + t_rows.to(h.dtype).view((-1,) + (1,) * (h.dim() - 1)) * delta_h
-                            ).requires_grad_(True)
-
-                with _utils.replace_layer_input(ctx.layer, interpolate) as captured:
-                    out = _utils.as_2d(ctx.model(x))
-                target = _utils.captured_feature_map(captured, ctx.layer_name, "gradient")
-                multiplier = differences[-1][:rows]
-
+            out, target, multiplier = self._forward_rows(x, ref, t_rows, rows)
             _utils.count_evaluations(rows)
             explained = targets.explained(out[:rows], row_classes)  # (rows, k)
-            for r in range(k):
-                selected = explained[:, r].sum()
-                (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k)
-                grad = grad[:rows]
-                _precision.check_gradient(grad, scale)
-                contribution = (grad.float() / scale) * multiplier.float()  # a layer input may be 16-bit
-                if sums[0] is None:
-                    sums[0] = torch.zeros((k, 2 * images.shape[0]) + tuple(contribution.shape[1:]),
-                                          dtype=torch.float32, device=device)
-                sums[0][r].index_add_(0, slot_all[start:stop], contribution)
+            self._add_contributions(sums, explained, target, multiplier, rows, slot_all[start:stop], scale,
+                                    2 * images.shape[0])
             del out, explained, target, multiplier

@@ -463,6 +463,26 @@ class Explainer(base.Explainer):
     def evaluations_per_image(self) -> int:
         return int(self.settings.max_evals)  # f00 and f11 included, as shap counts them
 
+    def _rounds(self, states: list[_Owen], masker: Any, classes: torch.Tensor, targets: BatchTargets) -> None:
+        """The rounds of the Owen expansion of all images together (shared model calls); each image
+        keeps its own queue, until every queue is empty."""
+        while True:
+            rows, counts = [], []
+            for i, state in enumerate(states):
+                masks = state.next_masks()
+                rows += [(i, m) for m in masks]
+                counts.append(len(masks))
+            if not rows:
+                return
+            owner = torch.tensor([i for i, _ in rows], device=classes.device)
+            fout = self._evaluate(rows, masker, classes[owner], targets)
+            fout = fout.double().cpu().numpy()
+            pos = 0
+            for state, count in zip(states, counts):
+                if count:
+                    state.absorb(fout[pos:pos + count])
+                    pos += count
+
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         """Explain the selected classes of each image; ``seeds`` are not used (the method is deterministic)."""
         ctx = self.context
@@ -501,23 +521,7 @@ class Explainer(base.Explainer):
                 states = [_Owen(tree, base_values[i], outputs[i], settings.max_evals, settings.batch_size)
                           for i in range(n_images)]
 
-                # The rounds of all images together; each image keeps its own queue.
-                while True:
-                    rows, counts = [], []
-                    for i, state in enumerate(states):
-                        masks = state.next_masks()
-                        rows += [(i, m) for m in masks]
-                        counts.append(len(masks))
-                    if not rows:
-                        break
-                    owner = torch.tensor([i for i, _ in rows], device=device)
-                    fout = self._evaluate(rows, masker, classes[owner], targets)
-                    fout = fout.double().cpu().numpy()
-                    pos = 0
-                    for state, count in zip(states, counts):
-                        if count:
-                            state.absorb(fout[pos:pos + count])
-                            pos += count
+                self._rounds(states, masker, classes, targets)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

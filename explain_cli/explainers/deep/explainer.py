@@ -6,7 +6,7 @@ import contextlib
 import copy
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -196,6 +196,45 @@ class Explainer(base.Explainer):
     def evaluations_per_image(self) -> int:
         return int(self.references().shape[0]) + 1  # one row per reference and the ranking forward
 
+    def _forward_chunk(self, tape: Tape, model: torch.nn.Module, layer: Any, x: torch.Tensor, refs: torch.Tensor,
+                       ref: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk of (image, reference) rows through the model under the DeepLIFT rules: the
+        outputs, the tensor the values are of (the input or the layer's input, a leaf) and its
+        difference from the reference's."""
+        tape.start_explain(ref)
+        with torch.enable_grad(), DeepMode(tape, self._rules):
+            if layer is None:
+                target = x.detach().clone().requires_grad_(True)
+                out = _utils.as_2d(model(target))
+                delta = (x - refs[ref]).detach()
+            else:
+                with _utils.capture_layer_input(layer, make_leaf=True) as captured:
+                    out = _utils.as_2d(model(x))
+                target = self._layer_value(captured, x.shape[0])
+                assert self._layer_reference is not None
+                delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
+        self._check_stop(tape)
+        return out, target, delta
+
+    @staticmethod
+    def _accumulate(phi: torch.Tensor | None, explained: torch.Tensor, target: torch.Tensor, delta: torch.Tensor,
+                    half: torch.Tensor, k: int, scale: float, acc_dtype: torch.dtype, halves: int) -> torch.Tensor:
+        """Add each class's multipliers times the differences of a chunk to ``phi`` (k, halves, ...),
+        by image half (created on the first chunk)."""
+        for r in range(k):
+            selected = explained[:, r].sum()
+            (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k, allow_unused=True)
+            if grad is None:
+                grad = torch.zeros_like(target)
+            _precision.check_gradient(grad, scale)
+            contribution = (grad.to(acc_dtype) / scale) * delta.to(acc_dtype)
+            if phi is None:
+                phi = torch.zeros((k, halves) + tuple(contribution.shape[1:]), dtype=acc_dtype,
+                                  device=contribution.device)
+            phi[r].index_add_(0, half, contribution)
+        assert phi is not None
+        return phi
+
     def explain(self, images: torch.Tensor, targets: BatchTargets | int, seeds: Sequence[int]) -> Attribution:
         ctx = self.context
         targets = as_targets(targets)
@@ -232,41 +271,26 @@ class Explainer(base.Explainer):
                 rows = torch.arange(start, stop, device=device)
                 img = torch.div(rows, n_refs, rounding_mode="floor")
                 ref = rows - img * n_refs
-                x = images[img]
-                tape.start_explain(ref)
-                with torch.enable_grad(), DeepMode(tape, self._rules):
-                    if layer is None:
-                        target = x.detach().clone().requires_grad_(True)
-                        out = _utils.as_2d(model(target))
-                        delta = (x - refs[ref]).detach()
-                    else:
-                        with _utils.capture_layer_input(layer, make_leaf=True) as captured:
-                            out = _utils.as_2d(model(x))
-                        target = self._layer_value(captured, x.shape[0])
-                        assert self._layer_reference is not None
-                        delta = target.detach().to(acc_dtype) - self._layer_reference[ref].to(acc_dtype)
-                self._check_stop(tape)
+                out, target, delta = self._forward_chunk(tape, model, layer, images[img], refs, ref, acc_dtype)
                 _utils.count_evaluations(stop - start)
-                row_classes = classes_dev[img]
                 explained = explained_deep(targets.spec, out[: stop - start], ref_outputs[ref].to(out.dtype),
-                                           row_classes)
+                                           classes_dev[img])
                 half = img * 2 + (ref >= n_refs // 2)  # the two halves of the background, summed apart
-                for r in range(k):
-                    selected = explained[:, r].sum()
-                    (grad,) = torch.autograd.grad(selected * scale, target, retain_graph=r + 1 < k,
-                                                  allow_unused=True)
-                    if grad is None:
-                        grad = torch.zeros_like(target)
-                    _precision.check_gradient(grad, scale)
-                    contribution = (grad.to(acc_dtype) / scale) * delta.to(acc_dtype)
-                    if phi is None:
-                        phi = torch.zeros((k, 2 * n_images) + tuple(contribution.shape[1:]), dtype=acc_dtype,
-                                          device=device)
-                    phi[r].index_add_(0, half, contribution)
+                phi = self._accumulate(phi, explained, target, delta, half, k, scale, acc_dtype, 2 * n_images)
                 del out, explained, target, delta
             self._warn_unsupported(tape)
 
         assert phi is not None
+        return self._attribution(phi, n_refs, outputs, base_values, ref_outputs, classes, selection, targets,
+                                 tape, layer, tuple(shown.shape[1:]))
+
+    def _attribution(self, phi: torch.Tensor, n_refs: int, outputs: torch.Tensor, base_values: torch.Tensor,
+                     ref_outputs: torch.Tensor, classes: torch.Tensor, selection: Any, targets: BatchTargets,
+                     tape: Tape, layer: Any, shape: tuple[int, ...]) -> Attribution:
+        """The half sums averaged over the references, checked for additivity (at the input), mapped
+        onto the image, with the split-half stability of the two halves of the background."""
+        ctx = self.context
+        k, n_images = phi.shape[0], phi.shape[1] // 2
         halves = phi.view((k, n_images, 2) + tuple(phi.shape[2:])).transpose(0, 1)  # (N, k, 2, *explained shape)
         values = (halves.sum(2) / n_refs).contiguous()  # (N, k, *explained shape)
         shap_sum = values.flatten(2).to(torch.float64).sum(2)  # token layer: prefix tokens included
@@ -274,12 +298,12 @@ class Explainer(base.Explainer):
             spread = torch.stack([(outputs[i] - targets.explained(ref_outputs, classes[i].expand(n_refs, -1))).abs()
                                   .mean(0) for i in range(n_images)])
             self._warn_inexact(tape, shap_sum, outputs, base_values, spread)
-        values = _utils.layer_map(values, ctx.model, ctx.layer_name, ctx.layer, size=tuple(shown.shape[1:]))  # (N, k, C, h, w)
+        values = _utils.layer_map(values, ctx.model, ctx.layer_name, ctx.layer, size=shape)  # (N, k, C, h, w)
         _utils.warn_if_cancelling(values, ctx.layer_name, "deep", self._warned_layers)
         stability = None
         if n_refs >= 2:
-            half_maps = [_utils.layer_map(halves[:, :, h], ctx.model, ctx.layer_name, ctx.layer,
-                                         size=tuple(shown.shape[1:])) for h in (0, 1)]
+            half_maps = [_utils.layer_map(halves[:, :, h], ctx.model, ctx.layer_name, ctx.layer, size=shape)
+                         for h in (0, 1)]
             stability = split_half_stability(*half_maps, (n_refs // 2, n_refs - n_refs // 2))
         return Attribution(
             values=values.cpu().numpy().astype(np.float32, copy=False),
