@@ -212,7 +212,10 @@ def starter_config(model: str, arch: str | None, config_path: Path, input_dir: P
                    ) -> tuple[str, dict[str, Any], list[str]]:
     """The text of a starter config for ``model`` (torchvision:NAME, timm:NAME, python:mod:factory,
     or a checkpoint file with ``arch``), the data it means (what loading the text must give) and
-    notes for the user; ConfigError when the model cannot be built as written."""
+    notes for the user; ConfigError when the model cannot be built as written.
+
+    Longer than 60 lines on purpose: most of it is the config's text as one template, which reads
+    best whole (the decisions before it are in the helpers above)."""
     from explain_cli.models import build_model, count_outputs, pretrained_file
 
     base = config_path.parent

@@ -168,34 +168,7 @@ class CoalitionSampler:
         weight_vector[:self.num_paired] *= 2
         weight_vector /= np.sum(weight_vector)
 
-        masks: list[np.ndarray] = []
-        weights: list[float] = []
-        # Enumerate whole subset sizes (with their complements) while the budget allows.
-        num_full_subsets = 0
-        num_samples_left = nsamples
-        remaining_weight_vector = weight_vector.copy()
-        for subset_size in range(1, num_subset_sizes + 1):
-            nsubsets = math.comb(m, subset_size)
-            if subset_size <= self.num_paired:
-                nsubsets *= 2
-            if num_samples_left * remaining_weight_vector[subset_size - 1] / nsubsets >= 1.0 - 1e-8:
-                num_full_subsets += 1
-                num_samples_left -= nsubsets
-                if remaining_weight_vector[subset_size - 1] < 1.0:
-                    remaining_weight_vector /= 1 - remaining_weight_vector[subset_size - 1]
-                w = weight_vector[subset_size - 1] / math.comb(m, subset_size)
-                if subset_size <= self.num_paired:
-                    w /= 2.0
-                for inds in itertools.combinations(range(m), subset_size):
-                    mask = np.zeros(m, dtype=bool)
-                    mask[list(inds)] = True
-                    masks.append(mask)
-                    weights.append(w)
-                    if subset_size <= self.num_paired:
-                        masks.append(~mask)
-                        weights.append(w)
-            else:
-                break
+        masks, weights, num_full_subsets = self._enumerate(nsamples, weight_vector, num_subset_sizes)
         self._masks = masks
         self._weights = weights  # enumerated: kernel weights; drawn: counts, rescaled in `weights`
         self.nfixed = len(masks)
@@ -219,6 +192,39 @@ class CoalitionSampler:
         self.unit_of: dict[bytes, int] = {}
         self.units: list[list] = []  # per distinct draw: [first row, complement row or None, draws, row weight]
         self.draw(nsamples - self.nfixed)
+
+    def _enumerate(self, nsamples: int, weight_vector: np.ndarray, num_subset_sizes: int
+                   ) -> tuple[list[np.ndarray], list[float], int]:
+        """Enumerate whole subset sizes (with their complements) while the budget allows: their masks,
+        kernel weights and how many sizes are complete (shap's first loop)."""
+        m = self.m
+        masks: list[np.ndarray] = []
+        weights: list[float] = []
+        num_full_subsets = 0
+        num_samples_left = nsamples
+        remaining_weight_vector = weight_vector.copy()
+        for subset_size in range(1, num_subset_sizes + 1):
+            nsubsets = math.comb(m, subset_size)
+            if subset_size <= self.num_paired:
+                nsubsets *= 2
+            if not num_samples_left * remaining_weight_vector[subset_size - 1] / nsubsets >= 1.0 - 1e-8:
+                break
+            num_full_subsets += 1
+            num_samples_left -= nsubsets
+            if remaining_weight_vector[subset_size - 1] < 1.0:
+                remaining_weight_vector /= 1 - remaining_weight_vector[subset_size - 1]
+            w = weight_vector[subset_size - 1] / math.comb(m, subset_size)
+            if subset_size <= self.num_paired:
+                w /= 2.0
+            for inds in itertools.combinations(range(m), subset_size):
+                mask = np.zeros(m, dtype=bool)
+                mask[list(inds)] = True
+                masks.append(mask)
+                weights.append(w)
+                if subset_size <= self.num_paired:
+                    masks.append(~mask)
+                    weights.append(w)
+        return masks, weights, num_full_subsets
 
     @property
     def masks(self) -> np.ndarray:
