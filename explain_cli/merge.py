@@ -370,10 +370,11 @@ def _merged_record(summary: MergeSummary, infos: dict[int, RunRecord], rows: _Ro
         runs=sorted((r for info in infos.values() for r in (info.runs or [])), key=lambda r: str(r.started)))
 
 
-def _stitch_slides(output_dir: Path, config: Any) -> None:
+def _stitch_slides(output_dir: Path, config: dict[str, Any] | None) -> None:
     """A slide run's heatmaps, from the merged topk.csv: a slide whose tiles ran in several shards
-    gets one heatmap (no shard could draw it alone)."""
-    slides = config.get("slides") if isinstance(config, dict) else None
+    gets one heatmap (no shard could draw it alone). ``config``: run.json's (RunRecord.config), whose
+    sections are read defensively (a hand-edited one may lack them)."""
+    slides = (config or {}).get("slides")
     if not isinstance(slides, dict) or not (output_dir / "slides").is_dir():
         return
     from explain_cli.slides.heatmap import write_heatmaps
@@ -396,7 +397,7 @@ def _merged_scale(infos: dict[int, RunRecord]) -> dict[str, Any] | None:
     import logging
 
     entries = [info.overlay_scale for _, info in sorted(infos.items())]
-    known = [e for e in entries if isinstance(e, dict)]
+    known = [e for e in entries if e is not None]
     if not known:
         return None
     limits = [e.get("limit") for e in known]
@@ -407,7 +408,7 @@ def _merged_scale(infos: dict[int, RunRecord]) -> dict[str, Any] | None:
         or len(numbers) == len(limits) and max(numbers) <= min(numbers) * 1.001)
     if agree:
         return known[0]
-    shown = ", ".join(f"shard {i}: " + (f"{e.get('mode')} {e.get('limit')}" if isinstance(e, dict) else "none")
+    shown = ", ".join(f"shard {i}: " + (f"{e.get('mode')} {e.get('limit')}" if e is not None else "none")
                       for i, e in enumerate(entries))
     logging.getLogger("explain_cli").warning(
         "merge: the shards drew their overlays on different colour scales (output.scale; %s); rerun the "
