@@ -460,6 +460,27 @@ def _fmt(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _mismatch_text(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], missing: list[str],
+                   unexpected: list[str], wrong: list[str]) -> str:
+    """What does not fit between a checkpoint and the model: missing and unexpected keys, shape
+    mismatches, with a hint (another classifier size; key_match: order when no name matches)."""
+    parts = []
+    hint = ""
+    if missing:
+        parts.append(f"missing in the checkpoint: {_fmt(missing)}")
+    if unexpected:
+        parts.append(f"not in the model: {_fmt(unexpected)}")
+    if wrong:
+        parts.append("shape mismatches: " + _fmt(
+            [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}" for k in wrong], 3))
+        for k in wrong:
+            hint = hint or _classifier_hint(model_state, k, tuple(state[k].shape))
+    if missing and unexpected and not set(state) & set(model_state):
+        hint += (" No key names match at all: if the weights come from another implementation of the "
+                 "same architecture, try model.key_match: order.")
+    return "; ".join(parts) + "." + hint
+
+
 def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
     model_state = model.state_dict()
     if cfg.key_match == "order":
@@ -468,21 +489,8 @@ def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], cfg: Mode
     unexpected = [k for k in state if k not in model_state]
     wrong = [k for k in state if k in model_state and tuple(state[k].shape) != tuple(model_state[k].shape)]
     if missing or unexpected or wrong:
-        parts = []
-        hint = ""
-        if missing:
-            parts.append(f"missing in the checkpoint: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"not in the model: {_fmt(unexpected)}")
-        if wrong:
-            parts.append("shape mismatches: " + _fmt(
-                [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}" for k in wrong], 3))
-            for k in wrong:
-                hint = hint or _classifier_hint(model_state, k, tuple(state[k].shape))
-        if missing and unexpected and not set(state) & set(model_state):
-            hint += (" No key names match at all: if the weights come from another implementation of the "
-                     "same architecture, try model.key_match: order.")
-        raise ConfigError("model.checkpoint", f"{path} does not fit {cfg.arch}: " + "; ".join(parts) + "." + hint)
+        raise ConfigError("model.checkpoint", f"{path} does not fit {cfg.arch}: "
+                          + _mismatch_text(model_state, state, missing, unexpected, wrong))
     # Module versions: the checkpoint's where it has them (as a plain load_state_dict would use),
     # else the model's own; the keys and shapes were checked above, so the format is the current one.
     metadata = dict(getattr(model_state, "_metadata", None) or {})
@@ -612,8 +620,23 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
 
     if layer is None:
         return None
-    inputs: dict[str, Any] = {}
+    value = _captured_layer_input(model, layer, layer_name, size)
+    if value.dim() in (3, 4) and value.shape[0] != 1:
+        _utils.check_rows(value, 1, layer_name, working_layers(model, layer_name, size))
+    if value.dim() == 4:
+        return _map_input(model, layer, layer_name, value, size)
+    if value.dim() != 3:
+        raise ConfigError("model.layer", _utils.wrong_rank_message(layer_name, tuple(value.shape),
+                                                                     "gradient or deep"))
+    return _token_input(model, layer_name, value)
 
+
+def _captured_layer_input(model: nn.Module, layer: nn.Module, layer_name: str, size: InputSize) -> torch.Tensor:
+    """The layer's input in one dummy forward; ConfigError when it is not called, is TorchScript or
+    takes something else than one tensor (naming its submodules that take one map)."""
+    from explain_cli.explainers import _utils
+
+    inputs: dict[str, Any] = {}
     _forward_with_hooks(model, size, layer.named_modules(),
                         lambda module, name: module.register_forward_pre_hook(_first_input(inputs, name)))
     value = inputs.get("")
@@ -635,25 +658,33 @@ def check_layer_input(model: nn.Module, layer: nn.Module | None, layer_name: str
                    and bool(list(modules[n].children())) == bool(list(modules[first].children()))]
         suggestions = shallow[:4] + ([f"... ({len(shallow) - 4} more)"] if len(shallow) > 4 else [])
         raise ConfigError("model.layer", _utils.not_a_tensor_message(layer_name, value, suggestions))
-    if value.dim() in (3, 4) and value.shape[0] != 1:
-        _utils.check_rows(value, 1, layer_name, working_layers(model, layer_name, size))
-    if value.dim() == 4:
-        try:
-            layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
-        except ConfigError as exc:
-            suggestions = working_layers(model, layer_name, size)
-            raise ConfigError(exc.key, _with_suggestions(exc.message, suggestions)) from None
-        if layout.blocks is not None:
-            log.info("layer '%s' takes %s: blocks of tokens, put back onto a %dx%d grid (%s)", layer_name,
-                     tuple(value.shape), layout.blocks[0] * layout.block[0], layout.blocks[1] * layout.block[1],
-                     layout.found)
-        else:
-            log.info("layer '%s' takes %s maps, channels %s (%s)", layer_name, tuple(value.shape),
-                     "last: drawn as (C, H, W)" if layout.channels_last else "first", layout.found)
-        return layout.describe() if layout.channels_last else None
-    if value.dim() != 3:
-        raise ConfigError("model.layer", _utils.wrong_rank_message(layer_name, tuple(value.shape),
-                                                                     "gradient or deep"))
+    return value
+
+
+def _map_input(model: nn.Module, layer: nn.Module, layer_name: str, value: torch.Tensor, size: InputSize
+               ) -> dict | None:
+    """A 4-D layer input: its layout (None for (N, C, H, W), run.json's entry otherwise)."""
+    from explain_cli.explainers import _utils
+
+    try:
+        layout = _utils.layer_layout(model, layer, layer_name, tuple(value.shape), size)
+    except ConfigError as exc:
+        suggestions = working_layers(model, layer_name, size)
+        raise ConfigError(exc.key, _with_suggestions(exc.message, suggestions)) from None
+    if layout.blocks is not None:
+        log.info("layer '%s' takes %s: blocks of tokens, put back onto a %dx%d grid (%s)", layer_name,
+                 tuple(value.shape), layout.blocks[0] * layout.block[0], layout.blocks[1] * layout.block[1],
+                 layout.found)
+    else:
+        log.info("layer '%s' takes %s maps, channels %s (%s)", layer_name, tuple(value.shape),
+                 "last: drawn as (C, H, W)" if layout.channels_last else "first", layout.found)
+    return layout.describe() if layout.channels_last else None
+
+
+def _token_input(model: nn.Module, layer_name: str, value: torch.Tensor) -> dict:
+    """A (N, tokens, C) layer input: its mapping onto the patch grid (run.json's entry)."""
+    from explain_cli.explainers import _utils
+
     grid = _utils.token_grid(model, layer_name, value.shape[1])
     h, w = grid.grid
     dropped = (f"its first {grid.prefix} (class/distillation/register) are left out of the map"
@@ -752,25 +783,10 @@ def layer_table(model: nn.Module, size: InputSize) -> list[LayerInfo]:
     from explain_cli.explainers import _utils
 
     modules = list(model.named_modules())
-
-    def shapes_at(side: InputSize) -> tuple[dict[str, Any], dict[str, tuple | None]]:
-        inputs: dict[str, Any] = {}
-        outputs: dict[str, tuple | None] = {}
-
-        def hook_for(name: str):
-            def hook(module: nn.Module, args: tuple, output: Any) -> None:
-                if name not in inputs:
-                    inputs[name] = args[0] if args else None
-                    tensor = _first_tensor(output)
-                    outputs[name] = tuple(tensor.shape) if tensor is not None else None
-            return hook
-
-        _forward_with_hooks(model, side, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
-        return inputs, outputs
-
-    inputs, outputs = shapes_at(size)
+    inputs, outputs = _shapes_at(model, modules, size)
     try:
-        probe = {name: tuple(v.shape) for name, v in shapes_at(input_shape.scaled(size, 2))[0].items() if isinstance(v, torch.Tensor)}
+        probe = {name: tuple(v.shape) for name, v in _shapes_at(model, modules, input_shape.scaled(size, 2))[0].items()
+                 if isinstance(v, torch.Tensor)}
     except ConfigError:  # a model of one input size: the square pair decides
         probe = {}
     named = dict(modules)
@@ -779,40 +795,60 @@ def layer_table(model: nn.Module, size: InputSize) -> list[LayerInfo]:
     changes = _utils.quadrant_changes(model, blockable, size) if blockable else {}
     rows = [LayerInfo("input", "(pixels)", (1,) + input_shape.chw(size), None, input_shape.chw(size)[1:])]
     for name, module in modules:
-        if not name:
-            continue
-        value = inputs.get(name)
-        out = outputs.get(name)
-        kind = type(module).__name__
-        if name not in inputs:
-            rows.append(LayerInfo(name, kind, None, None, None, "not called in the forward pass"))
-        elif not isinstance(value, torch.Tensor):
-            what = f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
-            rows.append(LayerInfo(name, kind, None, out, None, f"takes {what}, not one tensor"))
-        elif value.dim() in (3, 4) and value.shape[0] != 1:
-            rows.append(LayerInfo(name, kind, tuple(value.shape), out, None,
-                                  f"folds {value.shape[0]} windows/patches of the image into the batch"))
-        elif value.dim() == 4:
-            shape = tuple(value.shape)
-            try:
-                layout = _utils.decide_layout(shape, probe.get(name), changes.get(name), name, warn=False)
-            except ConfigError:
-                rows.append(LayerInfo(name, kind, shape, out, None, "(N, C, H, W), (N, H, W, C) or blocks of tokens "
-                                                                    "cannot be told apart"))
-                continue
-            size_hw = tuple(layout.to_map(torch.empty((0,) + shape[1:], device="meta")).shape[-2:])
-            rows.append(LayerInfo(name, kind, shape, out, size_hw, channels_last=layout.channels_last
-                                  and layout.blocks is None, blocks=layout.blocks is not None))
-        elif value.dim() == 3:
-            try:
-                grid = _utils.token_grid(model, name, int(value.shape[1])).grid
-                rows.append(LayerInfo(name, kind, tuple(value.shape), out, grid))
-            except ConfigError:
-                rows.append(LayerInfo(name, kind, tuple(value.shape), out, None, "tokens not on a patch grid"))
-        else:
-            rows.append(LayerInfo(name, kind, tuple(value.shape), out, None,
-                                  f"takes a {value.dim()}-D tensor, not a feature map or tokens"))
+        if name:
+            rows.append(_layer_row(model, name, type(module).__name__, inputs, outputs.get(name), probe, changes))
     return rows
+
+
+def _shapes_at(model: nn.Module, modules: list[tuple[str, nn.Module]], side: InputSize
+               ) -> tuple[dict[str, Any], dict[str, tuple | None]]:
+    """Each module's first input and the shape of its first output tensor, in one dummy forward."""
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, tuple | None] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if name not in inputs:
+                inputs[name] = args[0] if args else None
+                tensor = _first_tensor(output)
+                outputs[name] = tuple(tensor.shape) if tensor is not None else None
+        return hook
+
+    _forward_with_hooks(model, side, modules, lambda module, name: module.register_forward_hook(hook_for(name)))
+    return inputs, outputs
+
+
+def _layer_row(model: nn.Module, name: str, kind: str, inputs: dict[str, Any], out: tuple | None,
+               probe: dict[str, tuple], changes: dict) -> LayerInfo:
+    """One module's row: the explained shape and map size, or why it cannot be explained."""
+    from explain_cli.explainers import _utils
+
+    value = inputs.get(name)
+    if name not in inputs:
+        return LayerInfo(name, kind, None, None, None, "not called in the forward pass")
+    if not isinstance(value, torch.Tensor):
+        what = f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
+        return LayerInfo(name, kind, None, out, None, f"takes {what}, not one tensor")
+    if value.dim() in (3, 4) and value.shape[0] != 1:
+        return LayerInfo(name, kind, tuple(value.shape), out, None,
+                         f"folds {value.shape[0]} windows/patches of the image into the batch")
+    if value.dim() == 4:
+        shape = tuple(value.shape)
+        try:
+            layout = _utils.decide_layout(shape, probe.get(name), changes.get(name), name, warn=False)
+        except ConfigError:
+            return LayerInfo(name, kind, shape, out, None, "(N, C, H, W), (N, H, W, C) or blocks of tokens "
+                                                           "cannot be told apart")
+        size_hw = tuple(layout.to_map(torch.empty((0,) + shape[1:], device="meta")).shape[-2:])
+        return LayerInfo(name, kind, shape, out, size_hw, channels_last=layout.channels_last
+                         and layout.blocks is None, blocks=layout.blocks is not None)
+    if value.dim() == 3:
+        try:
+            return LayerInfo(name, kind, tuple(value.shape), out, _utils.token_grid(model, name, int(value.shape[1])).grid)
+        except ConfigError:
+            return LayerInfo(name, kind, tuple(value.shape), out, None, "tokens not on a patch grid")
+    return LayerInfo(name, kind, tuple(value.shape), out, None,
+                     f"takes a {value.dim()}-D tensor, not a feature map or tokens")
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
