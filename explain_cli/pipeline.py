@@ -127,28 +127,20 @@ def output_names(images: list[str], case_insensitive: bool = False) -> dict[str,
     return _names.output_names(images, case_insensitive)
 
 
-def prepare(config: Config, options: RunOptions, device: str | None = None, build=None) -> Prepared:
-    """Resolve and check everything a run needs; raises UserError/ConfigError on problems.
-    ``build``: builds the model instead of models.build_model (the Python API's cache, api.py)."""
-    import torch
-
-    from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
-    from explain_cli import explainers
-    from explain_cli.labels import load_labels
-    from explain_cli.models import (build_model, check_layer_input, count_outputs, resolve_layer,
-                                    to_channels_last)
+def _select_images(config: Config, options: RunOptions) -> tuple[Path, Path, list[str], list[str],
+                                                                  list[tuple[str, str]], dict[str, int], Any]:
+    """The input and output folders (checked), every image of the input (a slide run's tiles), the
+    ones this run selects (shard, --limit), the walk errors, the files the patterns left out and the
+    slide plans (None without slides)."""
+    from explain_cli.errors import ConfigError
 
     input_dir = config.resolve(config.input.dir)
     if not input_dir.is_dir():
-        from explain_cli.errors import ConfigError
-
         raise ConfigError("input.dir", f"not a folder: {input_dir}", config._source)
     output_dir = config.resolve(config.output.dir)
     check_output_dir(output_dir, input_dir, config._source)
     check_output_files(output_dir, options.shard.suffix if options.shard else "", config.output.save_values)
     if config.background.dir is not None and not config.resolve(config.background.dir).is_dir():
-        from explain_cli.errors import ConfigError
-
         raise ConfigError("background.dir", f"not a folder: {config.resolve(config.background.dir)}",
                           config._source)
     walk_errors: list[tuple[str, str]] = []
@@ -168,6 +160,34 @@ def prepare(config: Config, options: RunOptions, device: str | None = None, buil
     images = shard.select(all_images) if shard else list(all_images)
     if options.limit is not None:
         images = images[: options.limit]
+    return input_dir, output_dir, all_images, images, walk_errors, left_out, slide_plans
+
+
+def _truth(config: Config, labels: list[str], all_images: list[str], images: list[str]) -> Truth | None:
+    """The truth CSV's labels (targets.from_csv), None without one."""
+    if config.targets.from_csv is None:
+        return None
+    truth = targets.load_truth(config.targets.from_csv, config.resolve(config.targets.from_csv.path), labels,
+                               all_images, config._source)
+    missing = sum(1 for rel in images if truth.of(rel) is None)
+    log.info("truth labels: %d of %d images have a label in %s%s", len(images) - missing, len(images),
+             truth.path.name, f" ({truth.unmatched_rows} CSV rows name no image of the input)"
+             if truth.unmatched_rows else "")
+    return truth
+
+
+def prepare(config: Config, options: RunOptions, device: str | None = None, build=None) -> Prepared:
+    """Resolve and check everything a run needs; raises UserError/ConfigError on problems.
+    ``build``: builds the model instead of models.build_model (the Python API's cache, api.py)."""
+    import torch
+
+    from explain_cli.explainers._utils import chunk_ranges  # noqa: F401  (fail early if torch is broken)
+    from explain_cli import explainers
+    from explain_cli.labels import load_labels
+    from explain_cli.models import (build_model, check_layer_input, count_outputs, resolve_layer,
+                                    to_channels_last)
+
+    input_dir, output_dir, all_images, images, walk_errors, left_out, slide_plans = _select_images(config, options)
     if slide_plans is None:
         check_intensity(config, input_dir, images)
 
@@ -194,17 +214,10 @@ def prepare(config: Config, options: RunOptions, device: str | None = None, buil
     labels = targets.with_negative(load_labels(labels_path, num_outputs), config.targets, num_outputs, config._source)
     explainer_class.check_run(config, model, num_outputs)  # e.g. amortized: trained for another model
     spec = targets.resolve(config.targets, labels, min(config.output.top_k, num_outputs), config._source, num_outputs)
-    truth = None
-    if config.targets.from_csv is not None:
-        truth = targets.load_truth(config.targets.from_csv, config.resolve(config.targets.from_csv.path), labels,
-                                   all_images, config._source)
-        missing = sum(1 for rel in images if truth.of(rel) is None)
-        log.info("truth labels: %d of %d images have a label in %s%s", len(images) - missing, len(images),
-                 truth.path.name, f" ({truth.unmatched_rows} CSV rows name no image of the input)"
-                 if truth.unmatched_rows else "")
+    truth = _truth(config, labels, all_images, images)
     model = to_channels_last(model.to(dev))
     return Prepared(config, input_dir, output_dir, all_images, images, dev, model, layer, labels,
-                    num_outputs, shard, explainer_class, layer_tokens, spec, truth, walk_errors, left_out,
+                    num_outputs, options.shard, explainer_class, layer_tokens, spec, truth, walk_errors, left_out,
                     slide_plans)
 
 
