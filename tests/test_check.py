@@ -203,7 +203,7 @@ def test_the_run_report_shows_the_check(project):
     page = (out / "report.html").read_text(encoding="utf-8")  # rewritten by the check
     section = page[page.index('<section id="check">'):]
     section = section[:section.index("</section>")]
-    assert '<h2>Sanity check <span class="count">passed</span></h2>' in section
+    assert '<h2>Sanity check <span class="badge">passed</span></h2>' in section
     assert "explainer gradient at layer input" in section and "6 image(s)" in section
     for step in result.steps:
         assert f'<td class="file">{step.layer}</td><td>{step.median:.3f}</td>' in section

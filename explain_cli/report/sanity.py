@@ -84,7 +84,7 @@ def _check_html(output_dir: Path) -> str:
              "correlation (Adebayo et al. 2018). A map that explains the model must change.")
     links = " &middot; ".join(f'<a href="{CHECK_DIR}/{name}" target="_blank" rel="noopener">{name}</a>'
                               for name in ("check.html", "check.csv", "check.png") if (folder / name).is_file())
-    badge_class = f"count {tone}" if tone else "count"
+    badge_class = f"count {tone}" if tone else "badge"  # green, as the header's 'complete'; red otherwise
     return (f'<section id="check"><h2>Sanity check <span class="{badge_class}">{_e(badge)}</span></h2>'
             f'<p class="muted">{_e(about)} {links}</p><p>{_e(sentence)}</p>'
             f'{_steps_table(medians, decision)}{_maps_html(folder, medians, images[0] if images else "")}</section>')
