@@ -22,7 +22,6 @@ the run's own first step, costs nothing but differs per shard and per ``--limit`
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -63,11 +62,12 @@ def pooled_limit(maps: list[np.ndarray]) -> float | None:
 
 def stored(run_json: Path) -> dict[str, Any] | None:
     """The ``overlay_scale`` entry of an earlier run.json, if any (read before it is rewritten)."""
+    from explain_cli.record import RunRecord, RunRecordError
+
     try:
-        entry = json.loads(Path(run_json).read_text(encoding="utf-8")).get("overlay_scale")
-    except (OSError, ValueError, AttributeError):
+        return RunRecord.read(Path(run_json), lenient=True).overlay_scale
+    except RunRecordError:
         return None
-    return entry if isinstance(entry, dict) else None
 
 
 def resolve(prep, explainer, previous: dict[str, Any] | None, check: Callable[[int], None] | None = None
