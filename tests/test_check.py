@@ -131,6 +131,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow  # the project fixture trains the CNN once per module: ~25 s on 2 loaded cores
 def test_gradient_at_the_input_passes_on_a_trained_cnn(project):
     sys.path.insert(0, str(project))
     try:
@@ -150,6 +151,7 @@ def test_gradient_at_the_input_passes_on_a_trained_cnn(project):
     assert "check passed: explainer gradient at layer input" in page and "data:image/png;base64," in page
 
 
+@pytest.mark.slow  # the project fixture trains the CNN once per module: ~25 s on 2 loaded cores
 def test_a_fixed_edge_detector_fails_with_exit_5(project):
     done = cli("check", "edges.yaml", "--images", "6", "--output", "check-edges", cwd=project)
     assert done.returncode == EXIT_CHECK_FAILED == 5, done.stderr
@@ -180,6 +182,7 @@ def test_spearman():
     assert spearman(a, np.zeros(10)) is None
 
 
+@pytest.mark.slow  # the project fixture trains the CNN once per module: ~25 s on 2 loaded cores
 def test_the_run_report_shows_the_check(project):
     """report.html of the run folder gains a Sanity check section once `check` wrote output.dir/check:
     the verdict, the median Spearman per step and the first image's map after each step."""
