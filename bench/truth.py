@@ -27,9 +27,18 @@ the same players and fill as kernel; never trained on the held-out images, which
 another seed). Baselines that know nothing: a centred Gaussian blob (the same map for every
 image), gradient at the input of the *untrained* network (same architecture, its initial weights)
 and the amortized network untrained; a uniformly random map would put 6.25 % in the mask and point
-in 6.25 % of images. No ViT: a small one trained from scratch here reached 71 % held-out accuracy
-after 40 epochs on 6,000 images (docs/trust.md). The default run takes 2.5 minutes of an idle 2-core CPU, 13 under load 4-5
-(kernel@2000 a quarter of it: ``--skip kernel@2000``).
+in 6.25 % of images.
+
+A second section does the same for a small ViT (``ViT``: a convolutional stem making 8 x 8 tokens,
+3 pre-norm transformer blocks of width 64, a class token; trained on 6,000 images for 12 epochs with
+AdamW): gradient at the input, deep, partition@500, kernel@500 and @2000, the untrained ViT's
+gradient and the blob. A plain patchify ViT (4 x 4 patches, no convolutions) reached only 71 %
+held-out accuracy after 40 epochs on 6,000 images on this CPU, too far from the 95 % a model must
+reach before its maps can be scored against the mask; the convolutional stem (Xiao et al. 2021,
+"Early convolutions help transformers see better") is what makes a ViT trainable here in minutes.
+``--models cnn`` or ``--models vit`` runs one section. The CNN section takes 2.5 minutes of an idle
+2-core CPU (13 under load 4-5; kernel@2000 a quarter of it: ``--skip kernel@2000``), the ViT section
+about as much again plus its training.
 """
 
 from __future__ import annotations
@@ -107,14 +116,68 @@ def make_cnn(num_classes: int = len(CLASSES)) -> nn.Module:
                          nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
 
 
-def train_model(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> float:
-    """Adam with a cosine schedule, batches of 64; returns seconds."""
+class Block(nn.Module):
+    """A pre-norm transformer block: multi-head self-attention (``scaled_dot_product_attention``) and a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp * dim), nn.Linear(mlp * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A small vision transformer: a convolutional stem (two 3 x 3 convolutions, stride 2 each, as
+    in Xiao et al. 2021, "Early convolutions help transformers see better") makes 8 x 8 tokens of
+    width ``dim`` from the 32 x 32 image; a class token, learned position embeddings, ``depth``
+    pre-norm blocks, the class token's LayerNorm and a linear head. ``stem="patch"`` is the plain
+    ViT patchify stem (4 x 4 patches, one strided convolution)."""
+
+    def __init__(self, num_classes: int = len(CLASSES), dim: int = 64, depth: int = 3, heads: int = 4,
+                 stem: str = "conv"):
+        super().__init__()
+        if stem == "conv":
+            self.embed = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                       nn.Conv2d(32, dim, 3, 2, 1))
+        else:
+            self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, (SIZE // 4) ** 2 + 1, dim) * 0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
+def make_vit(num_classes: int = len(CLASSES)) -> nn.Module:
+    """The ViT row's model (``ViT``, convolutional stem, width 64, 3 blocks of 4 heads: 124,000 parameters)."""
+    return ViT(num_classes)
+
+
+def train_model(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, vit: bool = False) -> float:
+    """Adam (lr 3e-3) with a cosine schedule, batches of 64; ``vit``: AdamW (lr 2e-3, weight decay
+    0.05) with one epoch of linear warm-up before the cosine. Returns seconds."""
     t0 = time.monotonic()
     torch.manual_seed(seed)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    steps = epochs * ((len(xs) + 63) // 64)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    per_epoch = (len(xs) + 63) // 64
+    steps = epochs * per_epoch
+    if vit:
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / per_epoch) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
     for epoch in range(epochs):
         for idx in torch.randperm(len(xs)).split(64):
@@ -236,9 +299,12 @@ def train_amortized(cnn: nn.Module, x: np.ndarray, work: Path, images: int, epoc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train", type=int, default=3000, help="training images")
+    ap.add_argument("--train", type=int, default=3000, help="training images of the CNN")
     ap.add_argument("--eval", type=int, default=200, help="held-out images explained")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=5, help="epochs of the CNN")
+    ap.add_argument("--models", default="cnn,vit", help="comma-separated: cnn, vit")
+    ap.add_argument("--vit-train", type=int, default=6000, help="training images of the ViT")
+    ap.add_argument("--vit-epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--amortized-images", type=int, default=1000, help="training images of the amortized explainer (0: no row)")
     ap.add_argument("--amortized-epochs", type=int, default=3)
@@ -249,100 +315,137 @@ def main() -> None:
     started = time.monotonic()
     load_before = os.getloadavg()
     lines: list[str] = []
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     def say(text: str = "") -> None:
         print(text, flush=True)
         lines.append(text)
 
-    x_tr, y_tr, _ = make_data(args.train, seed=args.seed)
     x_te, y_te, m_te = make_data(1000, seed=args.seed + 10_000)
     x_ev, y_ev, m_ev = x_te[:args.eval], y_te[:args.eval], m_te[:args.eval]
-    torch.manual_seed(args.seed)
-    untrained = make_cnn().eval()
-    cnn = make_cnn()
-    cnn.load_state_dict(untrained.state_dict())
-    print(f"training the CNN on {args.train} images, {args.epochs} epochs", flush=True)
-    seconds = train_model(cnn, x_tr, y_tr, args.epochs, args.seed)
-    for p in list(cnn.parameters()) + list(untrained.parameters()):
-        p.requires_grad_(False)
-    acc = accuracy(cnn, x_te, y_te)
     say(f"# bench/truth.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     say(f"# data: {SIZE} x {SIZE} px, {len(CLASSES)} classes ({', '.join(CLASSES)}) decided by an {OBJ} x {OBJ} object at a "
         f"random place, 3 distractor bars; mask = the object's box ({100 * OBJ * OBJ / SIZE / SIZE:.2f} % of the image)")
-    say(f"# CNN: trained on {args.train} images, {args.epochs} epochs, {seconds:.0f} s; held-out accuracy "
-        f"{100 * acc:.1f} % (1000 images); untrained: {100 * accuracy(untrained, x_te, y_te):.1f} %")
-    background = torch.from_numpy(x_tr[:16])
-    grid = {"grid": 8}
-    rows = [
-        ("gradient at the input, nsamples 32", gradient.Explainer, gradient.Settings(nsamples=32), cnn, None, "input"),
-        ("gradient at layer 9 (the last conv's 8 x 8 input), nsamples 32", gradient.Explainer,
-         gradient.Settings(nsamples=32), cnn, cnn[9], "9"),
-        ("deep at the input, 16 background images", deep.Explainer, deep.Settings(), cnn, None, "input"),
-        ("partition, max_evals 500", partition.Explainer, partition.Settings(max_evals=500), cnn, None, "input"),
-        ("kernel@500, 8 x 8 patches, mean fill", kernel.Explainer,
-         kernel.Settings(segments=grid, fill="mean", nsamples=500), cnn, None, "input"),
-        ("kernel@2000, 8 x 8 patches, mean fill", kernel.Explainer,
-         kernel.Settings(segments=grid, fill="mean", nsamples=2000), cnn, None, "input"),
-        ("baseline: gradient at the input of the untrained CNN", gradient.Explainer, gradient.Settings(nsamples=32),
-         untrained, None, "input"),
-    ]
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     say(f"# {args.eval} held-out images, each explained for its true class; deletion/insertion: {16} steps to the mean image")
-    say("")
-    say("| map | in-mask share of positive attribution | pointing game | deletion AUC (lower better) "
-        "| insertion AUC (higher better) | s / image |")
-    say("| --- | ---: | ---: | ---: | ---: | ---: |")
-    reliability: list[str] = []
-    for name, cls, settings, model, layer, layer_name in rows:
-        if any(s in name for s in skip):
-            continue
-        stab: list[float] = []
-        maps, per_image = explain(cls, settings, model, layer, layer_name, background, x_ev, y_ev, stabilities=stab)
-        if stab:
-            reliability.append(f"{name.split(',')[0]} {np.median(stab):.3f}")
+    grid = {"grid": 8}
+
+    def trained_pair(kind: str, n: int, epochs: int) -> tuple[nn.Module, nn.Module, np.ndarray]:
+        """(trained, untrained with the trained one's initial weights, training images); says the accuracy."""
+        x_tr, y_tr, _ = make_data(n, seed=args.seed)
+        torch.manual_seed(args.seed)
+        make = make_cnn if kind == "cnn" else make_vit
+        untrained = make().eval()
+        model = make()
+        model.load_state_dict(untrained.state_dict())
+        print(f"training the {kind.upper()} on {n} images, {epochs} epochs", flush=True)
+        seconds = train_model(model, x_tr, y_tr, epochs, args.seed, vit=kind == "vit")
+        for p in list(model.parameters()) + list(untrained.parameters()):
+            p.requires_grad_(False)
+        params = sum(p.numel() for p in model.parameters())
+        say("")
+        say(f"## {kind.upper()}: {model.__class__.__name__ if kind == 'vit' else 'Sequential'}, {params} parameters, "
+            f"trained on {n} images, {epochs} epochs, {seconds:.0f} s; held-out accuracy "
+            f"{100 * accuracy(model, x_te, y_te):.1f} % (1000 images); untrained: {100 * accuracy(untrained, x_te, y_te):.1f} %")
+        return model, untrained, x_tr
+
+    def table(model: nn.Module, rows: list, background: torch.Tensor, extra=None) -> None:
+        say("")
+        say("| map | in-mask share of positive attribution | pointing game | deletion AUC (lower better) "
+            "| insertion AUC (higher better) | s / image |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: |")
+        reliability: list[str] = []
+        for name, cls, settings, explained, layer, layer_name in rows:
+            if any(s in name for s in skip):
+                continue
+            stab: list[float] = []
+            maps, per_image = explain(cls, settings, explained, layer, layer_name, background, x_ev, y_ev,
+                                      stabilities=stab)
+            if stab:
+                reliability.append(f"{name.split(',')[0]} {np.median(stab):.3f}")
+            share, point = scores(maps, m_ev)
+            dele, ins = curves(model, x_ev, y_ev, maps)
+            say(f"| {name} | {share:.3f} | {point:.3f} | {dele:.3f} | {ins:.3f} | {per_image:.4f} |")
+        if extra is not None:
+            extra()
+        i, j = np.mgrid[0:SIZE, 0:SIZE]
+        blob = np.exp(-((i - (SIZE - 1) / 2) ** 2 + (j - (SIZE - 1) / 2) ** 2) / (2 * (SIZE / 6) ** 2))
+        maps = np.broadcast_to(blob, (len(x_ev), SIZE, SIZE)).copy()
         share, point = scores(maps, m_ev)
-        dele, ins = curves(cnn, x_ev, y_ev, maps)
-        say(f"| {name} | {share:.3f} | {point:.3f} | {dele:.3f} | {ins:.3f} | {per_image:.4f} |")
-    if args.amortized_images > 0:
-        import tempfile
+        dele, ins = curves(model, x_ev, y_ev, maps)
+        say(f"| baseline: centred Gaussian blob (sigma {SIZE / 6:.1f} px), the same map for every image | {share:.3f} | "
+            f"{point:.3f} | {dele:.3f} | {ins:.3f} | 0 |")
+        say(f"| (a uniformly random map, expected) | {OBJ * OBJ / SIZE / SIZE:.3f} | {OBJ * OBJ / SIZE / SIZE:.3f} | | | |")
+        say("")
+        if reliability:
+            say("# median split-half stability of the maps (their estimated correlation with a rerun; kernel: "
+                "from the variance of its values): " + "; ".join(reliability))
 
-        from explain_cli.explainers import amortized
+    if "cnn" in models:
+        cnn, untrained, x_tr = trained_pair("cnn", args.train, args.epochs)
+        background = torch.from_numpy(x_tr[:16])
+        rows = [
+            ("gradient at the input, nsamples 32", gradient.Explainer, gradient.Settings(nsamples=32), cnn, None, "input"),
+            ("gradient at layer 9 (the last conv's 8 x 8 input), nsamples 32", gradient.Explainer,
+             gradient.Settings(nsamples=32), cnn, cnn[9], "9"),
+            ("deep at the input, 16 background images", deep.Explainer, deep.Settings(), cnn, None, "input"),
+            ("partition, max_evals 500", partition.Explainer, partition.Settings(max_evals=500), cnn, None, "input"),
+            ("kernel@500, 8 x 8 patches, mean fill", kernel.Explainer,
+             kernel.Settings(segments=grid, fill="mean", nsamples=500), cnn, None, "input"),
+            ("kernel@2000, 8 x 8 patches, mean fill", kernel.Explainer,
+             kernel.Settings(segments=grid, fill="mean", nsamples=2000), cnn, None, "input"),
+            ("baseline: gradient at the input of the untrained CNN", gradient.Explainer, gradient.Settings(nsamples=32),
+             untrained, None, "input"),
+        ]
 
-        dupes = near_duplicates(x_tr[:args.amortized_images], x_ev)
-        say(f"# amortized split: {dupes} of {len(x_ev)} held-out images within 4 bits of a training image's 64-bit "
-            f"average hash (near-duplicates)")
-        with tempfile.TemporaryDirectory() as tmp:
-            print("training the amortized explainer", flush=True)
-            path, train_s = train_amortized(cnn, x_tr, Path(tmp), args.amortized_images, args.amortized_epochs)
-            # its untrained prior: the same checkpoint with the network's initial weights (the values
-            # still sum to v(all) - v(none) by the efficiency normalisation)
-            data = torch.load(path, weights_only=True)
-            torch.manual_seed(args.seed)
-            data["state_dict"] = amortized.build_net(data).state_dict()
-            torch.save(data, Path(tmp) / "untrained.pt")
-            amortized_rows = [
-                (f"amortized, pixels network, 8 x 8 patches, mean fill ({args.amortized_images} training images x "
-                 f"{args.amortized_epochs} epochs, {train_s:.0f} s of training)", path),
-                ("baseline: amortized, the same network untrained (initial weights)", Path(tmp) / "untrained.pt")]
-            for name, checkpoint in amortized_rows:
-                maps, per_image = explain(amortized.Explainer, amortized.Settings(checkpoint=str(checkpoint)), cnn,
-                                          None, "input", background[:0], x_ev, y_ev)
-                share, point = scores(maps, m_ev)
-                dele, ins = curves(cnn, x_ev, y_ev, maps)
-                say(f"| {name} | {share:.3f} | {point:.3f} | {dele:.3f} | {ins:.3f} | {per_image:.4f} |")
-    i, j = np.mgrid[0:SIZE, 0:SIZE]
-    blob = np.exp(-((i - (SIZE - 1) / 2) ** 2 + (j - (SIZE - 1) / 2) ** 2) / (2 * (SIZE / 6) ** 2))
-    maps = np.broadcast_to(blob, (len(x_ev), SIZE, SIZE)).copy()
-    share, point = scores(maps, m_ev)
-    dele, ins = curves(cnn, x_ev, y_ev, maps)
-    say(f"| baseline: centred Gaussian blob (sigma {SIZE / 6:.1f} px), the same map for every image | {share:.3f} | "
-        f"{point:.3f} | {dele:.3f} | {ins:.3f} | 0 |")
-    say(f"| (a uniformly random map, expected) | {OBJ * OBJ / SIZE / SIZE:.3f} | {OBJ * OBJ / SIZE / SIZE:.3f} | | | |")
-    say("")
-    if reliability:
-        say("# median split-half stability of the maps (their estimated correlation with a rerun; kernel: "
-            "from the variance of its values): " + "; ".join(reliability))
+        def amortized_rows() -> None:
+            if args.amortized_images <= 0 or "amortized" in skip:
+                return
+            import tempfile
+
+            from explain_cli.explainers import amortized
+
+            dupes = near_duplicates(x_tr[:args.amortized_images], x_ev)
+            say(f"# amortized split: {dupes} of {len(x_ev)} held-out images within 4 bits of a training image's 64-bit "
+                f"average hash (near-duplicates)")
+            with tempfile.TemporaryDirectory() as tmp:
+                print("training the amortized explainer", flush=True)
+                path, train_s = train_amortized(cnn, x_tr, Path(tmp), args.amortized_images, args.amortized_epochs)
+                # its untrained prior: the same checkpoint with the network's initial weights (the values
+                # still sum to v(all) - v(none) by the efficiency normalisation)
+                data = torch.load(path, weights_only=True)
+                torch.manual_seed(args.seed)
+                data["state_dict"] = amortized.build_net(data).state_dict()
+                torch.save(data, Path(tmp) / "untrained.pt")
+                checkpoints = [
+                    (f"amortized, pixels network, 8 x 8 patches, mean fill ({args.amortized_images} training images x "
+                     f"{args.amortized_epochs} epochs, {train_s:.0f} s of training)", path),
+                    ("baseline: amortized, the same network untrained (initial weights)", Path(tmp) / "untrained.pt")]
+                for name, checkpoint in checkpoints:
+                    maps, per_image = explain(amortized.Explainer, amortized.Settings(checkpoint=str(checkpoint)), cnn,
+                                              None, "input", background[:0], x_ev, y_ev)
+                    share, point = scores(maps, m_ev)
+                    dele, ins = curves(cnn, x_ev, y_ev, maps)
+                    say(f"| {name} | {share:.3f} | {point:.3f} | {dele:.3f} | {ins:.3f} | {per_image:.4f} |")
+
+        table(cnn, rows, background, amortized_rows)
+    if "vit" in models:
+        vit, untrained, x_tr = trained_pair("vit", args.vit_train, args.vit_epochs)
+        background = torch.from_numpy(x_tr[:16])
+        rows = [
+            ("ViT: gradient at the input, nsamples 32", gradient.Explainer, gradient.Settings(nsamples=32), vit, None,
+             "input"),
+            ("ViT: deep at the input, 16 background images", deep.Explainer, deep.Settings(), vit, None, "input"),
+            ("ViT: partition, max_evals 500", partition.Explainer, partition.Settings(max_evals=500), vit, None, "input"),
+            ("ViT: kernel@500, 8 x 8 patches, mean fill", kernel.Explainer,
+             kernel.Settings(segments=grid, fill="mean", nsamples=500), vit, None, "input"),
+            ("ViT: kernel@2000, 8 x 8 patches, mean fill", kernel.Explainer,
+             kernel.Settings(segments=grid, fill="mean", nsamples=2000), vit, None, "input"),
+            ("ViT baseline: gradient at the input of the untrained ViT", gradient.Explainer,
+             gradient.Settings(nsamples=32), untrained, None, "input"),
+        ]
+        table(vit, rows, background)
     say(f"# total {time.monotonic() - started:.0f} s; load average before {load_before[0]:.1f}, after "
         f"{os.getloadavg()[0]:.1f} (1 min; the CPU is shared)")
     args.out.write_text("\n".join(lines) + "\n")
