@@ -52,9 +52,9 @@ def _card(label: str, value: str, note: str = "", tone: str = "") -> str:
 def _random_reference(outputs: RunOutputs) -> dict[str, float]:
     """metrics.random_reference of run.json, or the image-weighted mean over the shards' run.json."""
     def ref_of(info: dict[str, Any] | None) -> dict[str, float]:
-        metrics = info.get("metrics") if isinstance(info, dict) else None
-        ref = metrics.get("random_reference") if isinstance(metrics, dict) else None
-        if not isinstance(ref, dict):
+        # run.json is read through record.RunRecord: metrics and its random_reference are mappings or absent
+        ref = ((info or {}).get("metrics") or {}).get("random_reference")
+        if not ref:
             return {}
         return {k: v for k, v in ((k, _number(v)) for k, v in ref.items()) if v is not None}
 
@@ -63,7 +63,7 @@ def _random_reference(outputs: RunOutputs) -> dict[str, float]:
         return top
     sums: dict[str, list[float]] = {}
     for _, info in outputs.shards:
-        counts = info.get("counts") if isinstance(info.get("counts"), dict) else {}
+        counts = info.get("counts") or {}
         weight = _number(counts.get("explained")) or 1.0
         for k, v in ref_of(info).items():
             acc = sums.setdefault(k, [0.0, 0.0])
@@ -73,8 +73,7 @@ def _random_reference(outputs: RunOutputs) -> dict[str, float]:
 
 
 def _runs(run: dict[str, Any]) -> list[dict[str, Any]]:
-    runs = run.get("runs")
-    return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+    return run.get("runs") or []  # RunRecord.runs: a list of run entries (mappings)
 
 
 def _runs_note(run: dict[str, Any]) -> str:
@@ -95,7 +94,7 @@ def _runs_table(run: dict[str, Any]) -> str:
             "<th>already done</th><th>failed</th><th>excluded</th><th>time</th><th>host</th><th>shard</th></tr>")
     body = []
     for r in runs:
-        counts = r.get("counts") if isinstance(r.get("counts"), dict) else {}
+        counts = r.get("counts") or {}
         body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
             r.get("started"), r.get("finished"), r.get("status"), r.get("exit_code"), counts.get("explained"),
             counts.get("already_done"), counts.get("failed"), counts.get("excluded"),
@@ -105,7 +104,7 @@ def _runs_table(run: dict[str, Any]) -> str:
 
 def _weights_note(run: dict[str, Any]) -> str:
     """Which weights ran (run.json ``weights``): 'pretrained weights', 'random weights', ..."""
-    weights = run.get("weights") if isinstance(run.get("weights"), dict) else {}
+    weights = run.get("weights") or {}
     kind = weights.get("kind")
     return {"factory": "the factory's weights"}.get(kind, f"{kind} weights") if kind else "weights not recorded"
 
@@ -120,8 +119,8 @@ def _status(outputs: RunOutputs) -> tuple[str, str]:
         if status == "interrupted":
             return f"interrupted by {run.get('interrupted_by') or 'a signal'}: rerun to resume", "warn"
         return status, "ok" if status == "complete" else "warn"
-    counts = {info.get("shard", {}).get("count") for _, info in outputs.shards if isinstance(info.get("shard"), dict)}
-    total = max((c for c in counts if isinstance(c, int)), default=len(outputs.shards))
+    counts = {(info.get("shard") or {}).get("count") for _, info in outputs.shards}
+    total = max((c for c in counts if c is not None), default=len(outputs.shards))
     done = sum(1 for _, info in outputs.shards if info.get("status") == "complete")
     return f"sharded, not merged: {done} of {total} shards complete (then: explain-cli merge)", "warn"
 
@@ -142,7 +141,7 @@ def _summary_infos(outputs: RunOutputs) -> list[dict[str, Any]]:
 
 def _counts(infos: list[dict[str, Any]], key: str) -> list[int]:
     """``counts[key]`` of each record that has counts."""
-    return [int(_number(i["counts"].get(key)) or 0) for i in infos if isinstance(i.get("counts"), dict)]
+    return [int(_number(i["counts"].get(key)) or 0) for i in infos if i.get("counts") is not None]
 
 
 def _explained_card(images: list[dict[str, Any]], infos: list[dict[str, Any]]) -> str:
