@@ -65,7 +65,7 @@ def build_report(output_dir: Path) -> str:
     """The page for ``output_dir`` as a string (UserError when it holds no run outputs)."""
     outputs = load_outputs(Path(output_dir))
     run = outputs.run or (outputs.shards[0][1] if outputs.shards else {})
-    output_cfg = (run.get("config") or {}).get("output") if isinstance(run.get("config"), dict) else None
+    output_cfg = (run.get("config") or {}).get("output")  # run.json's config: a mapping (RunRecord), its sections as written
     fmt = str(output_cfg.get("format", "svg")) if isinstance(output_cfg, dict) else "svg"
     data = _table_data(outputs, fmt)
     data["reference"] = _random_reference(outputs)

@@ -66,7 +66,7 @@ def _sample_cap(outputs: RunOutputs) -> float | None:
     """``explainer.max_nsamples`` when the run sampled with ``nsamples: auto`` (a row that used that
     many samples stopped at the cap, not at the target stability), else None."""
     run = outputs.run or (outputs.shards[0][1] if outputs.shards else {})
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    config = run.get("config") or {}  # a mapping or absent (RunRecord)
     explainer = config.get("explainer") if isinstance(config.get("explainer"), dict) else {}
     if explainer.get("nsamples") != "auto":
         return None
