@@ -177,6 +177,7 @@ def _cli(*args: str) -> None:
 
 def draw_overlay(work: Path) -> Path:
     out = work / "demo-png"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh folder: the report's time card would count earlier runs
     _cli("run", "configs/demo.yaml", "--overwrite", "--no-progress", "--set", f"output.dir={out}",
          "--set", "output.format=png")
     return out / "overlays" / "chelsea.jpg.png"
@@ -187,6 +188,7 @@ def draw_report(work: Path) -> Path:
     if not chromium.exists():
         raise SystemExit("docs/report.png needs headless Chromium at /usr/bin/chromium (Debian: apt-get install chromium)")
     out = work / "demo"
+    shutil.rmtree(out, ignore_errors=True)
     _cli("run", "configs/demo.yaml", "--overwrite", "--no-progress", "--set", f"output.dir={out}",
          "--set", "metrics=[deletion,insertion]")
     shot = work / "report.png"
@@ -201,6 +203,7 @@ def draw_report(work: Path) -> Path:
 def draw_slide(work: Path) -> Path:
     slide_in, out = work / "slide-input", work / "slide"
     shutil.rmtree(slide_in, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     slide_in.mkdir(parents=True)
     _run([sys.executable, "-m", "explain_cli.slides.synthetic", str(slide_in / "demo-slide.tif"),
           "--size", "4096x3072", "--plant", "1000,1000,120"])
