@@ -692,6 +692,25 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     """Read, override and validate a config file; raise ConfigError naming the key on any problem."""
     path = Path(path)
     source = str(path)
+    data = _read_yaml_file(path, source, bool(overrides))
+    check_values(data, source)
+    in_file = data.get("explainer")
+    in_file = dict(in_file) if isinstance(in_file, dict) else None
+    apply_overrides(data, list(overrides or []))
+    for dotted, value in (extra or {}).items():
+        if value is not None:
+            set_key(data, dotted.split("."), value)
+    if in_file is not None:
+        _switch_explainer(data, in_file, list(overrides or []), source)
+    try:
+        config = Config.model_validate(data, strict=True)
+    except ValidationError as exc:
+        _raise_validation(exc, Config, source)
+    return finish(config, path.resolve().parent, source)
+
+
+def _read_yaml_file(path: Path, source: str, overridden: bool) -> dict[str, Any]:
+    """The config file's mapping (empty when the file is empty and overrides give every key)."""
     if not path.exists():
         raise ConfigError("", f"config file not found: {path}", None)
     if not path.is_file():
@@ -711,26 +730,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
                               f"save the file as UTF-8", source) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read: {exc.strerror or exc}", source) from None
-    if data is None and not overrides:
+    if data is None and not overridden:
         raise ConfigError("", "config is empty: it needs at least model.arch and input.dir", source)
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping of keys", source)
-    check_values(data, source)
-    in_file = data.get("explainer")
-    in_file = dict(in_file) if isinstance(in_file, dict) else None
-    apply_overrides(data, list(overrides or []))
-    for dotted, value in (extra or {}).items():
-        if value is not None:
-            set_key(data, dotted.split("."), value)
-    if in_file is not None:
-        _switch_explainer(data, in_file, list(overrides or []), source)
-    try:
-        config = Config.model_validate(data, strict=True)
-    except ValidationError as exc:
-        _raise_validation(exc, Config, source)
-    return finish(config, path.resolve().parent, source)
+    return data
 
 
 def finish(config: Config, base_dir: Path, source: str) -> Config:

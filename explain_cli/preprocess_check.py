@@ -272,12 +272,7 @@ def preprocess_lines(pre: Any, view: ModelView | None) -> list[str]:
     """validate's "preprocess:" block: one line per value with its source and the model's own value."""
     configured = _configured(pre)
     differing = set(differences(pre, view)) if view is not None else set()
-    if view is not None:
-        head = f"# preprocess: each value, where it came from, and {view.source}:"
-    else:
-        head = ("# preprocess: each value and where it came from (the model carries no data config to compare "
-                "with: check them against its training transform):")
-    lines = [head]
+    lines = [_block_head(view)]
     if pre.transform is not None:
         lines.append(f"#   {'transform':<14} {pre.transform}   config (it resizes and normalises; "
                      "resize, crop_fraction and interpolation are its own)")
@@ -288,26 +283,42 @@ def preprocess_lines(pre: Any, view: ModelView | None) -> list[str]:
     source_width = max(len(where) for _, _, where in rows if len(where) <= 24)
     for key, value, where in rows:
         line = f"#   {key:<14} {_show(value):<{width}}  {where:<{source_width}}"
-        if view is not None and key in view.values:
-            line += f"  model: {_show(view.values[key])}"
-            line += "   <- differs" if key in differing else ""
-            if key == "crop_fraction" and key in differing and view.resize_sides is not None \
-                    and _hw(configured["size"][0]) == _hw(view.values["size"]):
-                h, w = _hw(configured["size"][0])
-                i = 0 if h <= w else 1
-                mine = (resize_side(h, value), resize_side(w, value))[i]
-                line += f" (short side to {mine} px; the model's transform: {view.resize_sides[i]} px)"
-        lines.append(line.rstrip())
+        lines.append((line + _model_column(key, value, configured, view, differing)).rstrip())
+    return lines + _block_tail(pre, view, differing)
+
+
+def _block_head(view: ModelView | None) -> str:
     if view is not None:
-        lines += [f"#   note: {note}" for note in view.notes]
-        if differing:
-            made = " (the transform's)" if pre.transform is not None else ""
-            keys = ", ".join(f"preprocess.{k}{made}" for k in KEYS if k in differing)
-            lines.append(f"# preprocess differs from the model's own in {keys} (allowed: the maps then explain "
-                         f"what the model does to these inputs, not to what it saw in training)")
-        else:
-            lines.append("# preprocess matches the model's own")
-    return lines
+        return f"# preprocess: each value, where it came from, and {view.source}:"
+    return ("# preprocess: each value and where it came from (the model carries no data config to compare "
+            "with: check them against its training transform):")
+
+
+def _model_column(key: str, value: Any, configured: dict[str, Any], view: ModelView | None,
+                  differing: set[str]) -> str:
+    """'  model: VALUE   <- differs (...)' for a key the model's data config has, else ''."""
+    if view is None or key not in view.values:
+        return ""
+    text = f"  model: {_show(view.values[key])}" + ("   <- differs" if key in differing else "")
+    if key == "crop_fraction" and key in differing and view.resize_sides is not None \
+            and _hw(configured["size"][0]) == _hw(view.values["size"]):
+        h, w = _hw(configured["size"][0])
+        i = 0 if h <= w else 1
+        mine = (resize_side(h, value), resize_side(w, value))[i]
+        text += f" (short side to {mine} px; the model's transform: {view.resize_sides[i]} px)"
+    return text
+
+
+def _block_tail(pre: Any, view: ModelView | None, differing: set[str]) -> list[str]:
+    if view is None:
+        return []
+    lines = [f"#   note: {note}" for note in view.notes]
+    if not differing:
+        return lines + ["# preprocess matches the model's own"]
+    made = " (the transform's)" if pre.transform is not None else ""
+    keys = ", ".join(f"preprocess.{k}{made}" for k in KEYS if k in differing)
+    return lines + [f"# preprocess differs from the model's own in {keys} (allowed: the maps then explain "
+                    f"what the model does to these inputs, not to what it saw in training)"]
 
 
 def library_preprocess(arch: str) -> tuple[dict[str, Any], str, dict[str, str]] | None:
