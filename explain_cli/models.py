@@ -247,23 +247,31 @@ def _importable(folder: Path) -> Iterator[None]:
 
 
 def _build_python(spec: str, cfg: ModelConfig, base_dir: Path) -> nn.Module:
+    factory = import_callable(spec, "model.arch", base_dir, "factory")
+    return _call_factory(factory, _kwargs(cfg), spec)
+
+
+def import_callable(spec: str, key: str, base_dir: Path, what: str, source: str | None = None) -> Callable[..., Any]:
+    """The callable ``attr`` of ``module`` named by ``spec`` (``module:attr``; the config's folder must be
+    importable, see :func:`_importable`): a model factory or a preprocess transform. Every failure is a
+    ConfigError naming ``key``: a missing module, an error inside it, a missing or non-callable name."""
     module_name, _, attr = spec.rpartition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise ConfigError("model.arch", f"cannot import module '{module_name}': no {module_name.replace('.', '/')}.py "
-                                            f"(or package) in the config's folder {base_dir} or on sys.path") from None
-        raise ConfigError("model.arch", f"importing '{module_name}' failed: {exc}") from None
+            raise ConfigError(key, f"cannot import module '{module_name}': no {module_name.replace('.', '/')}.py "
+                                   f"(or package) in the config's folder {base_dir} or on sys.path", source) from None
+        raise ConfigError(key, f"importing '{module_name}' failed: {exc}", source) from None
     except Exception as exc:  # noqa: BLE001 - any error in the user's module is reported, not raised
-        raise ConfigError("model.arch", f"importing '{module_name}' failed: {type(exc).__name__}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
+        raise ConfigError(key, f"importing '{module_name}' failed: {type(exc).__name__}: {exc}", source) from None
+    found = getattr(module, attr, None)
+    if found is None or not callable(found):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
-        problem = "has no" if factory is None else "has a non-callable"
-        raise ConfigError("model.arch", f"module '{module_name}' ({getattr(module, '__file__', '?')}) {problem} "
-                                        f"factory '{attr}'{_did_you_mean(attr, public)}")
-    return _call_factory(factory, _kwargs(cfg), f"{module_name}:{attr}")
+        problem = "has no" if found is None else "has a non-callable"
+        raise ConfigError(key, f"module '{module_name}' ({getattr(module, '__file__', '?')}) {problem} "
+                               f"{what} '{attr}'{_did_you_mean(attr, public)}", source)
+    return found
 
 
 def _build_torchscript(cfg: ModelConfig, resolve_path: Callable[[str], Path]) -> nn.Module:

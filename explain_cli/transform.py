@@ -13,7 +13,6 @@ loader gives it), a 16-bit or float file as a PIL image of its own mode ("I;16",
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,24 +28,10 @@ _LOADED: dict[tuple[str, str], Callable[[Any], Any]] = {}
 
 
 def _import(spec: str, base_dir: Path, source: str) -> Callable[[Any], Any]:
-    from explain_cli.models import _importable
+    from explain_cli.models import _importable, import_callable
 
-    module_name, _, attr = spec.partition(":")[2].rpartition(":")
     with _importable(base_dir):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                raise ConfigError(KEY, f"cannot import module '{module_name}': no "
-                                       f"{module_name.replace('.', '/')}.py in the config's folder {base_dir} "
-                                       f"or on sys.path", source) from None
-            raise ConfigError(KEY, f"importing '{module_name}' failed: {exc}", source) from None
-        except Exception as exc:  # noqa: BLE001 - the user's module: reported, not raised
-            raise ConfigError(KEY, f"importing '{module_name}' failed: {type(exc).__name__}: {exc}", source) from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ConfigError(KEY, f"module '{module_name}' has no callable '{attr}'", source)
-    return fn
+        return import_callable(spec.partition(":")[2], KEY, base_dir, "transform", source)
 
 
 def find_normalize(fn: Any) -> tuple[list[float], list[float]] | None:
